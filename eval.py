@@ -1,0 +1,137 @@
+"""eval.py: score checkpoints on held-out shapes-world scenes at several tokens per step, frozen and refining."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cli import option, parse_config
+
+SCENE_POOL = 100_000  # --seed draws --n distinct test-split indices from this many
+
+
+@dataclass
+class EvalConfig:
+    ckpt: list = option(None, "one or more checkpoints", nargs="+", type=str)
+    tokens_per_step: list = option([1, 2, 4, 8], "tokens committed per step (steps = ceil(gen_length / n))",
+                                   nargs="+", type=int)
+    refine: bool = option(True, "evaluate the refining sampler; --no-refine evaluates the frozen one")
+    both: bool = option(False, "evaluate both samplers (overrides --refine)")
+    n: int = option(200, "held-out test scenes")
+    seed: int = option(0, "which held-out scenes are drawn")
+    batch_size: int = option(100, "captions decoded together")
+    json: str = option("", "write results here (also .md table and .png plot beside it)")
+    device: str = option("auto", "auto, cpu, cuda or mps")
+
+
+def test_indices(n: int, seed: int) -> list[int]:
+    return sorted(np.random.default_rng(seed).choice(SCENE_POOL, size=n, replace=False).tolist())
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step: int, refine: bool,
+             batch_size: int = 100) -> dict:
+    """Mean scorer metrics and forward passes per caption over the test scenes `indices`."""
+    from data import shapes
+    from data.pipeline import image_to_tensor
+    from data.score import score_captions
+    from sample import caption_images, decode_answer
+    vision = model.cfg.vision
+    texts, scenes, passes = [], [], 0
+    for lo in range(0, len(indices), batch_size):
+        samples = [shapes.sample("test", i, world) for i in indices[lo:lo + batch_size]]
+        images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)
+        ids, calls = caption_images(model, tokenizer, images, answer_len, tokens_per_step, refine)
+        texts += [decode_answer(tokenizer, row) for row in ids]
+        scenes += [s["scene"] for s in samples]
+        passes += calls * len(samples)
+    scores = score_captions(texts, scenes)
+    scores["forward_passes"] = passes / len(texts)
+    scores["examples"] = texts[:3]
+    return scores
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| ckpt | tokens/step | sampler | headline | factuality | coverage | syntax | repetition | passes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {os.path.basename(r['ckpt'])} | {r['tokens_per_step']} | {'refine' if r['refine'] else 'frozen'} "
+                     f"| {r['headline']:.1f} | {r['factuality']:.3f} | {r['coverage']:.3f} | {r['syntax']:.3f} "
+                     f"| {r['repetition']:.3f} | {r['forward_passes']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_png(results: list[dict], path: str) -> None:
+    """Headline score vs tokens per step, one line per (checkpoint, sampler), drawn with Pillow (no matplotlib)."""
+    from PIL import Image, ImageDraw
+    W, H, left, bottom, top, right = 640, 420, 60, 50, 20, 200
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    xs = sorted({r["tokens_per_step"] for r in results})
+    to_px = lambda i, y: (left + (W - left - right) * (i / max(1, len(xs) - 1)),  # noqa: E731
+                          H - bottom - (H - top - bottom) * y / 100)
+    draw.line([to_px(0, 0), to_px(len(xs) - 1, 0)], fill="black")
+    draw.line([to_px(0, 0), to_px(0, 100)], fill="black")
+    for y in range(0, 101, 20):
+        draw.text((left - 30, to_px(0, y)[1] - 6), str(y), fill="black")
+    for i, x in enumerate(xs):
+        draw.text((to_px(i, 0)[0] - 4, H - bottom + 8), str(x), fill="black")
+    draw.text((W // 2 - 80, H - 22), "tokens per step (headline score)", fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    lines = {}
+    for r in results:
+        lines.setdefault((os.path.basename(r["ckpt"]), r["refine"]), []).append(r)
+    for k, ((name, refine), rows) in enumerate(lines.items()):
+        colour = colours[k % len(colours)]
+        points = [to_px(xs.index(r["tokens_per_step"]), r["headline"]) for r in sorted(rows, key=lambda r: r["tokens_per_step"])]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=3)
+        for px, py in points:
+            draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
+        draw.text((W - right + 10, top + 18 * k), f"{name} ({'refine' if refine else 'frozen'})", fill=colour)
+    img.save(path)
+
+
+def main(argv=None):
+    cfg = parse_config(EvalConfig, argv, description=__doc__)
+    if not cfg.ckpt:
+        raise SystemExit("eval.py: give at least one checkpoint with --ckpt")
+    from data import shapes
+    from data.tokenizer import tokenizer_from_dict
+    from model import load_checkpoint, pick_device
+    device = pick_device(cfg.device)
+    indices = test_indices(cfg.n, cfg.seed)
+    modes = [True, False] if cfg.both else [cfg.refine]
+    results = []
+    start = time.perf_counter()
+    jobs = [(c, n, r) for c in cfg.ckpt for n in cfg.tokens_per_step for r in modes]
+    loaded = {}
+    for ckpt, n, refine in tqdm(jobs, desc="eval", dynamic_ncols=True):
+        if ckpt not in loaded:
+            model, meta = load_checkpoint(ckpt, device)
+            loaded = {ckpt: (model.eval(), meta)}
+        model, meta = loaded[ckpt]
+        scores = evaluate(model, tokenizer_from_dict(meta["tokenizer"]), shapes.WorldConfig(**meta["world"]),
+                          meta["answer_len"], indices, n, refine, cfg.batch_size)
+        results.append({"ckpt": ckpt, "tokens_per_step": n, "refine": refine, **scores})
+    table = markdown_table(results)
+    print(table)
+    print(f"{len(jobs)} evaluations of {cfg.n} scenes in {time.perf_counter() - start:.0f} s")
+    if cfg.json:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
+        with open(cfg.json, "w") as f:
+            json.dump({"results": results, "n": cfg.n, "seed": cfg.seed}, f, indent=1)
+        stem = os.path.splitext(cfg.json)[0]
+        with open(stem + ".md", "w") as f:
+            f.write(table + "\n")
+        plot_png(results, stem + ".png")
+    return results
+
+
+if __name__ == "__main__":
+    main()

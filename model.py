@@ -1,0 +1,386 @@
+"""model.py: the vision-language model: a LLaDA-style bidirectional transformer, an open_clip vision tower,
+the mlp2x_gelu projector, and self-describing safetensors checkpoints.
+
+Shape legend used in the comments:
+    B batch, L sequence length, D language-model width, H attention heads, Hkv key/value heads,
+    Dh head width, F MLP hidden width, V vocabulary, N image tokens, Dv vision width, S image side (px).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# Language model (LLaDA): RMSNorm in float32, RoPE (rotate-half), full bidirectional attention, SwiGLU, no biases.
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 64
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None    # None: same as n_heads (LLaDA-8B uses 32 of 32)
+    mlp_hidden: int = 384            # SwiGLU hidden width F
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+# The real LLaDA-8B language model, exactly (reference_facts.md); used to check the parameter count on the meta device.
+LLADA_8B = LMConfig(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                    mlp_hidden=12288, rope_theta=500000.0, norm_eps=1e-5)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()   # LLaDA computes the norm in float32 whatever the activation dtype
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for rotary embeddings in the rotate-half layout, each (L, Dh)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (L, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)                                               # (L, Dh)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, H, L, Dh): the first half of each head pairs with the second half (rotate-half layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.k_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
+        v = self.v_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_heads != self.n_heads:  # grouped KV heads: each KV head serves n_heads / kv_heads query heads
+            k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)              # (B, H, L, Dh)
+            v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)              # (B, H, L, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=False)                   # (B, H, L, Dh): every token sees every token
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))                        # (B, L, D)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, L, F) -> (B, L, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLaDA(nn.Module):
+    """The LLaDA mask predictor: parameter names follow the LLaMA-style names of LLaDA-V checkpoints."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied from the embedding
+
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        L = inputs_embeds.shape[1]
+        cos, sin = rope_tables(L, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.device)  # (L, Dh) each
+        x = inputs_embeds                                                                         # (B, L, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))                                                          # (B, L, V)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision tower (open_clip) and projector
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 48          # S; the shapes world's 3 x 3 grid lines up with 16 px patches at 48 px
+    patch_size: int = 16
+    width: int = 128              # Dv
+    layers: int = 2
+    heads: int = 4
+    open_clip_name: str = ""      # e.g. "ViT-B-16": any open_clip model instead of the tiny ViT
+    open_clip_pretrained: str = ""  # a pretrained tag or a local checkpoint file for open_clip_name
+    mean: tuple = (0.5, 0.5, 0.5)
+    std: tuple = (0.5, 0.5, 0.5)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class VisionTower(nn.Module):
+    """Patch tokens (not the pooled embedding) of an open_clip vision transformer: (B, 3, S, S) -> (B, N, Dv)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        import open_clip  # imported here: open_clip (and torchvision) load slowly and only the VLM needs them
+        if cfg.open_clip_name:
+            clip = open_clip.create_model(cfg.open_clip_name, pretrained=cfg.open_clip_pretrained or None)
+            self.visual = clip.visual
+        else:
+            self.visual = open_clip.transformer.VisionTransformer(
+                image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers,
+                heads=cfg.heads, mlp_ratio=4.0, output_dim=cfg.width)
+        if hasattr(self.visual, "output_tokens"):
+            self.visual.output_tokens = True
+
+    def forward(self, images):
+        if hasattr(self.visual, "trunk"):               # timm-backed open_clip models (e.g. SigLIP)
+            tokens = self.visual.trunk.forward_features(images)
+            prefix = getattr(self.visual.trunk, "num_prefix_tokens", 0)
+            return tokens[:, prefix:]                   # (B, N, Dv)
+        _, tokens = self.visual(images)                 # (B, N, Dv): patch tokens after the final LayerNorm
+        return tokens
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions for a grid x grid patch layout, (grid * grid, dim); half the channels per axis."""
+    quarter = dim // 4
+    freqs = 1.0 / 100.0 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
+    coords = torch.arange(grid, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")                              # (grid, grid) each
+    parts = []
+    for axis in (rows.flatten(), cols.flatten()):
+        angles = torch.outer(axis, freqs)                                                    # (N, dim/4)
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=-1)                                                         # (N, 4 * quarter)
+    return F.pad(table, (0, dim - table.shape[1]))                                           # (N, dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The vision-language model
+
+
+@dataclass
+class VLMConfig:
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    image_token_id: int = 4       # the tokenizer's image placeholder id: one placeholder per image token
+    image_pos_embed: bool = True  # add fixed 2-D positions to image tokens (eases grounding in the toy world)
+
+    @staticmethod
+    def from_dict(d: dict) -> "VLMConfig":
+        d = dict(d)
+        vision = dict(d.pop("vision"))
+        for key in ("mean", "std"):
+            vision[key] = tuple(vision[key])
+        return VLMConfig(lm=LMConfig(**d.pop("lm")), vision=VisionConfig(**vision), **d)
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = VisionTower(cfg.vision)
+        vision_width = cfg.vision.width
+        self.mm_projector = nn.Sequential(  # LLaVA's "mlp2x_gelu"
+            nn.Linear(vision_width, cfg.lm.d_model), nn.GELU(), nn.Linear(cfg.lm.d_model, cfg.lm.d_model))
+        self.lm = LLaDA(cfg.lm)
+        if cfg.image_pos_embed:
+            self.register_buffer("image_pos", sincos_2d(cfg.vision.grid, cfg.lm.d_model), persistent=False)
+        self.lm.apply(self._init_weights)          # open_clip initialises its own tower
+        self.mm_projector.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        # Small token embeddings: PyTorch's default N(0, 1) drowns the other inputs (toy-world calibration notes).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.cfg.vision.grid ** 2
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> projected image tokens (B, N, D), computed once per caption, not per step."""
+        feats = self.mm_projector(self.vision_tower(images))   # (B, N, D)
+        if self.cfg.image_pos_embed:
+            feats = feats + self.image_pos.to(feats.dtype)
+        return feats
+
+    def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, L) with image placeholders -> logits (B, L, V).
+
+        The k-th placeholder of a row receives that row's k-th image token. A row may hold fewer placeholders
+        than image tokens, or none (classifier-free guidance masks the whole prompt, image included)."""
+        x = self.lm.embed_tokens(ids)                                                     # (B, L, D)
+        if image_embeds is not None:
+            is_image = ids == self.cfg.image_token_id                                     # (B, L)
+            slot = (is_image.cumsum(dim=1) - 1).clamp(0, image_embeds.shape[1] - 1)      # (B, L): which image token
+            spliced = image_embeds.gather(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, L, D)
+            x = torch.where(is_image.unsqueeze(-1), spliced.to(x.dtype), x)
+        return self.lm(x)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu; an explicit name is checked so a missing backend gives a clear error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this PyTorch sees no CUDA device; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SystemExit("--device mps: MPS is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: one safetensors file; the JSON description (configs, tokenizer, stage, step) lives in its metadata.
+
+CKPT_FORMAT = "rediff-ckpt-v1"
+
+
+def _atomic_write(path: str, write_fn) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename: a kill at any moment leaves either
+    the old file or the new one, never a torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _flatten_optimizer(optimizer) -> tuple[dict, dict]:
+    """Optimizer state as flat tensors plus a JSON part (param groups and non-tensor state)."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for pid, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["plain"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: str, model: VLM, meta: dict, optimizer=None, extra_tensors: dict | None = None) -> None:
+    """Save weights, optionally the optimizer, and `meta` (must hold "tokenizer"; "stage", "step", "train_config"...)."""
+    from safetensors.torch import save_file
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    description = {"format": CKPT_FORMAT, "model_config": asdict(model.cfg), **meta}
+    if optimizer is not None:
+        optim_tensors, optim_meta = _flatten_optimizer(optimizer)
+        tensors.update(optim_tensors)
+        description["optimizer"] = optim_meta
+    tensors.update(extra_tensors or {})
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"rediff": json.dumps(description)}))
+
+
+def read_checkpoint(path: str) -> tuple[dict, dict]:
+    """(tensors, description) of a checkpoint file, with clear errors for a missing or foreign file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist: train one first (python train_stage1.py --tiny)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("rediff")
+        tensors = load_file(path)
+    except Exception as err:  # safetensors raises its own error types for torn or foreign files
+        raise ValueError(f"checkpoint {path!r} is not a readable safetensors file ({err}); re-save or re-train it") from err
+    if raw is None:
+        raise ValueError(f"checkpoint {path!r} has no 'rediff' metadata: it was not written by this project's "
+                         f"save_checkpoint (for Hugging Face LLaDA-V folders pass the folder, not a shard)")
+    description = json.loads(raw)
+    if description.get("format") != CKPT_FORMAT:
+        raise ValueError(f"checkpoint {path!r}: field 'format' is {description.get('format')!r}, expected {CKPT_FORMAT!r}")
+    return tensors, description
+
+
+def load_checkpoint(path: str, device="cpu", optimizer=None) -> tuple[VLM, dict]:
+    """Rebuild the model from the saved config (never from defaults), load its weights (and the optimizer's)."""
+    tensors, description = read_checkpoint(path)
+    model = VLM(VLMConfig.from_dict(description["model_config"]))
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path!r} does not fit its own model_config: missing {missing}, unexpected {unexpected}")
+    if optimizer is not None:
+        if "optimizer" not in description:
+            raise ValueError(f"checkpoint {path!r} holds no optimizer state, so it cannot be resumed; use --init-from")
+        optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+        optimizer.load_state_dict(_unflatten_optimizer(optim_tensors, description["optimizer"]))
+    description["extra_tensors"] = {k: v for k, v in tensors.items() if not k.startswith(("model.", "optim."))}
+    return model.to(device), description

@@ -1,0 +1,238 @@
+"""rediff.py: the paper's maths as pure functions: forward masking, the losses of Eq. 1-4, Stage I corruption, and the
+frozen (LLaDA) and refining (ReDiff) samplers.
+
+Paper: "From Denoising to Refining: A Corrective Framework for Vision-Language Diffusion Model" (arXiv 2510.19871).
+Shape legend: B batch, L sequence length, P prompt length, G generated length, V vocabulary.
+A "sequence" is the prompt (image placeholders + question) followed by the answer; `answer_mask` (B, L) marks the
+answer positions, the only ones that are ever masked, corrupted or scored.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MASK_EPS = 1e-3  # p = (1 - eps) t + eps, so no sample is left entirely unmasked (LLaDA)
+
+# Token types of Stage I (Section 3.2): which loss term of Eq. 2 a position belongs to.
+IGNORE, MASK, SYNTAX, HALLUCINATION, CLEAN = 0, 1, 2, 3, 4
+TYPE_NAMES = {MASK: "mask", SYNTAX: "syntax", HALLUCINATION: "hallucination", CLEAN: "clean"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward process and the masked-diffusion loss (Section 3.1, Eq. 1)
+
+
+def sample_mask_ratio(batch: int, eps: float = MASK_EPS, generator=None, device="cpu") -> torch.Tensor:
+    """Section 3.1: t ~ U(0, 1) per sample, returned as the masking probability p = (1 - eps) t + eps, (B,).
+    Following LLaDA, this p is also the `t` of the 1/t weights in Eq. 1-2."""
+    t = torch.rand(batch, generator=generator, device=device)
+    return (1 - eps) * t + eps
+
+
+def forward_mask(ids, answer_mask, mask_id: int, eps: float = MASK_EPS, generator=None):
+    """Section 3.1, the forward process q(x_t | x_0): each answer token becomes [MASK] with probability p.
+
+    Returns (noisy ids (B, L), is_masked (B, L) bool, p (B,))."""
+    p = sample_mask_ratio(ids.shape[0], eps, generator, ids.device)                    # (B,)
+    draws = torch.rand(ids.shape, generator=generator, device=ids.device)              # (B, L)
+    is_masked = (draws < p[:, None]) & answer_mask
+    return torch.where(is_masked, torch.full_like(ids, mask_id), ids), is_masked, p
+
+
+def masked_diffusion_loss(logits, targets, is_masked, p, answer_mask):
+    """Eq. 1: cross-entropy on masked answer tokens, each weighted by 1/t.
+
+    As in LLaDA's supervised fine-tuning, each sample's sum is divided by its answer length and the batch is
+    averaged, so the loss is an unbiased estimate of the per-token negative log-likelihood bound."""
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)  # (B, L)
+    weighted = ce * is_masked / p[:, None]                                                              # (B, L)
+    answer_len = answer_mask.sum(dim=1).clamp(min=1)                                                    # (B,)
+    return (weighted.sum(dim=1) / answer_len).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage I: foundational revision (Section 3.2, Eq. 2-3)
+
+
+def replacement_rate(p, replace_prob: float, t_dependent: bool = False):
+    """Probability of replacing a visible answer token, (B,). Fixed by default (Section 3.2: 0.1; the official code
+    uses 0.05); the ablation's t-dependent rate (Table 5) uses t itself while t < replace_prob."""
+    if t_dependent:
+        return torch.minimum(p, torch.full_like(p, replace_prob))
+    return torch.full_like(p, replace_prob)
+
+
+def corrupt_for_revision(ids, answer_mask, mask_id: int, ordinary_ids, replace_prob: float = 0.1,
+                         t_dependent: bool = False, wrong_ids=None, wrong_span=None,
+                         eps: float = MASK_EPS, generator=None):
+    """Section 3.2: mask the answer as in Eq. 1, then pollute the tokens that stayed visible.
+
+    - syntax errors: each visible answer token is replaced, with probability `replace_prob`, by a token drawn
+      uniformly from `ordinary_ids` (never a special id, never the mask);
+    - hallucinations (ViCrit pairs): where `wrong_span` (B, L) is set, the visible input holds `wrong_ids`, the
+      label keeps the correct token.
+    Returns (inputs (B, L), labels (B, L) = the clean ids, types (B, L) in {IGNORE, MASK, SYNTAX, HALLUCINATION,
+    CLEAN}, p (B,))."""
+    noisy, is_masked, p = forward_mask(ids, answer_mask, mask_id, eps, generator)
+    visible = answer_mask & ~is_masked                                                  # (B, L)
+    types = torch.full_like(ids, IGNORE)
+    types[is_masked] = MASK
+    inputs = noisy.clone()
+    hallucinated = torch.zeros_like(visible)
+    if wrong_span is not None:
+        hallucinated = visible & wrong_span & (wrong_ids != ids)
+        inputs = torch.where(hallucinated, wrong_ids, inputs)
+    rate = replacement_rate(p, replace_prob, t_dependent)                               # (B,)
+    draws = torch.rand(ids.shape, generator=generator, device=ids.device)               # (B, L)
+    replaced = visible & ~hallucinated & (draws < rate[:, None])
+    ordinary_ids = torch.as_tensor(ordinary_ids, device=ids.device)
+    picks = torch.randint(len(ordinary_ids), ids.shape, generator=generator, device=ids.device)
+    inputs = torch.where(replaced, ordinary_ids[picks], inputs)
+    types[replaced] = SYNTAX        # a draw may pick the original token back: still labelled, a harmless no-op
+    types[hallucinated] = HALLUCINATION
+    types[visible & ~replaced & ~hallucinated] = CLEAN
+    return inputs, ids, types, p
+
+
+def typed_losses(logits, labels, types, p):
+    """Eq. 2-3: for each type (mask, syntax, hallucination, clean) the 1/t-weighted cross-entropy averaged over that
+    type's own count N_type; an empty type contributes 0. Returns (total, {name: part})."""
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)  # (B, L)
+    weighted = ce / p[:, None]                                                                        # (B, L)
+    parts = {}
+    for type_id, name in TYPE_NAMES.items():
+        chosen = types == type_id
+        count = chosen.sum()
+        parts[name] = (weighted * chosen).sum() / count.clamp(min=1)   # 0 when count == 0
+    return sum(parts.values()), parts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage II: online self-correction (Section 3.3, Eq. 4)
+
+
+def refinement_loss(logits, refined, mistake_mask):
+    """Eq. 4: the input is the model's own draft (no masking); cross-entropy against the expert-refined tokens on the
+    corrected positions only, normalised by their number N_mistake (0 when the batch has none)."""
+    ce = F.cross_entropy(logits.flatten(0, 1), refined.flatten(), reduction="none").view(refined.shape)  # (B, L)
+    return (ce * mistake_mask).sum() / mistake_mask.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers (LLaDA's reverse process; Section 3.4 for refinement)
+
+
+def transfer_schedule(mask_count, steps: int):
+    """How many masked tokens to commit at each step of a block, (B, steps): n // steps each, and the first
+    n % steps steps one more (100 masks over 32 steps -> 4, 4, 4, 4, 3, 3, ...), as in LLaDA."""
+    base = mask_count // steps                                                          # (B,)
+    extra = mask_count % steps                                                          # (B,)
+    step = torch.arange(steps, device=mask_count.device)                                # (steps,)
+    return base[:, None] + (step[None, :] < extra[:, None]).long()                      # (B, steps)
+
+
+def add_gumbel_noise(logits, temperature: float, generator=None):
+    """Sampling as an argmax: exp(l) / (-log u)^T, in float64 (low precision makes Gumbel sampling worse; LLaDA)."""
+    if temperature == 0:
+        return logits
+    logits = logits.double()
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    return logits.exp() / (-torch.log(u)) ** temperature
+
+
+def chosen_probability(logits, chosen):
+    """softmax(logits)[chosen] via log-sum-exp: no full-vocabulary softmax tensor is built, (B, G)."""
+    logits = logits.float()
+    return (logits.gather(-1, chosen[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)).exp()
+
+
+@torch.no_grad()
+def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int | None = None,
+             temperature: float = 0.0, refine: bool = False, mask_id: int = 126336,
+             remasking: str = "low_confidence", cfg_scale: float = 0.0, stop_id: int | None = None,
+             banned_ids=None, draft=None, return_trace: bool = False, generator=None):
+    """The reverse process: start from an all-[MASK] answer and commit the most confident tokens, block by block.
+
+    logits_fn: any callable (B, L) ids -> (B, L, V) logits. prompt: (B, P) ids. Returns the answer ids (B, G), and
+    with return_trace=True also a list with one dict per step: block, step, ids (B, G) after the step, new (B, G)
+    positions committed this step, changed (B, G) visible tokens that the step revised.
+
+    - Frozen (refine=False): LLaDA's `generate`; a committed token never changes. Each step commits the
+      `transfer_schedule` number of masked positions of the current block with the highest confidence
+      (remasking="low_confidence": the softmax probability of the argmax; "random": uniform scores).
+    - Refining (refine=True, Section 3.4): the same loop and schedule, plus: every position of the current block
+      that was visible before this step is overwritten with this step's argmax (the same logits: no extra forward
+      pass). Only masked positions can be newly committed.
+    - cfg_scale > 0: classifier-free guidance, logits = un + (cfg + 1) (cond - un), with the prompt masked for `un`.
+    - stop_id: once every row's finished blocks hold stop_id, the remaining blocks are filled with it and skipped;
+      everything after a row's first stop_id is set to stop_id. banned_ids get logit -inf everywhere, and so does
+      mask_id always (a trained model never predicts it; this guarantees that no mask survives).
+    - draft (B, G) (Figure 6): an initial answer whose non-mask tokens start visible instead of masked.
+    Off by default (stop_id, banned_ids, draft), the frozen sampler matches LLaDA token for token at T = 0.
+    """
+    B, P = prompt.shape
+    block_length = block_length or gen_length
+    if gen_length % block_length:
+        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps {steps} is not a multiple of the number of blocks {num_blocks}")
+    steps_per_block = steps // num_blocks
+
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)  # (B, L)
+    x[:, :P] = prompt
+    if draft is not None:
+        x[:, P:] = draft
+    is_prompt = torch.zeros_like(x, dtype=torch.bool)
+    is_prompt[:, :P] = True
+    trace = []
+
+    never = torch.tensor(list(banned_ids or []) + [mask_id], device=prompt.device)  # the mask is never a prediction
+
+    def block_logits(ids, start, end):
+        logits = logits_fn(ids)[:, start:end]                                             # (B, Lb, V): only this block is decoded
+        if cfg_scale > 0:
+            unconditional = logits_fn(torch.where(is_prompt, torch.full_like(ids, mask_id), ids))[:, start:end]
+            logits = unconditional + (cfg_scale + 1) * (logits - unconditional)
+        return logits.index_fill(-1, never, -torch.inf)
+
+    for block in range(num_blocks):
+        start, end = P + block * block_length, P + (block + 1) * block_length
+        schedule = transfer_schedule((x[:, start:end] == mask_id).sum(dim=1), steps_per_block)  # (B, steps)
+        for i in range(steps_per_block):
+            is_masked = x == mask_id                                                      # (B, L)
+            logits = block_logits(x, start, end)                                          # (B, Lb, V)
+            x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)          # (B, Lb)
+            if remasking == "low_confidence":
+                confidence = chosen_probability(logits, x0)                               # (B, Lb)
+            elif remasking == "random":
+                confidence = torch.rand(x0.shape, generator=generator, device=x0.device)
+            else:
+                raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+            block_masked = is_masked[:, start:end]                                        # (B, Lb)
+            confidence = torch.where(block_masked, confidence, -torch.inf)  # only masked positions can be committed
+            commit = torch.zeros_like(block_masked)
+            for row in range(B):  # k differs per row
+                k = int(schedule[row, i])
+                if k > 0:
+                    commit[row, confidence[row].topk(k).indices] = True
+            before = x[:, start:end].clone()
+            if refine:  # Section 3.4: re-predict every token that was visible before this step
+                revisable = ~block_masked
+                x[:, start:end] = torch.where(revisable, x0, x[:, start:end])
+            x[:, start:end] = torch.where(commit, x0, x[:, start:end])
+            if return_trace:
+                new = torch.zeros(B, gen_length, dtype=torch.bool, device=x.device)
+                changed = torch.zeros_like(new)
+                new[:, start - P:end - P] = commit
+                changed[:, start - P:end - P] = ~block_masked & (x[:, start:end] != before)
+                trace.append({"block": block, "step": i, "ids": x[:, P:].clone(), "new": new, "changed": changed})
+        if stop_id is not None and block < num_blocks - 1 and bool((x[:, P:end] == stop_id).any(dim=1).all()):
+            x[:, end:] = stop_id  # every row has ended: the remaining blocks cost no forward pass
+            break
+
+    answer = x[:, P:]
+    if stop_id is not None:  # output stops at the first stop token
+        after_stop = (answer == stop_id).long().cumsum(dim=1) > 0
+        answer = torch.where(after_stop, torch.full_like(answer, stop_id), answer)
+    return (answer, trace) if return_trace else answer

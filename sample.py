@@ -1,0 +1,178 @@
+"""sample.py: caption an image (or a rendered shapes-world scene) with the frozen or the refining sampler."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+import rediff
+from cli import option, parse_config, show_config
+from data.pipeline import image_to_tensor, prompt_ids
+
+
+def steps_for(gen_length: int, tokens_per_step: int, num_blocks: int = 1) -> int:
+    """The documented rule: steps = ceil(gen_length / tokens_per_step), rounded up to a multiple of the number of
+    blocks. When tokens_per_step does not divide gen_length, the transfer schedule spreads the remainder, so no step
+    commits more than tokens_per_step tokens (64 tokens at 3 per step: 22 steps, twenty of 3 and two of 2)."""
+    if tokens_per_step < 1:
+        raise ValueError(f"--tokens-per-step must be >= 1, got {tokens_per_step}")
+    steps = math.ceil(gen_length / tokens_per_step)
+    return math.ceil(steps / num_blocks) * num_blocks
+
+
+def banned_ids(tokenizer) -> list[int]:
+    """Ids that must never appear in a caption (everything special except end of text)."""
+    return [i for i in tokenizer.special_ids if i != tokenizer.eos_id]
+
+
+@torch.no_grad()
+def caption_images(model, tokenizer, images, gen_length: int, tokens_per_step: int, refine: bool = True,
+                   block_length: int | None = None, temperature: float = 0.0, drafts=None,
+                   return_trace: bool = False, generator=None):
+    """Images (B, 3, S, S) -> answer ids (B, G) [and the trace]. Image tokens are computed once, not per step."""
+    device = next(model.parameters()).device
+    image_embeds = model.encode_images(images.to(device))                                   # (B, N, D)
+    prompt = torch.tensor(prompt_ids(tokenizer, model.n_image_tokens), device=device)
+    prompt = prompt.expand(images.shape[0], -1)                                              # (B, P)
+    calls = {"forward_passes": 0}
+
+    def logits_fn(ids):
+        calls["forward_passes"] += 1
+        return model(ids, image_embeds[: ids.shape[0]])
+
+    num_blocks = gen_length // (block_length or gen_length)
+    out = rediff.generate(logits_fn, prompt, gen_length, steps_for(gen_length, tokens_per_step, num_blocks),
+                          block_length=block_length, temperature=temperature, refine=refine,
+                          mask_id=tokenizer.mask_id, stop_id=tokenizer.eos_id, banned_ids=banned_ids(tokenizer),
+                          draft=drafts, return_trace=return_trace, generator=generator)
+    return out, calls["forward_passes"]
+
+
+def decode_answer(tokenizer, ids) -> str:
+    """Answer ids -> text, cut at the first end-of-text."""
+    ids = [int(i) for i in ids]
+    if tokenizer.eos_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_id)]
+    return tokenizer.decode(ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Showing the refinement (the paper's Figure 4)
+
+NEW, REVISED, RESET = "\033[32m", "\033[33;1m", "\033[0m"
+
+
+def trace_lines(tokenizer, trace, row: int = 0, color: bool = True) -> list[str]:
+    """One line per step: newly committed tokens in green, revised tokens in bold yellow, masks as '_'."""
+    lines = []
+    for entry in trace:
+        words = []
+        for pos, token in enumerate(entry["ids"][row].tolist()):
+            word = "_" if token == tokenizer.mask_id else tokenizer.decode([token], skip_special=False)
+            if entry["changed"][row, pos]:
+                word = f"{REVISED}{word}{RESET}" if color else f"[{word}]"
+            elif entry["new"][row, pos]:
+                word = f"{NEW}{word}{RESET}" if color else f"+{word}"
+            words.append(word)
+        lines.append(f"step {entry['step']:3d} | " + " ".join(words))
+    return lines
+
+
+def trace_html(tokenizer, trace, row: int = 0) -> str:
+    """The trace as a self-contained HTML page: new tokens green, revised tokens orange with the old token struck."""
+    rows, previous = [], None
+    for entry in trace:
+        cells = []
+        for pos, token in enumerate(entry["ids"][row].tolist()):
+            word = "·" if token == tokenizer.mask_id else tokenizer.decode([token], skip_special=False)
+            word = word.replace("&", "&amp;").replace("<", "&lt;")
+            if entry["changed"][row, pos] and previous is not None:
+                old = tokenizer.decode([int(previous[pos])], skip_special=False).replace("<", "&lt;")
+                cells.append(f'<span class="rev"><s>{old}</s> {word}</span>')
+            elif entry["new"][row, pos]:
+                cells.append(f'<span class="new">{word}</span>')
+            else:
+                cells.append(f'<span class="{"mask" if token == tokenizer.mask_id else "old"}">{word}</span>')
+        previous = entry["ids"][row]
+        rows.append(f"<tr><td>step {entry['step']}</td><td>{' '.join(cells)}</td></tr>")
+    style = (".new{background:#c8f7c5}.rev{background:#ffd59e}.mask{color:#bbb}td{font-family:monospace;"
+             "padding:2px 8px;vertical-align:top}")
+    return (f"<!doctype html><meta charset='utf-8'><title>ReDiff refinement trace</title><style>{style}</style>"
+            f"<p><span class='new'>new token</span> <span class='rev'><s>old</s> revised</span></p>"
+            f"<table>{''.join(rows)}</table>")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = option("out/stage1.safetensors", "checkpoint written by train_stage1.py / train_stage2.py")
+    image: str = option("", "caption this image file instead of a shapes-world scene")
+    scene_seed: int = option(0, "render shapes-world test scene N (its ground truth is printed and scored)")
+    tokens_per_step: int = option(8, "tokens committed per step; steps = ceil(gen_length / tokens_per_step)")
+    gen_length: int = option(0, "answer length in tokens (0: the checkpoint's training answer length)")
+    block_length: int = option(0, "semi-autoregressive block length (0: one block, as in the paper)")
+    temperature: float = option(0.0, "Gumbel-noise temperature (0: greedy)")
+    refine: bool = option(True, "re-predict visible tokens at every step (ReDiff, Section 3.4); --no-refine freezes them")
+    draft: str = option("", "a caption (with errors) to start from as visible tokens; the model refines and completes it")
+    trace: bool = option(False, "print the refinement step by step (new tokens green, revised tokens yellow)")
+    trace_out: str = option("", "write the trace as an HTML page to this file")
+    device: str = option("auto", "auto, cpu, cuda or mps")
+    seed: int = option(0, "random seed (only matters with --temperature > 0)")
+
+
+def main(argv=None):
+    cfg = parse_config(SampleConfig, argv, description=__doc__)
+    from data import shapes
+    from data.loaders import open_image
+    from data.score import score_caption
+    from data.tokenizer import tokenizer_from_dict
+    from model import load_checkpoint, pick_device
+    device = pick_device(cfg.device)
+    model, meta = load_checkpoint(cfg.ckpt, device)
+    model.eval()
+    tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    gen_length = cfg.gen_length or meta["answer_len"]
+    vision = model.cfg.vision
+    scene = None
+    if cfg.image:
+        picture = open_image(cfg.image).resize((vision.image_size, vision.image_size))
+    else:
+        world = shapes.WorldConfig(**meta["world"])
+        sample = shapes.sample("test", cfg.scene_seed, world)
+        picture, scene = sample["image"], sample["scene"]
+        print(f"ground truth : {sample['caption']}")
+    images = image_to_tensor([picture], vision.mean, vision.std)
+    drafts = None
+    if cfg.draft:
+        words = tokenizer.encode(cfg.draft)[:gen_length]
+        drafts = torch.tensor([words + [tokenizer.mask_id] * (gen_length - len(words))], device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    start = time.perf_counter()
+    out, passes = caption_images(model, tokenizer, images, gen_length, cfg.tokens_per_step, cfg.refine,
+                                 cfg.block_length or None, cfg.temperature, drafts,
+                                 return_trace=bool(cfg.trace or cfg.trace_out), generator=generator)
+    seconds = time.perf_counter() - start
+    ids, trace = out if isinstance(out, tuple) else (out, None)
+    text = decode_answer(tokenizer, ids[0])
+    if cfg.trace:
+        print("\n".join(trace_lines(tokenizer, trace)))
+    if cfg.trace_out:
+        with open(cfg.trace_out, "w", encoding="utf-8") as f:
+            f.write(trace_html(tokenizer, trace))
+        print(f"trace written to {cfg.trace_out}")
+    print(f"caption      : {text}")
+    if scene is not None:
+        s = score_caption(text, scene)
+        print(f"score        : headline {s['headline']:.1f} | factuality {s['factuality']:.2f} | coverage "
+              f"{s['coverage']:.2f} | syntax {s['syntax']:.2f} | repetition {s['repetition']:.2f}")
+    print(f"sampler      : {'refining' if cfg.refine else 'frozen'}, {cfg.tokens_per_step} tokens/step, "
+          f"{passes} forward passes, {gen_length / seconds:.0f} tokens/s ({seconds:.2f} s)")
+    return text
+
+
+if __name__ == "__main__":
+    main()

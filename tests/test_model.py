@@ -1,0 +1,145 @@
+"""tests/test_model.py: the model's invariants, checkpoints, and the scripts end to end on a few steps."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rediff
+from model import LLADA_8B, LLaDA, LMConfig, VisionConfig, VLM, VLMConfig, load_checkpoint, read_checkpoint, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_vlm(vocab=20, image_token_id=4):
+    torch.manual_seed(0)
+    cfg = VLMConfig(lm=LMConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64),
+                    vision=VisionConfig(image_size=48, patch_size=16, width=32, layers=1, heads=2),
+                    image_token_id=image_token_id)
+    return VLM(cfg)
+
+
+def test_attention_is_bidirectional():
+    model = tiny_vlm()
+    ids = torch.randint(5, 20, (1, 10))
+    changed = ids.clone()
+    changed[0, -1] = 5 if ids[0, -1] != 5 else 6
+    a, b = model(ids), model(changed)
+    assert not torch.allclose(a[0, 0], b[0, 0]), "a later token must change an earlier position's logits"
+
+
+def test_image_tokens_are_spliced_at_placeholders():
+    model = tiny_vlm()
+    images = torch.randn(2, 3, 48, 48)
+    embeds = model.encode_images(images)                               # (2, 9, 32)
+    ids = torch.tensor([[4] * 9 + [7, 8]] * 2)
+    with_image = model(ids, embeds)
+    other = model(ids, model.encode_images(torch.randn(2, 3, 48, 48)))
+    assert not torch.allclose(with_image, other), "the image must reach the logits"
+    no_placeholders = torch.tensor([[9] * 9 + [7, 8]] * 2)
+    assert torch.allclose(model(no_placeholders, embeds), model(no_placeholders)), "no placeholder, no image"
+
+
+def test_grouped_kv_heads_and_llada_8b_shapes():
+    lm = LLaDA(LMConfig(vocab_size=30, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, mlp_hidden=48))
+    assert lm(torch.randn(2, 5, 32)).shape == (2, 5, 30)
+    with torch.device("meta"):
+        big = LLaDA(LLADA_8B)
+    per_layer = 4 * 4096 * 4096 + 3 * 4096 * 12288 + 2 * 4096
+    expected = 2 * 126464 * 4096 + 32 * per_layer + 4096
+    assert sum(p.numel() for p in big.parameters()) == expected
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny_vlm()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 20, (4, 12), generator=g)
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[:, 4:] = True
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(150):
+        noisy, masked, p = rediff.forward_mask(ids, answer, 1, generator=g)
+        loss = rediff.masked_diffusion_loss(model(noisy), ids, masked, p, answer)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    masked = ids.clone()
+    masked[answer] = 1
+    accuracy = (model(masked).argmax(-1)[answer] == ids[answer]).float().mean()
+    assert accuracy > 0.9, f"a tiny model must memorise 4 sequences, got accuracy {accuracy:.2f}"
+
+
+def test_checkpoint_round_trip_rebuilds_from_saved_config(tmp_path):
+    model = tiny_vlm(vocab=23, image_token_id=3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randint(0, 23, (1, 5))).sum().backward()
+    optimizer.step()
+    path = str(tmp_path / "ck.safetensors")
+    save_checkpoint(path, model, {"tokenizer": {"kind": "word", "words": []}, "stage": "test", "step": 7}, optimizer)
+    assert [f for f in os.listdir(tmp_path)] == ["ck.safetensors"], "no temporary file is left behind"
+    loaded, meta = load_checkpoint(path)
+    assert loaded.cfg == model.cfg and meta["step"] == 7 and meta["stage"] == "test"
+    ids = torch.randint(0, 23, (2, 6))
+    assert torch.equal(loaded(ids), model(ids))
+    fresh = torch.optim.AdamW(loaded.parameters())
+    load_checkpoint(path, optimizer=fresh)
+    for a, b in zip(optimizer.state.values(), fresh.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"])
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_checkpoint(str(tmp_path / "missing.safetensors"))
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        read_checkpoint(str(torn))
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match="no 'rediff' metadata"):
+        read_checkpoint(str(tmp_path / "foreign.safetensors"))
+
+
+SCRIPTS = ["train_stage1.py", "sample.py", "eval.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_of_every_script(script):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--device" in out.stdout or script == "eval.py"
+
+
+def run(args, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, **kw)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout
+
+
+def test_tiny_smoke_run_train_sample_eval(tmp_path):
+    """A few steps of each objective, then sample.py (trace, draft, HTML) and eval.py (JSON contract)."""
+    base, stage1 = str(tmp_path / "base.safetensors"), str(tmp_path / "stage1.safetensors")
+    small = ["--tiny", "--steps", "4", "--eval-every", "2", "--n-scenes", "64", "--vision-pretrain-steps", "2",
+             "--batch-size", "8"]
+    run(["train_stage1.py", *small, "--objective", "mask", "--out", base])
+    out = run(["train_stage1.py", *small, "--objective", "revision", "--init-from", base, "--out", stage1])
+    assert "loaded" in out
+    _, meta = read_checkpoint(stage1)
+    assert meta["stage"] == "stage1-revision" and meta["step"] == 4 and meta["train_config"]["objective"] == "revision"
+    html = str(tmp_path / "trace.html")
+    out = run(["sample.py", "--ckpt", stage1, "--scene-seed", "3", "--tokens-per-step", "8", "--trace",
+               "--trace-out", html, "--draft", "there is a small red circle"])
+    assert "caption" in out and "forward passes" in out and "score" in out
+    assert open(html).read().startswith("<!doctype html>")
+    report = str(tmp_path / "eval.json")
+    run(["eval.py", "--ckpt", stage1, "--tokens-per-step", "1", "8", "--both", "--n", "6", "--json", report])
+    results = json.load(open(report))["results"]
+    assert len(results) == 4
+    for r in results:
+        assert {"ckpt", "tokens_per_step", "refine", "headline", "factuality", "coverage", "syntax", "repetition",
+                "forward_passes"} <= set(r)
+    assert {r["forward_passes"] for r in results if r["tokens_per_step"] == 8} == {8.0}
+    assert os.path.exists(str(tmp_path / "eval.png")) and os.path.exists(str(tmp_path / "eval.md"))

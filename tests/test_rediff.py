@@ -1,0 +1,220 @@
+"""tests/test_rediff.py: hand-computed checks of masking, Eq. 1-4, corruption and both samplers."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rediff
+from tests.llada_reference import reference_generate
+
+V, MASK = 12, 11  # a toy vocabulary whose last id is the mask
+
+
+class MockModel:
+    """A context-dependent stand-in for a mask predictor: logits mix each token with the mean of the sequence."""
+
+    def __init__(self, seed=0, vocab=V, width=16, max_len=64):
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.randn(vocab, width, generator=g)
+        self.pos = torch.randn(max_len, width, generator=g)
+        self.out = torch.randn(width, vocab, generator=g)
+        self.calls = 0
+        self.never_mask = torch.zeros(vocab)
+        self.never_mask[MASK] = -1e4   # like a trained model, the mock never predicts the mask itself
+
+    def __call__(self, ids):
+        self.calls += 1
+        h = self.emb[ids] + self.pos[: ids.shape[1]] + 2 * self.emb[ids].mean(dim=1, keepdim=True)
+        return h @ self.out + self.never_mask
+
+
+# ---------------------------------------------------------------------------------------------------- masking, Eq. 1
+
+def test_forward_mask_statistics():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.zeros(4000, 40, dtype=torch.long)
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[:, 10:] = True
+    noisy, masked, p = rediff.forward_mask(ids, answer, MASK, generator=g)
+    assert not masked[:, :10].any(), "the prompt is never masked"
+    assert torch.equal(noisy == MASK, masked)
+    assert p.min() >= rediff.MASK_EPS and p.max() <= 1
+    assert abs(p.mean().item() - 0.5) < 0.02                       # t ~ U(0, 1)
+    rate = masked[:, 10:].float().mean(dim=1)                       # per-sample masked fraction tracks p
+    assert (rate - p).abs().mean() < 0.08
+    assert abs(masked[:, 10:].float().mean().item() - p.mean().item()) < 0.01
+
+
+def test_masked_diffusion_loss_hand_example():
+    logits = torch.zeros(1, 4, 3)
+    logits[0, 2] = torch.tensor([math.log(3.0), 0.0, 0.0])       # p(target 0) = 3/5 at position 2
+    targets = torch.tensor([[0, 0, 0, 1]])
+    masked = torch.tensor([[False, False, True, True]])
+    answer = torch.tensor([[False, True, True, True]])             # answer length 3
+    p = torch.tensor([0.5])
+    expected = (-math.log(3 / 5) + -math.log(1 / 3)) / 0.5 / 3
+    assert rediff.masked_diffusion_loss(logits, targets, masked, p, answer).item() == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- Stage I
+
+def test_typed_losses_hand_example_with_empty_type():
+    logits = torch.zeros(2, 3, 4)                                  # uniform: every CE is log 4
+    logits[1, 0, 2] = math.log(5.0)                                # p(2) = 5/8 at (1, 0)
+    labels = torch.tensor([[0, 1, 2], [2, 3, 0]])
+    types = torch.tensor([[rediff.IGNORE, rediff.MASK, rediff.CLEAN], [rediff.MASK, rediff.SYNTAX, rediff.CLEAN]])
+    p = torch.tensor([0.5, 0.25])
+    total, parts = rediff.typed_losses(logits, labels, types, p)
+    ce_mask_0, ce_mask_1 = math.log(4) / 0.5, -math.log(5 / 8) / 0.25
+    assert parts["mask"].item() == pytest.approx((ce_mask_0 + ce_mask_1) / 2, rel=1e-6)
+    assert parts["syntax"].item() == pytest.approx(math.log(4) / 0.25, rel=1e-6)
+    assert parts["clean"].item() == pytest.approx((math.log(4) / 0.5 + math.log(4) / 0.25) / 2, rel=1e-6)
+    assert parts["hallucination"].item() == 0.0                     # empty type contributes 0
+    assert total.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
+
+
+def test_corruption_statistics_and_labels():
+    g = torch.Generator().manual_seed(1)
+    B, L, P = 3000, 30, 6
+    ids = torch.randint(0, 8, (B, L), generator=g)
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[:, P:] = True
+    ordinary = list(range(0, 8))                                    # ids 8.. are "special" here
+    inputs, labels, types, p = rediff.corrupt_for_revision(ids, answer, MASK, ordinary, replace_prob=0.1, generator=g)
+    assert torch.equal(labels, ids), "labels are always the clean ids"
+    assert torch.equal(inputs[:, :P], ids[:, :P]) and (types[:, :P] == rediff.IGNORE).all(), "prompt untouched"
+    assert torch.equal(inputs == MASK, types == rediff.MASK)
+    syntax = types == rediff.SYNTAX
+    visible = (types == rediff.SYNTAX) | (types == rediff.CLEAN)
+    assert abs(syntax.sum().item() / visible.sum().item() - 0.1) < 0.01
+    assert (inputs[syntax] < 8).all(), "replacements come from the ordinary vocabulary only"
+    assert torch.equal(inputs[types == rediff.CLEAN], ids[types == rediff.CLEAN])
+
+
+def test_t_dependent_rate_and_hallucination_span():
+    p = torch.tensor([0.02, 0.5])
+    assert torch.allclose(rediff.replacement_rate(p, 0.1, t_dependent=True), torch.tensor([0.02, 0.1]))
+    g = torch.Generator().manual_seed(2)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]] * 2000)
+    wrong = ids.clone()
+    wrong[:, 3] = 7
+    span = torch.zeros_like(ids, dtype=torch.bool)
+    span[:, 3] = True
+    answer = torch.ones_like(span)
+    answer[:, 0] = False
+    inputs, labels, types, _ = rediff.corrupt_for_revision(ids, answer, MASK, [1, 2], replace_prob=0.0,
+                                                           wrong_ids=wrong, wrong_span=span, generator=g)
+    hall = types == rediff.HALLUCINATION
+    assert hall.any() and hall[:, 3].sum() == hall.sum(), "only the span can be hallucinated"
+    assert (inputs[hall] == 7).all() and (labels[hall] == 4).all(), "input holds the wrong token, label the right one"
+    assert torch.equal(hall[:, 3], types[:, 3] != rediff.MASK)
+
+
+def test_refinement_loss_eq4():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 1, 3] = math.log(2.0)                                 # p(3) = 2/5
+    refined = torch.tensor([[0, 3, 1]])
+    mistakes = torch.tensor([[False, True, True]])
+    expected = (-math.log(2 / 5) + math.log(4.0)) / 2
+    assert rediff.refinement_loss(logits, refined, mistakes).item() == pytest.approx(expected, rel=1e-6)
+    assert rediff.refinement_loss(logits, refined, torch.zeros_like(mistakes)).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- samplers
+
+def test_transfer_schedule_matches_llada():
+    schedule = rediff.transfer_schedule(torch.tensor([100, 7, 0]), 32)
+    assert schedule[0].tolist()[:6] == [4, 4, 4, 4, 3, 3] and schedule[0].sum() == 100
+    assert schedule[1].tolist() == [1] * 7 + [0] * 25
+    assert schedule[2].sum() == 0
+
+
+@pytest.mark.parametrize("gen,steps,block", [(16, 16, None), (16, 4, None), (16, 8, 8), (12, 5, None), (16, 6, 4)])
+def test_sampler_commits_k_per_step_and_leaves_no_mask(gen, steps, block):
+    if block is not None and steps % (gen // block):
+        steps = (gen // block) * 2
+    model = MockModel()
+    prompt = torch.randint(0, 8, (3, 5))
+    out, trace = rediff.generate(model, prompt, gen, steps, block_length=block, mask_id=MASK, return_trace=True)
+    assert out.shape == (3, gen) and not (out == MASK).any()
+    blocks = gen // (block or gen)
+    per_block = rediff.transfer_schedule(torch.tensor([block or gen]), steps // blocks)[0].tolist() * blocks
+    assert [int(t["new"][0].sum()) for t in trace] == per_block
+    assert not any(t["changed"].any() for t in trace), "the frozen sampler never revises"
+    assert torch.equal(trace[-1]["ids"], out)
+    assert model.calls == steps
+
+
+@pytest.mark.parametrize("gen,steps,block,cfg", [(16, 16, 16, 0.0), (16, 4, 16, 0.0), (24, 12, 8, 0.0), (16, 8, 8, 1.5)])
+def test_frozen_sampler_matches_llada_reference(gen, steps, block, cfg):
+    model = MockModel(seed=3)
+    prompt = torch.randint(0, 8, (4, 6), generator=torch.Generator().manual_seed(4))
+    ours = rediff.generate(model, prompt, gen, steps, block_length=block, mask_id=MASK, cfg_scale=cfg)
+    reference = reference_generate(model, prompt, gen, steps, block, MASK, cfg_scale=cfg)
+    assert torch.equal(ours, reference)
+
+
+def test_refine_overwrites_visible_tokens_when_logits_change():
+    # Logits that prefer token 1 everywhere while few tokens are visible, token 2 once the context fills up.
+    def logits_fn(ids):
+        filled = (ids[:, 2:] != MASK).float().mean(dim=1, keepdim=True)      # (B, 1)
+        logits = torch.zeros(*ids.shape, V)
+        logits[..., 1] = 1 - filled
+        logits[..., 2] = filled
+        return logits
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    frozen = rediff.generate(logits_fn, prompt, 8, 8, mask_id=MASK)
+    refined, trace = rediff.generate(logits_fn, prompt, 8, 8, mask_id=MASK, refine=True, return_trace=True)
+    assert (frozen == 1).sum() > 0, "frozen keeps the early tokens"
+    assert (refined == 2).all(), "refining rewrites them once the context changes the prediction"
+    assert any(t["changed"].any() for t in trace)
+    revised_at_step = [int(t["changed"].sum()) for t in trace]
+    assert sum(revised_at_step) >= 1
+
+
+def test_refine_costs_no_extra_forward_pass_and_trace_agrees():
+    prompt = torch.randint(0, 8, (2, 4), generator=torch.Generator().manual_seed(5))
+    a, b = MockModel(seed=7), MockModel(seed=7)
+    frozen = rediff.generate(a, prompt, 16, 8, mask_id=MASK)
+    refined, trace = rediff.generate(b, prompt, 16, 8, mask_id=MASK, refine=True, return_trace=True)
+    assert a.calls == b.calls == 8
+    assert torch.equal(trace[-1]["ids"], refined)
+    x = torch.full((2, 16), MASK)  # replaying new + changed tokens reproduces every snapshot
+    for t in trace:
+        touched = t["new"] | t["changed"]
+        assert not (t["new"] & (x != MASK)).any(), "only masked positions are newly committed"
+        x = torch.where(touched, t["ids"], x)
+        assert torch.equal(x, t["ids"])
+    assert frozen.shape == refined.shape
+
+
+def test_banned_ids_stop_id_and_draft():
+    model = MockModel(seed=9)
+    prompt = torch.randint(0, 8, (2, 4), generator=torch.Generator().manual_seed(6))
+    out = rediff.generate(model, prompt, 12, 12, mask_id=MASK, banned_ids=[0, 1, 2], refine=True)
+    assert not torch.isin(out, torch.tensor([0, 1, 2, MASK])).any()
+    stop = int(rediff.generate(model, prompt, 12, 12, mask_id=MASK)[0, 3])
+    out = rediff.generate(model, prompt, 12, 12, mask_id=MASK, stop_id=stop)
+    first = (out[0] == stop).nonzero()[0, 0]
+    assert (out[0, first:] == stop).all()
+    draft = torch.full((2, 12), MASK)
+    draft[:, :3] = 5
+    frozen = rediff.generate(model, prompt, 12, 9, mask_id=MASK, draft=draft)
+    assert (frozen[:, :3] == 5).all(), "a frozen sampler keeps the draft's visible tokens"
+
+
+def test_temperature_sampling_is_seeded():
+    model = MockModel(seed=11)
+    prompt = torch.randint(0, 8, (2, 4), generator=torch.Generator().manual_seed(6))
+    run = lambda s: rediff.generate(model, prompt, 8, 4, mask_id=MASK, temperature=1.0,  # noqa: E731
+                                    generator=torch.Generator().manual_seed(s))
+    assert torch.equal(run(0), run(0))
+    assert not (run(0) == MASK).any()
+
+
+def test_chosen_probability_equals_float64_softmax():
+    logits = torch.randn(3, 7, 50) * 4
+    chosen = logits.argmax(-1)
+    reference = torch.softmax(logits.double(), -1).gather(-1, chosen[..., None]).squeeze(-1)
+    assert torch.allclose(rediff.chosen_probability(logits, chosen).double(), reference, atol=1e-6)

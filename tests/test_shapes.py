@@ -1,0 +1,105 @@
+"""tests/test_shapes.py: determinism, splits, vocabulary, caption variety, rendering and hallucination pairs."""
+import numpy as np
+
+from data.score import score_caption
+from data.shapes import (COLOURS, GRID, PALETTE, POSITIONS, VOCAB, WorldConfig, caption_for,
+                         hallucination_pair, make_scene, render, sample, scene_rng)
+
+SCENE_3 = {"objects": [{"shape": "circle", "colour": "red", "size": "large", "row": 0, "col": 0},
+                       {"shape": "square", "colour": "blue", "size": "small", "row": 1, "col": 2},
+                       {"shape": "star", "colour": "yellow", "size": "large", "row": 2, "col": 1}]}
+
+
+def test_same_split_and_index_give_identical_samples():
+    a, b = sample("train", 7), sample("train", 7)
+    assert a["caption"] == b["caption"] and a["scene"] == b["scene"] and a["index"] == 7
+    assert a["image"].tobytes() == b["image"].tobytes()
+
+
+def test_splits_and_indices_differ():
+    scenes = {split: [sample(split, i)["scene"] for i in range(20)] for split in ("train", "val", "test")}
+    assert scenes["train"] != scenes["val"] != scenes["test"] != scenes["train"]
+    train_captions = {sample("train", i)["caption"] for i in range(20)}
+    assert len(train_captions) == 20
+
+
+def test_scene_graphs_are_valid():
+    cfg = WorldConfig()
+    for i in range(200):
+        objects = make_scene(scene_rng("train", i), cfg)["objects"]
+        assert cfg.min_objects <= len(objects) <= cfg.max_objects
+        assert len({(o["row"], o["col"]) for o in objects}) == len(objects), "one object per cell"
+
+
+def test_captions_use_vocab_and_fit_max_words():
+    vocab = set(VOCAB)
+    for split in ("train", "val", "test"):
+        for i in range(200):
+            words = sample(split, i)["caption"].split()
+            assert set(words) <= vocab and len(words) <= WorldConfig().max_words
+    # A tight budget forces optional sentences out, but never an object sentence.
+    tight = WorldConfig(max_words=48, p_count=1.0, p_relation=1.0)
+    for i in range(100):
+        rng = scene_rng("val", i)
+        scene = make_scene(rng, tight)
+        caption = caption_for(scene, rng, tight)
+        assert len(caption.split()) <= 48 and score_caption(caption, scene)["headline"] == 100
+
+
+def test_many_distinct_captions_per_scene():
+    rng = np.random.default_rng(0)
+    captions = {caption_for(SCENE_3, rng, WorldConfig()) for _ in range(50)}
+    assert len(captions) >= 10
+
+
+def test_render_size_mode_and_object_in_its_cell():
+    cfg = WorldConfig()
+    image = render(SCENE_3, np.random.default_rng(0), cfg)
+    assert image.size == (cfg.image_size, cfg.image_size) and image.mode == "RGB"
+    cell = cfg.image_size / GRID
+    for o in SCENE_3["objects"]:
+        if o["size"] != "large":
+            continue
+        pixel = np.array(image.getpixel((int((o["col"] + 0.5) * cell), int((o["row"] + 0.5) * cell))))
+        nearest = min(COLOURS, key=lambda c: np.abs(pixel - np.array(PALETTE[c])).sum())
+        assert nearest == o["colour"]
+    empty = np.array(image.getpixel((int(1.5 * cell), int(1.5 * cell))))  # the center cell is empty
+    assert empty.min() > 200, "background is light"
+
+
+def test_large_objects_cover_more_pixels_than_small():
+    cfg, rng = WorldConfig(), np.random.default_rng(1)
+
+    def ink(size: str) -> int:
+        scene = {"objects": [{"shape": "square", "colour": "blue", "size": size, "row": 1, "col": 1}]}
+        return int((np.array(render(scene, rng, cfg)).min(axis=2) < 150).sum())
+    assert ink("large") > 2 * ink("small")
+
+
+def test_hallucination_pairs():
+    made = 0
+    for i in range(100):
+        s = sample("test", i)
+        pair = hallucination_pair(s["scene"], s["caption"], np.random.default_rng(i))
+        if pair is None:
+            continue
+        made += 1
+        right, wrong = pair["correct"].split(), pair["wrong"].split()
+        start, end = pair["span"]
+        assert pair["correct"] == s["caption"] and len(right) == len(wrong) and 0 <= start < end <= len(right)
+        assert right[:start] == wrong[:start] and right[end:] == wrong[end:] and right[start:end] != wrong[start:end]
+        assert score_caption(pair["correct"], s["scene"])["factuality"] == 1
+        assert score_caption(pair["wrong"], s["scene"])["factuality"] < 1
+        assert score_caption(pair["wrong"], s["scene"])["syntax"] == 1, "the swap keeps the grammar"
+    assert made >= 95
+
+
+def test_position_phrase_keeps_its_length():
+    caption = "there is a large red circle at the top left ."
+    scene = {"objects": [SCENE_3["objects"][0]]}
+    for seed in range(20):
+        pair = hallucination_pair(scene, caption, np.random.default_rng(seed))
+        wrong = pair["wrong"].split()
+        if pair["span"] == (8, 10):
+            assert " ".join(wrong[8:10]) in POSITIONS and " ".join(wrong[8:10]) != "top left"
+    assert hallucination_pair(scene, "there is one object .", np.random.default_rng(0)) is None

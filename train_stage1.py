@@ -1,0 +1,231 @@
+"""train_stage1.py: train the VLM on the shapes world, with the masked-diffusion objective (Eq. 1, the base model and
+the mask-trained baseline) or ReDiff's Stage I foundational revision (Eq. 2-3, the default)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import rediff
+from cli import option, parse_config, show_config
+
+
+@dataclass
+class TrainConfig:
+    objective: str = option("revision", "revision: Stage I typed losses (Eq. 2-3); mask: plain masked diffusion (Eq. 1)",
+                            choices=["revision", "mask"])
+    out: str = option("out/stage1.safetensors", "checkpoint to write (atomically, every --eval-every steps and at the end)")
+    init_from: str = option("", "start from this checkpoint's weights (e.g. a base model); the optimizer starts fresh")
+    resume: bool = option(False, "continue the run saved at --out: weights, optimizer, schedule and data position")
+    steps: int = option(6000, "optimizer steps")
+    batch_size: int = option(64, "samples per step")
+    lr: float = option(2e-3, "peak learning rate (AdamW)")
+    min_lr_frac: float = option(0.1, "the cosine schedule ends at lr * min_lr_frac")
+    warmup: int = option(100, "linear warm-up steps")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient-norm clip")
+    replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced by a random one (paper 0.1, official code 0.05)")
+    t_dependent: bool = option(False, "Stage I: replacement rate min(t, replace_prob) instead of fixed (Table 5 ablation)")
+    hallucination_frac: float = option(0.25, "Stage I: share of each batch drawn as hallucination pairs (0 = syntax errors only)")
+    d_model: int = option(256, "language-model width")
+    n_layers: int = option(6, "language-model layers")
+    n_heads: int = option(8, "attention heads")
+    image_size: int = option(48, "shapes-world image side in px (a multiple of 3 * patch size)")
+    patch_size: int = option(16, "vision-tower patch size in px")
+    vision_width: int = option(128, "vision-tower width")
+    vision_layers: int = option(2, "vision-tower layers")
+    vision_pretrain_steps: int = option(400, "steps of per-cell attribute pretraining of a fresh vision tower (0: none)")
+    answer_len: int = option(64, "answer length in tokens (captions padded with end-of-text)")
+    n_scenes: int = option(20000, "training scenes pre-rendered (each draw gets a fresh caption)")
+    eval_every: int = option(500, "steps between validation loss, a sample caption and a checkpoint")
+    seed: int = option(0, "seed for initialisation, data order and masking")
+    device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
+    compile: bool = option(False, "torch.compile the model (about a minute up front; off by default)")
+
+
+PRESETS = {"tiny": {"help": "the 5-minute CPU preset of the README (small model, fewer steps)",
+                    "values": dict(d_model=128, n_layers=4, n_heads=4, steps=2000, batch_size=64,
+                                   vision_pretrain_steps=300, n_scenes=10000, eval_every=500)}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision pretraining: the paper starts from a pretrained SigLIP; the toy tower learns per-cell attributes first.
+
+
+def cell_labels(scenes, grid: int, device) -> torch.Tensor:
+    """Per patch (shape, colour, size) class ids, 0 = empty cell, (B, grid * grid, 3)."""
+    from data import shapes
+    labels = torch.zeros(len(scenes), grid * grid, 3, dtype=torch.long)
+    for b, scene in enumerate(scenes):
+        for obj in scene["objects"]:
+            for r in range(grid):
+                for c in range(grid):
+                    if r * 3 // grid == obj["row"] and c * 3 // grid == obj["col"]:
+                        labels[b, r * grid + c] = torch.tensor([shapes.SHAPES.index(obj["shape"]) + 1,
+                                                                shapes.COLOURS.index(obj["colour"]) + 1,
+                                                                shapes.SIZES.index(obj["size"]) + 1])
+    return labels.to(device)
+
+
+def pretrain_vision(model, data, steps: int, batch_size: int, device, seed: int) -> float:
+    """Per-cell attribute classification on patch tokens; returns the final accuracy (all three attributes right)."""
+    from data import shapes
+    grid = model.cfg.vision.grid
+    if grid % 3:
+        raise ValueError(f"vision pretraining needs the patch grid ({grid}) to be a multiple of the 3 x 3 scene grid")
+    sizes = [len(shapes.SHAPES) + 1, len(shapes.COLOURS) + 1, len(shapes.SIZES) + 1]
+    head = nn.Linear(model.cfg.vision.width, sum(sizes)).to(device)
+    params = list(model.vision_tower.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    rng = np.random.default_rng([seed, 10**6])
+    bar = tqdm(range(steps), desc="vision pretraining", dynamic_ncols=True)
+    for _ in bar:
+        index = rng.integers(len(data), size=batch_size)
+        tokens = model.vision_tower(data.images(index).to(device))                      # (B, N, Dv)
+        labels = cell_labels([data.scenes[i] for i in index], grid, device)            # (B, N, 3)
+        logits = head(tokens).split(sizes, dim=-1)                                      # 3 x (B, N, classes)
+        loss = sum(F.cross_entropy(lg.flatten(0, 1), labels[..., k].flatten()) for k, lg in enumerate(logits))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        correct = torch.stack([lg.argmax(-1) == labels[..., k] for k, lg in enumerate(logits)]).all(0)
+        bar.set_postfix(loss=f"{loss.item():.3f}", cell_acc=f"{correct.float().mean().item():.3f}")
+    return correct.float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator):
+    """One batch's loss for the configured objective -> (loss, {part: value})."""
+    image_embeds = model.encode_images(batch.images)                                      # (B, N, D)
+    if cfg.objective == "mask":
+        noisy, is_masked, p = rediff.forward_mask(batch.ids, batch.answer_mask, tokenizer.mask_id, generator=generator)
+        logits = model(noisy, image_embeds)                                               # (B, L, V)
+        loss = rediff.masked_diffusion_loss(logits, batch.ids, is_masked, p, batch.answer_mask)
+        return loss, {"mask": loss}
+    inputs, labels, types, p = rediff.corrupt_for_revision(
+        batch.ids, batch.answer_mask, tokenizer.mask_id, tokenizer.ordinary_ids, cfg.replace_prob,
+        cfg.t_dependent, batch.wrong_ids, batch.wrong_span, generator=generator)
+    return rediff.typed_losses(model(inputs, image_embeds), labels, types, p)
+
+
+@torch.no_grad()
+def validation_loss(model, val_data, tokenizer, device, n_batches: int = 4) -> float:
+    """Eq. 1 on fixed validation batches (same masks every time), comparable across objectives."""
+    model.eval()
+    losses = []
+    for k in range(n_batches):
+        batch = val_data.batch(k, 64).to(device)
+        generator = torch.Generator(device=device).manual_seed(k)
+        noisy, is_masked, p = rediff.forward_mask(batch.ids, batch.answer_mask, tokenizer.mask_id, generator=generator)
+        logits = model(noisy, model.encode_images(batch.images))
+        losses.append(rediff.masked_diffusion_loss(logits, batch.ids, is_masked, p, batch.answer_mask).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def build_model(cfg: TrainConfig, tokenizer):
+    from model import LMConfig, VisionConfig, VLM, VLMConfig
+    lm = LMConfig(vocab_size=tokenizer.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                  mlp_hidden=int(cfg.d_model * 8 / 3) // 16 * 16)
+    vision = VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
+                          layers=cfg.vision_layers, heads=max(1, cfg.vision_width // 32))
+    return VLM(VLMConfig(lm=lm, vision=vision, image_token_id=tokenizer.image_id))
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv, description=__doc__, presets=PRESETS)
+    print(show_config(cfg))
+    from data import shapes
+    from data.pipeline import ShapesData
+    from data.tokenizer import WordTokenizer, tokenizer_from_dict
+    from model import load_checkpoint, pick_device, save_checkpoint
+    from sample import caption_images, decode_answer
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    world = shapes.WorldConfig(image_size=cfg.image_size, max_words=cfg.answer_len - 1)
+    start_step, optimizer_state, history = 0, None, []
+    if cfg.resume or cfg.init_from:
+        source = cfg.out if cfg.resume else cfg.init_from
+        model, meta = load_checkpoint(source, device)
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        world = shapes.WorldConfig(**meta["world"])
+        cfg.answer_len = meta["answer_len"]
+        if cfg.resume:
+            start_step, history = meta["step"], meta.get("history", [])
+            optimizer_state = source
+        print(f"loaded {source} (stage {meta['stage']}, step {meta['step']})")
+    else:
+        tokenizer = WordTokenizer.for_shapes_world()
+        model = build_model(cfg, tokenizer).to(device)
+    vision = model.cfg.vision
+    t0 = time.perf_counter()
+    data = ShapesData(tokenizer, world, "train", cfg.n_scenes, model.n_image_tokens, cfg.answer_len, cfg.seed,
+                      vision.mean, vision.std)
+    val_data = ShapesData(tokenizer, world, "val", 256, model.n_image_tokens, cfg.answer_len, cfg.seed,
+                          vision.mean, vision.std)
+    print(f"rendered {len(data)} train + {len(val_data)} val scenes in {time.perf_counter() - t0:.1f} s; "
+          f"model {model.num_params() / 1e6:.2f} M parameters on {device}")
+    if not (cfg.resume or cfg.init_from) and cfg.vision_pretrain_steps > 0:
+        pretrain_vision(model, data, cfg.vision_pretrain_steps, 128, device, cfg.seed)
+    model.vision_tower.requires_grad_(False)  # the tower stays frozen, like a pretrained encoder
+    model.vision_tower.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    if optimizer_state:
+        load_checkpoint(optimizer_state, device, optimizer=optimizer)
+    step_model = torch.compile(model) if cfg.compile else model
+
+    def save(step):
+        meta = {"stage": "stage1-" + cfg.objective, "step": step, "train_config": asdict(cfg),
+                "tokenizer": tokenizer.to_dict(), "world": asdict(world), "answer_len": cfg.answer_len,
+                "history": history}
+        save_checkpoint(cfg.out, model, meta, optimizer)
+
+    model.train()
+    model.vision_tower.eval()
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=cfg.objective, dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        frac = cfg.hallucination_frac if cfg.objective == "revision" else 0.0
+        batch = data.batch(step, cfg.batch_size, frac).to(device)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+        loss, parts = training_loss(step_model, batch, cfg, tokenizer, generator)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"step {step}: loss is {loss.item()}; stopping. The last good checkpoint is {cfg.out} "
+                             f"(try a lower --lr)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        bar.set_postfix({k: f"{v.item():.3f}" for k, v in parts.items()})
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            val = validation_loss(model, val_data, tokenizer, device)
+            history.append({"step": step + 1, "train_loss": loss.item(), "val_loss": val})
+            ids, _ = caption_images(model, tokenizer, val_data.images([0]).to(device), cfg.answer_len, 1)
+            model.train()
+            model.vision_tower.eval()
+            tqdm.write(f"step {step + 1}: train loss {loss.item():.4f}, val loss (Eq. 1) {val:.4f}\n"
+                       f"  sample (val scene 0, 1 token/step): {decode_answer(tokenizer, ids[0])}")
+            save(step + 1)
+    print(f"done in {time.perf_counter() - t0:.0f} s; checkpoint {cfg.out}")
+    return model
+
+
+if __name__ == "__main__":
+    main()
