@@ -7,7 +7,9 @@ import json
 
 
 def option(default, help: str, **kw):
-    """A config field with its --help text."""
+    """A config field with its --help text (list defaults are copied per instance)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
@@ -23,7 +25,8 @@ def parse_config(cls, argv=None, description: str = "", presets: dict | None = N
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         elif f.metadata.get("nargs"):
-            parser.add_argument(flag, type=f.metadata["type"], nargs=f.metadata["nargs"], default=f.default,
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            parser.add_argument(flag, type=f.metadata["type"], nargs=f.metadata["nargs"], default=default,
                                 help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)

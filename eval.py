@@ -29,7 +29,7 @@ class EvalConfig:
     device: str = option("auto", "auto, cpu, cuda or mps")
 
 
-def test_indices(n: int, seed: int) -> list[int]:
+def held_out_indices(n: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(SCENE_POOL, size=n, replace=False).tolist())
 
 
@@ -105,7 +105,7 @@ def main(argv=None):
     from data.tokenizer import tokenizer_from_dict
     from model import load_checkpoint, pick_device
     device = pick_device(cfg.device)
-    indices = test_indices(cfg.n, cfg.seed)
+    indices = held_out_indices(cfg.n, cfg.seed)
     modes = [True, False] if cfg.both else [cfg.refine]
     results = []
     start = time.perf_counter()

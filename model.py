@@ -229,7 +229,7 @@ class VLM(nn.Module):
             nn.Linear(vision_width, cfg.lm.d_model), nn.GELU(), nn.Linear(cfg.lm.d_model, cfg.lm.d_model))
         self.lm = LLaDA(cfg.lm)
         if cfg.image_pos_embed:
-            self.register_buffer("image_pos", sincos_2d(cfg.vision.grid, cfg.lm.d_model), persistent=False)
+            self.register_buffer("image_pos", sincos_2d(cfg.vision.grid, vision_width), persistent=False)
         self.lm.apply(self._init_weights)          # open_clip initialises its own tower
         self.mm_projector.apply(self._init_weights)
 
@@ -247,10 +247,12 @@ class VLM(nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) -> projected image tokens (B, N, D), computed once per caption, not per step."""
-        feats = self.mm_projector(self.vision_tower(images))   # (B, N, D)
+        feats = self.vision_tower(images)                                                 # (B, N, Dv)
         if self.cfg.image_pos_embed:
+            # Added before the projector, where the tower's layer-normed features have the same scale as the table
+            # (added after it, the fixed table would be ~20x larger than the small-init projected content).
             feats = feats + self.image_pos.to(feats.dtype)
-        return feats
+        return self.mm_projector(feats)                                                   # (B, N, D)
 
     def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, L) with image placeholders -> logits (B, L, V).

@@ -1,23 +1,151 @@
-"""TEMPORARY stand-in (helper is writing the real one)."""
-SPECIALS = ["<pad>", "<mask>", "<eos>", "<unk>", "<image>"]
-class WordTokenizer:
+"""data/tokenizer.py: text <-> token ids: a word-level tokenizer for the shapes world, CLIP's BPE for real captions.
+
+Both share one small interface:
+
+    encode(text, stats=None) -> list[int]    unknown words -> unk_id, counted in stats["unknown"]
+    decode(ids, skip_special=True) -> str    words joined by single spaces (the project's text convention)
+    pad_id, mask_id, eos_id (== eot_id), unk_id, image_id, vocab_size, special_ids, ordinary_ids
+    to_dict() -> JSON-able dict              saved in checkpoints; tokenizer_from_dict(d) rebuilds the tokenizer
+
+Text convention: lowercase words and punctuation separated by single spaces ("there is a red circle ."). encode also
+takes ordinary user text ("There is a red circle.") and normalises it the same way. encode never produces a special
+id, whatever the text says: "<mask>" typed by a user is an unknown word, not the mask token.
+"""
+from __future__ import annotations
+
+import re
+
+PAD, MASK, EOS, UNK, IMAGE = "<pad>", "<mask>", "<eos>", "<unk>", "<image>"
+SPECIALS = [PAD, MASK, EOS, UNK, IMAGE]  # fixed order: every tokenizer numbers its specials in this order
+PUNCTUATION = ",.!?;:"                   # split off the words they are glued to: "circle." -> "circle", "."
+_WORD_OR_MARK = re.compile(f"[{re.escape(PUNCTUATION)}]|[^\\s{re.escape(PUNCTUATION)}]+")
+
+
+def split_words(text: str) -> list[str]:
+    """Lowercase `text` and split it into words, punctuation marks being words of their own."""
+    return _WORD_OR_MARK.findall(text.lower())
+
+
+def _count_unknown(stats: dict | None, n: int) -> None:
+    if stats is not None:
+        stats["unknown"] = stats.get("unknown", 0) + n
+
+
+class Tokenizer:
+    """The shared part: named special ids. A subclass numbers SPECIALS from `first_special` upwards."""
+
+    def _set_specials(self, first_special: int, vocab_size: int, reserved: tuple[int, ...] = ()) -> None:
+        """`reserved`: more ids that encode never produces (they count as special: banned in generation,
+        never drawn as random replacements, skipped by decode)."""
+        self.pad_id, self.mask_id, self.eos_id, self.unk_id, self.image_id = range(
+            first_special, first_special + len(SPECIALS))
+        self.eot_id = self.eos_id  # end of text is also end of turn: one caption is one turn
+        self.vocab_size = vocab_size
+        self.special_ids = list(range(first_special, first_special + len(SPECIALS))) + list(reserved)
+        special = set(self.special_ids)
+        self.ordinary_ids = [i for i in range(vocab_size) if i not in special]
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+
+class WordTokenizer(Tokenizer):
+    """One word (or punctuation mark) = one token. SPECIALS take ids 0..4, then `words` in the given order."""
+
     def __init__(self, words):
-        self.words = list(SPECIALS) + [w for w in words if w not in SPECIALS]
-        self.index = {w: i for i, w in enumerate(self.words)}
-        self.pad_id, self.mask_id, self.eos_id, self.unk_id, self.image_id = range(5)
-        self.eot_id = self.eos_id
-        self.vocab_size = len(self.words)
-        self.special_ids = list(range(5))
-        self.ordinary_ids = list(range(5, self.vocab_size))
+        words = list(words)
+        for word in words:
+            if not isinstance(word, str) or split_words(word) != [word] or word in SPECIALS:
+                raise ValueError(f"word {word!r} cannot be a vocabulary entry: entries must be lowercase, contain no "
+                                 f"whitespace, be one punctuation mark or contain none of {PUNCTUATION!r}, "
+                                 f"and not be a special token {SPECIALS}")
+        if len(set(words)) != len(words):
+            raise ValueError(f"duplicate words in the vocabulary: {sorted({w for w in words if words.count(w) > 1})}")
+        self.words = SPECIALS + words  # id -> word
+        self.index = {w: i for i, w in enumerate(words, start=len(SPECIALS))}  # word -> id, specials excluded
+        self._set_specials(0, len(self.words))
+
     @classmethod
-    def for_shapes_world(cls):
+    def for_shapes_world(cls) -> WordTokenizer:
+        """The built-in world's vocabulary plus the prompt's words. Keep this order: checkpoints depend on it."""
         from data.shapes import VOCAB
         return cls(sorted(set(VOCAB) | {"describe", "image"}))
-    def encode(self, text, stats=None):
-        return [self.index.get(w, self.unk_id) for w in text.split()]
-    def decode(self, ids, skip_special=True):
-        return " ".join(self.words[int(i)] for i in ids if not (skip_special and int(i) < 5))
-    def to_dict(self):
-        return {"kind": "word", "words": self.words[5:]}
-def tokenizer_from_dict(d):
-    return WordTokenizer(d["words"])
+
+    def encode(self, text: str, stats: dict | None = None) -> list[int]:
+        ids = [self.index.get(word, self.unk_id) for word in split_words(text)]
+        _count_unknown(stats, ids.count(self.unk_id))
+        return ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        ids = self._check_ids(ids)
+        return " ".join(self.words[i] for i in ids if not (skip_special and i < len(SPECIALS)))
+
+    def to_dict(self) -> dict:
+        return {"kind": "word", "words": self.words[len(SPECIALS):]}
+
+
+class ClipBpeTokenizer(Tokenizer):
+    """open_clip's bundled CLIP BPE (49,408 ids, ships in the wheel, works offline); SPECIALS appended after it.
+
+    CLIP's own start/end-of-text markers are never produced by encode and count as special ids. The BPE forgets
+    where the spaces were, so decode writes every word and punctuation mark separated by one space:
+    decode(encode("A dog, running.")) == "a dog , running ." (the project's text convention)."""
+
+    def __init__(self):
+        from open_clip.tokenizer import SimpleTokenizer
+        self.bpe = SimpleTokenizer()
+        clip_markers = (self.bpe.sot_token_id, self.bpe.eot_token_id)
+        # Text that spells a marker ("<end_of_text>") would make open_clip emit the marker id: we split it apart.
+        self._marker_text = re.compile("|".join(re.escape(self.bpe.decoder[i]) for i in clip_markers), re.IGNORECASE)
+        self._set_specials(self.bpe.vocab_size, self.bpe.vocab_size + len(SPECIALS), reserved=clip_markers)
+
+    def encode(self, text: str, stats: dict | None = None) -> list[int]:
+        """BPE ids without open_clip's start/end tokens. Byte-level BPE knows every string: nothing is unknown."""
+        ids, start = [], 0
+        for marker in self._marker_text.finditer(text):
+            ids += self.bpe.encode(text[start:marker.start()])
+            ids += self.bpe.encode(marker.group()[0]) + self.bpe.encode(marker.group()[1:])  # "<" then the rest
+            start = marker.end()
+        ids += self.bpe.encode(text[start:])
+        _count_unknown(stats, 0)
+        return ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        ids, special = self._check_ids(ids), set(self.special_ids)
+        pieces, run = [], []  # runs of BPE ids decode together (a word may span several ids)
+        for i in ids:
+            if i < self.bpe.vocab_size and i not in special:
+                run.append(i)
+                continue
+            pieces.append(self.bpe.decode(run))
+            run = []
+            if not skip_special:
+                name = SPECIALS[i - self.pad_id] if i >= self.pad_id else self.bpe.decoder[i]
+                pieces.append(f" {name} ")
+        pieces.append(self.bpe.decode(run))
+        return " ".join("".join(pieces).split())
+
+    def to_dict(self) -> dict:
+        return {"kind": "clip_bpe"}
+
+
+def tokenizer_from_dict(d) -> Tokenizer:
+    """Rebuild a tokenizer from its to_dict() (e.g. from a checkpoint's metadata)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a tokenizer description must be a dict, got {type(d).__name__}")
+    kind = d.get("kind")
+    if kind == "word":
+        words = d.get("words")
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"tokenizer field 'words' must be a list of strings, got {words!r:.80}")
+        try:
+            return WordTokenizer(words)
+        except ValueError as e:
+            raise ValueError(f"tokenizer field 'words' is invalid: {e}") from None
+    if kind == "clip_bpe":
+        return ClipBpeTokenizer()
+    raise ValueError(f"tokenizer field 'kind' is {kind!r}; expected 'word' or 'clip_bpe'")

@@ -53,22 +53,23 @@ def test_grouped_kv_heads_and_llada_8b_shapes():
 
 
 def test_tiny_model_overfits_one_batch():
+    """Eq. 1 alone must let a small model memorise 4 random sequences (the answer given the first 4 tokens)."""
     model = tiny_vlm()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 20, (4, 12), generator=g)
     answer = torch.zeros_like(ids, dtype=torch.bool)
     answer[:, 4:] = True
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(150):
+    for step in range(600):
         noisy, masked, p = rediff.forward_mask(ids, answer, 1, generator=g)
         loss = rediff.masked_diffusion_loss(model(noisy), ids, masked, p, answer)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    masked = ids.clone()
-    masked[answer] = 1
-    accuracy = (model(masked).argmax(-1)[answer] == ids[answer]).float().mean()
-    assert accuracy > 0.9, f"a tiny model must memorise 4 sequences, got accuracy {accuracy:.2f}"
+    with torch.no_grad():
+        out = rediff.generate(model, ids[:, :4], gen_length=8, steps=8, mask_id=1)       # (4, 8)
+    accuracy = (out == ids[:, 4:]).float().mean()
+    assert accuracy >= 0.9, f"a tiny model must memorise 4 sequences, got accuracy {accuracy:.2f}"
 
 
 def test_checkpoint_round_trip_rebuilds_from_saved_config(tmp_path):

@@ -1,0 +1,260 @@
+"""data/loaders.py: real-data loaders: images from disk, LLaVA / ShareGPT4V conversation JSON, ViCrit-style pair JSONL.
+
+Every problem with the data raises DataError, whose message names the file, the record (index or line) and field,
+and the fix. The two dataset loaders return `(records, stats)`:
+
+    records   list of plain dicts, one per usable example (keys listed in each loader's docstring)
+    stats     {"skipped_missing": n, "skipped_bad": n}: examples left out because skip_missing / skip_bad was set
+
+Image files are checked for existence here; they are decoded later, by open_image, when a batch needs them.
+Image paths in the data are resolved under `image_root`; a path that leads outside it ("../", an absolute path
+elsewhere, a symlink pointing out) is always a DataError (never skipped) unless allow_outside_root=True.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_TAG = "<image>"               # LLaVA's placeholder for the image inside the human turn
+HUMAN_ROLES = ("human", "user")     # values of a turn's "from" field
+ASSISTANT_ROLES = ("gpt", "assistant")
+WHITE = (255, 255, 255)             # transparent pixels are shown on white
+UINT16_TO_UINT8 = 257               # 65535 / 255: maps the 16-bit range exactly onto the 8-bit one
+FLOAT_TO_UINT8 = 255                # float images are taken to be in [0, 1]
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the record and field (or line) and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. Pillow's own convert() clips 16-bit and float values instead of scaling them
+    (a 16-bit photo comes out almost all white), so those are rescaled here first."""
+    if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grey ("I" is how older Pillows open 16-bit PNGs)
+        grey = np.clip(np.asarray(im, dtype=np.float64), 0, UINT16_TO_UINT8 * 255) / UINT16_TO_UINT8
+        im = Image.fromarray(np.round(grey).astype(np.uint8))
+    elif im.mode == "F":
+        grey = np.clip(np.asarray(im, dtype=np.float64), 0, 1) * FLOAT_TO_UINT8
+        im = Image.fromarray(np.round(grey).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:  # P, L or RGB with a tRNS colour
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
+    return im.convert("RGB")  # also makes a copy detached from the file
+
+
+def open_image(path) -> Image.Image:
+    """Read an image file as 8-bit RGB: grayscale, palette, CMYK, 16-bit and float images are converted, and
+    transparent ones are composited on white. Missing, unreadable, non-image or truncated files raise DataError."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not an image file; give the path of an image")
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found; check the path (and the image root it is relative to)")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not later inside a batch
+            return _to_rgb(im)
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image Pillow can read; replace the file or remove it from the data") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: the image is damaged or truncated ({e}); re-download or re-encode it") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared checks
+
+
+def _decode_utf8(data: bytes, path: Path, line: int | None = None) -> str:
+    """bytes -> str, or a DataError giving the byte offset (in the file, or in the line) of the first bad byte."""
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")  # tolerate a byte-order mark at the start
+    except UnicodeDecodeError as e:
+        line_in_file = data.count(b"\n", 0, e.start) + 1
+        where = f"line {line}, byte {e.start} of the line" if line else f"byte offset {e.start} (line {line_in_file})"
+        raise DataError(f"{path}: {where}: byte 0x{data[e.start]:02x} is not valid UTF-8; the file must be UTF-8 "
+                        f"(convert it, e.g. `iconv -f latin1 -t utf-8 in > out`)") from None
+
+
+def _field(record, name: str, where: str, path: Path) -> str:
+    """record[name] as a non-empty string, or a DataError naming the record and field."""
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: {where}: expected a JSON object, got {type(record).__name__}; fix or remove it")
+    value = record.get(name)
+    if not isinstance(value, str) or not value.strip():
+        problem = "is missing" if name not in record else f"must be a non-empty string, got {value!r:.60}"
+        raise DataError(f"{path}: {where}: field '{name}' {problem}; fix or remove this record")
+    return value
+
+
+def _image_path(root: Path, relative: str, where: str, path: Path, allow_outside_root: bool) -> Path:
+    """root / relative, resolved (symlinks followed); a DataError if that leads outside root (unless allowed)."""
+    resolved = (root / relative).resolve()  # an absolute `relative` replaces root, which the check below catches
+    if not allow_outside_root and not resolved.is_relative_to(root.resolve()):
+        raise DataError(f"{path}: {where}: field 'image' {relative!r} resolves to {resolved}, outside the image root "
+                        f"{root.resolve()}; fix the path, or pass allow_outside_root=True if this is intended")
+    return resolved
+
+
+class _Skipper:
+    """Counts skipped examples, or raises when skipping that kind of problem was not asked for."""
+
+    def __init__(self, skip_missing: bool, skip_bad: bool):
+        self.skip = {"skipped_missing": skip_missing, "skipped_bad": skip_bad}
+        self.stats = {name: 0 for name in self.skip}
+
+    def __call__(self, kind: str, error: DataError) -> None:
+        if not self.skip[kind]:
+            raise error
+        self.stats[kind] += 1
+
+
+def _missing_image(image: Path, where: str, path: Path) -> DataError | None:
+    if image.is_file():
+        return None
+    return DataError(f"{path}: {where}: image file {image} not found; fix the path or image root, "
+                     f"or pass skip_missing=True to skip (and count) such examples")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLaVA / ShareGPT4V conversation JSON
+
+
+def _first_turns(record: dict, where: str, path: Path) -> tuple[str, str]:
+    """(first human turn, first assistant turn after it) of record["conversations"]."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        problem = "is missing" if "conversations" not in record else "must be a list of turns"
+        raise DataError(f"{path}: {where}: field 'conversations' {problem}; fix or remove this record")
+    prompt = None
+    for k, turn in enumerate(turns):
+        role = turn.get("from") if isinstance(turn, dict) else None
+        if prompt is None and role in HUMAN_ROLES:
+            prompt = _field(turn, "value", f"{where}, conversations[{k}]", path)
+        elif prompt is not None and role in ASSISTANT_ROLES:
+            return prompt, _field(turn, "value", f"{where}, conversations[{k}]", path)
+    raise DataError(f"{path}: {where}: field 'conversations' needs a turn from one of {HUMAN_ROLES} followed by one "
+                    f"from {ASSISTANT_ROLES}; fix or remove this record")
+
+
+def load_llava_json(json_path, image_root, skip_missing: bool = False, skip_bad: bool = False,
+                    allow_outside_root: bool = False) -> tuple[list[dict], dict]:
+    """Read a LLaVA / ShareGPT4V conversation file: a JSON list of
+    {"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]}.
+
+    Returns (records, stats). Each record is {"id", "image_path", "prompt", "caption"}: the first human turn without
+    its "<image>" tag, and the first assistant turn after it ("id" defaults to the record's index). A missing image
+    is a DataError, or with skip_missing=True skipped and counted; a malformed record likewise with skip_bad=True.
+    A file that is not UTF-8, not valid JSON or not a list is always a DataError."""
+    path, root = Path(json_path), Path(image_root)
+    text = _decode_utf8(path.read_bytes(), path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: the top level must be a JSON list of conversation records, "
+                        f"got {type(data).__name__}; wrap the records in [...]")
+    skip = _Skipper(skip_missing, skip_bad)
+    records = []
+    for index, record in enumerate(data):
+        where = f"record {index}"
+        try:
+            relative = _field(record, "image", where, path)
+            prompt, caption = _first_turns(record, where, path)
+        except DataError as e:
+            skip("skipped_bad", e)
+            continue
+        image = _image_path(root, relative, where, path, allow_outside_root)
+        missing = _missing_image(image, where, path)
+        if missing is not None:
+            skip("skipped_missing", missing)
+            continue
+        records.append({"id": str(record.get("id", index)), "image_path": str(image),
+                        "prompt": prompt.replace(IMAGE_TAG, "").strip(), "caption": caption.strip()})
+    return records, skip.stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ViCrit-style hallucination pairs (JSONL)
+
+
+def _differing_span(correct: list[str], wrong: list[str]) -> tuple[int, int] | None:
+    """(first, last + 1) of the word positions where the two equal-length word lists differ; None if identical."""
+    differ = [i for i, (a, b) in enumerate(zip(correct, wrong)) if a != b]
+    return (differ[0], differ[-1] + 1) if differ else None
+
+
+def _pair(record, where: str, path: Path) -> tuple[str, str, tuple[int, int]]:
+    """(caption, wrong, span) of one JSONL record, checked."""
+    caption = _field(record, "caption", where, path)
+    names = [name for name in ("hallucinated", "wrong") if name in record]
+    if len(names) != 1:
+        raise DataError(f"{path}: {where}: give the corrupted caption in exactly one of the fields 'hallucinated' "
+                        f"or 'wrong' (found {names or 'neither'}); fix or remove this record")
+    wrong = _field(record, names[0], where, path)
+    words, wrong_words = caption.split(), wrong.split()
+    if len(words) != len(wrong_words):
+        raise DataError(f"{path}: {where}: field '{names[0]}' has {len(wrong_words)} words but 'caption' has "
+                        f"{len(words)}; a pair must differ by substitution only, with equal word counts")
+    differ = _differing_span(words, wrong_words)
+    if differ is None:
+        raise DataError(f"{path}: {where}: field '{names[0]}' equals 'caption'; a pair needs one corrupted span")
+    if "span" not in record:
+        return caption, wrong, differ
+    span = record["span"]
+    valid = (isinstance(span, list) and len(span) == 2 and all(type(i) is int for i in span)
+             and 0 <= span[0] <= differ[0] and differ[1] <= span[1] <= len(words))
+    if not valid:
+        raise DataError(f"{path}: {where}: field 'span' {span!r:.60} must be [start, end] word indices covering the "
+                        f"differing words {list(differ)} within {len(words)} words; fix it or leave it out")
+    return caption, wrong, (span[0], span[1])
+
+
+def load_vicrit_jsonl(jsonl_path, image_root, skip_missing: bool = False, skip_bad: bool = False,
+                      allow_outside_root: bool = False) -> tuple[list[dict], dict]:
+    """Read ViCrit-style pairs: one JSON object per line, {"image", "caption" (correct), "hallucinated" or "wrong"
+    (a copy with one span of words replaced), optional "span": [start, end), optional "id"}.
+
+    Words are whitespace-separated; the two captions must have equal word counts. Returns (records, stats). Each
+    record is {"id", "image_path", "caption", "wrong", "span": (start, end)}: the span is given, or computed as the
+    words that differ ("id" defaults to "line N"). A bad line (not UTF-8, not JSON, blank, torn by an interrupted
+    write, failing the checks) is a DataError naming the line, or with skip_bad=True skipped and counted; a missing
+    image likewise with skip_missing=True."""
+    path, root = Path(jsonl_path), Path(image_root)
+    lines = path.read_bytes().split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the newline that ends the last line
+    skip = _Skipper(skip_missing, skip_bad)
+    records = []
+    for number, raw in enumerate(lines, start=1):
+        where = f"line {number}"
+        try:
+            text = _decode_utf8(raw, path, number)
+            if not text.strip():
+                raise DataError(f"{path}: {where} is blank; remove it (every line must hold one JSON object)")
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                torn = " (the last line: probably cut off by an interrupted write)" if number == len(lines) else ""
+                raise DataError(f"{path}: {where}{torn} is not valid JSON ({e.msg}, column {e.colno}); "
+                                f"fix or remove the line, or pass skip_bad=True to skip such lines") from None
+            relative = _field(record, "image", where, path)
+            caption, wrong, span = _pair(record, where, path)
+        except DataError as e:
+            skip("skipped_bad", e)
+            continue
+        image = _image_path(root, relative, where, path, allow_outside_root)
+        missing = _missing_image(image, where, path)
+        if missing is not None:
+            skip("skipped_missing", missing)
+            continue
+        records.append({"id": str(record.get("id", where)), "image_path": str(image),
+                        "caption": caption, "wrong": wrong, "span": span})
+    return records, skip.stats
