@@ -13,15 +13,19 @@ def option(default, help: str, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default and keeps the script docstring's own line breaks."""
+
+
 def parse_config(cls, argv=None, description: str = "", presets: dict | None = None):
     """Build `cls` from the command line. A preset (e.g. --tiny) sets many defaults at once; explicit flags win."""
     parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     for name, preset in (presets or {}).items():
         parser.add_argument(f"--{name}", action="store_true", help=preset["help"])
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help strings with %
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         elif f.metadata.get("nargs"):

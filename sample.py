@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
 import rediff
-from cli import option, parse_config, show_config
+from cli import option, parse_config
 from data.pipeline import image_to_tensor, prompt_ids
 
 
@@ -109,7 +110,7 @@ def trace_html(tokenizer, trace, row: int = 0) -> str:
 
 @dataclass
 class SampleConfig:
-    ckpt: str = option("out/stage1.safetensors", "checkpoint written by train_stage1.py / train_stage2.py")
+    ckpt: str = option("out/stage1.safetensors", "checkpoint written by train_stage1.py / train_stage2.py, or a Hugging Face LLaDA-V / ReDiff folder")
     image: str = option("", "caption this image file instead of a shapes-world scene")
     scene_seed: int = option(0, "render shapes-world test scene N (its ground truth is printed and scored)")
     tokens_per_step: int = option(8, "tokens committed per step; steps = ceil(gen_length / tokens_per_step)")
@@ -124,8 +125,31 @@ class SampleConfig:
     seed: int = option(0, "random seed (only matters with --temperature > 0)")
 
 
+def caption_real_weights(cfg: "SampleConfig") -> str:
+    """--ckpt is a Hugging Face LLaDA-V / ReDiff folder: load it with llada_v.py and caption --image."""
+    from llada_v import caption, load_llada_v
+    from model import pick_device
+    if not cfg.image:
+        raise SystemExit(f"{cfg.ckpt} is a LLaDA-V / ReDiff folder: give the photo to caption with --image PATH")
+    loaded = load_llada_v(cfg.ckpt, pick_device(cfg.device))
+    want_trace = bool(cfg.trace or cfg.trace_out)
+    out = caption(cfg.ckpt, cfg.image, cfg.tokens_per_step, cfg.refine, cfg.gen_length or 128,
+                  temperature=cfg.temperature, device=cfg.device, seed=cfg.seed, return_trace=want_trace, loaded=loaded)
+    if cfg.trace:
+        print("\n".join(trace_lines(loaded[1], out["trace"])))
+    if cfg.trace_out:
+        with open(cfg.trace_out, "w", encoding="utf-8") as f:
+            f.write(trace_html(loaded[1], out["trace"]))
+    print(f"caption      : {out['text']}")
+    print(f"sampler      : {'refining' if cfg.refine else 'frozen'}, {cfg.tokens_per_step} tokens/step, "
+          f"{out['forward_passes']} forward passes ({out['seconds']:.2f} s)")
+    return out["text"]
+
+
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv, description=__doc__)
+    if os.path.isdir(cfg.ckpt):
+        return caption_real_weights(cfg)
     from data import shapes
     from data.loaders import open_image
     from data.score import score_caption

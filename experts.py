@@ -1,0 +1,485 @@
+"""experts.py: the expert reviewers of Stage II (Section 3.3, Appendix 7 of arXiv 2510.19871).
+
+An expert reads a draft caption (with the image and the ground truth) and answers "right", or a list of
+{"org": wrong segment of the draft, "target": its correction} pairs. Three experts share one interface,
+`review(items) -> list of reviews`, where a review is RIGHT, a list of pairs, or None (no usable answer):
+
+    OracleExpert  the shapes world's expert (the default): it knows the scene graph; free, offline, exact
+    OpenAIExpert  any OpenAI-compatible chat endpoint (o4-mini in the paper); retried, cached on disk
+    AlignExpert   no LLM and no scene: equal-length blocks from aligning the draft with the ground truth
+
+Every pair then goes through `validate_pairs`, which applies the paper's rules on token ids: org and target have
+the same token count and org occurs exactly once in the draft. Rejections are counted by reason.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from typing import Any
+
+from tqdm import tqdm
+
+from data import shapes
+from data.score import normalise
+
+RIGHT = "right"  # the review of a draft with nothing to correct
+
+
+@dataclass
+class Item:
+    """One draft to review."""
+    draft: str                  # the model's caption
+    truth: str                  # the ground-truth caption (a reference only, as in the paper)
+    scene: dict | None = None   # the scene graph (OracleExpert)
+    image: Any = None           # a PIL image or encoded image bytes (OpenAIExpert)
+
+
+class ExpertError(RuntimeError):
+    """A problem no retry can fix (no API key, key refused, unknown model): the run stops with this message."""
+
+
+class Expert:
+    """The interface: review(items) -> one review per item. `counts` accumulates statistics over all calls."""
+    name = "expert"
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+
+    def review(self, items: list[Item]) -> list:
+        return [self.review_one(item) for item in items]
+
+    def review_one(self, item: Item):
+        raise NotImplementedError
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pair validation, shared by all experts (the rules of the paper's expert prompt, checked on token ids)
+
+
+def occurrences(sequence: list, segment: list) -> list[int]:
+    """Start positions of `segment` as a contiguous run inside `sequence`."""
+    n = len(segment)
+    return [i for i in range(len(sequence) - n + 1) if sequence[i:i + n] == segment] if n else []
+
+
+def validate_pairs(pairs, draft_ids, tokenizer, counts: Counter) -> list[tuple[int, list[int]]]:
+    """Keep a pair only if org and target have the same token count and org occurs exactly once in the draft.
+
+    draft_ids: the draft's answer ids (cut at the first end-of-text). Returns (start, target ids) per kept pair,
+    sorted by start. Counts pairs_proposed, pairs_kept and rejected_<reason> for: malformed (not a dict of two
+    strings), empty, length_mismatch, unchanged, unknown_word (the target has words outside the vocabulary),
+    absent, repeated (org occurs more than once), overlap (with an earlier kept pair)."""
+    draft_ids = [int(i) for i in draft_ids]
+    if tokenizer.eos_id in draft_ids:
+        draft_ids = draft_ids[:draft_ids.index(tokenizer.eos_id)]
+    kept, taken = [], set()
+    for pair in pairs:
+        counts["pairs_proposed"] += 1
+        reason, starts, target = None, [], []
+        if not (isinstance(pair, dict) and isinstance(pair.get("org"), str) and isinstance(pair.get("target"), str)):
+            reason = "malformed"
+        else:
+            org, target = tokenizer.encode(pair["org"]), tokenizer.encode(pair["target"])
+            starts = occurrences(draft_ids, org)
+            if not org:
+                reason = "empty"
+            elif len(org) != len(target):
+                reason = "length_mismatch"
+            elif org == target:
+                reason = "unchanged"
+            elif tokenizer.unk_id in target:
+                reason = "unknown_word"
+            elif not starts:
+                reason = "absent"
+            elif len(starts) > 1:
+                reason = "repeated"
+            elif taken & set(range(starts[0], starts[0] + len(org))):
+                reason = "overlap"
+        if reason:
+            counts["rejected_" + reason] += 1
+            continue
+        counts["pairs_kept"] += 1
+        taken |= set(range(starts[0], starts[0] + len(target)))
+        kept.append((starts[0], target))
+    return sorted(kept)
+
+
+def pairs_from_rewrite(words: list[str], fixed: list[str]) -> list[dict]:
+    """Turn an equal-length rewrite of a draft's words into {org, target} pairs: each run of changed words, grown
+    with neighbouring words until its org occurs exactly once in the draft (overlapping runs are merged)."""
+    assert len(words) == len(fixed), "an equal-length rewrite"
+    changed = [i for i, (a, b) in enumerate(zip(words, fixed)) if a != b]
+    runs = []
+    for i in changed:  # maximal runs of consecutive changed positions, [start, end)
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    spans = []
+    for start, end in runs:
+        grow_right = True
+        while len(occurrences(words, words[start:end])) > 1:  # terminates: the whole draft occurs once
+            if (grow_right and end < len(words)) or start == 0:
+                end += 1
+            else:
+                start -= 1
+            grow_right = not grow_right
+        if spans and start < spans[-1][1]:  # overlaps the previous span: merge (a superset stays unique)
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    return [{"org": " ".join(words[s:e]), "target": " ".join(fixed[s:e])} for s, e in spans]
+
+# ----------------------------------------------------------------------------------------------------------------
+# The oracle: the shapes world's expert
+
+
+def true_sentences(scene: dict) -> list[tuple[tuple, list[str]]]:
+    """Every true sentence the caption templates can say about `scene`, as (claim, words without ".")."""
+    objects = scene["objects"]
+    texts = [template.format(size=o["size"], colour=o["colour"], shape=o["shape"],
+                             pos=shapes.POSITIONS[o["row"] * shapes.GRID + o["col"]])
+             for o in objects for template in shapes.OBJECT_TEMPLATES]
+    if 1 <= len(objects) <= len(shapes.NUMBERS):
+        templates = shapes.SINGULAR_COUNT_TEMPLATES if len(objects) == 1 else shapes.PLURAL_COUNT_TEMPLATES
+        texts += [t.format(many=shapes.NUMBERS[len(objects) - 1]) for t in templates]
+    names = [(o["colour"], o["shape"]) for o in objects]
+    unique = [name for name in names if names.count(name) == 1]  # as in the captions: unambiguous names only
+    texts += [shapes.RELATION_TEMPLATE.format(colour_a=a[0], shape_a=a[1], rel=rel, colour_b=b[0], shape_b=b[1])
+              for a in unique for b in unique if a != b for rel in shapes.RELATIONS]
+    found = []
+    for text in texts:
+        parsed = shapes.parse_sentence(text.split())
+        if parsed is not None and shapes.claim_holds(parsed[0], scene):
+            found.append((parsed[0], text.split()))
+    return found
+
+
+class OracleExpert(Expert):
+    """Knows the scene; makes each sentence of the draft true and grammatical with minimal equal-length edits.
+
+    A sentence (the words between two ".") is right when it parses (data/shapes.py templates), its claim holds in
+    the scene, and no earlier sentence made the same claim. A wrong sentence of n words is replaced by the true
+    sentence of n words (or two true sentences joined by ".", for a lost "."; a last sentence without "." may gain
+    one) that, first, makes no claim already made elsewhere in the draft (when every rewrite does, a false sentence
+    still becomes a true one) and, second, changes the fewest words. Right sentences are never touched: the ground
+    truth's wording and order never leak in. A sentence with no true rewrite of its length is left alone and
+    counted (unrepairable_sentences); so is a repeated sentence whose only rewrites are repeats too."""
+    name = "oracle"
+
+    def review_one(self, item: Item):
+        if item.scene is None:
+            raise ValueError("the oracle expert needs each item's scene graph (Item.scene)")
+        words = normalise(item.draft)
+        spans = shapes.sentence_spans(words)
+        if not spans:
+            self.counts["empty_drafts"] += 1
+            return []
+        stated, wrong = set(), []  # claims of right sentences; (start, end, is_true_repeat) of wrong ones
+        for start, end in spans:
+            parsed = shapes.parse_sentence(words[start:end])
+            true = parsed is not None and shapes.claim_holds(parsed[0], item.scene)
+            if true and parsed[0] not in stated:
+                stated.add(parsed[0])
+            else:
+                wrong.append((start, end, true))
+        if not wrong:
+            return RIGHT
+        truths = true_sentences(item.scene)
+        fixed = list(words)
+        for start, end, is_repeat in wrong:
+            best = self.repair(words[start:end], truths, stated, unterminated=end == len(words))
+            if best is None or (is_repeat and best[0] & stated):
+                self.counts["unrepairable_sentences"] += 1
+                continue
+            claims, new_words = best
+            fixed[start:end] = new_words
+            stated |= claims
+        return pairs_from_rewrite(words, fixed)
+
+    @staticmethod
+    def repair(sentence: list[str], truths, stated: set, unterminated: bool = False):
+        """(claims, words) of the best same-length true rewrite of `sentence`, or None if there is none.
+        unterminated: the sentence ends the draft without a ".", so a rewrite may end with one."""
+        by_length: dict[int, list] = {}
+        for claim, words in truths:
+            by_length.setdefault(len(words), []).append((claim, words))
+        candidates = []
+        for n, end in [(len(sentence), [])] + ([(len(sentence) - 1, ["."])] if unterminated else []):
+            candidates += [({claim}, words + end) for claim, words in by_length.get(n, [])]
+            for length, firsts in by_length.items():  # two sentences joined by "." (the draft lost a ".")
+                candidates += [({c1, c2}, w1 + ["."] + w2 + end) for c1, w1 in firsts
+                               for c2, w2 in by_length.get(n - 1 - length, []) if c1 != c2]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda c: (bool(c[0] & stated), sum(a != b for a, b in zip(sentence, c[1]))))
+
+# ----------------------------------------------------------------------------------------------------------------
+# Alignment with the ground truth: for data without an LLM (and without a scene graph)
+
+
+class AlignExpert(Expert):
+    """Equal-length replacement blocks from a word alignment (difflib) of the draft with the ground truth.
+
+    Weakness: it treats the ground truth as the only right caption. A true sentence that the draft says in other
+    words, or in another order, is "corrected" towards the ground truth's wording, so the model is taught the
+    ground truth's style rather than its own mistakes. Unequal blocks (insertions, deletions, replacements of
+    another length) are skipped and counted (unequal_blocks)."""
+    name = "align"
+
+    def review_one(self, item: Item):
+        draft, truth = normalise(item.draft), normalise(item.truth)
+        if draft == truth:
+            return RIGHT
+        fixed = list(draft)
+        for op, i1, i2, j1, j2 in SequenceMatcher(None, draft, truth, autojunk=False).get_opcodes():
+            if op == "replace" and i2 - i1 == j2 - j1:
+                fixed[i1:i2] = truth[j1:j2]
+            elif op != "equal":
+                self.counts["unequal_blocks"] += 1
+        return pairs_from_rewrite(draft, fixed)
+
+# ----------------------------------------------------------------------------------------------------------------
+# An OpenAI-compatible chat endpoint (o4-mini in the paper)
+
+PROMPT_RULES = """You review a draft image caption written by another model. You get the image, a ground-truth \
+caption and the draft.
+
+Find the errors in the draft:
+- hallucinations: objects, attributes, counts, positions or relations that contradict the image;
+- syntactic chaos: repeated words, incoherent or ungrammatical phrases.
+
+Rules:
+1. Judge the draft against the image. The ground truth is only a reference: describing things in another order \
+or in other words is not an error.
+2. Each correction replaces one segment of the draft ("org") with a corrected segment ("target") that has EXACTLY \
+the same number of words and punctuation marks.
+3. Keep every edit minimal and local: change only what is wrong. Never rephrase, reorder or shorten correct text, \
+and do not copy the ground truth's wording.
+4. Copy each "org" verbatim from the draft. It must occur exactly once in the draft: include neighbouring words \
+if needed to make it unique.
+
+If the draft has no errors, answer with the single word: right
+Otherwise answer with only a JSON list, for example:
+[{"org": "a red circle", "target": "a blue circle"}]"""
+
+RETRY_STATUS = {408, 409, 429}  # and every 5xx
+
+
+def parse_review(text: str):
+    """An expert's answer -> RIGHT, a list of pairs, or None (malformed). Code fences and text around the JSON
+    list are tolerated; an empty list means right."""
+    text = (text or "").strip()
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
+    if fenced:
+        text = fenced.group(1).strip()
+    if text.strip("\"'`.!* \n").lower() == RIGHT:
+        return RIGHT
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        start, end = text.find("["), text.rfind("]")
+        try:
+            answer = json.loads(text[start:end + 1]) if 0 <= start < end else None
+        except ValueError:
+            return None
+    if isinstance(answer, dict):  # {"org": ..., "target": ...} alone, or {"edits": [...]}
+        lists = [v for v in answer.values() if isinstance(v, list)]
+        answer = [answer] if "org" in answer else lists[0] if len(lists) == 1 else None
+    if isinstance(answer, str) and answer.strip().lower() == RIGHT:
+        return RIGHT
+    if not isinstance(answer, list):
+        return None
+    return answer or RIGHT
+
+
+def image_payload(image, min_side: int) -> tuple[bytes, str, str]:
+    """(digest source, mime type, base64 data) of an image: PIL images are upscaled (nearest neighbour) until the
+    short side is >= min_side and sent as PNG; encoded bytes are sent as they are."""
+    if isinstance(image, (bytes, bytearray)):
+        mime = "image/jpeg" if image[:3] == b"\xff\xd8\xff" else "image/png"
+        return bytes(image), mime, base64.b64encode(image).decode()
+    from PIL import Image
+    image = image.convert("RGB")
+    factor = max(1, -(-min_side // min(image.size)))
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    pixels = f"{image.mode} {image.size}".encode() + image.tobytes()  # independent of the PNG encoder's version
+    return pixels, "image/png", base64.b64encode(buffer.getvalue()).decode()
+
+
+class AnswerCache:
+    """Append-only JSONL of expert answers, one {"key", "model", "draft", "answer"} object per line, keyed by the
+    sha256 of the request. Every answer is flushed and fsynced when it arrives, so a crash loses at most the line
+    being written; a torn or unreadable line is skipped on load (counted in `bad_lines`). No secret is written."""
+
+    def __init__(self, path: str | None):
+        self.path, self.answers, self.bad_lines = path, {}, 0
+        if path and os.path.exists(path):
+            with open(path, "rb") as f:
+                for line in f.read().split(b"\n"):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line.decode("utf-8"))
+                        self.answers[record["key"]] = record["answer"]
+                    except (ValueError, KeyError, TypeError):
+                        self.bad_lines += 1
+
+    def get(self, key: str):
+        return self.answers.get(key)
+
+    def put(self, key: str, answer: str, **fields) -> None:
+        self.answers[key] = answer
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        line = json.dumps({"key": key, **fields, "answer": answer}) + "\n"
+        with open(self.path, "ab+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a torn last line: start a fresh one so ours stays readable
+                    line = "\n" + line
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class OpenAIExpert(Expert):
+    """Any OpenAI-compatible chat endpoint through the `openai` package (o4-mini in the paper).
+
+    The key comes from OPENAI_API_KEY only, and only when a request must be made; it is never printed or saved.
+    Each request sends the prompt's rules, the ground truth, the draft and the image (a base64 PNG data URL).
+    Connection errors, timeouts, 408/409/429 and 5xx are retried with exponential backoff (honouring
+    Retry-After), then skipped and counted (failed); other 4xx are skipped and counted (http_<code>), except
+    401/403/404, which stop the run. Malformed answers are counted and skipped. At most `max_in_flight` requests
+    run at once. Answers are cached by sha256(model, prompt, image, draft, ground truth): a rerun pays nothing."""
+    name = "openai"
+
+    def __init__(self, model: str = "o4-mini", base_url: str | None = None, cache_path: str | None = None,
+                 max_in_flight: int = 8, max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0,
+                 timeout: float = 120.0, min_image_side: int = 384):
+        super().__init__()
+        self.model, self.base_url, self.max_in_flight = model, base_url, max(1, max_in_flight)
+        self.max_retries, self.backoff, self.max_backoff, self.timeout = max_retries, backoff, max_backoff, timeout
+        self.min_image_side = min_image_side
+        self.cache = AnswerCache(cache_path)
+        self._client = None
+        self._lock = threading.Lock()
+
+    def _count(self, name: str) -> None:
+        with self._lock:  # counts are updated from the worker threads
+            self.counts[name] += 1
+
+    def client(self):
+        if self._client is None:
+            key = os.environ.get("OPENAI_API_KEY")
+            if not key:
+                raise ExpertError("the openai expert needs OPENAI_API_KEY in the environment (for a local server "
+                                  "any value works, e.g. OPENAI_API_KEY=local)")
+            import openai
+            self._client = openai.OpenAI(api_key=key, base_url=self.base_url or None, max_retries=0,
+                                         timeout=self.timeout)
+        return self._client
+
+    def request(self, item: Item) -> tuple[str, list]:
+        """(cache key, chat messages) of one item."""
+        prompt = f"{PROMPT_RULES}\n\nGround truth: {item.truth}\nDraft: {item.draft}"
+        content = [{"type": "text", "text": prompt}]
+        digest = ""
+        if item.image is not None:
+            pixels, mime, data = image_payload(item.image, self.min_image_side)
+            digest = hashlib.sha256(pixels).hexdigest()
+            content.append({"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}})
+        key = hashlib.sha256(json.dumps([self.model, prompt, digest, item.draft, item.truth]).encode()).hexdigest()
+        return key, [{"role": "user", "content": content}]
+
+    def ask(self, messages) -> str | None:
+        """One answer's text, or None once the retries are spent (or on a non-retryable 4xx)."""
+        import openai
+        client = self.client()
+        for attempt in range(self.max_retries + 1):
+            self._count("requests")
+            wait = 0.0
+            try:
+                response = client.chat.completions.create(model=self.model, messages=messages)
+                return (response.choices[0].message.content or "") if response.choices else ""
+            except openai.APIStatusError as err:
+                status = err.status_code
+                if status in (401, 403):
+                    raise ExpertError(f"the expert endpoint refused the key (HTTP {status}): check OPENAI_API_KEY") from None
+                if status == 404:
+                    raise ExpertError(f"the expert endpoint knows no model {self.model!r} or no chat API (HTTP 404): "
+                                      f"check --expert-model and --expert-base-url") from None
+                if status not in RETRY_STATUS and status < 500:
+                    self._count(f"http_{status}")
+                    return None
+                try:
+                    wait = float(err.response.headers.get("retry-after", 0))
+                except (TypeError, ValueError):
+                    wait = 0.0
+            except openai.APIConnectionError:  # includes timeouts
+                pass
+            except openai.APIError:  # a response the SDK cannot read
+                self._count("bad_responses")
+                return None
+            if attempt == self.max_retries:
+                break
+            self._count("retries")
+            delay = min(self.max_backoff, max(wait, self.backoff * 2 ** attempt))
+            time.sleep(delay * (1 + 0.25 * random.random()))  # jitter: parallel workers do not retry in lockstep
+        self._count("failed")
+        return None
+
+    def review(self, items: list[Item]) -> list:
+        keys, todo = [], {}
+        for item in items:
+            key, messages = self.request(item)
+            keys.append(key)
+            if self.cache.get(key) is not None:
+                self.counts["cache_hits"] += 1
+            elif key not in todo:
+                todo[key] = (messages, item.draft)
+        if todo:
+            pool = ThreadPoolExecutor(self.max_in_flight)
+            futures = {pool.submit(self.ask, messages): (key, draft) for key, (messages, draft) in todo.items()}
+            try:
+                for future in tqdm(as_completed(futures), total=len(futures), desc="expert", dynamic_ncols=True):
+                    key, draft = futures[future]
+                    text = future.result()
+                    if text is not None:
+                        self.cache.put(key, text, model=self.model, draft=draft)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        reviews = []
+        for key in keys:
+            text = self.cache.get(key)
+            review = None if text is None else parse_review(text)
+            if text is not None and review is None:
+                self.counts["malformed"] += 1
+            reviews.append(review)
+        return reviews
+
+
+def make_expert(kind: str, model: str = "o4-mini", base_url: str | None = None, cache_path: str | None = None,
+                max_in_flight: int = 8) -> Expert:
+    if kind == "oracle":
+        return OracleExpert()
+    if kind == "align":
+        return AlignExpert()
+    if kind == "openai":
+        return OpenAIExpert(model, base_url, cache_path, max_in_flight)
+    raise ValueError(f"unknown expert {kind!r}: choose oracle, openai or align")

@@ -1,0 +1,574 @@
+"""llada_v.py: the real LLaDA-V / ReDiff weights: load a Hugging Face checkpoint folder into this repo's model classes
+and caption a photo with the frozen or the refining sampler.
+
+A checkpoint folder holds `config.json`, `tokenizer.json` and safetensors shards listed in
+`model.safetensors.index.json` (about 17 GB in bf16). The pieces, with the facts they follow
+(../shared/paper/reference_facts.md):
+    vision tower   SigLIP so400m / patch 14 / 384 px, 27 layers of which the last is dropped; features are the output of
+                   layer 26 before the post-layernorm (LLaVA's mm_vision_select_layer = -2). Built with timm's
+                   `vit_so400m_patch14_siglip_384` layout (the trunk behind open_clip's "ViT-SO400M-14-SigLIP-384").
+    projector      "mlp2x_gelu": Linear(1152 -> 4096), GELU, Linear(4096 -> 4096)
+    anyres_max_4   a 384 px base view plus up to 6 x 6 crops, unpadded to the image's aspect ratio, downsampled to about
+                   4 crops' worth of tokens, and a learned `image_newline` at the end of every feature row
+    language model model.py's `LLaDA` (LLaMA-style names of LLaDA-V, or the original LLaDA names), bidirectional
+The loader builds the model on the meta device and reads the shards one tensor at a time straight into place
+(peak host memory about one copy of the weights; on CUDA the tensors go straight to the GPU).
+
+Shape legend: L sequence length, D language-model width, Dv vision width, V vocabulary, g feature grid side (27),
+n crops, N image tokens, H x W feature rows x columns after unpadding.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import LLaDA, LMConfig, pick_device
+
+# ----------------------------------------------------------------------------------------------------------------
+# Special ids of the LLaDA tokenizer (reference_facts.md); the tokenizer wrapper checks them against tokenizer.json.
+
+BOS_ID = 126080           # <|startoftext|>
+EOS_ID = 126081           # <|endoftext|>: end of text, also the padding after an answer
+MASK_ID = 126336          # <|mdm_mask|>: the diffusion mask
+START_HEADER_ID = 126346  # <|start_header_id|>
+END_HEADER_ID = 126347    # <|end_header_id|>
+EOT_ID = 126348           # <|eot_id|>: end of turn, where a caption stops
+SPECIAL_TOKENS = {"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID, "<|mdm_mask|>": MASK_ID,
+                  "<|start_header_id|>": START_HEADER_ID, "<|end_header_id|>": END_HEADER_ID, "<|eot_id|>": EOT_ID}
+IMAGE_TOKEN_INDEX = -200  # LLaVA's image placeholder in prompt ids: never a vocabulary id, so never sampled
+
+# The LLaDA-V chat template ("llava_llada" conversation, LLaMA-3 layout) and the captioning question of the paper.
+SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual content that "
+                 "the user provides, and assist the user with a variety of tasks using natural language.")
+CAPTION_QUESTION = "Please describe the image in detail."
+
+
+def chat_prompt(question: str = CAPTION_QUESTION, system: str = SYSTEM_PROMPT) -> str:
+    """One user turn with the image, then the assistant header; the answer is generated after it."""
+    return ("<|startoftext|><|start_header_id|>system<|end_header_id|>\n\n" + system + "<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\n<image>\n" + question + "<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+class LLaDATokenizer:
+    """tokenizer.json through the `tokenizers` package, with the interface of data/tokenizer.py (mask_id, eos_id,
+    special_ids, encode, decode) so sample.py's helpers work on it. No BOS is added: the template writes it."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+        self.tok = Tokenizer.from_file(path)
+        for text, expected in SPECIAL_TOKENS.items():
+            found = self.tok.token_to_id(text)
+            if found != expected:
+                raise ValueError(f"{path}: {text} has id {found}, expected {expected}: not a LLaDA tokenizer")
+        self.mask_id, self.eos_id, self.eot_id = MASK_ID, EOT_ID, EOT_ID  # a caption ends at the end of turn
+        added = self.tok.get_added_tokens_decoder()                      # {id: AddedToken}
+        self.special_ids = sorted(i for i, t in added.items() if t.special)
+        self.stop_ids = (EOT_ID, EOS_ID)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+
+def prompt_ids(tokenizer: LLaDATokenizer, n_image_tokens: int, question: str = CAPTION_QUESTION) -> list[int]:
+    """The chat prompt as ids, its `<image>` replaced by n_image_tokens placeholders (IMAGE_TOKEN_INDEX)."""
+    before, after = chat_prompt(question).split("<image>")
+    return tokenizer.encode(before) + [IMAGE_TOKEN_INDEX] * n_image_tokens + tokenizer.encode(after)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs: read from a checkpoint's config.json
+
+
+@dataclass
+class SiglipConfig:
+    """SigLIP so400m/14 at 384 px. LLaVA never reads these from config.json (it hard-codes them), so they are
+    the defaults; a config.json may override them with a "vision_config" dict in Hugging Face SigLIP names
+    (the tests do)."""
+    image_size: int = 384
+    patch_size: int = 14
+    width: int = 1152         # Dv
+    layers: int = 27          # in the released SigLIP; LLaDA-V runs the first layers + 1 + select_layer of them
+    heads: int = 16
+    mlp_hidden: int = 4304
+    norm_eps: float = 1e-6
+    select_layer: int = -2    # mm_vision_select_layer: hidden_states[-2] = the output of the second-to-last layer
+    mean: tuple = (0.5, 0.5, 0.5)
+    std: tuple = (0.5, 0.5, 0.5)
+
+    @property
+    def grid(self) -> int:    # g: 384 / 14 = 27 patches a side, 729 tokens a crop
+        return self.image_size // self.patch_size
+
+    @property
+    def used_layers(self) -> int:  # 27 + 1 - 2 = 26
+        return self.layers + 1 + self.select_layer
+
+
+@dataclass
+class LLaDAVConfig:
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: SiglipConfig | None = field(default_factory=SiglipConfig)  # None: a text-only LLaDA checkpoint
+    image_aspect_ratio: str = "anyres_max_4"
+    grid_pinpoints: list = field(default_factory=lambda: [(384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7)])
+
+    @property
+    def max_crops(self) -> int | None:
+        """anyres_max_4 -> 4: features are downsampled to about 4 crops' worth; plain "anyres" never downsamples."""
+        match = re.fullmatch(r"anyres_max_(\d+)", self.image_aspect_ratio)
+        return int(match.group(1)) if match else None
+
+
+_VISION_FIELDS = {"hidden_size": "width", "intermediate_size": "mlp_hidden", "num_hidden_layers": "layers",
+                  "num_attention_heads": "heads", "image_size": "image_size", "patch_size": "patch_size",
+                  "layer_norm_eps": "norm_eps"}
+
+
+def config_from_hf(d: dict) -> LLaDAVConfig:
+    """A config.json dict -> LLaDAVConfig. LLaDA-V uses LLaMA field names (hidden_size, num_hidden_layers, ...); the
+    original LLaDA checkpoints use OLMo names (d_model, n_layers, mlp_hidden_size, embedding_size, ...)."""
+    if "d_model" in d:  # original LLaDA
+        unsupported = {k: d[k] for k in ("weight_tying", "include_bias") if d.get(k)}
+        lm = LMConfig(vocab_size=d.get("embedding_size") or d["vocab_size"], d_model=d["d_model"],
+                      n_layers=d["n_layers"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
+                      mlp_hidden=d["mlp_hidden_size"], rope_theta=d.get("rope_theta", 10000.0),
+                      norm_eps=d.get("rms_norm_eps", 1e-5))
+    else:               # LLaDA-V / ReDiff
+        flags = ("tie_word_embeddings", "attention_bias", "mlp_bias", "rope_scaling")
+        unsupported = {k: d[k] for k in flags if d.get(k)}
+        lm = LMConfig(vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
+                      n_heads=d["num_attention_heads"],
+                      n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                      mlp_hidden=d["intermediate_size"], rope_theta=d.get("rope_theta", 10000.0),
+                      norm_eps=d.get("rms_norm_eps", 1e-5))
+    if unsupported:
+        raise ValueError(f"config.json: {unsupported} not supported by model.py's LLaDA (untied, no bias, plain RoPE)")
+    if "mm_vision_tower" not in d:
+        return LLaDAVConfig(lm=lm, vision=None)
+
+    vision = SiglipConfig(select_layer=d.get("mm_vision_select_layer", -2))
+    for hf_name, ours in _VISION_FIELDS.items():
+        if hf_name in (d.get("vision_config") or {}):
+            setattr(vision, ours, d["vision_config"][hf_name])
+    problems = []
+    if "siglip" not in d["mm_vision_tower"].lower():
+        problems.append(f"mm_vision_tower {d['mm_vision_tower']!r} is not a SigLIP tower")
+    if d.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        problems.append(f"mm_projector_type {d['mm_projector_type']!r} (only mlp2x_gelu)")
+    if d.get("mm_hidden_size", vision.width) != vision.width:
+        problems.append(f"mm_hidden_size {d['mm_hidden_size']} != vision width {vision.width}")
+    if d.get("mm_vision_select_feature", "patch") != "patch":
+        problems.append(f"mm_vision_select_feature {d['mm_vision_select_feature']!r} (only patch)")
+    if "unpad" not in d.get("mm_patch_merge_type", "spatial_unpad"):
+        problems.append(f"mm_patch_merge_type {d['mm_patch_merge_type']!r} (only spatial_unpad)")
+    aspect = d.get("image_aspect_ratio") or "anyres_max_4"
+    if not (aspect in ("anyres", "pad") or re.fullmatch(r"anyres_max_\d+", aspect)):
+        problems.append(f"image_aspect_ratio {aspect!r} (only anyres, anyres_max_N and pad)")
+    if problems:
+        raise ValueError("config.json describes a model this loader does not build: " + "; ".join(problems))
+    pinpoints = d.get("image_grid_pinpoints") or "(1x1),...,(6x6)"
+    return LLaDAVConfig(lm=lm, vision=vision, image_aspect_ratio=aspect,
+                        grid_pinpoints=parse_grid_pinpoints(pinpoints, vision.image_size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# anyres: pure functions of the image size (LLaVA-NeXT / LLaVA-OneVision, as LLaDA-V uses them)
+
+
+def parse_grid_pinpoints(pinpoints, crop_size: int) -> list[tuple[int, int]]:
+    """The candidate canvas sizes (width, height). "(1x1),...,(6x6)" means every i x j crops for i, j in 1..6, in that
+    order (the order breaks ties); a list (or its string form) gives the sizes in pixels."""
+    if isinstance(pinpoints, str) and "x" in pinpoints:
+        ranges = re.findall(r"\((\d+)x(\d+)\)", pinpoints)                  # first and last "(AxB)"
+        (i0, j0), (i1, j1) = map(int, ranges[0]), map(int, ranges[-1])
+        return [(i * crop_size, j * crop_size) for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]
+    if isinstance(pinpoints, str):
+        pinpoints = ast.literal_eval(pinpoints)
+    return [(int(w), int(h)) for w, h in pinpoints]
+
+
+def select_best_resolution(image_size: tuple[int, int], candidates) -> tuple[int, int]:
+    """The canvas (width, height) that keeps the most of the image's pixels after an aspect-preserving fit (never
+    counting more than the image has), then the one that wastes the fewest pixels; the first wins a full tie."""
+    width, height = image_size
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for cw, ch in candidates:
+        scale = min(cw / width, ch / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = cw * ch - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (cw, ch), effective, wasted
+    return best
+
+
+def unpad_window(rows: int, cols: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The (top, bottom, left, right) window of a rows x cols feature grid of the padded canvas that holds the image.
+    The canvas was padded on two sides only, so the window is centred on one axis and full on the other."""
+    width, height = image_size
+    if width / height > cols / rows:              # wider than the canvas: black bars above and below
+        new_rows = int(height * (cols / width))
+        pad = (rows - new_rows) // 2
+        return pad, rows - pad, 0, cols
+    new_cols = int(width * (rows / height))       # taller: black bars left and right
+    pad = (cols - new_cols) // 2
+    return 0, rows, pad, cols - pad
+
+
+@dataclass
+class AnyresLayout:
+    cols: int                       # crops across
+    rows: int                       # crops down
+    window: tuple                   # (top, bottom, left, right) of the (rows g) x (cols g) feature grid
+    size: tuple                     # (H, W) feature rows x columns after unpadding and downsampling
+    tokens: int                     # g^2 (base view) + H (W + 1) (a newline per row)
+
+
+def anyres_layout(image_size: tuple[int, int], pinpoints, crop_size: int = 384, grid: int = 27,
+                  max_crops: int | None = 4) -> AnyresLayout:
+    """Everything about an image's tokens that depends only on its size: the crop grid, the unpad window, the
+    downsampled size and the token count. Downsampling: when the unpadded grid holds more than (1.1^2) x max_crops
+    crops' worth of features it is resized by 1/times in each direction, times = sqrt(H W / (max_crops g^2))."""
+    canvas_w, canvas_h = select_best_resolution(image_size, pinpoints)
+    cols, rows = canvas_w // crop_size, canvas_h // crop_size
+    window = unpad_window(rows * grid, cols * grid, image_size)
+    h, w = window[1] - window[0], window[3] - window[2]
+    if max_crops is not None:
+        times = math.sqrt(h * w / (max_crops * grid ** 2))
+        if times > 1.1:
+            h, w = int(h // times), int(w // times)
+    return AnyresLayout(cols, rows, window, (h, w), grid ** 2 + h * (w + 1))
+
+
+def resize_and_pad(image, size: tuple[int, int]):
+    """Fit a PIL image inside `size` (width, height) keeping its aspect ratio, centred on black."""
+    from PIL import Image
+    (width, height), (tw, th) = image.size, size
+    scale_w, scale_h = tw / width, th / height                   # (same float expressions as LLaVA: same rounding)
+    if scale_w < scale_h:
+        nw, nh = tw, min(math.ceil(height * scale_w), th)
+    else:
+        nw, nh = min(math.ceil(width * scale_h), tw), th
+    canvas = Image.new("RGB", (tw, th), (0, 0, 0))
+    canvas.paste(image.resize((nw, nh), Image.BICUBIC), ((tw - nw) // 2, (th - nh) // 2))
+    return canvas
+
+
+def anyres_crops(image, pinpoints, crop_size: int = 384) -> list:
+    """PIL image -> [base view squashed to crop_size^2] + the canvas crops in raster order (row by row)."""
+    from PIL import Image
+    canvas_w, canvas_h = select_best_resolution(image.size, pinpoints)
+    canvas = resize_and_pad(image, (canvas_w, canvas_h))
+    tiles = [canvas.crop((x, y, x + crop_size, y + crop_size))
+             for y in range(0, canvas_h, crop_size) for x in range(0, canvas_w, crop_size)]
+    return [image.resize((crop_size, crop_size), Image.BICUBIC)] + tiles
+
+
+def pad_to_square(image, mean=(0.5, 0.5, 0.5)):
+    """image_aspect_ratio "pad": centre the image on a square of the mean colour."""
+    from PIL import Image
+    side = max(image.size)
+    canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+    canvas.paste(image, ((side - image.size[0]) // 2, (side - image.size[1]) // 2))
+    return canvas
+
+
+def merge_anyres_features(feats: torch.Tensor, layout: AnyresLayout, newline: torch.Tensor) -> torch.Tensor:
+    """Projected crop features (1 + rows cols, g^2, D) -> the image's token sequence (N, D): the base view's g^2 tokens,
+    then the crops stitched into one grid, unpadded, downsampled (bilinear) and given a newline token per row."""
+    base, tiles = feats[0], feats[1:]                                          # (g^2, D), (rows cols, g^2, D)
+    D, g = feats.shape[-1], math.isqrt(feats.shape[1])
+    x = tiles.view(layout.rows, layout.cols, g, g, D)                          # (rows, cols, g, g, D)
+    x = x.permute(4, 0, 2, 1, 3).reshape(D, layout.rows * g, layout.cols * g)  # (D, rows g, cols g): one big grid
+    top, bottom, left, right = layout.window
+    x = x[:, top:bottom, left:right]                                           # (D, h, w) unpadded
+    if tuple(x.shape[1:]) != layout.size:
+        x = F.interpolate(x[None], size=list(layout.size), mode="bilinear")[0]  # (D, H, W)
+    rows_newline = newline.to(x.dtype)[:, None, None].expand(D, x.shape[1], 1)
+    x = torch.cat([x, rows_newline], dim=2)                                    # (D, H, W + 1)
+    return torch.cat([base, x.flatten(1).T])                                   # (g^2 + H (W + 1), D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class SiglipTower(nn.Module):
+    """SigLIP patch features (B, 3, S, S) -> (B, g^2, Dv), built as a timm VisionTransformer (timm's
+    vit_so400m_patch14_siglip_384 layout, which open_clip wraps), cut to the layers LLaDA-V uses, without the
+    final LayerNorm and the attention-pooling head (LLaVA's SigLIP tower drops both)."""
+
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+        self.trunk = VisionTransformer(
+            img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.used_layers,
+            num_heads=cfg.heads, mlp_ratio=(cfg.mlp_hidden + 0.5) / cfg.width,  # +0.5: int(width * ratio) == mlp_hidden
+            class_token=False, global_pool="", num_classes=0,
+            act_layer="gelu_tanh",  # SigLIP's GELU is the tanh approximation (Hugging Face: gelu_pytorch_tanh)
+            norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps))
+        self.trunk.norm = nn.Identity()  # features are taken before SigLIP's post-layernorm
+        assert self.trunk.blocks[0].mlp.fc1.out_features == cfg.mlp_hidden
+
+    def forward(self, images):
+        return self.trunk.forward_features(images)                             # (B, g^2, Dv)
+
+
+class LLaDAV(nn.Module):
+    """Vision tower + mlp2x_gelu projector + image_newline + model.py's LLaDA (a text-only config: the LLaDA only)."""
+
+    def __init__(self, cfg: LLaDAVConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.vision is not None:
+            self.vision_tower = SiglipTower(cfg.vision)
+            self.mm_projector = nn.Sequential(nn.Linear(cfg.vision.width, cfg.lm.d_model), nn.GELU(),
+                                              nn.Linear(cfg.lm.d_model, cfg.lm.d_model))
+            self.image_newline = nn.Parameter(torch.zeros(cfg.lm.d_model))
+        self.lm = LLaDA(cfg.lm)
+
+    def image_crops(self, image) -> list:
+        """PIL image -> the views the tower sees: anyres crops, or one padded square for image_aspect_ratio "pad"."""
+        from PIL import Image
+        crop = self.cfg.vision.image_size
+        if self.cfg.image_aspect_ratio == "pad":
+            return [pad_to_square(image, self.cfg.vision.mean).resize((crop, crop), Image.BICUBIC)]
+        return anyres_crops(image, self.cfg.grid_pinpoints, crop)
+
+    @torch.no_grad()
+    def encode_image(self, image) -> torch.Tensor:
+        """PIL image -> its token embeddings (1, N, D), computed once per caption."""
+        from data.pipeline import image_to_tensor
+        v = self.cfg.vision
+        param = next(self.mm_projector.parameters())
+        crops = image_to_tensor(self.image_crops(image), v.mean, v.std).to(param.device, param.dtype)  # (n, 3, S, S)
+        feats = self.mm_projector(self.vision_tower(crops))                    # (n, g^2, D)
+        if self.cfg.image_aspect_ratio == "pad":                               # one view: its tokens, then one newline
+            return torch.cat([feats[0], self.image_newline[None].to(feats.dtype)])[None]
+        layout = anyres_layout(image.size, self.cfg.grid_pinpoints, v.image_size, v.grid, self.cfg.max_crops)
+        return merge_anyres_features(feats, layout, self.image_newline)[None]  # (1, N, D)
+
+    def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, L), image placeholders = IMAGE_TOKEN_INDEX -> logits (B, L, V); the k-th placeholder of a row gets
+        the k-th image token."""
+        x = self.lm.embed_tokens(ids.clamp(min=0))                             # (B, L, D); placeholders replaced below
+        if image_embeds is not None:
+            is_image = ids == IMAGE_TOKEN_INDEX                                # (B, L)
+            slot = (is_image.cumsum(dim=1) - 1).clamp(0, image_embeds.shape[1] - 1)
+            spliced = image_embeds.expand(ids.shape[0], -1, -1).gather(1, slot[..., None].expand(-1, -1, x.shape[-1]))
+            x = torch.where(is_image[..., None], spliced.to(x.dtype), x)
+        return self.lm(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint names -> this model's parameter names
+
+LLAMA_LAYER_NAMES = {  # LLaDA-V / ReDiff (LLaMA style): model.layers.{i}.<name> -> lm.layers.{i}.<name>
+    n: n for n in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                   "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                   "input_layernorm.weight", "post_attention_layernorm.weight")}
+LLADA_LAYER_NAMES = {  # original LLaDA (OLMo style): model.transformer.blocks.{i}.<name>
+    "q_proj.weight": "self_attn.q_proj.weight", "k_proj.weight": "self_attn.k_proj.weight",
+    "v_proj.weight": "self_attn.v_proj.weight", "attn_out.weight": "self_attn.o_proj.weight",
+    "ff_proj.weight": "mlp.gate_proj.weight", "up_proj.weight": "mlp.up_proj.weight",
+    "ff_out.weight": "mlp.down_proj.weight", "attn_norm.weight": "input_layernorm.weight",
+    "ff_norm.weight": "post_attention_layernorm.weight"}
+VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
+SIGLIP_LAYER_NAMES = {  # Hugging Face SigLIP encoder.layers.{i}.<name> -> timm blocks.{i}.<name>
+    "layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj", "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2"}
+
+
+def checkpoint_names(cfg: LLaDAVConfig, naming: str) -> dict[str, list[str]]:
+    """{our parameter name: the checkpoint keys it is made of}. One key, except timm's fused attention input, which
+    is Hugging Face's q_proj, k_proj and v_proj stacked (in that order)."""
+    if naming == "llama":
+        names = {"lm.embed_tokens.weight": ["model.embed_tokens.weight"], "lm.norm.weight": ["model.norm.weight"],
+                 "lm.lm_head.weight": ["lm_head.weight"]}
+        layer_prefix, layer_names = "model.layers", LLAMA_LAYER_NAMES
+    else:
+        names = {"lm.embed_tokens.weight": ["model.transformer.wte.weight"],
+                 "lm.norm.weight": ["model.transformer.ln_f.weight"],
+                 "lm.lm_head.weight": ["model.transformer.ff_out.weight"]}
+        layer_prefix, layer_names = "model.transformer.blocks", LLADA_LAYER_NAMES
+    for i in range(cfg.lm.n_layers):
+        for theirs, ours in layer_names.items():
+            names[f"lm.layers.{i}.{ours}"] = [f"{layer_prefix}.{i}.{theirs}"]
+    if cfg.vision is None:
+        return names
+    v, t = VISION_PREFIX, "vision_tower.trunk."
+    names.update({f"{t}patch_embed.proj.weight": [f"{v}embeddings.patch_embedding.weight"],
+                  f"{t}patch_embed.proj.bias": [f"{v}embeddings.patch_embedding.bias"],
+                  f"{t}pos_embed": [f"{v}embeddings.position_embedding.weight"],
+                  "image_newline": ["model.image_newline"]})
+    for i in range(cfg.vision.used_layers):
+        for kind in ("weight", "bias"):
+            qkv = [f"{v}encoder.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv"]
+            names[f"{t}blocks.{i}.attn.qkv.{kind}"] = qkv
+            for theirs, ours in SIGLIP_LAYER_NAMES.items():
+                names[f"{t}blocks.{i}.{ours}.{kind}"] = [f"{v}encoder.layers.{i}.{theirs}.{kind}"]
+    for j in (0, 2):
+        for kind in ("weight", "bias"):
+            names[f"mm_projector.{j}.{kind}"] = [f"model.mm_projector.{j}.{kind}"]
+    return names
+
+
+def ignored_key(key: str, cfg: LLaDAVConfig) -> bool:
+    """Checkpoint keys that are known and deliberately unused: SigLIP's post-layernorm and pooling head (features are
+    taken before them), encoder layers past the ones used (the dropped last layer), and cached RoPE tables."""
+    if key.endswith("rotary_emb.inv_freq"):
+        return True
+    if cfg.vision is None or not key.startswith(VISION_PREFIX):
+        return False
+    rest = key[len(VISION_PREFIX):]
+    layer = re.match(r"encoder\.layers\.(\d+)\.", rest)
+    dropped_layer = layer is not None and int(layer.group(1)) >= cfg.vision.used_layers
+    return rest.startswith(("post_layernorm.", "head.")) or dropped_layer
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint's keys or shapes do not fit the model its config.json describes."""
+
+
+def _shard_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors.index.json or model.safetensors; "
+                            f"download the whole folder (e.g. huggingface-cli download <repo> --local-dir DIR)")
+
+
+def _header_shapes(model_dir: str, shards: list[str]) -> dict[str, tuple]:
+    """{checkpoint key: shape}, read from the shard headers only (no tensor data)."""
+    from safetensors import safe_open
+    shapes = {}
+    for shard in shards:
+        with safe_open(os.path.join(model_dir, shard), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def load_llada_v(model_dir: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[LLaDAV, LLaDATokenizer]:
+    """A Hugging Face LLaDA-V / ReDiff (or original LLaDA) folder -> (model in eval mode, tokenizer).
+
+    dtype: default bfloat16 on CUDA (the checkpoint's own dtype: no conversion copy), float32 elsewhere.
+    Every missing, unexpected or mis-shaped key is reported in one CheckpointMismatch before any tensor is read."""
+    from safetensors import safe_open
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = config_from_hf(json.load(f))
+    tokenizer = LLaDATokenizer(os.path.join(model_dir, "tokenizer.json"))
+    with torch.device("meta"):
+        model = LLaDAV(cfg)                                                    # shapes only, no memory
+    shards = _shard_files(model_dir)
+    shapes = _header_shapes(model_dir, shards)
+    naming = "llada" if any(k.startswith("model.transformer.") for k in shapes) else "llama"
+    names = checkpoint_names(cfg, naming)
+
+    params = dict(model.named_parameters())
+    expected = {}                                                              # {checkpoint key: expected shape}
+    for ours, keys in names.items():
+        shape = tuple(params[ours].shape)
+        if ours.endswith("pos_embed"):                                         # timm (1, g^2, Dv) <- HF (g^2, Dv)
+            shape = shape[1:]
+        for key in keys:
+            expected[key] = (shape[0] // len(keys),) + shape[1:]               # fused qkv: each part a third
+    missing = sorted(k for k in expected if k not in shapes)
+    unexpected = sorted(k for k in shapes if k not in expected and not ignored_key(k, cfg))
+    misshaped = sorted(f"{k}: checkpoint {list(shapes[k])}, model {list(expected[k])}"
+                       for k in expected if k in shapes and shapes[k] != expected[k])
+    unfilled = sorted(set(params) - set(names))
+    if missing or unexpected or misshaped or unfilled:
+        parts = [f"{len(v)} {title}:\n  " + "\n  ".join(v) for title, v in
+                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                  ("model parameters with no checkpoint name", unfilled)) if v]
+        raise CheckpointMismatch(f"{model_dir} ({naming} names) does not fit its config.json:\n" + "\n".join(parts))
+
+    # Read shard by shard, tensor by tensor, straight onto the device; each replaces a meta parameter.
+    owner = {key: ours for ours, keys in names.items() for key in keys}
+    pending: dict[str, dict] = {}                                              # parts of fused tensors seen so far
+    where = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}" \
+        if device.type == "cuda" else str(device)
+    for shard in shards:
+        with safe_open(os.path.join(model_dir, shard), framework="pt", device=where) as f:
+            for key in f.keys():
+                if key not in owner:
+                    continue
+                ours = owner[key]
+                parts = pending.setdefault(ours, {})
+                parts[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+                if len(parts) == len(names[ours]):
+                    tensor = torch.cat([parts[k] for k in names[ours]]) if len(parts) > 1 else parts[key]
+                    _set_parameter(model, ours, tensor.reshape(params[ours].shape))
+                    del pending[ours]
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    assert not left, f"parameters never loaded: {left}"
+    return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Captioning: sample.py calls this when --ckpt is a folder
+
+
+@torch.no_grad()
+def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: bool = True, gen_length: int = 128,
+            question: str = CAPTION_QUESTION, temperature: float = 0.0, device="auto", dtype=None, seed: int = 0,
+            return_trace: bool = False, loaded: tuple | None = None) -> dict:
+    """Caption one image file with a LLaDA-V / ReDiff checkpoint folder, as the paper evaluates: one block of
+    gen_length tokens, steps = ceil(gen_length / tokens_per_step), greedy, refining (ReDiff) or frozen (LLaDA-V).
+
+    loaded: a (model, tokenizer) pair from load_llada_v to caption many images without reloading.
+    Returns {"text", "ids" (G,), "image_tokens", "prompt_tokens", "forward_passes", "seconds", "trace"}."""
+    import rediff
+    from data.loaders import open_image
+    if not image_path:
+        raise ValueError("captioning with a checkpoint folder needs an image file (--image photo.jpg)")
+    device = pick_device(device) if isinstance(device, str) else device
+    model, tokenizer = loaded or load_llada_v(model_dir, device, dtype)
+    if model.cfg.vision is None:
+        raise ValueError(f"{model_dir} is a text-only LLaDA checkpoint: it cannot caption images")
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    image_embeds = model.encode_image(open_image(image_path))                  # (1, N, D)
+    prompt = torch.tensor([prompt_ids(tokenizer, image_embeds.shape[1], question)], device=device)  # (1, P)
+    calls = {"forward_passes": 0}
+
+    def logits_fn(ids):
+        calls["forward_passes"] += 1
+        return model(ids, image_embeds)
+
+    banned = [i for i in tokenizer.special_ids if i not in tokenizer.stop_ids]  # headers, BOS, reserved ids, the mask
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = rediff.generate(logits_fn, prompt, gen_length, math.ceil(gen_length / tokens_per_step),
+                          temperature=temperature, refine=refine, mask_id=tokenizer.mask_id, stop_id=EOT_ID,
+                          banned_ids=banned, return_trace=return_trace, generator=generator)
+    ids, trace = out if return_trace else (out, None)
+    answer = ids[0].tolist()
+    cut = min([answer.index(s) for s in tokenizer.stop_ids if s in answer] + [len(answer)])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"text": tokenizer.decode(answer[:cut]).strip(), "ids": ids[0], "image_tokens": image_embeds.shape[1],
+            "prompt_tokens": prompt.shape[1], "forward_passes": calls["forward_passes"],
+            "seconds": time.perf_counter() - start, "trace": trace}

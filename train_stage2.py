@@ -1,0 +1,328 @@
+"""train_stage2.py: ReDiff Stage II, online self-correction (Section 3.3, Eq. 4 of arXiv 2510.19871).
+
+Each of --rounds rounds:
+  1. drafts     the current model captions fresh training scenes with the refining sampler, at several speeds
+                (--tokens-per-step 1 4 8, the paper's 128 / 32 / 16 steps);
+  2. expert     an expert reviews each draft: "right", or {org, target} pairs of equal token count (experts.py);
+  3. alignment  each kept pair is located in the draft's token ids: the mistake mask marks its positions, and the
+                refined target is the draft with the corrections applied;
+  4. fine-tune  Eq. 4: the input is the model's own draft (no masking), the loss the cross-entropy on the mistake
+                positions only; --stage1-mix of every batch is ordinary Stage I data (train_stage1.training_loss);
+then a checkpoint (atomic, stage "stage2") and the round's statistics.
+
+    python train_stage2.py --tiny --init-from out/stage1.safetensors --out out/stage2.safetensors    # CPU
+    python train_stage2.py --init-from out/stage1.safetensors --out out/stage2.safetensors           # GPU
+    OPENAI_API_KEY=... python train_stage2.py --init-from out/stage1.safetensors --expert openai --cache out/expert.jsonl
+
+A rerun with --resume continues after the last finished round; with --expert openai, answers already in --cache are
+never requested again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import rediff
+from cli import option, parse_config, show_config
+
+DRAFT_OFFSET = 1_000_000  # drafts use train-split scenes from this index on: never in a Stage I bank (from 0)
+MIX_STEP_OFFSET = 10_000_000  # Stage I mix batches are ShapesData.batch(offset + step): not Stage I's own batches
+INIT_STAGES = ("stage1-revision", "stage1-mask", "stage2")
+
+
+@dataclass
+class Stage2Config:
+    init_from: str = option("", "required: the Stage I checkpoint (or a base model, --objective mask) to start from")
+    out: str = option("out/stage2.safetensors", "checkpoint to write (atomically) after every round")
+    resume: bool = option(False, "continue the run saved at --out after its last finished round")
+    rounds: int = option(1, "rounds of draft -> expert -> fine-tune (the paper: one round gives most of the gain)")
+    drafts_per_round: int = option(1536, "drafts per round, on fresh training scenes (the paper: about 10k)")
+    tokens_per_step: list = option([1, 4, 8], "drafting speeds; the scenes of a round are spread over them",
+                                   nargs="+", type=int)
+    draft_batch: int = option(128, "captions drafted together")
+    expert: str = option("oracle", "who reviews the drafts: oracle (knows the scene), openai (an LLM), align "
+                         "(word alignment with the ground truth)", choices=["oracle", "openai", "align"])
+    expert_model: str = option("o4-mini", "--expert openai: the chat model")
+    expert_base_url: str = option("", "--expert openai: an OpenAI-compatible endpoint (empty: api.openai.com); "
+                                  "the key is read from OPENAI_API_KEY only")
+    max_in_flight: int = option(8, "--expert openai: most requests at once")
+    cache: str = option("out/expert_cache.jsonl", "--expert openai: append-only answer cache (empty: none)")
+    stage1_mix: float = option(0.25, "fraction of every batch that is Stage I data (0 = none)")
+    stage1_objective: str = option("auto", "objective of the Stage I mix; auto: the one the initial checkpoint "
+                                   "was trained with", choices=["auto", "revision", "mask"])
+    n_scenes: int = option(4000, "scenes pre-rendered for the Stage I mix")
+    steps: int = option(300, "optimizer steps per round")
+    batch_size: int = option(64, "samples per step (own drafts + Stage I mix)")
+    lr: float = option(3e-4, "peak learning rate (AdamW; cosine to lr * min_lr_frac, restarted every round)")
+    min_lr_frac: float = option(0.1, "the cosine schedule ends at lr * min_lr_frac")
+    warmup: int = option(10, "linear warm-up steps (the paper: 3 percent of the steps)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient-norm clip")
+    seed: int = option(0, "seed for batches and the Stage I mix")
+    device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
+
+
+PRESETS = {"tiny": {"help": "a CPU-sized run: fewer drafts, steps and scenes",
+                    "values": dict(drafts_per_round=192, draft_batch=64, steps=60, batch_size=32, n_scenes=1000)}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Drafts
+
+
+@torch.no_grad()
+def make_drafts(model, tokenizer, world, answer_len: int, cfg: Stage2Config, round_index: int) -> list[dict]:
+    """Caption round `round_index`'s fresh scenes with the refining sampler; scene k at tokens_per_step[k % n]."""
+    from data import shapes
+    from data.pipeline import image_to_tensor
+    from sample import caption_images, decode_answer
+    first = DRAFT_OFFSET + round_index * cfg.drafts_per_round
+    samples = [shapes.sample("train", first + k, world) for k in range(cfg.drafts_per_round)]
+    speeds = [cfg.tokens_per_step[k % len(cfg.tokens_per_step)] for k in range(len(samples))]
+    vision, ids = model.cfg.vision, [None] * len(samples)
+    model.eval()
+    bar = tqdm(total=len(samples), desc=f"round {round_index + 1} drafts", dynamic_ncols=True)
+    for speed in sorted(set(speeds)):
+        rows = [k for k, s in enumerate(speeds) if s == speed]
+        for lo in range(0, len(rows), cfg.draft_batch):
+            chunk = rows[lo:lo + cfg.draft_batch]
+            images = image_to_tensor([samples[k]["image"] for k in chunk], vision.mean, vision.std)
+            out, _ = caption_images(model, tokenizer, images, answer_len, speed, refine=True)   # (b, G)
+            for k, row in zip(chunk, out.cpu()):
+                ids[k] = row
+            bar.update(len(chunk))
+    bar.close()
+    return [{"scene_index": first + k, "tokens_per_step": speeds[k], "ids": ids[k],
+             "text": decode_answer(tokenizer, ids[k]), "truth": s["caption"], "scene": s["scene"],
+             "image": s["image"]} for k, s in enumerate(samples)]
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Alignment
+
+
+def apply_corrections(draft_ids: torch.Tensor, kept) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draft answer ids (G,) and validated (start, target ids) pairs -> (refined ids (G,), mistake mask (G,) bool).
+    The mask covers each corrected segment whole, as in Eq. 4 (its unchanged words included)."""
+    refined, mistake = draft_ids.clone(), torch.zeros_like(draft_ids, dtype=torch.bool)
+    for start, target in kept:
+        refined[start:start + len(target)] = torch.tensor(target, dtype=draft_ids.dtype)
+        mistake[start:start + len(target)] = True
+    return refined, mistake
+
+
+def align(drafts: list[dict], reviews: list, tokenizer, counts: Counter) -> list[dict]:
+    """Turn reviews into training samples: validated pairs -> refined target + mistake mask. Drafts that are
+    "right", unanswered, or left with no valid pair are dropped (and counted)."""
+    from experts import RIGHT, validate_pairs
+    samples = []
+    for draft, review in zip(drafts, reviews):
+        if review is None:
+            counts["no_answer"] += 1
+        elif review == RIGHT:
+            counts["right"] += 1
+        else:
+            kept = validate_pairs(review, draft["ids"].tolist(), tokenizer, counts)
+            if not kept:
+                counts["no_valid_pair"] += 1
+                continue
+            refined, mistake = apply_corrections(draft["ids"], kept)
+            samples.append({**draft, "refined": refined, "mistake": mistake, "pairs": review})
+    return samples
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Fine-tuning with Eq. 4 (+ Stage I data)
+
+
+def finetune(model, samples, mix_data, stage1_cfg, tokenizer, cfg: Stage2Config, round_index: int, device) -> dict:
+    """--steps of AdamW on the round's samples; returns the last step's losses."""
+    from data.pipeline import image_to_tensor, prompt_ids
+    from train_stage1 import learning_rate, training_loss
+    vision = model.cfg.vision
+    prompt = torch.tensor(prompt_ids(tokenizer, model.n_image_tokens))                     # (P,)
+    E, P = len(samples), len(prompt)
+    stack = lambda key: torch.stack([s[key] for s in samples])                             # noqa: E731  (E, G)
+    inputs = torch.cat([prompt.expand(E, -1), stack("ids")], dim=1)                        # (E, L): the drafts
+    labels = torch.cat([prompt.expand(E, -1), stack("refined")], dim=1)                    # (E, L)
+    mistake = torch.cat([torch.zeros(E, P, dtype=torch.bool), stack("mistake")], dim=1)    # (E, L)
+    images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)       # (E, 3, S, S)
+    n_mix = round(cfg.batch_size * cfg.stage1_mix) if mix_data is not None else 0
+    n_own = cfg.batch_size - n_mix
+    mix_frac = stage1_cfg.hallucination_frac if stage1_cfg.objective == "revision" else 0.0
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    model.train()
+    model.vision_tower.eval()
+    parts = {}
+    bar = tqdm(range(cfg.steps), desc=f"round {round_index + 1} fine-tune", dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        pick = torch.from_numpy(np.random.default_rng([cfg.seed, round_index, step]).integers(E, size=n_own))
+        logits = model(inputs[pick].to(device), model.encode_images(images[pick].to(device)))  # (b, L, V)
+        loss_own = rediff.refinement_loss(logits, labels[pick].to(device), mistake[pick].to(device))
+        loss, parts = loss_own, {"refine": loss_own.item()}
+        if n_mix:
+            global_step = MIX_STEP_OFFSET + round_index * cfg.steps + step
+            batch = mix_data.batch(global_step, n_mix, mix_frac).to(device)
+            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + global_step)
+            loss_mix, _ = training_loss(model, batch, stage1_cfg, tokenizer, generator)
+            loss = (n_own * loss_own + n_mix * loss_mix) / cfg.batch_size  # weighted by share of the batch
+            parts["stage1"] = loss_mix.item()
+        if not torch.isfinite(loss):
+            raise SystemExit(f"round {round_index + 1}, step {step}: loss is {loss.item()}; stopping. The last good "
+                             f"checkpoint is {cfg.out if round_index else cfg.init_from} (try a lower --lr)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        parts["total"] = loss.item()
+        bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
+    bar.close()
+    return parts
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading, statistics, main
+
+
+def load_start(cfg: Stage2Config, device):
+    """(model, meta, first round) from --init-from, or from --out with --resume; a clear message for anything else."""
+    from model import load_checkpoint
+    if cfg.resume:
+        path, wanted = cfg.out, ("stage2",)
+        if not os.path.exists(path):
+            raise SystemExit(f"--resume: there is no run to resume at {path}; start one with --init-from")
+    elif not cfg.init_from:
+        raise SystemExit("--init-from is required: a Stage I checkpoint (python train_stage1.py --tiny) or a base model "
+                         "(python train_stage1.py --objective mask)")
+    else:
+        path, wanted = cfg.init_from, INIT_STAGES
+        if os.path.abspath(cfg.init_from) == os.path.abspath(cfg.out):
+            raise SystemExit(f"--out {cfg.out} would overwrite --init-from; choose another --out")
+    try:
+        model, meta = load_checkpoint(path, device)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"cannot start Stage II from {path}: {err}") from None
+    missing = [k for k in ("tokenizer", "world", "answer_len") if k not in meta]
+    if meta.get("stage") not in wanted or missing:
+        expected = "a stage2 checkpoint to resume" if cfg.resume else f"one of {', '.join(INIT_STAGES)}"
+        raise SystemExit(f"{path} is a checkpoint of kind {meta.get('stage')!r}"
+                         f"{' without ' + ', '.join(missing) if missing else ''}; Stage II needs {expected}")
+    first_round = meta.get("round", 0) if cfg.resume else 0
+    print(f"loaded {path} (stage {meta['stage']}, step {meta.get('step')}"
+          f"{', round ' + str(first_round) if cfg.resume else ''})")
+    return model, meta, first_round
+
+
+def stage1_config(meta: dict, cfg: Stage2Config):
+    """The Stage I TrainConfig of the initial checkpoint (for the mix), with --stage1-objective applied."""
+    from train_stage1 import TrainConfig
+    saved = meta.get("stage1_config") or (meta.get("train_config") if meta["stage"].startswith("stage1") else None)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    s1 = TrainConfig(**{k: v for k, v in (saved or {}).items() if k in known})
+    if cfg.stage1_objective != "auto":
+        s1.objective = cfg.stage1_objective
+    return s1
+
+
+def draft_quality(drafts: list[dict]) -> dict:
+    """Mean headline score (data/score.py) of the round's drafts per drafting speed."""
+    from data.score import score_captions
+    quality = {}
+    for speed in sorted({d["tokens_per_step"] for d in drafts}):
+        chosen = [d for d in drafts if d["tokens_per_step"] == speed]
+        quality[speed] = score_captions([d["text"] for d in chosen], [d["scene"] for d in chosen])["headline"]
+    return quality
+
+
+def round_report(r: int, cfg: Stage2Config, drafts, quality, counts: Counter, samples, expert_name: str) -> list[str]:
+    tag = f"round {r + 1}/{cfg.rounds}"
+    per_speed = ", ".join(f"{s} tok/step: {sum(d['tokens_per_step'] == s for d in drafts)} drafts, headline "
+                          f"{q:.1f}" for s, q in quality.items())
+    rejected = ", ".join(f"{k[len('rejected_'):]} {v}" for k, v in sorted(counts.items()) if k.startswith("rejected_"))
+    other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())
+                      if not k.startswith(("rejected_", "pairs_")) and k not in ("right", "no_answer", "no_valid_pair"))
+    n_mistake = sum(int(s["mistake"].sum()) for s in samples)
+    lines = [f"{tag} | drafts made {len(drafts)} ({per_speed})",
+             f"{tag} | expert {expert_name}: right {counts['right']}, no answer {counts['no_answer']}, "
+             f"pairs proposed {counts['pairs_proposed']}, kept {counts['pairs_kept']}, "
+             f"rejected {sum(v for k, v in counts.items() if k.startswith('rejected_'))} ({rejected or 'none'})"
+             + (f" | {other}" if other else ""),
+             f"{tag} | alignment: {len(samples)} training samples ({counts['no_valid_pair']} drafts left with no "
+             f"valid pair), {n_mistake} mistake tokens"]
+    if samples:
+        example = samples[0]
+        fixes = "; ".join(f"{p['org']!r} -> {p['target']!r}" for p in example["pairs"] if isinstance(p, dict))
+        lines += [f"  example draft ({example['tokens_per_step']} tok/step): {example['text']}",
+                  f"  expert fixes: {fixes}"]
+    return lines
+
+
+def main(argv=None):
+    cfg = parse_config(Stage2Config, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
+    if not 0 <= cfg.stage1_mix < 1:
+        raise SystemExit(f"--stage1-mix must be in [0, 1), got {cfg.stage1_mix}")
+    print(show_config(cfg))
+    from data import shapes
+    from data.pipeline import ShapesData
+    from data.tokenizer import tokenizer_from_dict
+    from experts import Item, make_expert
+    from model import pick_device, save_checkpoint
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    model, meta, first_round = load_start(cfg, device)
+    tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    world, answer_len = shapes.WorldConfig(**meta["world"]), meta["answer_len"]
+    s1 = stage1_config(meta, cfg)
+    expert = make_expert(cfg.expert, cfg.expert_model, cfg.expert_base_url or None, cfg.cache or None,
+                         cfg.max_in_flight)
+    history = meta.get("history", []) if cfg.resume else []
+    step = meta.get("step", 0) if cfg.resume else 0
+    t0 = time.perf_counter()
+    if first_round >= cfg.rounds:
+        print(f"{cfg.out} has finished {first_round} rounds already (--rounds {cfg.rounds}): nothing to do")
+        return model
+    mix_data = None
+    if cfg.stage1_mix > 0:
+        mix_data = ShapesData(tokenizer, world, "train", cfg.n_scenes, model.n_image_tokens, answer_len, cfg.seed,
+                              model.cfg.vision.mean, model.cfg.vision.std)
+        print(f"Stage I mix: {cfg.stage1_mix:.0%} of each batch, objective {s1.objective}, {cfg.n_scenes} scenes")
+    model.vision_tower.requires_grad_(False)  # frozen, as in Stage I
+    for r in range(first_round, cfg.rounds):
+        drafts = make_drafts(model, tokenizer, world, answer_len, cfg, r)
+        quality = draft_quality(drafts)
+        before = Counter(expert.counts)
+        reviews = expert.review([Item(d["text"], d["truth"], d["scene"], d["image"]) for d in drafts])
+        counts = expert.counts - before  # this round's expert statistics
+        samples = align(drafts, reviews, tokenizer, counts)
+        for line in round_report(r, cfg, drafts, quality, counts, samples, expert.name):
+            tqdm.write(line)
+        if samples:
+            parts = finetune(model, samples, mix_data, s1, tokenizer, cfg, r, device)
+            step += cfg.steps
+        else:
+            parts = {}
+            tqdm.write(f"round {r + 1}: no training samples (nothing to correct, or no valid pair); no fine-tuning")
+        history.append({"round": r + 1, "step": step, "drafts": len(drafts), "samples": len(samples),
+                        "draft_headline": {str(k): v for k, v in quality.items()},
+                        "expert": dict(counts), **{f"{k}_loss": v for k, v in parts.items()}})
+        save_checkpoint(cfg.out, model, {
+            "stage": "stage2", "round": r + 1, "step": step, "train_config": asdict(cfg),
+            "stage1_config": asdict(s1), "init_from": cfg.init_from or meta.get("init_from", ""),
+            "tokenizer": tokenizer.to_dict(), "world": asdict(world), "answer_len": answer_len,
+            "expert_stats": dict(counts), "history": history})
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in parts.items())
+        tqdm.write(f"round {r + 1}/{cfg.rounds} | step {step} | {losses or 'no loss'} | checkpoint {cfg.out} | "
+                   f"{time.perf_counter() - t0:.0f} s")
+    return model
+
+
+if __name__ == "__main__":
+    main()
