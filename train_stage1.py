@@ -22,6 +22,7 @@ class TrainConfig:
                             choices=["revision", "mask"])
     out: str = option("out/stage1.safetensors", "checkpoint to write (atomically, every --eval-every steps and at the end)")
     init_from: str = option("", "start from this checkpoint's weights (e.g. a base model); the optimizer starts fresh")
+    stop_at: int = option(0, "stop (with a checkpoint) after this step, as an interruption would; 0: run to --steps")
     resume: bool = option(False, "continue the run saved at --out: weights, optimizer, schedule and data position")
     steps: int = option(6000, "optimizer steps")
     batch_size: int = option(64, "samples per step")
@@ -50,8 +51,8 @@ class TrainConfig:
 
 
 PRESETS = {"tiny": {"help": "the 5-minute CPU preset of the README (small model, fewer steps)",
-                    "values": dict(d_model=128, n_layers=4, n_heads=4, steps=2000, batch_size=64,
-                                   vision_pretrain_steps=300, n_scenes=10000, eval_every=500)}}
+                    "values": dict(d_model=128, n_layers=4, n_heads=4, steps=650, batch_size=64,
+                                   vision_pretrain_steps=200, n_scenes=10000, eval_every=250)}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,6 +224,10 @@ def main(argv=None):
             tqdm.write(f"step {step + 1}: train loss {loss.item():.4f}, val loss (Eq. 1) {val:.4f}\n"
                        f"  sample (val scene 0, 1 token/step): {decode_answer(tokenizer, ids[0])}")
             save(step + 1)
+        if step + 1 == cfg.stop_at:
+            save(step + 1)
+            print(f"stopped at step {step + 1} (--stop-at); continue with --resume")
+            break
     print(f"done in {time.perf_counter() - t0:.0f} s; checkpoint {cfg.out}")
     return model
 

@@ -144,3 +144,19 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
                 "forward_passes"} <= set(r)
     assert {r["forward_passes"] for r in results if r["tokens_per_step"] == 8} == {8.0}
     assert os.path.exists(str(tmp_path / "eval.png")) and os.path.exists(str(tmp_path / "eval.md"))
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    """Issue 8: a run stopped at step 2 and resumed to step 4 logs the same losses as one run of 4 steps."""
+    small = ["--tiny", "--objective", "revision", "--eval-every", "2", "--n-scenes", "32", "--vision-pretrain-steps",
+             "2", "--batch-size", "4"]
+    whole, parted = str(tmp_path / "whole.safetensors"), str(tmp_path / "parted.safetensors")
+    run(["train_stage1.py", *small, "--steps", "4", "--out", whole])
+    run(["train_stage1.py", *small, "--steps", "4", "--out", parted, "--stop-at", "2"])
+    assert read_checkpoint(parted)[1]["step"] == 2
+    run(["train_stage1.py", *small, "--steps", "4", "--out", parted, "--resume"])
+    a, b = read_checkpoint(whole)[1]["history"], read_checkpoint(parted)[1]["history"]
+    assert [h["step"] for h in a] == [h["step"] for h in b] == [2, 4]
+    for x, y in zip(a, b):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
+        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-5)
