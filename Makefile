@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (set up, train --tiny, caption at 8 tokens/step) and `make test`.
+# The two commands of the README: `make demo` (set up, train --tiny, caption a scene at 8 tokens/step) and `make test`.
 PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 
@@ -12,9 +12,9 @@ setup: .venv/.installed
 	touch .venv/.installed
 
 demo: setup
-	$(PY) train_stage1.py --tiny --objective mask --out out/base.safetensors
-	$(PY) train_stage1.py --tiny --objective revision --init-from out/base.safetensors --out out/stage1.safetensors
-	$(PY) sample.py --ckpt out/stage1.safetensors --scene-seed 0 --tokens-per-step 8 --trace
+	$(PY) train_stage1.py --tiny --out out/tiny.safetensors
+	$(PY) sample.py --ckpt out/tiny.safetensors --scene-seed 0 --tokens-per-step 8 --trace --trace-out out/trace.html
+	$(PY) sample.py --ckpt out/tiny.safetensors --scene-seed 0 --tokens-per-step 8 --no-refine
 
 test: setup
 	$(PY) -m pytest -q tests

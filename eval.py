@@ -27,6 +27,10 @@ class EvalConfig:
     batch_size: int = option(100, "captions decoded together")
     json: str = option("", "write results here (also .md table and .png plot beside it)")
     device: str = option("auto", "auto, cpu, cuda or mps")
+    prefix_cache: bool = option(False, "reuse the image + prompt keys/values within a block (approximate; sample.py)")
+    cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: once per block)")
+    threshold: float = option(0.0, "confidence-threshold decoding (Fast-dLLM); 0: the fixed tokens-per-step schedule")
+    probe: bool = option(False, "instead of captioning: the grounding probe (attribute words of true captions masked)")
 
 
 def held_out_indices(n: int, seed: int) -> list[int]:
@@ -35,8 +39,9 @@ def held_out_indices(n: int, seed: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step: int, refine: bool,
-             batch_size: int = 100) -> dict:
-    """Mean scorer metrics and forward passes per caption over the test scenes `indices`."""
+             batch_size: int = 100, **sampler) -> dict:
+    """Mean scorer metrics and forward passes per caption over the test scenes `indices`.
+    sampler: caption_images' prefix_cache, cache_refresh and threshold."""
     from data import shapes
     from data.pipeline import image_to_tensor
     from data.score import score_captions
@@ -46,7 +51,7 @@ def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step:
     for lo in range(0, len(indices), batch_size):
         samples = [shapes.sample("test", i, world) for i in indices[lo:lo + batch_size]]
         images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)
-        ids, calls = caption_images(model, tokenizer, images, answer_len, tokens_per_step, refine)
+        ids, calls = caption_images(model, tokenizer, images, answer_len, tokens_per_step, refine, **sampler)
         texts += [decode_answer(tokenizer, row) for row in ids]
         scenes += [s["scene"] for s in samples]
         passes += calls * len(samples)
@@ -54,6 +59,33 @@ def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step:
     scores["forward_passes"] = passes / len(texts)
     scores["examples"] = texts[:3]
     return scores
+
+
+@torch.no_grad()
+def grounding_probe(model, tokenizer, world, answer_len: int, indices) -> dict:
+    """Does the model read the image? In a true caption of each held-out scene, mask only the words of one attribute
+    (colour, shape or size; everything else stays visible) and measure argmax accuracy, with the scene's own image
+    tokens and with the next scene's. Equal accuracies mean the model ignores the image for that attribute."""
+    from data import shapes
+    from data.pipeline import answer_ids, image_to_tensor, prompt_ids
+    vision = model.cfg.vision
+    samples = [shapes.sample("test", i, world) for i in indices]
+    images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)
+    device = next(model.parameters()).device
+    prompt = prompt_ids(tokenizer, model.n_image_tokens)
+    ids = torch.tensor([prompt + answer_ids(tokenizer, s["caption"], answer_len) for s in samples], device=device)
+    own = model.encode_images(images.to(device))                                       # (B, N, D)
+    result = {}
+    for name, words in (("colour", shapes.COLOURS), ("shape", shapes.SHAPES), ("size", shapes.SIZES)):
+        targets = torch.tensor([tokenizer.encode(w)[0] for w in words], device=device)
+        hidden = torch.isin(ids, targets)
+        hidden[:, :len(prompt)] = False
+        masked = ids.masked_fill(hidden, tokenizer.mask_id)
+        for which, embeds in (("own image", own), ("next scene's image", own.roll(1, dims=0))):
+            guess = model(masked, embeds).argmax(-1)                                    # (B, L)
+            result[f"{name} ({which})"] = (guess[hidden] == ids[hidden]).float().mean().item()
+        result[f"{name} (chance)"] = 1 / len(words)
+    return result
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -106,6 +138,13 @@ def main(argv=None):
     from model import load_checkpoint, pick_device
     device = pick_device(cfg.device)
     indices = held_out_indices(cfg.n, cfg.seed)
+    if cfg.probe:
+        for ckpt in cfg.ckpt:
+            model, meta = load_checkpoint(ckpt, device)
+            probe = grounding_probe(model.eval(), tokenizer_from_dict(meta["tokenizer"]),
+                                    shapes.WorldConfig(**meta["world"]), meta["answer_len"], indices)
+            print(f"{ckpt}: " + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()))
+        return
     modes = [True, False] if cfg.both else [cfg.refine]
     results = []
     start = time.perf_counter()
@@ -116,11 +155,16 @@ def main(argv=None):
             model, meta = load_checkpoint(ckpt, device)
             loaded = {ckpt: (model.eval(), meta)}
         model, meta = loaded[ckpt]
+        sampler = {"prefix_cache": cfg.prefix_cache, "cache_refresh": cfg.cache_refresh,
+                   "threshold": cfg.threshold or None}
         scores = evaluate(model, tokenizer_from_dict(meta["tokenizer"]), shapes.WorldConfig(**meta["world"]),
-                          meta["answer_len"], indices, n, refine, cfg.batch_size)
-        results.append({"ckpt": ckpt, "tokens_per_step": n, "refine": refine, **scores})
+                          meta["answer_len"], indices, n, refine, cfg.batch_size, **sampler)
+        results.append({"ckpt": ckpt, "tokens_per_step": n, "refine": refine, **sampler, **scores})
     table = markdown_table(results)
     print(table)
+    if cfg.prefix_cache or cfg.threshold:
+        print(f"sampler options: prefix cache {cfg.prefix_cache} (refresh {cfg.cache_refresh}), "
+              f"threshold {cfg.threshold or 'none'}")
     print(f"{len(jobs)} evaluations of {cfg.n} scenes in {time.perf_counter() - start:.0f} s")
     if cfg.json:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)

@@ -82,17 +82,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, past_kv=None, new_kv: list | None = None, query_from: int = 0):
+        """x (B, L, D) -> (B, L - query_from, D). Off by default, for the sampler's prefix cache (LLaDA.forward):
+        past_kv: (k, v) (B, Hkv, Lp, Dh) of earlier positions that x's tokens attend to as well; new_kv: a list that
+        receives this call's (k, v) after RoPE; query_from: positions before it serve as keys and values only."""
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
+        xq = x[:, query_from:] if query_from else x     # (B, Lq, D) (no slice op at all in training: same graph)
+        Lq = xq.shape[1]
+        q = self.q_proj(xq).view(B, Lq, self.n_heads, self.head_dim).transpose(1, 2)    # (B, H, Lq, Dh)
         k = self.k_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
         v = self.v_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos[query_from:], sin[query_from:]), apply_rope(k, cos, sin)
+        if new_kv is not None:
+            new_kv.append((k, v))
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)  # (B, Hkv, Lp + L, Dh)
         if self.kv_heads != self.n_heads:  # grouped KV heads: each KV head serves n_heads / kv_heads query heads
             k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)              # (B, H, L, Dh)
             v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)              # (B, H, L, Dh)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=False)                   # (B, H, L, Dh): every token sees every token
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))                        # (B, L, D)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=False)  # (B, H, Lq, Dh): every token sees every token
+        return self.o_proj(y.transpose(1, 2).reshape(B, Lq, -1))                       # (B, Lq, D)
 
 
 class SwiGLU(nn.Module):
@@ -114,8 +123,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, past_kv=None, new_kv: list | None = None, query_from: int = 0):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, past_kv, new_kv, query_from)    # (B, Lq, D)
+        x = (x[:, query_from:] if query_from else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -130,13 +140,32 @@ class LLaDA(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied from the embedding
 
-    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor, past_kv: list | None = None, keep_kv: int = 0,
+                logits_from: int = 0):
+        """inputs_embeds (B, L, D) -> logits (B, L - logits_from, V). The defaults give the plain forward pass.
+
+        The sampler's options (sample.ModelLogits):
+        - logits_from: only positions from here on get logits; the last layer computes its queries (and MLP) only
+          there too. Exact: the other positions still serve as keys and values.
+        - keep_kv = n: also return the keys and values of the first n positions, one (k, v) (B, Hkv, n, Dh) per
+          layer: (logits, kv).
+        - past_kv: such a list from an earlier call (a prefix cache, the idea of Fast-dLLM's approximate KV cache);
+          inputs_embeds then holds only the positions after that prefix, and they attend to the cached prefix as
+          well as to each other. Approximate: in bidirectional attention the prefix's keys and values depend on
+          the later tokens, which have changed since the cache was built."""
+        Lp = 0 if past_kv is None else past_kv[0][0].shape[2]                              # cached positions
         L = inputs_embeds.shape[1]
-        cos, sin = rope_tables(L, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.device)  # (L, Dh) each
-        x = inputs_embeds                                                                         # (B, L, D)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))                                                          # (B, L, V)
+        cos, sin = rope_tables(Lp + L, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.device)
+        cos, sin = cos[Lp:], sin[Lp:]                                                      # (L, Dh): positions Lp..
+        x = inputs_embeds                                                                  # (B, L, D)
+        new_kv = [] if keep_kv else None
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            x = layer(x, cos, sin, past_kv[i] if past_kv else None, new_kv, logits_from if last else 0)
+        logits = self.lm_head(self.norm(x))                                                # (B, L - logits_from, V)
+        if keep_kv:
+            return logits, [(k[:, :, :keep_kv], v[:, :, :keep_kv]) for k, v in new_kv]
+        return logits
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,18 +283,20 @@ class VLM(nn.Module):
             feats = feats + self.image_pos.to(feats.dtype)
         return self.mm_projector(feats)                                                   # (B, N, D)
 
-    def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None, past_kv: list | None = None,
+                keep_kv: int = 0, logits_from: int = 0):
         """Token ids (B, L) with image placeholders -> logits (B, L, V).
 
         The k-th placeholder of a row receives that row's k-th image token. A row may hold fewer placeholders
-        than image tokens, or none (classifier-free guidance masks the whole prompt, image included)."""
+        than image tokens, or none (classifier-free guidance masks the whole prompt, image included).
+        past_kv, keep_kv, logits_from: the sampler's prefix cache and partial logits, see LLaDA.forward."""
         x = self.lm.embed_tokens(ids)                                                     # (B, L, D)
         if image_embeds is not None:
             is_image = ids == self.cfg.image_token_id                                     # (B, L)
             slot = (is_image.cumsum(dim=1) - 1).clamp(0, image_embeds.shape[1] - 1)      # (B, L): which image token
             spliced = image_embeds.gather(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, L, D)
             x = torch.where(is_image.unsqueeze(-1), spliced.to(x.dtype), x)
-        return self.lm(x)
+        return self.lm(x, past_kv, keep_kv, logits_from)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

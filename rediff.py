@@ -141,21 +141,44 @@ def add_gumbel_noise(logits, temperature: float, generator=None):
 
 
 def chosen_probability(logits, chosen):
-    """softmax(logits)[chosen] via log-sum-exp: no full-vocabulary softmax tensor is built, (B, G)."""
-    logits = logits.float()
+    """softmax(logits)[chosen] via log-sum-exp: no softmax tensor is built, only one number per position, (B, G).
+
+    In float64, like the reference's softmax: confidences that differ by less than float32 can resolve (common in
+    an untrained model) would otherwise tie, and top-k would break the tie differently from LLaDA."""
+    logits = logits.double()
     return (logits.gather(-1, chosen[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)).exp()
+
+
+def only_block(logits, ids, start: int, end: int):
+    """The logits (B, end - start, V) of positions start..end-1 of ids (B, L), from logits that cover all L positions
+    or only the last ones (right-aligned: a logits_fn may skip the prompt)."""
+    offset = ids.shape[1] - logits.shape[1]                 # positions the logits_fn left out at the front
+    if offset > start:
+        raise ValueError(f"logits_fn returned logits for the last {logits.shape[1]} positions only, but the block "
+                         f"starts at position {start} of {ids.shape[1]}")
+    return logits[:, start - offset:end - offset]
+
+
+def confident_or_best(confidence, candidates, threshold: float):
+    """Fast-dLLM's rule: commit every candidate whose confidence >= threshold, and in each row that still has a
+    candidate at least the most confident one (so every step makes progress). confidence, candidates: (B, Lb)."""
+    commit = candidates & (confidence >= threshold)                                      # (B, Lb)
+    best = F.one_hot(confidence.argmax(dim=1), confidence.shape[1]).bool()               # (B, Lb)
+    return commit | (best & candidates.any(dim=1, keepdim=True))
 
 
 @torch.no_grad()
 def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int | None = None,
              temperature: float = 0.0, refine: bool = False, mask_id: int = 126336,
              remasking: str = "low_confidence", cfg_scale: float = 0.0, stop_id: int | None = None,
-             banned_ids=None, draft=None, return_trace: bool = False, generator=None):
+             banned_ids=None, draft=None, return_trace: bool = False, generator=None,
+             threshold: float | None = None, on_block=None):
     """The reverse process: start from an all-[MASK] answer and commit the most confident tokens, block by block.
 
-    logits_fn: any callable (B, L) ids -> (B, L, V) logits. prompt: (B, P) ids. Returns the answer ids (B, G), and
-    with return_trace=True also a list with one dict per step: block, step, ids (B, G) after the step, new (B, G)
-    positions committed this step, changed (B, G) visible tokens that the step revised.
+    logits_fn: any callable (B, L) ids -> (B, L, V) logits, or the logits of only the last L' positions (B, L', V)
+    with L' >= L - the current block's start (sample.ModelLogits skips the prompt). prompt: (B, P) ids. Returns the
+    answer ids (B, G), and with return_trace=True also a list with one dict per step: block, step, ids (B, G) after
+    the step, new (B, G) positions committed this step, changed (B, G) visible tokens that the step revised.
 
     - Frozen (refine=False): LLaDA's `generate`; a committed token never changes. Each step commits the
       `transfer_schedule` number of masked positions of the current block with the highest confidence
@@ -168,6 +191,11 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
       everything after a row's first stop_id is set to stop_id. banned_ids get logit -inf everywhere, and so does
       mask_id always (a trained model never predicts it; this guarantees that no mask survives).
     - draft (B, G) (Figure 6): an initial answer whose non-mask tokens start visible instead of masked.
+    - threshold P (Fast-dLLM's confidence-aware parallel decoding): instead of the fixed schedule, each step commits
+      every masked position of the block whose confidence >= P, and at least the most confident one; a block takes
+      as many steps as it needs until it holds no mask (`steps` is then unused, apart from its check).
+    - on_block(start): called before each block's first step with the block's first position (a prefix cache
+      rebuilds there).
     Off by default (stop_id, banned_ids, draft), the frozen sampler matches LLaDA token for token at T = 0.
     """
     B, P = prompt.shape
@@ -190,16 +218,20 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
     never = torch.tensor(list(banned_ids or []) + [mask_id], device=prompt.device)  # the mask is never a prediction
 
     def block_logits(ids, start, end):
-        logits = logits_fn(ids)[:, start:end]                                             # (B, Lb, V): only this block is decoded
+        logits = only_block(logits_fn(ids), ids, start, end)                                # (B, Lb, V)
         if cfg_scale > 0:
-            unconditional = logits_fn(torch.where(is_prompt, torch.full_like(ids, mask_id), ids))[:, start:end]
+            unconditional = only_block(logits_fn(torch.where(is_prompt, torch.full_like(ids, mask_id), ids)), ids,
+                                       start, end)
             logits = unconditional + (cfg_scale + 1) * (logits - unconditional)
         return logits.index_fill(-1, never, -torch.inf)
 
     for block in range(num_blocks):
         start, end = P + block * block_length, P + (block + 1) * block_length
         schedule = transfer_schedule((x[:, start:end] == mask_id).sum(dim=1), steps_per_block)  # (B, steps)
-        for i in range(steps_per_block):
+        if on_block is not None:
+            on_block(start)
+        i = 0  # the schedule takes steps_per_block steps; with a threshold, steps go on until no mask is left
+        while i < steps_per_block if threshold is None else bool((x[:, start:end] == mask_id).any()):
             is_masked = x == mask_id                                                      # (B, L)
             logits = block_logits(x, start, end)                                          # (B, Lb, V)
             x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)          # (B, Lb)
@@ -211,12 +243,15 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
                 raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
             block_masked = is_masked[:, start:end]                                        # (B, Lb)
             confidence = torch.where(block_masked, confidence, -torch.inf)  # only masked positions can be committed
-            commit = torch.zeros_like(block_masked)
-            for row in range(B):  # k differs per row
-                k = int(schedule[row, i])
-                if k > 0:
-                    commit[row, confidence[row].topk(k).indices] = True
-            before = x[:, start:end].clone()
+            if threshold is not None:
+                commit = confident_or_best(confidence, block_masked, threshold)           # (B, Lb)
+            else:
+                commit = torch.zeros_like(block_masked)
+                for row in range(B):  # k differs per row
+                    k = int(schedule[row, i])
+                    if k > 0:
+                        commit[row, confidence[row].topk(k).indices] = True
+            before = x[:, start:end].clone() if return_trace else None
             if refine:  # Section 3.4: re-predict every token that was visible before this step
                 revisable = ~block_masked
                 x[:, start:end] = torch.where(revisable, x0, x[:, start:end])
@@ -227,6 +262,7 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
                 new[:, start - P:end - P] = commit
                 changed[:, start - P:end - P] = ~block_masked & (x[:, start:end] != before)
                 trace.append({"block": block, "step": i, "ids": x[:, P:].clone(), "new": new, "changed": changed})
+            i += 1
         if stop_id is not None and block < num_blocks - 1 and bool((x[:, P:end] == stop_id).any(dim=1).all()):
             x[:, end:] = stop_id  # every row has ended: the remaining blocks cost no forward pass
             break

@@ -28,27 +28,64 @@ def banned_ids(tokenizer) -> list[int]:
     return [i for i in tokenizer.special_ids if i != tokenizer.eos_id]
 
 
+class ModelLogits:
+    """rediff.generate's logits_fn for a VLM whose image tokens were computed once per caption.
+
+    Only positions from the current block on get logits (the prompt's are never read), which is exact. With
+    prefix_cache=True (the idea of Fast-dLLM's block-wise approximate KV cache), the first step of each block runs the
+    whole sequence once and keeps the keys and values of every position before the block (image, prompt, earlier
+    blocks); the block's other steps run only the positions from the block on, attending to that cache. The cache
+    goes stale as the answer fills in (bidirectional attention), so it is an approximation: refresh=R > 0 rebuilds it
+    every R steps as well (R = 1 is exact, and no faster). It is also rebuilt whenever the prefix ids change (e.g.
+    classifier-free guidance's unconditional pass), so it is never used for another sequence."""
+
+    def __init__(self, model, image_embeds, prompt_len: int, prefix_cache: bool = False, refresh: int = 0):
+        self.model, self.image_embeds = model, image_embeds                                 # (B, N, D)
+        self.prefix_cache, self.refresh = prefix_cache, refresh
+        self.start = prompt_len        # the current block's first position; rediff.generate's on_block moves it
+        self.kv, self.kv_ids, self.steps_on_cache = None, None, 0
+        self.forward_passes, self.cache_builds = 0, 0
+
+    def begin_block(self, start: int):
+        self.start, self.kv = start, None
+
+    def __call__(self, ids):
+        self.forward_passes += 1
+        image_embeds = self.image_embeds[: ids.shape[0]]
+        if not self.prefix_cache:
+            return self.model(ids, image_embeds, logits_from=self.start)                   # (B, L - start, V)
+        prefix = ids[:, :self.start]                                                        # (B, start)
+        stale = (self.kv is None or not torch.equal(prefix, self.kv_ids)
+                 or (self.refresh > 0 and self.steps_on_cache >= self.refresh))
+        if stale:  # one full pass: this step's logits, and the prefix's keys and values for the next steps
+            logits, self.kv = self.model(ids, image_embeds, keep_kv=self.start, logits_from=self.start)
+            self.kv_ids, self.steps_on_cache = prefix.clone(), 1
+            self.cache_builds += 1
+            return logits                                                                   # (B, L - start, V)
+        self.steps_on_cache += 1
+        return self.model(ids[:, self.start:], past_kv=self.kv)                             # (B, L - start, V)
+
+
 @torch.no_grad()
 def caption_images(model, tokenizer, images, gen_length: int, tokens_per_step: int, refine: bool = True,
                    block_length: int | None = None, temperature: float = 0.0, drafts=None,
-                   return_trace: bool = False, generator=None):
-    """Images (B, 3, S, S) -> answer ids (B, G) [and the trace]. Image tokens are computed once, not per step."""
+                   return_trace: bool = False, generator=None, prefix_cache: bool = False, cache_refresh: int = 0,
+                   threshold: float | None = None):
+    """Images (B, 3, S, S) -> (answer ids (B, G) [and the trace], forward passes). Image tokens are computed once,
+    not per step. prefix_cache / cache_refresh: see ModelLogits; threshold: rediff.generate's confidence threshold
+    (then tokens_per_step only sets the unused `steps`)."""
     device = next(model.parameters()).device
     image_embeds = model.encode_images(images.to(device))                                   # (B, N, D)
     prompt = torch.tensor(prompt_ids(tokenizer, model.n_image_tokens), device=device)
     prompt = prompt.expand(images.shape[0], -1)                                              # (B, P)
-    calls = {"forward_passes": 0}
-
-    def logits_fn(ids):
-        calls["forward_passes"] += 1
-        return model(ids, image_embeds[: ids.shape[0]])
-
+    logits_fn = ModelLogits(model, image_embeds, prompt.shape[1], prefix_cache, cache_refresh)
     num_blocks = gen_length // (block_length or gen_length)
     out = rediff.generate(logits_fn, prompt, gen_length, steps_for(gen_length, tokens_per_step, num_blocks),
                           block_length=block_length, temperature=temperature, refine=refine,
                           mask_id=tokenizer.mask_id, stop_id=tokenizer.eos_id, banned_ids=banned_ids(tokenizer),
-                          draft=drafts, return_trace=return_trace, generator=generator)
-    return out, calls["forward_passes"]
+                          draft=drafts, return_trace=return_trace, generator=generator, threshold=threshold,
+                          on_block=logits_fn.begin_block)
+    return out, logits_fn.forward_passes
 
 
 def decode_answer(tokenizer, ids) -> str:
@@ -123,6 +160,11 @@ class SampleConfig:
     trace_out: str = option("", "write the trace as an HTML page to this file")
     device: str = option("auto", "auto, cpu, cuda or mps")
     seed: int = option(0, "random seed (only matters with --temperature > 0)")
+    prefix_cache: bool = option(False, "reuse the image + prompt keys/values within a block (Fast-dLLM's approximate "
+                                "KV cache): faster, approximate")
+    cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: once per block)")
+    threshold: float = option(0.0, "commit every masked token with confidence >= P, at least one a step (Fast-dLLM); "
+                              "0: the fixed --tokens-per-step schedule")
 
 
 def caption_real_weights(cfg: "SampleConfig") -> str:
@@ -131,6 +173,9 @@ def caption_real_weights(cfg: "SampleConfig") -> str:
     from model import pick_device
     if not cfg.image:
         raise SystemExit(f"{cfg.ckpt} is a LLaDA-V / ReDiff folder: give the photo to caption with --image PATH")
+    if cfg.prefix_cache or cfg.threshold:
+        raise SystemExit("--prefix-cache and --threshold work with this project's checkpoints only, not yet with a "
+                         "LLaDA-V / ReDiff folder")
     loaded = load_llada_v(cfg.ckpt, pick_device(cfg.device))
     want_trace = bool(cfg.trace or cfg.trace_out)
     out = caption(cfg.ckpt, cfg.image, cfg.tokens_per_step, cfg.refine, cfg.gen_length or 128,
@@ -178,7 +223,9 @@ def main(argv=None):
     start = time.perf_counter()
     out, passes = caption_images(model, tokenizer, images, gen_length, cfg.tokens_per_step, cfg.refine,
                                  cfg.block_length or None, cfg.temperature, drafts,
-                                 return_trace=bool(cfg.trace or cfg.trace_out), generator=generator)
+                                 return_trace=bool(cfg.trace or cfg.trace_out), generator=generator,
+                                 prefix_cache=cfg.prefix_cache, cache_refresh=cfg.cache_refresh,
+                                 threshold=cfg.threshold or None)
     seconds = time.perf_counter() - start
     ids, trace = out if isinstance(out, tuple) else (out, None)
     text = decode_answer(tokenizer, ids[0])
@@ -193,7 +240,9 @@ def main(argv=None):
         s = score_caption(text, scene)
         print(f"score        : headline {s['headline']:.1f} | factuality {s['factuality']:.2f} | coverage "
               f"{s['coverage']:.2f} | syntax {s['syntax']:.2f} | repetition {s['repetition']:.2f}")
-    print(f"sampler      : {'refining' if cfg.refine else 'frozen'}, {cfg.tokens_per_step} tokens/step, "
+    speed = f"threshold {cfg.threshold}" if cfg.threshold else f"{cfg.tokens_per_step} tokens/step"
+    cache = f", prefix cache (refresh {cfg.cache_refresh or 'once per block'})" if cfg.prefix_cache else ""
+    print(f"sampler      : {'refining' if cfg.refine else 'frozen'}, {speed}{cache}, "
           f"{passes} forward passes, {gen_length / seconds:.0f} tokens/s ({seconds:.2f} s)")
     return text
 

@@ -144,6 +144,8 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
                 "forward_passes"} <= set(r)
     assert {r["forward_passes"] for r in results if r["tokens_per_step"] == 8} == {8.0}
     assert os.path.exists(str(tmp_path / "eval.png")) and os.path.exists(str(tmp_path / "eval.md"))
+    out = run(["eval.py", "--ckpt", stage1, "--probe", "--n", "6"])
+    assert "colour (own image)" in out and "shape (next scene's image)" in out
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
