@@ -115,11 +115,15 @@ class _Skipper:
         self.stats[kind] += 1
 
 
-def _missing_image(image: Path, where: str, path: Path) -> DataError | None:
+def _existing_image(root: Path, relative: str, where: str, path: Path, allow_outside_root: bool,
+                    skip: _Skipper) -> Path | None:
+    """The resolved image path of one record, or None when it is missing and missing images are skipped."""
+    image = _image_path(root, relative, where, path, allow_outside_root)
     if image.is_file():
-        return None
-    return DataError(f"{path}: {where}: image file {image} not found; fix the path or image root, "
-                     f"or pass skip_missing=True to skip (and count) such examples")
+        return image
+    skip("skipped_missing", DataError(f"{path}: {where}: image file {image} not found; fix the path or image root, "
+                                      f"or pass skip_missing=True to skip (and count) such examples"))
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,10 +175,8 @@ def load_llava_json(json_path, image_root, skip_missing: bool = False, skip_bad:
         except DataError as e:
             skip("skipped_bad", e)
             continue
-        image = _image_path(root, relative, where, path, allow_outside_root)
-        missing = _missing_image(image, where, path)
-        if missing is not None:
-            skip("skipped_missing", missing)
+        image = _existing_image(root, relative, where, path, allow_outside_root, skip)
+        if image is None:
             continue
         records.append({"id": str(record.get("id", index)), "image_path": str(image),
                         "prompt": prompt.replace(IMAGE_TAG, "").strip(), "caption": caption.strip()})
@@ -250,10 +252,8 @@ def load_vicrit_jsonl(jsonl_path, image_root, skip_missing: bool = False, skip_b
         except DataError as e:
             skip("skipped_bad", e)
             continue
-        image = _image_path(root, relative, where, path, allow_outside_root)
-        missing = _missing_image(image, where, path)
-        if missing is not None:
-            skip("skipped_missing", missing)
+        image = _existing_image(root, relative, where, path, allow_outside_root, skip)
+        if image is None:
             continue
         records.append({"id": str(record.get("id", where)), "image_path": str(image),
                         "caption": caption, "wrong": wrong, "span": span})
