@@ -13,6 +13,7 @@ from tqdm import tqdm
 from cli import option, parse_config
 
 SCENE_POOL = 100_000  # --seed draws --n distinct test-split indices from this many
+NEEDS = ("tokenizer", "world", "answer_len")  # checkpoint metadata read here (model.load_for names a missing one)
 
 
 @dataclass
@@ -135,12 +136,12 @@ def main(argv=None):
         raise SystemExit("eval.py: give at least one checkpoint with --ckpt")
     from data import shapes
     from data.tokenizer import tokenizer_from_dict
-    from model import load_checkpoint, pick_device
+    from model import load_for, pick_device
     device = pick_device(cfg.device)
     indices = held_out_indices(cfg.n, cfg.seed)
     if cfg.probe:
         for ckpt in cfg.ckpt:
-            model, meta = load_checkpoint(ckpt, device)
+            model, meta = load_for(ckpt, "--ckpt", needs=NEEDS, device=device)
             probe = grounding_probe(model.eval(), tokenizer_from_dict(meta["tokenizer"]),
                                     shapes.WorldConfig(**meta["world"]), meta["answer_len"], indices)
             print(f"{ckpt}: " + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()))
@@ -152,7 +153,7 @@ def main(argv=None):
     loaded = {}
     for ckpt, n, refine in tqdm(jobs, desc="eval", dynamic_ncols=True):
         if ckpt not in loaded:
-            model, meta = load_checkpoint(ckpt, device)
+            model, meta = load_for(ckpt, "--ckpt", needs=NEEDS, device=device)
             loaded = {ckpt: (model.eval(), meta)}
         model, meta = loaded[ckpt]
         sampler = {"prefix_cache": cfg.prefix_cache, "cache_refresh": cfg.cache_refresh,

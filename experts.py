@@ -358,6 +358,33 @@ class AnswerCache:
             os.fsync(f.fileno())
 
 
+def rank_cache_path(path: str, rank: int) -> str:
+    """Where rank `rank` > 0 of a multi-process Stage II run appends its new answers: only rank 0 writes the shared
+    cache, so no two processes ever append to one file."""
+    return f"{path}.rank{rank}"
+
+
+def merge_rank_caches(path: str) -> int:
+    """Move the answers of every per-rank file (rank_cache_path) into the cache at `path`, then delete those files;
+    returns how many answers were new. Torn or unreadable lines are skipped, as on load."""
+    import glob
+    cache, moved = AnswerCache(path), 0
+    for part in sorted(glob.glob(glob.escape(path) + ".rank*")):
+        with open(part, "rb") as f:
+            lines = f.read().split(b"\n")
+        for line in lines:
+            try:
+                record = json.loads(line.decode("utf-8"))
+                key, answer = record.pop("key"), record.pop("answer")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if cache.get(key) is None:
+                cache.put(key, answer, **record)
+                moved += 1
+        os.remove(part)
+    return moved
+
+
 class OpenAIExpert(Expert):
     """Any OpenAI-compatible chat endpoint through the `openai` package (o4-mini in the paper).
 

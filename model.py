@@ -284,12 +284,16 @@ class VLM(nn.Module):
         return self.mm_projector(feats)                                                   # (B, N, D)
 
     def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None, past_kv: list | None = None,
-                keep_kv: int = 0, logits_from: int = 0):
+                keep_kv: int = 0, logits_from: int = 0, images: torch.Tensor | None = None):
         """Token ids (B, L) with image placeholders -> logits (B, L, V).
 
         The k-th placeholder of a row receives that row's k-th image token. A row may hold fewer placeholders
         than image tokens, or none (classifier-free guidance masks the whole prompt, image included).
-        past_kv, keep_kv, logits_from: the sampler's prefix cache and partial logits, see LLaDA.forward."""
+        past_kv, keep_kv, logits_from: the sampler's prefix cache and partial logits, see LLaDA.forward.
+        images (B, 3, S, S) instead of image_embeds: encoded here, so a training step is one call of the module
+        (DDP and FSDP act around forward calls; distributed.py)."""
+        if images is not None:
+            image_embeds = self.encode_images(images)                                     # (B, N, D)
         x = self.lm.embed_tokens(ids)                                                     # (B, L, D)
         if image_embeds is not None:
             is_image = ids == self.cfg.image_token_id                                     # (B, L)
@@ -385,6 +389,10 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
     """(tensors, description) of a checkpoint file, with clear errors for a missing or foreign file."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is a folder: this project's checkpoints are single .safetensors files "
+                         f"or sharded DCP folders with a meta.json (distributed.py), and it has none (a Hugging Face "
+                         f"LLaDA-V / ReDiff folder is read by sample.py --ckpt FOLDER only)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist: train one first (python train_stage1.py --tiny)")
     try:
@@ -396,24 +404,63 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
     if raw is None:
         raise ValueError(f"checkpoint {path!r} has no 'rediff' metadata: it was not written by this project's "
                          f"save_checkpoint (for Hugging Face LLaDA-V folders pass the folder, not a shard)")
-    description = json.loads(raw)
-    if description.get("format") != CKPT_FORMAT:
+    try:
+        description = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"checkpoint {path!r}: its 'rediff' metadata is not valid JSON ({err})") from None
+    if not isinstance(description, dict) or description.get("format") != CKPT_FORMAT:
         raise ValueError(f"checkpoint {path!r}: field 'format' is {description.get('format')!r}, expected {CKPT_FORMAT!r}")
     return tensors, description
 
 
 def load_checkpoint(path: str, device="cpu", optimizer=None) -> tuple[VLM, dict]:
     """Rebuild the model from the saved config (never from defaults), load its weights (and the optimizer's)."""
+    if os.path.isfile(os.path.join(path, "meta.json")):  # a sharded DCP folder (distributed.py); its optimizer state:
+        from distributed import load_dcp                  # distributed.load_dcp_optimizer
+        if optimizer is not None:
+            raise ValueError(f"{path!r} is a DCP folder: load its optimizer state with distributed.load_dcp_optimizer")
+        return load_dcp(path, device)
     tensors, description = read_checkpoint(path)
-    model = VLM(VLMConfig.from_dict(description["model_config"]))
+    try:
+        model = VLM(VLMConfig.from_dict(description["model_config"]))
+    except (KeyError, TypeError, ValueError, AssertionError) as err:
+        raise ValueError(f"checkpoint {path!r}: field 'model_config' is missing or not understood ({err!r}); it was "
+                         f"written by another version of this project: re-train it") from None
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # mis-shaped tensors
+        raise ValueError(f"checkpoint {path!r}: its weights do not fit its own model_config ({err})") from None
     if missing or unexpected:
         raise ValueError(f"checkpoint {path!r} does not fit its own model_config: missing {missing}, unexpected {unexpected}")
     if optimizer is not None:
         if "optimizer" not in description:
             raise ValueError(f"checkpoint {path!r} holds no optimizer state, so it cannot be resumed; use --init-from")
         optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-        optimizer.load_state_dict(_unflatten_optimizer(optim_tensors, description["optimizer"]))
+        try:
+            optimizer.load_state_dict(_unflatten_optimizer(optim_tensors, description["optimizer"]))
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise ValueError(f"checkpoint {path!r}: its optimizer state does not fit this run's trainable parameters "
+                             f"({err}); start a new run from its weights with --init-from") from None
     description["extra_tensors"] = {k: v for k, v in tensors.items() if not k.startswith(("model.", "optim."))}
     return model.to(device), description
+
+
+def load_for(path: str, purpose: str, stages=None, needs=(), fix: str = "", device="cpu", optimizer=None):
+    """load_checkpoint for a script's --init-from or --resume: every problem becomes a SystemExit that names `purpose`,
+    the file, what it holds, what was expected and `fix`, never a state-dict traceback.
+    stages: the accepted values of the checkpoint's "stage" (None: any); needs: metadata fields the caller reads."""
+    fix = f". Fix: {fix}" if fix else ""
+    try:
+        model, meta = load_checkpoint(path, device, optimizer)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"{purpose}: {err}{fix}") from None
+    stage = meta.get("stage")
+    if stages is not None and stage not in stages:
+        raise SystemExit(f"{purpose}: {path} is a checkpoint of kind {stage!r} (step {meta.get('step')}), "
+                         f"expected {' or '.join(map(repr, stages))}{fix}")
+    missing = [k for k in needs if k not in meta]
+    if missing:
+        raise SystemExit(f"{purpose}: {path} (kind {stage!r}) lacks the metadata field(s) {', '.join(missing)}, "
+                         f"written by every training script of this project{fix}")
+    return model, meta

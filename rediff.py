@@ -94,16 +94,20 @@ def corrupt_for_revision(ids, answer_mask, mask_id: int, ordinary_ids, replace_p
     return inputs, ids, types, p
 
 
-def typed_losses(logits, labels, types, p):
+def typed_losses(logits, labels, types, p, counts: dict | None = None):
     """Eq. 2-3: for each type (mask, syntax, hallucination, clean) the 1/t-weighted cross-entropy averaged over that
-    type's own count N_type; an empty type contributes 0. Returns (total, {name: part})."""
+    type's own count N_type; an empty type contributes 0. Returns (total, {name: part}).
+
+    counts {name: N}: divide by these instead of this batch's counts. One rank's rows of a global batch pass the
+    whole batch's counts over the number of ranks, so that the ranks' mean is the whole batch's loss
+    (distributed.py)."""
     ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)  # (B, L)
     weighted = ce / p[:, None]                                                                        # (B, L)
     parts = {}
     for type_id, name in TYPE_NAMES.items():
         chosen = types == type_id
-        count = chosen.sum()
-        parts[name] = (weighted * chosen).sum() / count.clamp(min=1)   # 0 when count == 0
+        count = chosen.sum().clamp(min=1) if counts is None else counts[name]
+        parts[name] = (weighted * chosen).sum() / count   # 0 when the type is empty
     return sum(parts.values()), parts
 
 
@@ -111,11 +115,12 @@ def typed_losses(logits, labels, types, p):
 # Stage II: online self-correction (Section 3.3, Eq. 4)
 
 
-def refinement_loss(logits, refined, mistake_mask):
+def refinement_loss(logits, refined, mistake_mask, count=None):
     """Eq. 4: the input is the model's own draft (no masking); cross-entropy against the expert-refined tokens on the
-    corrected positions only, normalised by their number N_mistake (0 when the batch has none)."""
+    corrected positions only, normalised by their number N_mistake (0 when the batch has none). count: divide by
+    this instead (one rank's rows of a global batch, as in typed_losses)."""
     ce = F.cross_entropy(logits.flatten(0, 1), refined.flatten(), reduction="none").view(refined.shape)  # (B, L)
-    return (ce * mistake_mask).sum() / mistake_mask.sum().clamp(min=1)
+    return (ce * mistake_mask).sum() / (mistake_mask.sum().clamp(min=1) if count is None else count)
 
 
 # ----------------------------------------------------------------------------------------------------------------

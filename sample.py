@@ -193,15 +193,15 @@ def caption_real_weights(cfg: "SampleConfig") -> str:
 
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv, description=__doc__)
-    if os.path.isdir(cfg.ckpt):
+    if os.path.isdir(cfg.ckpt) and not os.path.isfile(os.path.join(cfg.ckpt, "meta.json")):  # meta.json: DCP
         return caption_real_weights(cfg)
     from data import shapes
     from data.loaders import open_image
     from data.score import score_caption
     from data.tokenizer import tokenizer_from_dict
-    from model import load_checkpoint, pick_device
+    from model import load_for, pick_device
     device = pick_device(cfg.device)
-    model, meta = load_checkpoint(cfg.ckpt, device)
+    model, meta = load_for(cfg.ckpt, "--ckpt", needs=("tokenizer", "world", "answer_len"), device=device)
     model.eval()
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     gen_length = cfg.gen_length or meta["answer_len"]

@@ -3,6 +3,7 @@ the mask-trained baseline) or ReDiff's Stage I foundational revision (Eq. 2-3, t
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 import rediff
 from cli import option, parse_config, show_config
 
@@ -20,12 +22,14 @@ from cli import option, parse_config, show_config
 class TrainConfig:
     objective: str = option("revision", "revision: Stage I typed losses (Eq. 2-3); mask: plain masked diffusion (Eq. 1)",
                             choices=["revision", "mask"])
-    out: str = option("out/stage1.safetensors", "checkpoint to write (atomically, every --eval-every steps and at the end)")
-    init_from: str = option("", "start from this checkpoint's weights (e.g. a base model); the optimizer starts fresh")
+    out: str = option("out/stage1.safetensors", "checkpoint to write (atomically, every --eval-every steps and at the "
+                      "end): a .safetensors file, or any other name: a sharded DCP folder (distributed.py)")
+    init_from: str = option("", "start from this checkpoint's weights (e.g. a base model); the optimizer starts fresh; "
+                            "the model's shape is the checkpoint's (shape flags that contradict it are refused)")
     stop_at: int = option(0, "stop (with a checkpoint) after this step, as an interruption would; 0: run to --steps")
     resume: bool = option(False, "continue the run saved at --out: weights, optimizer, schedule and data position")
     steps: int = option(6000, "optimizer steps")
-    batch_size: int = option(64, "samples per step")
+    batch_size: int = option(64, "samples per step (with several processes: all of them together)")
     lr: float = option(2e-3, "peak learning rate (AdamW)")
     min_lr_frac: float = option(0.1, "the cosine schedule ends at lr * min_lr_frac")
     warmup: int = option(100, "linear warm-up steps")
@@ -48,6 +52,14 @@ class TrainConfig:
     seed: int = option(0, "seed for initialisation, data order and masking")
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
     compile: bool = option(False, "torch.compile the model (about a minute up front; off by default)")
+    parallel: str = option("auto", "several processes (torchrun --nproc_per_node N): ddp (a full replica per rank) or "
+                           "fsdp (FSDP2: parameters, gradients and Adam states sharded; needs a DCP --out folder); "
+                           "auto: ddp under torchrun, none otherwise", choices=["auto", "none", "ddp", "fsdp"])
+    param_dtype: str = option("auto", "--parallel fsdp: dtype of the gathered parameters for compute (master weights, "
+                              "Adam and gradient reduction stay float32); auto: bfloat16 on CUDA, float32 elsewhere",
+                              choices=["auto", "bfloat16", "float32"])
+    activation_checkpointing: bool = option(False, "recompute each transformer block's activations in the backward "
+                                            "pass (less memory, about 1/3 more compute)")
 
 
 PRESETS = {"tiny": {"help": "the 5-minute CPU preset of the README (small model, fewer steps)",
@@ -110,18 +122,24 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator):
-    """One batch's loss for the configured objective -> (loss, {part: value})."""
-    image_embeds = model.encode_images(batch.images)                                      # (B, N, D)
+def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=None):
+    """One batch's loss for the configured objective -> (loss, {part: value}).
+
+    shard (distributed.Context): `batch` is the global batch; masks and corruptions are drawn for all of it (the
+    single-process draws), the model runs on this rank's rows, and the loss is normalised so that its mean over
+    ranks is the whole batch's loss (Eq. 1: per-sample mean over equal shards; Eq. 2-3: global type counts)."""
+    rows = slice(None) if shard is None else shard.rows(len(batch.ids))                  # this rank's rows
+    images = batch.images[rows]                                                           # (b, 3, S, S)
     if cfg.objective == "mask":
         noisy, is_masked, p = rediff.forward_mask(batch.ids, batch.answer_mask, tokenizer.mask_id, generator=generator)
-        logits = model(noisy, image_embeds)                                               # (B, L, V)
-        loss = rediff.masked_diffusion_loss(logits, batch.ids, is_masked, p, batch.answer_mask)
+        logits = model(noisy[rows], images=images)                                        # (b, L, V)
+        loss = rediff.masked_diffusion_loss(logits, batch.ids[rows], is_masked[rows], p[rows], batch.answer_mask[rows])
         return loss, {"mask": loss}
     inputs, labels, types, p = rediff.corrupt_for_revision(
         batch.ids, batch.answer_mask, tokenizer.mask_id, tokenizer.ordinary_ids, cfg.replace_prob,
         cfg.t_dependent, batch.wrong_ids, batch.wrong_span, generator=generator)
-    return rediff.typed_losses(model(inputs, image_embeds), labels, types, p)
+    counts = None if shard is None else {name: shard.count(types == t) for t, name in rediff.TYPE_NAMES.items()}
+    return rediff.typed_losses(model(inputs[rows], images=images), labels[rows], types[rows], p[rows], counts)
 
 
 @torch.no_grad()
@@ -148,21 +166,66 @@ def build_model(cfg: TrainConfig, tokenizer):
     return VLM(VLMConfig(lm=lm, vision=vision, image_token_id=tokenizer.image_id))
 
 
+# --init-from / --resume: the checkpoint decides the model's shape, so these flags are only checked against it.
+SHAPE_FLAGS = {"d_model": ("lm", "d_model"), "n_layers": ("lm", "n_layers"), "n_heads": ("lm", "n_heads"),
+               "image_size": ("vision", "image_size"), "patch_size": ("vision", "patch_size"),
+               "vision_width": ("vision", "width"), "vision_layers": ("vision", "layers")}
+RESUME_FREE = {"resume", "stop_at", "init_from", "out", "eval_every", "device", "compile", "parallel",
+               "activation_checkpointing"}  # may change on --resume
+
+
+def check_start(cfg: TrainConfig, model, meta: dict, source: str) -> None:
+    """Refuse what --init-from / --resume cannot honour, with the fix: a shape flag asked for (on the command line or
+    by a preset, i.e. not its default) that differs from the checkpoint, and on --resume another --objective.
+    Other settings that differ from the resumed run's are listed (the continuation then differs from one run)."""
+    defaults, flag = TrainConfig(), lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    saved = {name: getattr(getattr(model.cfg, part), key) for name, (part, key) in SHAPE_FLAGS.items()}
+    saved["answer_len"] = meta["answer_len"]
+    conflicts = [f"{flag(name)} {getattr(cfg, name)} but the checkpoint has {value}" for name, value in saved.items()
+                 if getattr(cfg, name) not in (getattr(defaults, name), value)]
+    run = meta.get("train_config") or {}
+    if cfg.resume and run.get("objective", cfg.objective) != cfg.objective:
+        conflicts.append(f"--objective {cfg.objective} but the run was trained with --objective {run['objective']}")
+    if conflicts:
+        how = ("repeat the run's own flags (e.g. --objective, --tiny), or start a new run from it with --init-from"
+               if cfg.resume else "leave these flags out (or give the checkpoint's values): the model comes from it")
+        raise SystemExit(f"{'--resume' if cfg.resume else '--init-from'} {source}: {'; '.join(conflicts)}. Fix: {how}")
+    if cfg.resume:
+        changed = [f"{flag(k)} {getattr(cfg, k)} (was {v})" for k, v in run.items()
+                   if k not in RESUME_FREE | set(saved) and hasattr(cfg, k) and getattr(cfg, k) != v]
+        if changed:
+            print(f"note: resuming {source} with other settings than the run's: {', '.join(changed)}; the "
+                  f"continuation will not match an uninterrupted run")
+
+
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, description=__doc__, presets=PRESETS)
+    if cfg.parallel == "fsdp" and not distributed.is_dcp(cfg.out):
+        raise SystemExit(f"--parallel fsdp writes sharded checkpoints: give --out a folder name, e.g. "
+                         f"{cfg.out.removesuffix('.safetensors')}.dcp (python distributed.py makes one file of it)")
+    ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of a torchrun group (and its device)
     print(show_config(cfg))
     from data import shapes
     from data.pipeline import ShapesData
     from data.tokenizer import WordTokenizer, tokenizer_from_dict
-    from model import load_checkpoint, pick_device, save_checkpoint
+    from model import load_for, save_checkpoint
     from sample import caption_images, decode_answer
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = ctx.device
     world = shapes.WorldConfig(image_size=cfg.image_size, max_words=cfg.answer_len - 1)
     start_step, optimizer_state, history = 0, None, []
     if cfg.resume or cfg.init_from:
         source = cfg.out if cfg.resume else cfg.init_from
-        model, meta = load_checkpoint(source, device)
+        needs = ("tokenizer", "world", "answer_len", "step")
+        if cfg.resume:
+            model, meta = load_for(source, "--resume", ("stage1-mask", "stage1-revision"), needs, device=device,
+                                   fix="--resume continues the Stage I run saved at --out: point --out at one, or drop "
+                                   "--resume to start a new run (--init-from FILE to start from other weights; "
+                                   "train_stage2.py --resume continues Stage II runs)")
+        else:
+            model, meta = load_for(source, "--init-from", ("stage1-mask", "stage1-revision", "stage2"), needs,
+                                   device=device, fix="pass a checkpoint written by train_stage1.py or train_stage2.py")
+        check_start(cfg, model, meta, source)
         tokenizer = tokenizer_from_dict(meta["tokenizer"])
         world = shapes.WorldConfig(**meta["world"])
         cfg.answer_len = meta["answer_len"]
@@ -185,17 +248,23 @@ def main(argv=None):
         pretrain_vision(model, data, cfg.vision_pretrain_steps, 128, device, cfg.seed)
     model.vision_tower.requires_grad_(False)  # the tower stays frozen, like a pretrained encoder
     model.vision_tower.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
+    train_model = distributed.wrap(model, ctx, cfg.param_dtype, cfg.activation_checkpointing)  # DDP / FSDP2 / model
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2 replaces them with shards
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    if optimizer_state:
-        load_checkpoint(optimizer_state, device, optimizer=optimizer)
-    step_model = torch.compile(model) if cfg.compile else model
+    if optimizer_state and os.path.isdir(optimizer_state):
+        distributed.load_dcp_optimizer(optimizer_state, model, optimizer)  # resharded to this run's processes
+    elif optimizer_state:
+        load_for(optimizer_state, "--resume", device=device, optimizer=optimizer)
+    step_model = torch.compile(train_model) if cfg.compile else train_model
 
     def save(step):
         meta = {"stage": "stage1-" + cfg.objective, "step": step, "train_config": asdict(cfg),
                 "tokenizer": tokenizer.to_dict(), "world": asdict(world), "answer_len": cfg.answer_len,
                 "history": history}
-        save_checkpoint(cfg.out, model, meta, optimizer)
+        if distributed.is_dcp(cfg.out):
+            distributed.save_dcp(cfg.out, model, optimizer, meta, ctx)  # every rank writes its shard
+        elif ctx.is_main:
+            save_checkpoint(cfg.out, model, meta, optimizer)
 
     model.train()
     model.vision_tower.eval()
@@ -206,22 +275,24 @@ def main(argv=None):
         frac = cfg.hallucination_frac if cfg.objective == "revision" else 0.0
         batch = data.batch(step, cfg.batch_size, frac).to(device)
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-        loss, parts = training_loss(step_model, batch, cfg, tokenizer, generator)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"step {step}: loss is {loss.item()}; stopping. The last good checkpoint is {cfg.out} "
-                             f"(try a lower --lr)")
+        loss, parts = training_loss(step_model, batch, cfg, tokenizer, generator, ctx)  # this rank's rows
+        batch_loss, parts = ctx.mean(loss), ctx.mean(parts)  # the whole batch's values, as one process has them
+        if not torch.isfinite(batch_loss):
+            raise SystemExit(f"step {step}: loss is {batch_loss.item()}; stopping. The last good checkpoint is "
+                             f"{cfg.out} (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in parts.items()})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            val = validation_loss(model, val_data, tokenizer, device)
-            history.append({"step": step + 1, "train_loss": loss.item(), "val_loss": val})
-            ids, _ = caption_images(model, tokenizer, val_data.images([0]).to(device), cfg.answer_len, 1)
+            whole = distributed.full_copy(model, ctx)  # FSDP: a gathered replica; otherwise the model itself
+            val = validation_loss(whole, val_data, tokenizer, device)
+            history.append({"step": step + 1, "train_loss": batch_loss.item(), "val_loss": val})
+            ids, _ = caption_images(whole, tokenizer, val_data.images([0]).to(device), cfg.answer_len, 1)
             model.train()
             model.vision_tower.eval()
-            tqdm.write(f"step {step + 1}: train loss {loss.item():.4f}, val loss (Eq. 1) {val:.4f}\n"
+            tqdm.write(f"step {step + 1}: train loss {batch_loss.item():.4f}, val loss (Eq. 1) {val:.4f}\n"
                        f"  sample (val scene 0, 1 token/step): {decode_answer(tokenizer, ids[0])}")
             save(step + 1)
         if step + 1 == cfg.stop_at:

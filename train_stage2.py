@@ -20,6 +20,7 @@ never requested again.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 import rediff
 from cli import option, parse_config, show_config
 
@@ -52,14 +54,14 @@ class Stage2Config:
     expert_model: str = option("o4-mini", "--expert openai: the chat model")
     expert_base_url: str = option("", "--expert openai: an OpenAI-compatible endpoint (empty: api.openai.com); "
                                   "the key is read from OPENAI_API_KEY only")
-    max_in_flight: int = option(8, "--expert openai: most requests at once")
+    max_in_flight: int = option(8, "--expert openai: most requests at once (per process)")
     cache: str = option("out/expert_cache.jsonl", "--expert openai: append-only answer cache (empty: none)")
     stage1_mix: float = option(0.25, "fraction of every batch that is Stage I data (0 = none)")
     stage1_objective: str = option("auto", "objective of the Stage I mix; auto: the one the initial checkpoint "
                                    "was trained with", choices=["auto", "revision", "mask"])
     n_scenes: int = option(4000, "scenes pre-rendered for the Stage I mix")
     steps: int = option(300, "optimizer steps per round")
-    batch_size: int = option(64, "samples per step (own drafts + Stage I mix)")
+    batch_size: int = option(64, "samples per step (own drafts + Stage I mix; with several processes: all of them)")
     lr: float = option(3e-4, "peak learning rate (AdamW; cosine to lr * min_lr_frac, restarted every round)")
     min_lr_frac: float = option(0.1, "the cosine schedule ends at lr * min_lr_frac")
     warmup: int = option(10, "linear warm-up steps (the paper: 3 percent of the steps)")
@@ -67,6 +69,14 @@ class Stage2Config:
     grad_clip: float = option(1.0, "gradient-norm clip")
     seed: int = option(0, "seed for batches and the Stage I mix")
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
+    parallel: str = option("auto", "several processes (torchrun --nproc_per_node N): ddp or fsdp (FSDP2); drafts and "
+                           "expert calls are split over the ranks; auto: ddp under torchrun, none otherwise",
+                           choices=["auto", "none", "ddp", "fsdp"])
+    param_dtype: str = option("auto", "--parallel fsdp: dtype of the gathered parameters for compute (master weights, "
+                              "Adam and gradient reduction stay float32); auto: bfloat16 on CUDA, float32 elsewhere",
+                              choices=["auto", "bfloat16", "float32"])
+    activation_checkpointing: bool = option(False, "recompute each transformer block's activations in the backward "
+                                            "pass (less memory, about 1/3 more compute)")
 
 
 PRESETS = {"tiny": {"help": "a CPU-sized run: fewer drafts, steps and scenes",
@@ -78,8 +88,10 @@ PRESETS = {"tiny": {"help": "a CPU-sized run: fewer drafts, steps and scenes",
 
 
 @torch.no_grad()
-def make_drafts(model, tokenizer, world, answer_len: int, cfg: Stage2Config, round_index: int) -> list[dict]:
-    """Caption round `round_index`'s fresh scenes with the refining sampler; scene k at tokens_per_step[k % n]."""
+def make_drafts(model, tokenizer, world, answer_len: int, cfg: Stage2Config, round_index: int, ctx=None) -> list[dict]:
+    """Caption round `round_index`'s fresh scenes with the refining sampler; scene k at tokens_per_step[k % n].
+    ctx (distributed.Context): with N processes, rank r captions chunks r, r + N, ... of --draft-batch captions and
+    every rank gets all the ids; the chunks, hence the drafts, are those of one process."""
     from data import shapes
     from data.pipeline import image_to_tensor
     from sample import caption_images, decode_answer
@@ -89,19 +101,45 @@ def make_drafts(model, tokenizer, world, answer_len: int, cfg: Stage2Config, rou
     vision, ids = model.cfg.vision, [None] * len(samples)
     model.eval()
     bar = tqdm(total=len(samples), desc=f"round {round_index + 1} drafts", dynamic_ncols=True)
+    rank, n_ranks, n_chunks = (ctx.rank, ctx.world, 0) if ctx else (0, 1, 0)
     for speed in sorted(set(speeds)):
         rows = [k for k, s in enumerate(speeds) if s == speed]
         for lo in range(0, len(rows), cfg.draft_batch):
             chunk = rows[lo:lo + cfg.draft_batch]
+            n_chunks += 1
+            if (n_chunks - 1) % n_ranks != rank:  # another rank's chunk
+                continue
             images = image_to_tensor([samples[k]["image"] for k in chunk], vision.mean, vision.std)
             out, _ = caption_images(model, tokenizer, images, answer_len, speed, refine=True)   # (b, G)
             for k, row in zip(chunk, out.cpu()):
                 ids[k] = row
             bar.update(len(chunk))
     bar.close()
+    if n_ranks > 1:  # every rank gets every draft
+        for share in ctx.gather({k: row.tolist() for k, row in enumerate(ids) if row is not None}):
+            for k, row in share.items():
+                ids[int(k)] = torch.tensor(row)
     return [{"scene_index": first + k, "tokens_per_step": speeds[k], "ids": ids[k],
              "text": decode_answer(tokenizer, ids[k]), "truth": s["caption"], "scene": s["scene"],
              "image": s["image"]} for k, s in enumerate(samples)]
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Expert review
+
+
+def review_drafts(expert, drafts: list[dict], ctx=None) -> tuple[list, Counter]:
+    """(the expert's review of every draft, the expert's statistics for them). ctx (distributed.Context): each rank
+    reviews its own contiguous share (its own API calls) and every rank gets all reviews, in draft order."""
+    from experts import Item
+    share = ctx.part(len(drafts)) if ctx else range(len(drafts))
+    before = Counter(expert.counts)
+    mine = drafts[share.start:share.stop]
+    reviews = expert.review([Item(d["text"], d["truth"], d["scene"], d["image"]) for d in mine])
+    counts = expert.counts - before
+    if ctx and ctx.world > 1:
+        reviews = [review for part in ctx.gather(reviews) for review in part]
+        counts = sum((Counter(c) for c in ctx.gather(dict(counts))), Counter())
+    return reviews, counts
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Alignment
@@ -140,10 +178,13 @@ def align(drafts: list[dict], reviews: list, tokenizer, counts: Counter) -> list
 # 4. Fine-tuning with Eq. 4 (+ Stage I data)
 
 
-def finetune(model, samples, mix_data, stage1_cfg, tokenizer, cfg: Stage2Config, round_index: int, device) -> dict:
-    """--steps of AdamW on the round's samples; returns the last step's losses."""
+def finetune(model, samples, mix_data, stage1_cfg, tokenizer, cfg: Stage2Config, round_index: int, device,
+             ctx=None, train_model=None) -> dict:
+    """--steps of AdamW on the round's samples; returns the last step's losses (of the whole batch).
+    ctx, train_model (distributed.py): this rank's rows of every global batch go through the DDP / FSDP module."""
     from data.pipeline import image_to_tensor, prompt_ids
     from train_stage1 import learning_rate, training_loss
+    ctx, step_model = ctx or distributed.Context(), train_model or model
     vision = model.cfg.vision
     prompt = torch.tensor(prompt_ids(tokenizer, model.n_image_tokens))                     # (P,)
     E, P = len(samples), len(prompt)
@@ -166,24 +207,26 @@ def finetune(model, samples, mix_data, stage1_cfg, tokenizer, cfg: Stage2Config,
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         pick = torch.from_numpy(np.random.default_rng([cfg.seed, round_index, step]).integers(E, size=n_own))
-        logits = model(inputs[pick].to(device), model.encode_images(images[pick].to(device)))  # (b, L, V)
-        loss_own = rediff.refinement_loss(logits, labels[pick].to(device), mistake[pick].to(device))
-        loss, parts = loss_own, {"refine": loss_own.item()}
+        own = pick[ctx.rows(n_own)]                                                         # this rank's rows
+        logits = step_model(inputs[own].to(device), images=images[own].to(device))          # (b, L, V)
+        loss_own = rediff.refinement_loss(logits, labels[own].to(device), mistake[own].to(device),
+                                          ctx.count(mistake[pick]))  # / N_mistake of the whole batch
+        loss, parts = loss_own, {"refine": loss_own}
         if n_mix:
             global_step = MIX_STEP_OFFSET + round_index * cfg.steps + step
             batch = mix_data.batch(global_step, n_mix, mix_frac).to(device)
             generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + global_step)
-            loss_mix, _ = training_loss(model, batch, stage1_cfg, tokenizer, generator)
+            loss_mix, _ = training_loss(step_model, batch, stage1_cfg, tokenizer, generator, ctx)
             loss = (n_own * loss_own + n_mix * loss_mix) / cfg.batch_size  # weighted by share of the batch
-            parts["stage1"] = loss_mix.item()
-        if not torch.isfinite(loss):
-            raise SystemExit(f"round {round_index + 1}, step {step}: loss is {loss.item()}; stopping. The last good "
+            parts["stage1"] = loss_mix
+        parts = {k: v.item() for k, v in ctx.mean({**parts, "total": loss}).items()}  # the whole batch's values
+        if not math.isfinite(parts["total"]):
+            raise SystemExit(f"round {round_index + 1}, step {step}: loss is {parts['total']}; stopping. The last good "
                              f"checkpoint is {cfg.out if round_index else cfg.init_from} (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        parts["total"] = loss.item()
         bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
     bar.close()
     return parts
@@ -213,8 +256,13 @@ def load_start(cfg: Stage2Config, device):
     missing = [k for k in ("tokenizer", "world", "answer_len") if k not in meta]
     if meta.get("stage") not in wanted or missing:
         expected = "a stage2 checkpoint to resume" if cfg.resume else f"one of {', '.join(INIT_STAGES)}"
+        fix = (f"to start Stage II from it, pass --init-from {path} and another --out" if cfg.resume
+               else "train one with train_stage1.py (Stage I) first")
         raise SystemExit(f"{path} is a checkpoint of kind {meta.get('stage')!r}"
-                         f"{' without ' + ', '.join(missing) if missing else ''}; Stage II needs {expected}")
+                         f"{' without ' + ', '.join(missing) if missing else ''}; Stage II needs {expected}. Fix: {fix}")
+    if meta.get("stage") == "stage1-mask":  # a legitimate experiment (Stage II alone), but not ReDiff: say so
+        print(f"note: {path} is a mask-trained model (stage1-mask) without Stage I revision training: this run is "
+              f"Stage II alone. For ReDiff, train Stage I first: python train_stage1.py --init-from {path}")
     first_round = meta.get("round", 0) if cfg.resume else 0
     print(f"loaded {path} (stage {meta['stage']}, step {meta.get('step')}"
           f"{', round ' + str(first_round) if cfg.resume else ''})")
@@ -269,20 +317,26 @@ def main(argv=None):
     cfg = parse_config(Stage2Config, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
     if not 0 <= cfg.stage1_mix < 1:
         raise SystemExit(f"--stage1-mix must be in [0, 1), got {cfg.stage1_mix}")
+    ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of a torchrun group (and its device)
     print(show_config(cfg))
     from data import shapes
     from data.pipeline import ShapesData
     from data.tokenizer import tokenizer_from_dict
-    from experts import Item, make_expert
-    from model import pick_device, save_checkpoint
+    from experts import make_expert, merge_rank_caches, rank_cache_path
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = ctx.device
     model, meta, first_round = load_start(cfg, device)
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     world, answer_len = shapes.WorldConfig(**meta["world"]), meta["answer_len"]
     s1 = stage1_config(meta, cfg)
+    shared_cache = cfg.expert == "openai" and cfg.cache
+    if shared_cache and ctx.is_main:
+        merge_rank_caches(cfg.cache)  # answers that an interrupted multi-process run left in per-rank files
+    ctx.barrier()
     expert = make_expert(cfg.expert, cfg.expert_model, cfg.expert_base_url or None, cfg.cache or None,
                          cfg.max_in_flight)
+    if shared_cache and not ctx.is_main:  # every rank reads the shared cache; only rank 0 appends to it
+        expert.cache.path = rank_cache_path(cfg.cache, ctx.rank)
     history = meta.get("history", []) if cfg.resume else []
     step = meta.get("step", 0) if cfg.resume else 0
     t0 = time.perf_counter()
@@ -295,17 +349,18 @@ def main(argv=None):
                               model.cfg.vision.mean, model.cfg.vision.std)
         print(f"Stage I mix: {cfg.stage1_mix:.0%} of each batch, objective {s1.objective}, {cfg.n_scenes} scenes")
     model.vision_tower.requires_grad_(False)  # frozen, as in Stage I
+    train_model = distributed.wrap(model, ctx, cfg.param_dtype, cfg.activation_checkpointing)  # DDP / FSDP2 / model
     for r in range(first_round, cfg.rounds):
-        drafts = make_drafts(model, tokenizer, world, answer_len, cfg, r)
+        drafts = make_drafts(distributed.full_copy(model, ctx), tokenizer, world, answer_len, cfg, r, ctx)
         quality = draft_quality(drafts)
-        before = Counter(expert.counts)
-        reviews = expert.review([Item(d["text"], d["truth"], d["scene"], d["image"]) for d in drafts])
-        counts = expert.counts - before  # this round's expert statistics
+        reviews, counts = review_drafts(expert, drafts, ctx)  # and this round's expert statistics
+        if shared_cache and ctx.is_main:
+            merge_rank_caches(cfg.cache)  # the other ranks' new answers (they have all answered: gathered)
         samples = align(drafts, reviews, tokenizer, counts)
         for line in round_report(r, cfg, drafts, quality, counts, samples, expert.name):
             tqdm.write(line)
         if samples:
-            parts = finetune(model, samples, mix_data, s1, tokenizer, cfg, r, device)
+            parts = finetune(model, samples, mix_data, s1, tokenizer, cfg, r, device, ctx, train_model)
             step += cfg.steps
         else:
             parts = {}
@@ -313,11 +368,12 @@ def main(argv=None):
         history.append({"round": r + 1, "step": step, "drafts": len(drafts), "samples": len(samples),
                         "draft_headline": {str(k): v for k, v in quality.items()},
                         "expert": dict(counts), **{f"{k}_loss": v for k, v in parts.items()}})
-        save_checkpoint(cfg.out, model, {
+        distributed.save_file(cfg.out, model, {  # weights only; rank 0 writes them
             "stage": "stage2", "round": r + 1, "step": step, "train_config": asdict(cfg),
             "stage1_config": asdict(s1), "init_from": cfg.init_from or meta.get("init_from", ""),
+            "init_stage": meta.get("init_stage", meta["stage"]),  # stage1-mask: Stage II alone, not ReDiff
             "tokenizer": tokenizer.to_dict(), "world": asdict(world), "answer_len": answer_len,
-            "expert_stats": dict(counts), "history": history})
+            "expert_stats": dict(counts), "history": history}, ctx)
         losses = ", ".join(f"{k} {v:.4f}" for k, v in parts.items())
         tqdm.write(f"round {r + 1}/{cfg.rounds} | step {step} | {losses or 'no loss'} | checkpoint {cfg.out} | "
                    f"{time.perf_counter() - t0:.0f} s")

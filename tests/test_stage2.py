@@ -413,9 +413,10 @@ def test_tiny_stage2_end_to_end_with_resume(tmp_path, one_thread, fake_chat, mon
                        "--vision-pretrain-steps", "2", "--batch-size", "8", "--out", s1])
     real_drafts = train_stage2.make_drafts
 
-    def drafts_with_mistakes(model, tokenizer, world, answer_len, cfg, round_index):
+    def drafts_with_mistakes(model, tokenizer, world, answer_len, cfg, round_index, *shard):
         """Real drafting, then (a 4-step model writes nothing) hallucinated ground truths in their place."""
-        drafts, rng = real_drafts(model, tokenizer, world, answer_len, cfg, round_index), np.random.default_rng(0)
+        drafts = real_drafts(model, tokenizer, world, answer_len, cfg, round_index, *shard)
+        rng = np.random.default_rng(0)
         for d in drafts:
             pair = shapes.hallucination_pair(d["scene"], d["truth"], rng)
             d["text"] = pair["wrong"] if pair else d["truth"]
@@ -433,6 +434,7 @@ def test_tiny_stage2_end_to_end_with_resume(tmp_path, one_thread, fake_chat, mon
     assert (meta["stage"], meta["round"], meta["step"]) == ("stage2", 1, 2)
     assert meta["expert_stats"]["pairs_kept"] > 0 and meta["train_config"]["expert"] == "oracle"
     assert meta["stage1_config"]["objective"] == "revision" and meta["answer_len"] == 64
+    assert meta["init_stage"] == "stage1-revision", "a Stage II checkpoint records what it started from"
     assert meta["history"][0]["refine_loss"] > 0
 
     # Resume for a second round, with the openai expert on the local fake server; the key goes nowhere.
@@ -442,6 +444,7 @@ def test_tiny_stage2_end_to_end_with_resume(tmp_path, one_thread, fake_chat, mon
     out = capsys.readouterr().out
     _, meta = read_checkpoint(s2)
     assert meta["round"] == 2 and len(meta["history"]) == 2 and "round 2/2" in out and "round 1/2" not in out
+    assert meta["init_stage"] == "stage1-revision", "kept across --resume"
     paid = sum(fake_chat.requests.values())
     assert paid == 6 and meta["history"][1]["expert"]["requests"] == 6
     for where in (out, cache.read_text(), open(s2, "rb").read().decode("latin-1")):

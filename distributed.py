@@ -1,0 +1,331 @@
+"""distributed.py: multi-process training on PyTorch's own engine: torchrun start-up, DDP or FSDP2 (bf16 mixed
+precision, activation checkpointing), each rank's rows of the global batch, collectives, and sharded checkpoints
+through torch.distributed.checkpoint (DCP). Every helper also works in one process, without torchrun.
+
+    torchrun --nproc_per_node 8 train_stage1.py --parallel fsdp --out out/stage1.dcp ...
+    python distributed.py --dcp out/stage1.dcp --out out/stage1.safetensors     # one file (weights), to share
+
+The rules the training scripts follow (README, "Multi-GPU training"):
+- --batch-size is the GLOBAL batch. Every rank builds the whole batch from (seed, step) as one process would, draws
+  the masks and corruptions for all of it (the single-process random draws), and runs the model on its own rows only.
+- Each rank's loss is normalised so that the MEAN over ranks is the whole batch's single-process loss: a per-sample
+  mean (Eq. 1) over equal shards as it is; a loss divided by a token count (Eq. 2-4) divides the rank's sum by the
+  whole batch's count / world size (Context.count). DDP and FSDP average gradients over ranks, so every step's
+  gradient is the single-process one, up to the order of float summation.
+- A checkpoint path ending in .safetensors is one file (model.save_checkpoint); any other path is a DCP folder: one
+  safetensors shard per writing rank plus meta.json, readable by any number of processes.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from cli import option, parse_config
+
+DCP_FORMAT = "rediff-dcp-v1"
+META_FILE = "meta.json"
+MODES = ["auto", "none", "ddp", "fsdp"]
+
+
+@dataclass
+class Context:
+    """This process's place in the run: parallel mode, rank, number of processes (world) and device."""
+    mode: str = "none"                      # none, ddp or fsdp
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, size: int) -> slice:
+        """This rank's equal share of a global batch of `size` rows (all of it in one process)."""
+        if size % self.world:
+            raise SystemExit(f"a global batch of {size} rows does not split evenly over {self.world} processes: "
+                             f"choose --batch-size (Stage II: its own-draft and --stage1-mix parts too) as multiples "
+                             f"of {self.world}")
+        n = size // self.world
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def part(self, n: int) -> range:
+        """This rank's contiguous share of n items, for work that need not split evenly (reviews)."""
+        return range(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def count(self, chosen: torch.Tensor) -> torch.Tensor:
+        """Denominator for a loss normalised by a token count: the whole batch's count (at least 1; `chosen` is the
+        global mask) over the world size, so the mean over ranks of (rank's sum / this) = global sum / global count."""
+        return chosen.sum().clamp(min=1) / self.world
+
+    def mean(self, values):
+        """The mean over ranks of a tensor, or of a dict of scalars (detached; unchanged in one process)."""
+        if self.world == 1:
+            return values
+        if isinstance(values, dict):
+            means = self.mean(torch.stack([torch.as_tensor(v).detach().float() for v in values.values()]))
+            return dict(zip(values, means))
+        total = values.detach().float().to(self.device).clone()
+        dist.all_reduce(total)
+        return total / self.world
+
+    def gather(self, obj) -> list:
+        """Every rank's JSON-able `obj`, in rank order. Sent as UTF-8 bytes in tensors: nothing is pickled."""
+        if self.world == 1:
+            return [obj]
+        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(self.device)
+        sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([len(data)], device=self.device))
+        width = max(int(s) for s in sizes)
+        padded = torch.zeros(width, dtype=torch.uint8, device=self.device)
+        padded[:len(data)] = data
+        out = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(out, padded)
+        return [json.loads(o[:int(s)].cpu().numpy().tobytes()) for o, s in zip(out, sizes)]
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def launched() -> bool:
+    """Started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(mode: str = "auto", device: str = "auto") -> Context:
+    """Join the process group (once per process) and pick this rank's device. auto: ddp under torchrun, none
+    otherwise. ddp / fsdp without torchrun run as a group of one process (handy for debugging)."""
+    from model import pick_device
+    if mode not in MODES:
+        raise SystemExit(f"--parallel {mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "auto":
+        mode = "ddp" if launched() else "none"
+    if mode == "none":
+        if launched() and int(os.environ["WORLD_SIZE"]) > 1:
+            raise SystemExit("--parallel none under torchrun with several processes: each would train its own copy "
+                             "on the whole batch; use --parallel ddp or fsdp")
+        return Context("none", device=pick_device(device))
+    where = pick_device(device)
+    if where.type == "mps":
+        raise SystemExit(f"--parallel {mode}: torch.distributed has no MPS backend; use --device cpu or cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if where.type == "cuda":
+        where = torch.device("cuda", local_rank)
+        torch.cuda.set_device(where)
+    if not dist.is_initialized():
+        backend = "nccl" if where.type == "cuda" else "gloo"
+        if launched():
+            dist.init_process_group(backend)  # rendezvous through torchrun's environment variables
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        atexit.register(dist.destroy_process_group)
+    ctx = Context(mode, dist.get_rank(), dist.get_world_size(), where)
+    if not ctx.is_main:
+        quiet()
+    return ctx
+
+
+def quiet() -> None:
+    """Ranks other than 0 print nothing: their stdout goes to /dev/null and their tqdm bars are off (tqdm's own
+    mechanism for its TQDM_* defaults). Errors still reach stderr."""
+    from tqdm import tqdm
+    if getattr(sys.stdout, "name", "") != os.devnull:  # once per process
+        sys.stdout = open(os.devnull, "w")
+        tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wrapping the model
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--param-dtype: auto is bfloat16 on CUDA (the paper's training precision) and float32 elsewhere (CPU bf16 is
+    slow, and exact comparisons with a single-process run need float32)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def checkpoint_blocks(blocks) -> None:
+    """Activation checkpointing: each block keeps only its input during the forward pass and recomputes its inner
+    activations in the backward pass (one more forward of compute; activation memory per block falls from tens of
+    (B, L, D) tensors to one). Parameter names are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def wrap(model: nn.Module, ctx: Context, param_dtype: str = "auto", activation_checkpointing: bool = False):
+    """The module that training steps call: the model itself (none), DDP(model), or the model sharded in place by
+    FSDP2 (every transformer block and the vision tower a unit of its own, the rest with the root).
+
+    Call it after freezing parameters and before building the optimizer (FSDP2 replaces the parameters with DTensor
+    shards). `model` itself stays usable: DDP leaves it alone; under FSDP use full_copy() to sample from it. Works
+    for model.VLM and llada_v.LLaDAV (both have .vision_tower and .lm.layers)."""
+    blocks = list(model.lm.layers)
+    if activation_checkpointing:
+        checkpoint_blocks(blocks)
+    if ctx.mode == "none":
+        return model
+    if ctx.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                       forward_sync_buffers=False)  # buffers are constants (image positions)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    for tensor in list(model.parameters()) + list(model.buffers()):  # every rank starts from rank 0's weights, as
+        dist.broadcast(tensor.data, src=0)                           # DDP does (vision pretraining may differ on GPU)
+    dtype = resolve_dtype(param_dtype, ctx.device)
+    # Parameters are all-gathered in `dtype` for compute; gradients are reduce-scattered and the sharded master
+    # weights and Adam states kept in float32. Blocks get their inputs as they are: RoPE tables stay float32.
+    for block in blocks:
+        fully_shard(block, mp_policy=MixedPrecisionPolicy(dtype, torch.float32, cast_forward_inputs=False))
+    if hasattr(model, "vision_tower"):
+        fully_shard(model.vision_tower, mp_policy=MixedPrecisionPolicy(dtype, torch.float32))
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(dtype, torch.float32, output_dtype=torch.float32))  # fp32 logits
+    return model
+
+
+def full_copy(model: nn.Module, ctx: Context) -> nn.Module:
+    """A plain module holding every weight, for sampling and evaluation: the model itself, unless it is sharded by
+    FSDP; then a new replica built from the all-gathered float32 weights (every rank must call this)."""
+    if ctx.mode != "fsdp":
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses the model
+    with torch.device(ctx.device):
+        copy = cls(model.cfg)
+    copy.load_state_dict(state)
+    return copy
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def is_dcp(path: str) -> bool:
+    """Checkpoint kind by name: .safetensors is one file; anything else a DCP folder."""
+    return not path.endswith(".safetensors")
+
+
+def save_file(path: str, model: nn.Module, meta: dict, ctx: Context) -> None:
+    """model.save_checkpoint (weights only) from any parallel mode: rank 0 writes the gathered weights."""
+    from model import save_checkpoint
+    whole = full_copy(model, ctx)
+    if ctx.is_main:
+        save_checkpoint(path, whole, meta)
+    ctx.barrier()
+
+
+def save_dcp(path: str, model: nn.Module, optimizer, meta: dict, ctx: Context) -> None:
+    """A DCP folder: every rank writes its shard of the model and the optimizer state as safetensors (Hugging Face
+    storage layout, so loading never unpickles), rank 0 adds meta.json (configs, step, history, the optimizer's
+    hyper-parameters). Written to PATH.tmp and swapped in at the end: an interruption leaves the last checkpoint
+    whole. `model` is the plain or FSDP module (not the DDP wrapper)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    path = path.rstrip("/")
+    tmp, old = path + ".tmp", path + ".old"
+    model_state, optim_state = get_state_dict(model, optimizer)  # names without wrapper prefixes; FSDP: DTensor shards
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ctx.barrier()
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... save in a single process": as meant
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model_state, "optim": optim_state["state"]}, no_dist=not dist.is_initialized(),
+                 storage_writer=dcp.HuggingFaceStorageWriter(tmp, save_distributed=True))
+    if ctx.is_main:
+        description = {"format": DCP_FORMAT, "model_config": asdict(model.cfg), "written_by_processes": ctx.world,
+                       **meta, "optimizer_param_groups": optim_state["param_groups"]}
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(description, f)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+
+
+def read_dcp_meta(path: str) -> dict:
+    """meta.json of a DCP folder, with clear errors for a missing, half-written or foreign folder."""
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isdir(path):
+        hint = f" (an interrupted save left {path}.old: rename it to {path})" if os.path.isdir(path + ".old") else ""
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{hint}")
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"{path!r} has no {META_FILE}: it is not a DCP checkpoint written by distributed.py")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != DCP_FORMAT:
+        raise ValueError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {DCP_FORMAT!r}")
+    return meta
+
+
+def _load(path: str, state: dict) -> None:
+    """Fill `state` in place from the folder's shards, resharded to however this run holds the tensors."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": as meant
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path), no_dist=not dist.is_initialized())
+    except Exception as err:  # DCP reports missing or mis-shaped tensors with its own exception types
+        raise ValueError(f"DCP checkpoint {path!r} does not fit this model or optimizer ({str(err)[:500]})") from None
+
+
+def load_dcp(path: str, device="cpu"):
+    """model.load_checkpoint for a DCP folder (it calls this): (model rebuilt from the saved config, meta)."""
+    from model import VLM, VLMConfig
+    meta = read_dcp_meta(path)
+    model = VLM(VLMConfig.from_dict(meta["model_config"]))
+    state = {"model": model.state_dict()}
+    _load(path, state)  # in place, into the model's own tensors
+    meta["extra_tensors"] = {}
+    return model.to(device), meta
+
+
+def load_dcp_optimizer(path: str, model: nn.Module, optimizer) -> None:
+    """Load a DCP folder's optimizer state into `optimizer` (built over `model`, wrapped or not, after wrap())."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict
+    meta = read_dcp_meta(path)
+    _, fresh = get_state_dict(model, optimizer)  # the tensors to load into, keyed by parameter name
+    state = {"optim": fresh["state"]}
+    _load(path, state)
+    set_optimizer_state_dict(model, optimizer, {"state": state["optim"],
+                                                "param_groups": meta["optimizer_param_groups"]})
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: a DCP folder -> one .safetensors file
+
+
+@dataclass
+class ConsolidateConfig:
+    dcp: str = option("", "a DCP checkpoint folder (train_stage1.py --out NAME without .safetensors)")
+    out: str = option("", "the one-file checkpoint to write (weights and description, no optimizer state); "
+                      "sample.py, eval.py and --init-from also read the folder itself")
+
+
+def main(argv=None):
+    cfg = parse_config(ConsolidateConfig, argv, description=__doc__.split("\n\n")[0])
+    if not cfg.dcp or not cfg.out.endswith(".safetensors"):
+        raise SystemExit("give --dcp FOLDER and --out FILE.safetensors")
+    from model import save_checkpoint
+    model, meta = load_dcp(cfg.dcp)
+    skip = ("format", "model_config", "optimizer_param_groups", "written_by_processes")
+    save_checkpoint(cfg.out, model, {k: v for k, v in meta.items() if k not in skip})
+    print(f"{cfg.dcp} (stage {meta.get('stage')}, step {meta.get('step')}) -> {cfg.out}")
+
+
+if __name__ == "__main__":
+    main()
