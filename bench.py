@@ -371,8 +371,9 @@ def main(argv=None):
     trained, world = None, None
     if cfg.ckpt:
         from data import shapes
-        from model import load_checkpoint
-        trained, meta = load_checkpoint(cfg.ckpt)
+        from model import load_for
+        trained, meta = load_for(cfg.ckpt, "--ckpt", needs=("tokenizer", "world", "answer_len"),
+                                 fix="pass a checkpoint written by train_stage1.py or train_stage2.py")
         trained.eval()
         tokenizer, world = tokenizer_from_dict(meta["tokenizer"]), shapes.WorldConfig(**meta["world"])
         cfg.gen_length = meta["answer_len"]

@@ -395,6 +395,7 @@ class OpenAIExpert(Expert):
     401/403/404, which stop the run. Malformed answers are counted and skipped. At most `max_in_flight` requests
     run at once. Answers are cached by sha256(model, prompt, image, draft, ground truth): a rerun pays nothing."""
     name = "openai"
+    parse = staticmethod(parse_review)  # answer text -> review, or None if malformed (judge.py swaps in its own)
 
     def __init__(self, model: str = "o4-mini", base_url: str | None = None, cache_path: str | None = None,
                  max_in_flight: int = 8, max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0,
@@ -450,7 +451,8 @@ class OpenAIExpert(Expert):
                     raise ExpertError(f"the expert endpoint refused the key (HTTP {status}): check OPENAI_API_KEY") from None
                 if status == 404:
                     raise ExpertError(f"the expert endpoint knows no model {self.model!r} or no chat API (HTTP 404): "
-                                      f"check --expert-model and --expert-base-url") from None
+                                      f"check --expert-model and --expert-base-url (judge.py: --model and "
+                                      f"--base-url)") from None
                 if status not in RETRY_STATUS and status < 500:
                     self._count(f"http_{status}")
                     return None
@@ -484,7 +486,7 @@ class OpenAIExpert(Expert):
             pool = ThreadPoolExecutor(self.max_in_flight)
             futures = {pool.submit(self.ask, messages): (key, draft) for key, (messages, draft) in todo.items()}
             try:
-                for future in tqdm(as_completed(futures), total=len(futures), desc="expert", dynamic_ncols=True):
+                for future in tqdm(as_completed(futures), total=len(futures), desc=self.name, dynamic_ncols=True):
                     key, draft = futures[future]
                     text = future.result()
                     if text is not None:
@@ -494,7 +496,7 @@ class OpenAIExpert(Expert):
         reviews = []
         for key in keys:
             text = self.cache.get(key)
-            review = None if text is None else parse_review(text)
+            review = None if text is None else self.parse(text)
             if text is not None and review is None:
                 self.counts["malformed"] += 1
             reviews.append(review)

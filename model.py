@@ -336,7 +336,11 @@ def _atomic_write(path: str, write_fn) -> None:
     the old file or the new one, never a torn one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    prefix = f".tmp-{os.path.basename(path)}-"
+    for stale in os.listdir(folder):  # left by a writer killed mid-write (kill -9): one writer per path, so unused
+        if stale.startswith(prefix):
+            os.remove(os.path.join(folder, stale))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".safetensors")
     os.close(fd)
     try:
         write_fn(tmp)

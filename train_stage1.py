@@ -212,7 +212,10 @@ def main(argv=None):
     from sample import caption_images, decode_answer
     torch.manual_seed(cfg.seed)
     device = ctx.device
-    world = shapes.WorldConfig(image_size=cfg.image_size, max_words=cfg.answer_len - 1)
+    try:
+        world = shapes.WorldConfig(image_size=cfg.image_size, max_words=cfg.answer_len - 1)
+    except ValueError as err:
+        raise SystemExit(f"--answer-len {cfg.answer_len}: {err}") from None
     start_step, optimizer_state, history = 0, None, []
     if cfg.resume or cfg.init_from:
         source = cfg.out if cfg.resume else cfg.init_from
@@ -299,6 +302,9 @@ def main(argv=None):
             save(step + 1)
             print(f"stopped at step {step + 1} (--stop-at); continue with --resume")
             break
+    names = {"truncated": "captions truncated to --answer-len", "unknown": "unknown words (mapped to <unk>)"}
+    for what, count in sorted(data.stats.items()):  # never silent, though the built-in world has neither
+        print(f"warning: {count} {names.get(what, what)} in the training batches")
     print(f"done in {time.perf_counter() - t0:.0f} s; checkpoint {cfg.out}")
     return model
 

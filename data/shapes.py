@@ -154,7 +154,11 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         assert 1 <= self.min_objects <= self.max_objects <= GRID * GRID
-        assert self.max_words >= self.max_objects * LONGEST_OBJECT_SENTENCE, "object sentences alone must fit"
+        if self.max_words < self.max_objects * LONGEST_OBJECT_SENTENCE:
+            raise ValueError(f"captions of up to {self.max_words} words cannot hold {self.max_objects} object sentences "
+                             f"of up to {LONGEST_OBJECT_SENTENCE} words; allow at least "
+                             f"{self.max_objects * LONGEST_OBJECT_SENTENCE} words (train_stage1.py: --answer-len "
+                             f"{self.max_objects * LONGEST_OBJECT_SENTENCE + 1} or more)")
 
     @property
     def jitter_px(self) -> float:

@@ -249,6 +249,7 @@ def test_kill_9_at_any_moment_keeps_a_loadable_checkpoint_and_resume_continues(t
     assert run.wait(timeout=120) == 0, open(logs[2]).read()[-3000:]
     _, meta = read_checkpoint(out)
     assert meta["step"] == STEPS and [h["step"] for h in meta["history"]] == list(range(1, STEPS + 1))
+    assert not temp_files(tmp_path), "the next write removes the temporary file a killed writer left behind"
     final = {h["step"]: h["train_loss"] for h in meta["history"]}
     printed = [logged_losses(log) for log in logs]
     assert max(printed[0]) > first, "run 1 had computed a step whose checkpoint it never finished"
@@ -297,3 +298,38 @@ def test_sample_and_eval_name_a_bad_checkpoint_without_a_traceback(tmp_path):
     stage2 = write_ckpt(tmp_path / "s2.safetensors", stage="stage2", drop=("world",))
     with pytest.raises(SystemExit, match="^--ckpt: .* lacks the metadata field\\(s\\) world"):
         eval_script.main(["--ckpt", stage2, "--n", "2"])
+
+
+def test_too_short_answer_length_is_a_clear_error(tmp_path):
+    import train_stage1
+    with pytest.raises(SystemExit, match=r"--answer-len 20: .*--answer-len \d+ or more"):
+        train_stage1.main(["--answer-len", "20", "--out", str(tmp_path / "x.safetensors")])
+    assert not os.listdir(tmp_path)
+
+
+def test_stage2_nan_loss_stops_naming_round_and_step_and_writes_nothing(tmp_path, monkeypatch):
+    import numpy as np
+    import rediff
+    from data import shapes
+    from data.pipeline import answer_ids
+    s1, s2 = str(tmp_path / "s1.safetensors"), str(tmp_path / "s2.safetensors")
+    train_stage1.main(FLAGS + ["--out", s1, "--steps", "1"])
+    real_drafts = train_stage2.make_drafts
+
+    def drafts_with_mistakes(model, tokenizer, world, answer_len, cfg, round_index, *shard):
+        """A 1-step model writes nothing useful: put hallucinated ground truths in its drafts, for the expert to fix."""
+        drafts = real_drafts(model, tokenizer, world, answer_len, cfg, round_index, *shard)
+        rng = np.random.default_rng(0)
+        for d in drafts:
+            pair = shapes.hallucination_pair(d["scene"], d["truth"], rng)
+            d["text"] = pair["wrong"] if pair else d["truth"]
+            d["ids"] = torch.tensor(answer_ids(tokenizer, d["text"], answer_len))
+        return drafts
+
+    monkeypatch.setattr(train_stage2, "make_drafts", drafts_with_mistakes)
+    monkeypatch.setattr(rediff, "refinement_loss", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
+    with pytest.raises(SystemExit) as exit_:
+        train_stage2.main(["--init-from", s1, "--out", s2, "--drafts-per-round", "4", "--tokens-per-step", "8",
+                           "--steps", "2", "--batch-size", "4", "--n-scenes", "8", "--draft-batch", "4"])
+    assert str(exit_.value.code).startswith(f"round 1, step 0: loss is inf; stopping. The last good checkpoint is {s1}")
+    assert not os.path.exists(s2)

@@ -1,0 +1,80 @@
+"""Tests of reproduce.py's bookkeeping: resumable runs, clear failures and the report's arithmetic."""
+import os
+
+import pytest
+
+import reproduce
+
+FAKE_TRAIN = """
+import sys
+args = sys.argv[1:]
+out = args[args.index("--out") + 1]
+with open(out + ".calls", "a") as f:
+    f.write(" ".join(args) + "\\n")
+if "--fail" in args:
+    print("something went wrong in the fake trainer")
+    sys.exit(3)
+open(out, "w").write("weights")
+"""
+
+
+def fake_script(tmp_path):
+    path = tmp_path / "fake_train.py"
+    path.write_text(FAKE_TRAIN)
+    cfg = reproduce.ReproConfig(out=str(tmp_path), device="cpu")
+    os.makedirs(tmp_path / "logs", exist_ok=True)
+    return str(path), cfg
+
+
+def calls(ckpt):
+    with open(ckpt + ".calls") as f:
+        return [line.split() for line in f]
+
+
+def test_run_marks_done_and_skips_finished_models(tmp_path):
+    script, cfg = fake_script(tmp_path)
+    ckpt = str(tmp_path / "m.safetensors")
+    assert reproduce.run(cfg, "m", [script, "--out", ckpt], ckpt) == ckpt
+    assert os.path.exists(ckpt + ".done")
+    reproduce.run(cfg, "m", [script, "--out", ckpt], ckpt)
+    assert len(calls(ckpt)) == 1  # the second call found the done marker and ran nothing
+    assert calls(ckpt)[0][-2:] == ["--device", "cpu"]
+
+
+def test_interrupted_model_continues_with_resume(tmp_path):
+    script, cfg = fake_script(tmp_path)
+    ckpt = str(tmp_path / "m.safetensors")
+    open(ckpt, "w").write("half-trained")  # a checkpoint without the done marker: the run was interrupted
+    reproduce.run(cfg, "m", [script, "--out", ckpt], ckpt)
+    assert "--resume" in calls(ckpt)[0]
+
+
+def test_failed_model_stops_with_its_log_and_is_not_marked_done(tmp_path):
+    script, cfg = fake_script(tmp_path)
+    ckpt = str(tmp_path / "m.safetensors")
+    with pytest.raises(SystemExit, match="something went wrong in the fake trainer"):
+        reproduce.run(cfg, "m", [script, "--out", ckpt, "--fail"], ckpt)
+    assert not os.path.exists(ckpt + ".done")
+
+
+def test_keep_ratio_and_spread():
+    by_tps = {1: {"headline": 80.0, "syntax": 1.0}, 8: {"headline": 60.0, "syntax": 0.25}}
+    assert reproduce.keep_ratio(by_tps, [1, 8]) == pytest.approx(0.75)
+    assert reproduce.keep_ratio(by_tps, [1, 8], "syntax") == pytest.approx(0.25)
+    assert reproduce.keep_ratio({1: {"headline": 0.0}, 8: {"headline": 5.0}}, [1, 8]) == 0.0
+    assert reproduce.mean_spread([70.0, 74.0, 72.0]) == "72.0 ± 2.0"
+    assert reproduce.mean_spread([5.0]) == "5.0"
+
+
+def test_table_rows_follow_models_and_metrics():
+    by_tps = {n: {"headline": 10.0 * n, "syntax": 0.5} for n in (1, 8)}
+    lines = reproduce.table([("A", by_tps)], [1, 8])
+    assert lines[2] == "| A | headline | 10.0 | 80.0 |"
+    assert lines[3] == "| A | syntax | 0.500 | 0.500 |"
+
+
+def test_quick_preset_is_smaller(tmp_path):
+    from cli import parse_config
+    quick = parse_config(reproduce.ReproConfig, ["--quick"], presets=reproduce.PRESETS)
+    full = reproduce.ReproConfig()
+    assert quick.base_steps < full.base_steps and quick.steps < full.steps and quick.n < full.n
