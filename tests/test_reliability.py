@@ -308,25 +308,11 @@ def test_too_short_answer_length_is_a_clear_error(tmp_path):
 
 
 def test_stage2_nan_loss_stops_naming_round_and_step_and_writes_nothing(tmp_path, monkeypatch):
-    import numpy as np
     import rediff
-    from data import shapes
-    from data.pipeline import answer_ids
+    from tests.test_stage2 import drafts_with_mistakes
     s1, s2 = str(tmp_path / "s1.safetensors"), str(tmp_path / "s2.safetensors")
     train_stage1.main(FLAGS + ["--out", s1, "--steps", "1"])
-    real_drafts = train_stage2.make_drafts
-
-    def drafts_with_mistakes(model, tokenizer, world, answer_len, cfg, round_index, *shard):
-        """A 1-step model writes nothing useful: put hallucinated ground truths in its drafts, for the expert to fix."""
-        drafts = real_drafts(model, tokenizer, world, answer_len, cfg, round_index, *shard)
-        rng = np.random.default_rng(0)
-        for d in drafts:
-            pair = shapes.hallucination_pair(d["scene"], d["truth"], rng)
-            d["text"] = pair["wrong"] if pair else d["truth"]
-            d["ids"] = torch.tensor(answer_ids(tokenizer, d["text"], answer_len))
-        return drafts
-
-    monkeypatch.setattr(train_stage2, "make_drafts", drafts_with_mistakes)
+    monkeypatch.setattr(train_stage2, "make_drafts", drafts_with_mistakes(train_stage2.make_drafts))
     monkeypatch.setattr(rediff, "refinement_loss", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
     with pytest.raises(SystemExit) as exit_:
         train_stage2.main(["--init-from", s1, "--out", s2, "--drafts-per-round", "4", "--tokens-per-step", "8",

@@ -404,17 +404,12 @@ def test_init_from_is_checked(tmp_path, capsys):
         train_stage2.main(["--init-from", str(odd), "--out", str(tmp_path / "s2.safetensors")])
 
 
-def test_tiny_stage2_end_to_end_with_resume(tmp_path, one_thread, fake_chat, monkeypatch, capsys):
-    import train_stage1
+def drafts_with_mistakes(real_drafts):
+    """make_drafts that drafts for real, then (a model trained for a few steps writes nothing) puts hallucinated
+    ground truths in the drafts' place, so the expert has mistakes to fix."""
     from data.pipeline import answer_ids
-    from model import read_checkpoint
-    s1, s2 = str(tmp_path / "stage1.safetensors"), str(tmp_path / "stage2.safetensors")
-    train_stage1.main(["--tiny", "--steps", "4", "--eval-every", "4", "--n-scenes", "64",
-                       "--vision-pretrain-steps", "2", "--batch-size", "8", "--out", s1])
-    real_drafts = train_stage2.make_drafts
 
-    def drafts_with_mistakes(model, tokenizer, world, answer_len, cfg, round_index, *shard):
-        """Real drafting, then (a 4-step model writes nothing) hallucinated ground truths in their place."""
+    def make_drafts(model, tokenizer, world, answer_len, cfg, round_index, *shard):
         drafts = real_drafts(model, tokenizer, world, answer_len, cfg, round_index, *shard)
         rng = np.random.default_rng(0)
         for d in drafts:
@@ -422,8 +417,16 @@ def test_tiny_stage2_end_to_end_with_resume(tmp_path, one_thread, fake_chat, mon
             d["text"] = pair["wrong"] if pair else d["truth"]
             d["ids"] = torch.tensor(answer_ids(tokenizer, d["text"], answer_len))
         return drafts
+    return make_drafts
 
-    monkeypatch.setattr(train_stage2, "make_drafts", drafts_with_mistakes)
+
+def test_tiny_stage2_end_to_end_with_resume(tmp_path, one_thread, fake_chat, monkeypatch, capsys):
+    import train_stage1
+    from model import read_checkpoint
+    s1, s2 = str(tmp_path / "stage1.safetensors"), str(tmp_path / "stage2.safetensors")
+    train_stage1.main(["--tiny", "--steps", "4", "--eval-every", "4", "--n-scenes", "64",
+                       "--vision-pretrain-steps", "2", "--batch-size", "8", "--out", s1])
+    monkeypatch.setattr(train_stage2, "make_drafts", drafts_with_mistakes(train_stage2.make_drafts))
     common = ["--out", s2, "--drafts-per-round", "6", "--tokens-per-step", "4", "8", "--steps", "2",
               "--batch-size", "4", "--n-scenes", "16", "--draft-batch", "4"]
     train_stage2.main(["--init-from", s1] + common)
