@@ -32,6 +32,8 @@ class EvalConfig:
     cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: once per block)")
     threshold: float = option(0.0, "confidence-threshold decoding (Fast-dLLM); 0: the fixed tokens-per-step schedule")
     probe: bool = option(False, "instead of captioning: the grounding probe (attribute words of true captions masked)")
+    compile: bool = option(False, "torch.compile the model for captioning (about 30 s up front per checkpoint; same "
+                           "outputs; 1.2-1.35x faster on 2 CPU cores, see the README's Speed section)")
 
 
 def held_out_indices(n: int, seed: int) -> list[int]:
@@ -154,7 +156,7 @@ def main(argv=None):
     for ckpt, n, refine in tqdm(jobs, desc="eval", dynamic_ncols=True):
         if ckpt not in loaded:
             model, meta = load_for(ckpt, "--ckpt", needs=NEEDS, device=device)
-            loaded = {ckpt: (model.eval(), meta)}
+            loaded = {ckpt: (torch.compile(model.eval()) if cfg.compile else model.eval(), meta)}
         model, meta = loaded[ckpt]
         sampler = {"prefix_cache": cfg.prefix_cache, "cache_refresh": cfg.cache_refresh,
                    "threshold": cfg.threshold or None}
