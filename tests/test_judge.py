@@ -1,80 +1,40 @@
 """tests/test_judge.py: judge.py: CLAIR answers parsed, retried and cached against a local fake endpoint, the key
 never written, reference-free statistics on hand-computed examples, and clear errors for bad input."""
 import json
-import threading
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import judge
 from data.loaders import DataError
+from tests.fake_openai import FakeOpenAI, local_only, prompt_text
 
 SECRET = "sk-test-SECRET-judge-0123456789"
 
 
-class FakeJudge:
-    """An OpenAI-compatible /chat/completions that answers by the candidate caption in CLAIR's prompt."""
-    ANSWERS = {
-        "a red bus on a street": '{"score": 90, "reason": "same bus"}',
-        "a bus": '```json\n{"score": 60, "reason": "vague"}\n```',
-        "a cat on a sofa": "I think they differ. {\"score\": \"10\", \"reason\": \"a cat\"} hope that helps",
-        "garbled": "the score is high",        # no JSON: malformed
-        "too big": '{"score": 250}',           # out of range: malformed
-    }
+ANSWERS = {  # CLAIR answers by candidate caption
+    "a red bus on a street": '{"score": 90, "reason": "same bus"}',
+    "a bus": '```json\n{"score": 60, "reason": "vague"}\n```',
+    "a cat on a sofa": "I think they differ. {\"score\": \"10\", \"reason\": \"a cat\"} hope that helps",
+    "garbled": "the score is high",        # no JSON: malformed
+    "too big": '{"score": 250}',           # out of range: malformed
+}
 
-    def __init__(self):
-        self.requests, self.lock, self.auth, self.prompts = Counter(), threading.Lock(), set(), []
 
-    def handler(self):
-        fake = self
+def candidate_of(body: dict) -> str:
+    return prompt_text(body).split("Candidate set:\n- ", 1)[1].split("\nReference set:", 1)[0]
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][0]["content"][0]["text"]
-                candidate = prompt.split("Candidate set:\n- ", 1)[1].split("\nReference set:", 1)[0]
-                with fake.lock:
-                    fake.requests[candidate] += 1
-                    n = fake.requests[candidate]
-                    fake.auth.add(self.headers.get("Authorization"))
-                    fake.prompts.append(prompt)
-                if candidate == "busy" and n == 1:
-                    status, payload = 429, {"error": {"message": "slow down", "code": 429}}
-                else:
-                    text = fake.ANSWERS.get(candidate, '{"score": 50, "reason": "busy"}')
-                    status, payload = 200, {"id": "x", "object": "chat.completion", "created": 0,
-                                            "model": body["model"],
-                                            "choices": [{"index": 0, "finish_reason": "stop",
-                                                         "message": {"role": "assistant", "content": text}}]}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                if status == 429:
-                    self.send_header("Retry-After", "0")
-                self.end_headers()
-                self.wfile.write(data)
-
-        return Handler
+def judge_answer(candidate: str, n: int):
+    if candidate == "busy" and n == 1:
+        return 429, "slow down"
+    return 200, ANSWERS.get(candidate, '{"score": 50, "reason": "busy"}')
 
 
 @pytest.fixture
 def fake_judge(monkeypatch):
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    fake = FakeJudge()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), fake.handler())
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield fake
-    server.shutdown()
-    server.server_close()
+    local_only(monkeypatch, SECRET)
+    with FakeOpenAI(candidate_of, judge_answer) as fake:
+        yield fake
 
 
 def write_inputs(tmp_path, candidates):
@@ -116,7 +76,7 @@ def test_clair_judged_retried_cached_and_key_never_written(fake_judge, tmp_path,
     assert fake_judge.requests["busy"] == 2
     assert fake_judge.auth == {f"Bearer {SECRET}"}
     # Both references of id 0 reach the judge, in CLAIR's prompt.
-    first = next(p for p in fake_judge.prompts if "- a red bus on a street\n" in p)
+    first = next(p for p in map(prompt_text, fake_judge.bodies) if "- a red bus on a street\n" in p)
     assert "Reference set:\n- reference 0\n- a red double-decker bus\nOn a precise scale from 0 to 100" in first
     assert "CLAIR (fake-model): 52.500 over 4 judged" in capsys.readouterr().out
 

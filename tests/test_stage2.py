@@ -1,10 +1,7 @@
 """tests/test_stage2.py: Stage II: the experts, pair validation, alignment, the OpenAI-compatible client against a
 local fake server (retries, cache, no key leaks), and a --tiny end-to-end run with resume."""
 import json
-import threading
-import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -17,6 +14,7 @@ from data.score import score_caption
 from data.tokenizer import WordTokenizer
 from experts import (RIGHT, AlignExpert, AnswerCache, ExpertError, Item, OpenAIExpert, OracleExpert,
                      pairs_from_rewrite, parse_review, validate_pairs)
+from tests.fake_openai import FakeOpenAI, local_only, prompt_text
 
 SCENE = {"objects": [{"shape": "circle", "colour": "red", "size": "large", "row": 0, "col": 0},
                      {"shape": "square", "colour": "blue", "size": "small", "row": 1, "col": 2},
@@ -209,82 +207,31 @@ SECRET = "sk-test-SECRET-0123456789"
 EDIT = "there is a small red circle at the top ."
 
 
-class FakeChat:
-    """An OpenAI-compatible /chat/completions that answers by the draft in the prompt."""
+def draft_of(body: dict) -> str:
+    return prompt_text(body).rsplit("Draft: ", 1)[1]
 
-    def __init__(self):
-        self.requests, self.lock = Counter(), threading.Lock()
-        self.in_flight = self.max_in_flight = 0
-        self.auth, self.images = set(), []
 
-    def answer(self, draft: str, n: int):
-        if draft == EDIT:
-            return 200, '```json\n[{"org": "red", "target": "blue"}]\n```'
-        if draft.startswith("garbled"):
-            return 200, "the caption is wrong [not json"
-        if draft.startswith("busy") and n == 1:
-            return 429, None
-        if draft.startswith("broken"):
-            return 503, None
-        return 200, "right"
+def expert_answer(draft: str, n: int):
+    if draft == EDIT:
+        return 200, '```json\n[{"org": "red", "target": "blue"}]\n```'
+    if draft.startswith("garbled"):
+        return 200, "the caption is wrong [not json"
+    if draft.startswith("busy") and n == 1:
+        return 429, None
+    if draft.startswith("broken"):
+        return 503, None
+    return 200, "right"
 
-    def handler(self):
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                content = body["messages"][0]["content"]
-                draft = content[0]["text"].rsplit("Draft: ", 1)[1]
-                with fake.lock:
-                    fake.requests[draft] += 1
-                    n = fake.requests[draft]
-                    fake.in_flight += 1
-                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                    fake.auth.add(self.headers.get("Authorization"))
-                    fake.images += [c["image_url"]["url"][:22] for c in content if c["type"] == "image_url"]
-                time.sleep(0.02)
-                status, text = fake.answer(draft, n)
-                with fake.lock:
-                    fake.in_flight -= 1
-                if status == 200:
-                    payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                               "choices": [{"index": 0, "finish_reason": "stop",
-                                            "message": {"role": "assistant", "content": text}}]}
-                else:
-                    payload = {"error": {"message": "try later", "type": "server", "code": status}}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                if status == 429:
-                    self.send_header("Retry-After", "0")
-                self.end_headers()
-                self.wfile.write(data)
-
-        return Handler
-
-    def __enter__(self):
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+def images_sent(fake) -> list[str]:
+    return [c["image_url"]["url"][:22] for body in fake.bodies for c in body["messages"][0]["content"]
+            if c["type"] == "image_url"]
 
 
 @pytest.fixture
 def fake_chat(monkeypatch):
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    with FakeChat() as fake:
+    local_only(monkeypatch, SECRET)
+    with FakeOpenAI(draft_of, expert_answer, delay=0.02) as fake:
         yield fake
 
 
@@ -301,7 +248,7 @@ def test_openai_expert_retries_counts_and_caches(fake_chat, tmp_path, monkeypatc
     assert (c["malformed"], c["failed"], c["retries"], c["requests"], c["cache_hits"]) == (1, 1, 3, 9, 0)
     assert fake_chat.max_in_flight <= 2
     assert fake_chat.auth == {f"Bearer {SECRET}"}
-    assert fake_chat.images == ["data:image/png;base64,"] * 9
+    assert images_sent(fake_chat) == ["data:image/png;base64,"] * 9
     kept = validate_pairs(reviews[1], TOKENIZER.encode(EDIT), TOKENIZER, Counter())
     assert kept == [(4, TOKENIZER.encode("blue"))]
     text = cache.read_text()
@@ -321,30 +268,14 @@ def test_openai_expert_retries_counts_and_caches(fake_chat, tmp_path, monkeypatc
 
 
 def test_openai_expert_refused_key_stops_with_a_clear_message(monkeypatch):
-    class Refusing(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            data = b'{"error": {"message": "Incorrect API key provided: sk-tes***789"}}'
-            self.send_response(401)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        expert = OpenAIExpert("m", f"http://127.0.0.1:{server.server_address[1]}/v1", None, backoff=0.01)
+    local_only(monkeypatch, SECRET)
+    refuse = lambda item, n: (401, "Incorrect API key provided: sk-tes***789")  # noqa: E731
+    with FakeOpenAI(draft_of, refuse) as fake:
+        expert = OpenAIExpert("m", fake.url, None, backoff=0.01)
         with pytest.raises(ExpertError, match="401") as err:
             expert.review([Item("alpha .", TRUTH)])
         assert SECRET not in str(err.value)
-    finally:
-        server.shutdown()
-        server.server_close()
+        assert sum(fake.requests.values()) == 1, "a refused key is not retried"
 
 
 def test_openai_expert_skips_and_counts_an_unreachable_endpoint(monkeypatch):
