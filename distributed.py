@@ -295,6 +295,17 @@ def load_dcp(path: str, device="cpu"):
     return model.to(device), meta
 
 
+def load_dcp_weights(path: str, model: nn.Module) -> dict:
+    """Load a DCP folder's model weights into `model` as it is (plain or sharded by wrap(): any model class, e.g.
+    llada_v.LLaDAV), resharded to this run's processes; returns the folder's meta.json."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    meta = read_dcp_meta(path)
+    state = {"model": get_model_state_dict(model)}
+    _load(path, state)
+    set_model_state_dict(model, state["model"])
+    return meta
+
+
 def load_dcp_optimizer(path: str, model: nn.Module, optimizer) -> None:
     """Load a DCP folder's optimizer state into `optimizer` (built over `model`, wrapped or not, after wrap())."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict

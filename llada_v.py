@@ -347,29 +347,63 @@ class LLaDAV(nn.Module):
             return [pad_to_square(image, self.cfg.vision.mean).resize((crop, crop), Image.BICUBIC)]
         return anyres_crops(image, self.cfg.grid_pinpoints, crop)
 
+    def image_layout(self, image_size: tuple[int, int]) -> AnyresLayout | None:
+        """The anyres layout of an image of this (width, height); None for image_aspect_ratio "pad"."""
+        if self.cfg.image_aspect_ratio == "pad":
+            return None
+        v = self.cfg.vision
+        return anyres_layout(image_size, self.cfg.grid_pinpoints, v.image_size, v.grid, self.cfg.max_crops)
+
+    def n_image_tokens(self, image_size: tuple[int, int]) -> int:
+        """N for an image of this (width, height), from its size alone (no pixels): the prompt's placeholder count."""
+        layout = self.image_layout(image_size)
+        return self.cfg.vision.grid ** 2 + 1 if layout is None else layout.tokens
+
+    def image_views(self, image) -> torch.Tensor:
+        """PIL image -> the normalised views the tower sees (n, 3, S, S), on the CPU: a data loader's part."""
+        from data.pipeline import image_to_tensor
+        return image_to_tensor(self.image_crops(image), self.cfg.vision.mean, self.cfg.vision.std)
+
+    def embed_views(self, views: torch.Tensor, sizes: list) -> torch.Tensor:
+        """The views of several images, concatenated (sum n, 3, S, S), and the images' (width, height) -> their tokens,
+        padded with zeros on the right to the longest (B, N, D). One tower call for all of them; differentiable, so
+        training reaches the projector and image_newline (and the tower, unless it is frozen)."""
+        param = next(self.mm_projector.parameters())
+        feats = self.mm_projector(self.vision_tower(views.to(param.device, param.dtype)))  # (sum n, g^2, D)
+        tokens, start = [], 0
+        for size in sizes:
+            layout = self.image_layout(size)
+            n = 1 if layout is None else 1 + layout.rows * layout.cols
+            own = feats[start:start + n]                                       # (n, g^2, D)
+            start += n
+            if layout is None:                                                 # one view: its tokens, then one newline
+                tokens.append(torch.cat([own[0], self.image_newline[None].to(own.dtype)]))
+            else:
+                tokens.append(merge_anyres_features(own, layout, self.image_newline))
+        return nn.utils.rnn.pad_sequence(tokens, batch_first=True)            # (B, N, D)
+
     @torch.no_grad()
     def encode_image(self, image) -> torch.Tensor:
         """PIL image -> its token embeddings (1, N, D), computed once per caption."""
-        from data.pipeline import image_to_tensor
-        v = self.cfg.vision
-        param = next(self.mm_projector.parameters())
-        crops = image_to_tensor(self.image_crops(image), v.mean, v.std).to(param.device, param.dtype)  # (n, 3, S, S)
-        feats = self.mm_projector(self.vision_tower(crops))                    # (n, g^2, D)
-        if self.cfg.image_aspect_ratio == "pad":                               # one view: its tokens, then one newline
-            return torch.cat([feats[0], self.image_newline[None].to(feats.dtype)])[None]
-        layout = anyres_layout(image.size, self.cfg.grid_pinpoints, v.image_size, v.grid, self.cfg.max_crops)
-        return merge_anyres_features(feats, layout, self.image_newline)[None]  # (1, N, D)
+        return self.embed_views(self.image_views(image), [image.size])
 
-    def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (B, L), image placeholders = IMAGE_TOKEN_INDEX -> logits (B, L, V); the k-th placeholder of a row gets
-        the k-th image token."""
+    def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None, views: torch.Tensor | None = None,
+                image_sizes: list | None = None, logits_from: int = 0) -> torch.Tensor:
+        """ids (B, L), image placeholders = IMAGE_TOKEN_INDEX -> logits (B, L - logits_from, V); the k-th placeholder of
+        a row gets the k-th image token of that row (or of the one image_embeds row, for every row).
+
+        views + image_sizes (embed_views' arguments, one image per row) instead of image_embeds: encoded here, so that
+        a training step is one call of the module (DDP and FSDP act around forward calls; distributed.py).
+        logits_from: only positions from here on get logits (LLaDA.forward)."""
+        if views is not None:
+            image_embeds = self.embed_views(views, image_sizes)               # (B, N, D)
         x = self.lm.embed_tokens(ids.clamp(min=0))                             # (B, L, D); placeholders replaced below
         if image_embeds is not None:
             is_image = ids == IMAGE_TOKEN_INDEX                                # (B, L)
             slot = (is_image.cumsum(dim=1) - 1).clamp(0, image_embeds.shape[1] - 1)
             spliced = image_embeds.expand(ids.shape[0], -1, -1).gather(1, slot[..., None].expand(-1, -1, x.shape[-1]))
             x = torch.where(is_image[..., None], spliced.to(x.dtype), x)
-        return self.lm(x)
+        return self.lm(x, logits_from=logits_from)
 
 
 # ----------------------------------------------------------------------------------------------------------------
