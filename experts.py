@@ -97,7 +97,7 @@ def validate_pairs(pairs, draft_ids, tokenizer, counts: Counter) -> list[tuple[i
                 reason = "length_mismatch"
             elif org == target:
                 reason = "unchanged"
-            elif tokenizer.unk_id in target:
+            elif getattr(tokenizer, "unk_id", None) in target:  # byte-level BPE (LLaDA) has no unknown token
                 reason = "unknown_word"
             elif not starts:
                 reason = "absent"

@@ -170,20 +170,31 @@ class CaptionData:
             prompts.append(prompt_ids(self.tokenizer, n_image, r.get("prompt") or CAPTION_QUESTION))
             answers.append(self.answer(r["ids"] if "ids" in r else self.tokenizer.encode(r["caption"])))
             wrongs.append(self.answer(r["wrong_ids"], count=False) if "wrong_ids" in r else answers[-1])
-        L = max(len(p) for p in prompts) + self.cfg.answer_len
-        ids = torch.full((len(records), L), EOS_ID)                                      # (B, L)
-        answer_mask = torch.zeros_like(ids, dtype=torch.bool)                            # (B, L)
-        wrong_ids = ids.clone()
-        for b, (prompt, answer, wrong) in enumerate(zip(prompts, answers, wrongs)):
-            P, A = len(prompt), len(answer)
-            ids[b, :P] = wrong_ids[b, :P] = torch.tensor(prompt)
-            ids[b, P:P + A], wrong_ids[b, P:P + A] = torch.tensor(answer), torch.tensor(wrong)
-            answer_mask[b, P:P + A] = True
-        own = records[rows]
-        images = [open_image(r["image_path"]) for r in own]                              # this rank's rows only
-        views = torch.cat([self.model.image_views(im) for im in images])                 # (sum n, 3, S, S)
-        return Batch(ids, answer_mask, wrong_ids, wrong_ids != ids, min(len(p) for p in prompts), views,
-                     [im.size for im in images])
+        (ids, wrong_ids), answer_mask, start = right_padded(prompts, answers, wrongs)
+        views, sizes = image_views(self.model, [r["image_path"] for r in records[rows]])  # this rank's rows only
+        return Batch(ids, answer_mask, wrong_ids, wrong_ids != ids, start, views, sizes)
+
+
+def right_padded(prompts: list, *answer_lists: list) -> tuple[list, torch.Tensor, int]:
+    """Rows of prompt + answer with <|endoftext|> on the right up to the longest row: one (B, L) tensor per list of
+    answers (lists or tensors; row b of each holds prompts[b], then that list's answer b; the answers of one row have
+    the same length), the answer mask (B, L) and the first answer position of any row (logits are needed from there
+    on)."""
+    L = max(len(p) + len(a) for p, a in zip(prompts, answer_lists[0]))
+    rows = [torch.full((len(prompts), L), EOS_ID) for _ in answer_lists]                 # each (B, L)
+    answer_mask = torch.zeros(len(prompts), L, dtype=torch.bool)                         # (B, L)
+    for b, prompt in enumerate(prompts):
+        P, A = len(prompt), len(answer_lists[0][b])
+        for ids, answers in zip(rows, answer_lists):
+            ids[b, :P], ids[b, P:P + A] = torch.tensor(prompt), torch.as_tensor(answers[b])
+        answer_mask[b, P:P + A] = True
+    return rows, answer_mask, min(len(p) for p in prompts)
+
+
+def image_views(model, paths: list) -> tuple[torch.Tensor, list]:
+    """Decode image files -> (their anyres views concatenated (sum n, 3, S, S), their (width, height))."""
+    images = [open_image(path) for path in paths]
+    return torch.cat([model.image_views(im) for im in images]), [im.size for im in images]
 
 
 def load_data(cfg: FinetuneConfig) -> tuple[list, list]:
@@ -301,18 +312,65 @@ def check_resume(cfg: FinetuneConfig, meta: dict) -> None:
         print(f"note: resuming with other settings than the run's: {', '.join(changed)}; the continuation will not "
               f"match an uninterrupted run")
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Start-up pieces (finetune_llada_v_stage2.py uses them too)
+
+
+def check_inputs(cfg, script: str) -> None:
+    """--hf-model and --data-json are given, and the folder has config.json and tokenizer.json."""
+    for name, path in (("--hf-model", cfg.hf_model), ("--data-json", cfg.data_json)):
+        if not path:
+            raise SystemExit(f"{name} is required (python {script} --help)")
+    for name in ("config.json", "tokenizer.json"):
+        if not os.path.isfile(os.path.join(cfg.hf_model, name)):
+            raise SystemExit(f"--hf-model {cfg.hf_model}: no {name}; give a downloaded LLaDA-V / ReDiff folder "
+                             f"(huggingface-cli download GSAI-ML/LLaDA-V --local-dir DIR)")
+
+
+def ordinary_ids(model, tokenizer, device) -> torch.Tensor:
+    """Every id of the vocabulary that is not special: Stage I's random replacement tokens."""
+    special = set(tokenizer.special_ids)
+    vocab = min(tokenizer.tok.get_vocab_size(), model.cfg.lm.vocab_size)
+    return torch.tensor([i for i in range(vocab) if i not in special], device=device)
+
+
+def prepare_training(model, ctx, cfg):
+    """Freeze the tower, wrap (DDP / FSDP2 / the model itself), build AdamW -> (train_model, params, optimizer)."""
+    model.requires_grad_(True)
+    model.vision_tower.requires_grad_(False)  # frozen, as in the paper; projector, image_newline and LM train
+    model.train()
+    train_model = distributed.wrap(model, ctx, cfg.param_dtype, cfg.activation_checkpointing)  # DDP / FSDP2 / model
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2 replaces them with shards
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    count = lambda ps: sum(p.numel() for p in ps) / 1e9  # noqa: E731  (a DTensor shard counts as its whole tensor)
+    print(f"model {count(model.parameters()):.3f} B parameters ({count(params):.3f} B trainable) on {ctx.device}, "
+          f"{ctx.world} process(es), parallel {ctx.mode}")
+    return train_model, params, optimizer
+
+
+def load_state(cfg, model, optimizer) -> dict:
+    """--resume: weights and Adam state from --dcp (resharded to this run's processes); returns its meta.json."""
+    try:
+        meta = distributed.load_dcp_weights(cfg.dcp, model)
+        distributed.load_dcp_optimizer(cfg.dcp, model, optimizer)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--resume: {err}. Fix: point --dcp (or --out) at a run of this script") from None
+    return meta
+
+
+def autocast_for(cfg, ctx):
+    """bf16 autocast on CUDA without FSDP (FSDP2 casts through its MixedPrecisionPolicy instead); else nothing."""
+    dtype = distributed.resolve_dtype(cfg.param_dtype, ctx.device)
+    return (torch.autocast(ctx.device.type, dtype=dtype) if dtype != torch.float32 and ctx.mode != "fsdp"
+            else nullcontext())
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     cfg = parse_config(FinetuneConfig, argv, description=__doc__.split("\n\n")[0])
-    for name, path in (("--hf-model", cfg.hf_model), ("--data-json", cfg.data_json)):
-        if not path:
-            raise SystemExit(f"{name} is required (python finetune_llada_v.py --help)")
-    for name in ("config.json", "tokenizer.json"):
-        if not os.path.isfile(os.path.join(cfg.hf_model, name)):
-            raise SystemExit(f"--hf-model {cfg.hf_model}: no {name}; give a downloaded LLaDA-V / ReDiff folder "
-                             f"(huggingface-cli download GSAI-ML/LLaDA-V --local-dir DIR)")
+    check_inputs(cfg, "finetune_llada_v.py")
     if cfg.vicrit_jsonl and cfg.objective != "revision":
         raise SystemExit("--vicrit-jsonl feeds Stage I's hallucination term: use it with --objective revision")
     if cfg.answer_len < 2:
@@ -328,32 +386,15 @@ def main(argv=None):
     cfg.steps = cfg.steps or math.ceil(len(captions) / cfg.batch_size)
     ctx.rows(cfg.batch_size)  # refuses a batch that does not split evenly, before any work
     print(show_config(cfg))
-    special = set(tokenizer.special_ids)
-    vocab = min(tokenizer.tok.get_vocab_size(), model.cfg.lm.vocab_size)
-    ordinary = torch.tensor([i for i in range(vocab) if i not in special], device=device)  # replacement tokens
-
-    model.requires_grad_(True)
-    model.vision_tower.requires_grad_(False)  # frozen, as in the paper; projector, image_newline and LM train
-    model.train()
-    train_model = distributed.wrap(model, ctx, cfg.param_dtype, cfg.activation_checkpointing)  # DDP / FSDP2 / model
-    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2 replaces them with shards
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    count = lambda ps: sum(p.numel() for p in ps) / 1e9  # noqa: E731  (a DTensor shard counts as its whole tensor)
-    print(f"model {count(model.parameters()):.3f} B parameters ({count(params):.3f} B trainable) on {device}, "
-          f"{ctx.world} process(es), parallel {ctx.mode}")
+    ordinary = ordinary_ids(model, tokenizer, device)  # replacement tokens
+    train_model, params, optimizer = prepare_training(model, ctx, cfg)
     start_step, history = 0, []
     if cfg.resume:
-        try:
-            meta = distributed.load_dcp_weights(cfg.dcp, model)          # resharded to this run's processes
-            distributed.load_dcp_optimizer(cfg.dcp, model, optimizer)
-        except (FileNotFoundError, ValueError) as err:
-            raise SystemExit(f"--resume: {err}. Fix: point --dcp (or --out) at a run of this script") from None
+        meta = load_state(cfg, model, optimizer)
         check_resume(cfg, meta)
         start_step, history = meta["step"], meta["history"]
         print(f"resumed {cfg.dcp} at step {start_step}")
-    dtype = distributed.resolve_dtype(cfg.param_dtype, device)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and ctx.mode != "fsdp"
-                else nullcontext())  # FSDP2 casts through its MixedPrecisionPolicy instead
+    autocast = autocast_for(cfg, ctx)
 
     def save_state(step):
         distributed.save_dcp(cfg.dcp, model, optimizer, {"stage": "finetune-" + cfg.objective, "step": step,
