@@ -50,6 +50,27 @@ def masked_diffusion_loss(logits, targets, is_masked, p, answer_mask):
     return (weighted.sum(dim=1) / answer_len).mean()
 
 
+def mask_words(ids, answer_mask, word_ids, mask_id: int, generator=None):
+    """Not in the paper: an alignment warm-up for a language model trained from scratch (the paper starts from a
+    pretrained LLaDA-V). Like Eq. 1's forward process, but only answer tokens in `word_ids` (e.g. attribute words)
+    can be masked, each with a per-sample probability p ~ U(0, 1); every other word stays visible, so each masked
+    word can be recovered from the image and its visible context (which object the sentence is about).
+
+    Returns (noisy ids (B, L), is_masked (B, L) bool, p (B,)); score it with masked_token_loss."""
+    p = torch.rand(ids.shape[0], generator=generator, device=ids.device)               # (B,)
+    draws = torch.rand(ids.shape, generator=generator, device=ids.device)              # (B, L)
+    candidates = torch.isin(ids, torch.as_tensor(word_ids, device=ids.device)) & answer_mask
+    is_masked = (draws < p[:, None]) & candidates
+    return torch.where(is_masked, torch.full_like(ids, mask_id), ids), is_masked, p
+
+
+def masked_token_loss(logits, targets, chosen, count=None):
+    """Cross-entropy on the `chosen` positions only, normalised by their number (0 when there are none): the loss of
+    mask_words and of Eq. 4. count: divide by this instead (one rank's rows of a global batch, as in typed_losses)."""
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)  # (B, L)
+    return (ce * chosen).sum() / (chosen.sum().clamp(min=1) if count is None else count)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stage I: foundational revision (Section 3.2, Eq. 2-3)
 
@@ -119,8 +140,7 @@ def refinement_loss(logits, refined, mistake_mask, count=None):
     """Eq. 4: the input is the model's own draft (no masking); cross-entropy against the expert-refined tokens on the
     corrected positions only, normalised by their number N_mistake (0 when the batch has none). count: divide by
     this instead (one rank's rows of a global batch, as in typed_losses)."""
-    ce = F.cross_entropy(logits.flatten(0, 1), refined.flatten(), reduction="none").view(refined.shape)  # (B, L)
-    return (ce * mistake_mask).sum() / (mistake_mask.sum().clamp(min=1) if count is None else count)
+    return masked_token_loss(logits, refined, mistake_mask, count)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "gradient-norm clip")
     replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced by a random one (paper 0.1, official code 0.05)")
     t_dependent: bool = option(False, "Stage I: replacement rate min(t, replace_prob) instead of fixed (Table 5 ablation)")
+    align_steps: int = option(0, "first steps of an alignment warm-up (not in the paper; a from-scratch toy model "
+                              "needs it to bind words to image tokens): only attribute words (colour, shape, size) "
+                              "are masked and scored, position words stay visible; counted within --steps")
     hallucination_frac: float = option(0.25, "Stage I: share of each batch drawn as hallucination pairs (0 = syntax errors only)")
     d_model: int = option(256, "language-model width")
     n_layers: int = option(6, "language-model layers")
@@ -122,15 +125,30 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=None):
+def attribute_ids(tokenizer) -> list[int]:
+    """Token ids of the shapes world's attribute words: what the alignment warm-up masks."""
+    from data import shapes
+    return [tokenizer.encode(word)[0] for word in shapes.COLOURS + shapes.SHAPES + shapes.SIZES]
+
+
+def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=None, objective: str | None = None):
     """One batch's loss for the configured objective -> (loss, {part: value}).
 
     shard (distributed.Context): `batch` is the global batch; masks and corruptions are drawn for all of it (the
     single-process draws), the model runs on this rank's rows, and the loss is normalised so that its mean over
-    ranks is the whole batch's loss (Eq. 1: per-sample mean over equal shards; Eq. 2-3: global type counts)."""
+    ranks is the whole batch's loss (Eq. 1: per-sample mean over equal shards; Eq. 2-3: global type counts).
+    objective: "align" for the warm-up steps (--align-steps), otherwise cfg.objective."""
+    objective = objective or cfg.objective
     rows = slice(None) if shard is None else shard.rows(len(batch.ids))                  # this rank's rows
     images = batch.images[rows]                                                           # (b, 3, S, S)
-    if cfg.objective == "mask":
+    if objective == "align":  # the warm-up: attribute words masked, all else visible (rediff.mask_words)
+        noisy, is_masked, _ = rediff.mask_words(batch.ids, batch.answer_mask, attribute_ids(tokenizer),
+                                                tokenizer.mask_id, generator=generator)
+        logits = model(noisy[rows], images=images)                                        # (b, L, V)
+        count = None if shard is None else shard.count(is_masked)                         # global count / ranks
+        loss = rediff.masked_token_loss(logits, batch.ids[rows], is_masked[rows], count)
+        return loss, {"align": loss}
+    if objective == "mask":
         noisy, is_masked, p = rediff.forward_mask(batch.ids, batch.answer_mask, tokenizer.mask_id, generator=generator)
         logits = model(noisy[rows], images=images)                                        # (b, L, V)
         loss = rediff.masked_diffusion_loss(logits, batch.ids[rows], is_masked[rows], p[rows], batch.answer_mask[rows])
@@ -275,10 +293,11 @@ def main(argv=None):
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        frac = cfg.hallucination_frac if cfg.objective == "revision" else 0.0
+        frac = cfg.hallucination_frac if cfg.objective == "revision" and step >= cfg.align_steps else 0.0
         batch = data.batch(step, cfg.batch_size, frac).to(device)
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-        loss, parts = training_loss(step_model, batch, cfg, tokenizer, generator, ctx)  # this rank's rows
+        objective = "align" if step < cfg.align_steps else cfg.objective
+        loss, parts = training_loss(step_model, batch, cfg, tokenizer, generator, ctx, objective)  # this rank's rows
         batch_loss, parts = ctx.mean(loss), ctx.mean(parts)  # the whole batch's values, as one process has them
         if not torch.isfinite(batch_loss):
             raise SystemExit(f"step {step}: loss is {batch_loss.item()}; stopping. The last good checkpoint is "

@@ -155,7 +155,8 @@ def test_fsdp_needs_a_folder_and_dcp_errors_are_clear(tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from tests.test_stage2 import SECRET, FakeChat
+    from tests.fake_openai import FakeOpenAI, local_only
+    from tests.test_stage2 import SECRET, draft_of, expert_answer
     import train_stage1
     import train_stage2
     d = tmp_path_factory.mktemp("distributed")
@@ -166,9 +167,8 @@ def runs(tmp_path_factory):
     info["one_to_two_at_2"] = distributed.read_dcp_meta(p("one_to_two.dcp"))
     stage2 = STAGE2 + ["--init-from", p("single.safetensors")]
     train_stage2.main(stage2 + ["--expert", "align", "--out", p("s2_single.safetensors")])
-    with FakeChat() as fake, pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OPENAI_API_KEY", SECRET)
-        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with FakeOpenAI(draft_of, expert_answer) as fake, pytest.MonkeyPatch.context() as mp:
+        local_only(mp, SECRET)
         openai = ["--expert", "openai", "--expert-base-url", fake.url, "--cache", p("expert.jsonl"),
                   "--stage1-mix", "0"]
         launch = [

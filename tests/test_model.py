@@ -125,7 +125,8 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
     base, stage1 = str(tmp_path / "base.safetensors"), str(tmp_path / "stage1.safetensors")
     small = ["--tiny", "--steps", "4", "--eval-every", "2", "--n-scenes", "64", "--vision-pretrain-steps", "2",
              "--batch-size", "8"]
-    run(["train_stage1.py", *small, "--objective", "mask", "--out", base])
+    run(["train_stage1.py", *small, "--objective", "mask", "--align-steps", "2", "--out", base])
+    assert read_checkpoint(base)[1]["train_config"]["align_steps"] == 2
     out = run(["train_stage1.py", *small, "--objective", "revision", "--init-from", base, "--out", stage1])
     assert "loaded" in out
     _, meta = read_checkpoint(stage1)
@@ -162,3 +163,33 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     for x, y in zip(a, b):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
         assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-5)
+
+
+def test_align_warm_up_masks_and_scores_only_attribute_words():
+    """train_stage1's --align-steps objective: the model sees attribute words masked, nothing else, and the loss is
+    the mean cross-entropy over exactly those positions."""
+    import torch.nn.functional as F
+
+    import train_stage1
+    from data import shapes
+    from data.pipeline import ShapesData
+    from data.tokenizer import WordTokenizer
+    tok = WordTokenizer.for_shapes_world()
+    data = ShapesData(tok, shapes.WorldConfig(), "train", 16, 9, 64, 0)
+    batch = data.batch(0, 16)
+    seen = {}
+
+    def fake_model(ids, images=None):
+        seen["ids"] = ids
+        return torch.randn(*ids.shape, tok.vocab_size, generator=torch.Generator().manual_seed(1))
+
+    cfg = train_stage1.TrainConfig()
+    loss, parts = train_stage1.training_loss(fake_model, batch, cfg, tok, torch.Generator().manual_seed(0),
+                                             objective="align")
+    masked = seen["ids"] == tok.mask_id
+    attributes = torch.isin(batch.ids, torch.tensor(train_stage1.attribute_ids(tok)))
+    assert masked.any() and not (masked & ~attributes).any()
+    assert {w for w in tok.decode(batch.ids[masked].tolist()).split()} <= set(shapes.COLOURS + shapes.SHAPES + shapes.SIZES)
+    logits = fake_model(seen["ids"])
+    expected = F.cross_entropy(logits[masked], batch.ids[masked])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and list(parts) == ["align"]

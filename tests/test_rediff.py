@@ -111,6 +111,23 @@ def test_t_dependent_rate_and_hallucination_span():
     assert torch.equal(hall[:, 3], types[:, 3] != rediff.MASK)
 
 
+def test_mask_words_masks_only_the_chosen_words_of_the_answer():
+    g = torch.Generator().manual_seed(0)
+    words = torch.tensor([2, 3, 4])
+    ids = torch.randint(0, MASK, (3000, 30), generator=g)         # about a quarter of the tokens are chosen words
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[:, 6:] = True
+    noisy, masked, p = rediff.mask_words(ids, answer, [2, 3, 4], MASK, generator=g)
+    chosen = torch.isin(ids, words) & answer
+    assert not (masked & ~chosen).any(), "other words and the prompt stay visible"
+    assert torch.equal(noisy == MASK, masked) and torch.equal(noisy[~masked], ids[~masked])
+    assert abs(p.mean().item() - 0.5) < 0.02                       # p ~ U(0, 1) per sample
+    assert abs(masked.sum().item() / chosen.sum().item() - 0.5) < 0.02
+    for rows in (p < 0.25, p > 0.75):                              # the per-sample rate follows that sample's p
+        rate = masked[rows].sum().item() / chosen[rows].sum().item()
+        assert abs(rate - p[rows].mean().item()) < 0.03
+
+
 def test_refinement_loss_eq4():
     logits = torch.zeros(1, 3, 4)
     logits[0, 1, 3] = math.log(2.0)                                 # p(3) = 2/5
