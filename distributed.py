@@ -234,7 +234,7 @@ def save_dcp(path: str, model: nn.Module, optimizer, meta: dict, ctx: Context) -
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     path = path.rstrip("/")
-    tmp, old = path + ".tmp", path + ".old"
+    tmp = path + ".tmp"
     model_state, optim_state = get_state_dict(model, optimizer)  # names without wrapper prefixes; FSDP: DTensor shards
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -250,12 +250,19 @@ def save_dcp(path: str, model: nn.Module, optimizer, meta: dict, ctx: Context) -
             json.dump(description, f)
             f.flush()
             os.fsync(f.fileno())
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in_folder(tmp, path)
     ctx.barrier()
+
+
+def swap_in_folder(tmp: str, path: str) -> None:
+    """Replace the folder `path` by the finished folder `tmp`: the old one is moved aside first and removed last, so
+    an interruption at any moment leaves one whole folder (path, or path.old while the two renames run)."""
+    old = path.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_dcp_meta(path: str) -> dict:

@@ -271,7 +271,7 @@ def export_hf(path: str, model, ctx, cfg: FinetuneConfig, state: dict) -> None:
                 shards, size = shards + [[]], 0
             shards[-1].append(key)
             size += t.nbytes
-        tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
+        tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         for name in sorted(os.listdir(cfg.hf_model)):                                    # config.json, tokenizer.json..
@@ -289,11 +289,7 @@ def export_hf(path: str, model, ctx, cfg: FinetuneConfig, state: dict) -> None:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump({"source": os.path.abspath(cfg.hf_model), **state}, f)
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        distributed.swap_in_folder(tmp, path)
     ctx.barrier()
 
 
