@@ -37,9 +37,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "gradient-norm clip")
     replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced by a random one (paper 0.1, official code 0.05)")
     t_dependent: bool = option(False, "Stage I: replacement rate min(t, replace_prob) instead of fixed (Table 5 ablation)")
-    align_steps: int = option(0, "first steps of an alignment warm-up (not in the paper; a from-scratch toy model "
-                              "needs it to bind words to image tokens): only attribute words (colour, shape, size) "
-                              "are masked and scored, position words stay visible; counted within --steps")
+    align_steps: int = option(0, "first steps of an alignment warm-up (not in the paper; an experiment toward "
+                              "grounding in the toy world, see the README's Results): only attribute words (colour, "
+                              "shape, size) are masked and scored, position words stay visible; counted in --steps")
     hallucination_frac: float = option(0.25, "Stage I: share of each batch drawn as hallucination pairs (0 = syntax errors only)")
     d_model: int = option(256, "language-model width")
     n_layers: int = option(6, "language-model layers")
