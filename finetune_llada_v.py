@@ -40,6 +40,7 @@ import rediff
 from cli import option, parse_config, show_config
 from data.loaders import DataError, load_llava_json, load_vicrit_jsonl, open_image
 from llada_v import CAPTION_QUESTION, EOS_ID, EOT_ID, MASK_ID, checkpoint_names, load_llada_v, prompt_ids
+from train_stage1 import warmup_cosine
 
 STATE_FILE = "finetune_state.json"  # in --out: step, settings and loss history (not meta.json: that marks DCP folders)
 
@@ -241,10 +242,7 @@ def training_loss(model, batch: Batch, cfg: FinetuneConfig, ctx, ordinary_ids, g
 
 def learning_rate(step: int, cfg: FinetuneConfig) -> float:
     warmup = max(1, round(cfg.warmup_frac * cfg.steps))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(step, cfg.steps, warmup, cfg.lr, cfg.min_lr_frac)
 
 
 def export_hf(path: str, model, ctx, cfg: FinetuneConfig, state: dict) -> None:

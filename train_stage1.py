@@ -118,11 +118,16 @@ def pretrain_vision(model, data, steps: int, batch_size: int, device, seed: int)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def warmup_cosine(step: int, steps: int, warmup: int, lr: float, min_lr_frac: float) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine from lr down to lr * min_lr_frac at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def learning_rate(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr_frac)
 
 
 def attribute_ids(tokenizer) -> list[int]:
