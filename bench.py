@@ -275,12 +275,12 @@ def bench_training(tokenizer, cfg: BenchConfig, ceiling: float) -> list[dict]:
     from train_stage1 import training_loss
     tcfg = tiny_train_config(batch_size=cfg.train_batch)
     torch.manual_seed(cfg.seed)
-    from train_stage1 import build_model
+    from train_stage1 import build_model, freeze_vision
     model = build_model(tcfg, tokenizer)
     world = shapes.WorldConfig(image_size=tcfg.image_size, max_words=tcfg.answer_len - 1)
     data = ShapesData(tokenizer, world, "train", max(64, cfg.train_batch), model.n_image_tokens, tcfg.answer_len,
                       cfg.seed, model.cfg.vision.mean, model.cfg.vision.std)
-    model.vision_tower.requires_grad_(False)
+    freeze_vision(model)
     model.train()
     model.vision_tower.eval()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -238,6 +238,13 @@ class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     image_token_id: int = 4       # the tokenizer's image placeholder id: one placeholder per image token
     image_pos_embed: bool = True  # add fixed 2-D positions to image tokens (eases grounding in the toy world)
+    # What the language model sees of the image. "patches": LLaVA's mlp2x_gelu projector on the tower's patch tokens
+    # (the paper's set-up). "attributes": the tower's per-patch attribute classifier (trained with the tower, frozen
+    # with it) gives class probabilities, and a linear projector (LLaVA-1's) maps them plus a one-hot patch position
+    # to image tokens: an information bottleneck that lets a tiny LM learn to bind words to cells in minutes
+    # (README "Grounding").
+    image_features: str = "patches"
+    attribute_classes: list = field(default_factory=list)  # "attributes": classes per attribute group, 0 = empty
 
     @staticmethod
     def from_dict(d: dict) -> "VLMConfig":
@@ -254,13 +261,26 @@ class VLM(nn.Module):
         self.cfg = cfg
         self.vision_tower = VisionTower(cfg.vision)
         vision_width = cfg.vision.width
-        self.mm_projector = nn.Sequential(  # LLaVA's "mlp2x_gelu"
-            nn.Linear(vision_width, cfg.lm.d_model), nn.GELU(), nn.Linear(cfg.lm.d_model, cfg.lm.d_model))
+        if cfg.image_features == "attributes":
+            if not cfg.attribute_classes:
+                raise ValueError("image_features 'attributes' needs attribute_classes (classes per group)")
+            n_attributes = sum(cfg.attribute_classes)
+            self.attribute_head = nn.Linear(vision_width, n_attributes)
+            self.mm_projector = nn.Linear(n_attributes + self.n_image_tokens, cfg.lm.d_model)  # LLaVA-1's "linear"
+        elif cfg.image_features == "patches":
+            self.mm_projector = nn.Sequential(  # LLaVA's "mlp2x_gelu"
+                nn.Linear(vision_width, cfg.lm.d_model), nn.GELU(), nn.Linear(cfg.lm.d_model, cfg.lm.d_model))
+        else:
+            raise ValueError(f"image_features {cfg.image_features!r}: use 'patches' or 'attributes'")
         self.lm = LLaDA(cfg.lm)
-        if cfg.image_pos_embed:
+        if cfg.image_pos_embed and cfg.image_features == "patches":
             self.register_buffer("image_pos", sincos_2d(cfg.vision.grid, vision_width), persistent=False)
         self.lm.apply(self._init_weights)          # open_clip initialises its own tower
         self.mm_projector.apply(self._init_weights)
+        if cfg.image_features == "attributes":
+            # Like embedding tables (N(0, 1)): image tokens ~50x larger than the small word embeddings keep their
+            # attribute and cell content through the layers; at std 0.02 the toy LM never bound words to cells.
+            nn.init.normal_(self.mm_projector.weight, std=1.0)
 
     @staticmethod
     def _init_weights(module):
@@ -274,9 +294,18 @@ class VLM(nn.Module):
     def n_image_tokens(self) -> int:
         return self.cfg.vision.grid ** 2
 
+    def attribute_probs(self, feats: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, N, Dv) -> per-group class probabilities, concatenated (B, N, sum(attribute_classes))."""
+        logits = self.attribute_head(feats)                                               # (B, N, A)
+        return torch.cat([g.softmax(-1) for g in logits.split(self.cfg.attribute_classes, -1)], dim=-1)
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) -> projected image tokens (B, N, D), computed once per caption, not per step."""
         feats = self.vision_tower(images)                                                 # (B, N, Dv)
+        if self.cfg.image_features == "attributes":
+            probs = self.attribute_probs(feats)                                           # (B, N, A)
+            cells = torch.eye(feats.shape[1], dtype=probs.dtype, device=probs.device)     # (N, N): one-hot position
+            return self.mm_projector(torch.cat([probs, cells.expand(len(probs), -1, -1)], dim=-1))  # (B, N, D)
         if self.cfg.image_pos_embed:
             # Added before the projector, where the tower's layer-normed features have the same scale as the table
             # (added after it, the fixed table would be ~20x larger than the small-init projected content).

@@ -48,6 +48,10 @@ class TrainConfig:
     patch_size: int = option(16, "vision-tower patch size in px")
     vision_width: int = option(128, "vision-tower width")
     vision_layers: int = option(2, "vision-tower layers")
+    image_features: str = option("patches", "what the LM sees of the image: patches (LLaVA's mlp2x_gelu projector on "
+                                 "the tower's patch tokens, as the paper) or attributes (the pretrained tower's per-cell "
+                                 "attribute probabilities through a linear projector; README \"Grounding\")",
+                                 choices=["patches", "attributes"])
     vision_pretrain_steps: int = option(400, "steps of per-cell attribute pretraining of a fresh vision tower (0: none)")
     answer_len: int = option(64, "answer length in tokens (captions padded with end-of-text)")
     n_scenes: int = option(20000, "training scenes pre-rendered (each draw gets a fresh caption)")
@@ -74,6 +78,12 @@ PRESETS = {"tiny": {"help": "the 5-minute CPU preset of the README (small model,
 # Vision pretraining: the paper starts from a pretrained SigLIP; the toy tower learns per-cell attributes first.
 
 
+def attribute_classes() -> list[int]:
+    """Classes per attribute group of the shapes world (shape, colour, size), each with 0 = empty cell."""
+    from data import shapes
+    return [len(shapes.SHAPES) + 1, len(shapes.COLOURS) + 1, len(shapes.SIZES) + 1]
+
+
 def cell_labels(scenes, grid: int, device) -> torch.Tensor:
     """Per patch (shape, colour, size) class ids, 0 = empty cell, (B, grid * grid, 3)."""
     from data import shapes
@@ -95,8 +105,13 @@ def pretrain_vision(model, data, steps: int, batch_size: int, device, seed: int)
     grid = model.cfg.vision.grid
     if grid % 3:
         raise ValueError(f"vision pretraining needs the patch grid ({grid}) to be a multiple of the 3 x 3 scene grid")
-    sizes = [len(shapes.SHAPES) + 1, len(shapes.COLOURS) + 1, len(shapes.SIZES) + 1]
-    head = nn.Linear(model.cfg.vision.width, sum(sizes)).to(device)
+    sizes = attribute_classes()
+    # With image_features "attributes" the classifier is the model's own attribute head (kept and frozen afterwards);
+    # otherwise a throwaway head that only shapes the tower's patch tokens.
+    head = model.attribute_head if hasattr(model, "attribute_head") else nn.Linear(model.cfg.vision.width, sum(sizes))
+    head = head.to(device)
+    if head.out_features != sum(sizes):
+        raise ValueError(f"the attribute head has {head.out_features} classes, the shapes world {sum(sizes)}")
     params = list(model.vision_tower.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     rng = np.random.default_rng([seed, 10**6])
@@ -180,19 +195,30 @@ def validation_loss(model, val_data, tokenizer, device, n_batches: int = 4) -> f
     return sum(losses) / len(losses)
 
 
+def freeze_vision(model) -> None:
+    """The pretrained vision side (tower, and with image_features "attributes" its classifier head) stays fixed."""
+    for part in (model.vision_tower, getattr(model, "attribute_head", None)):
+        if part is not None:
+            part.requires_grad_(False)
+            part.eval()
+
+
 def build_model(cfg: TrainConfig, tokenizer):
     from model import LMConfig, VisionConfig, VLM, VLMConfig
     lm = LMConfig(vocab_size=tokenizer.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                   mlp_hidden=int(cfg.d_model * 8 / 3) // 16 * 16)
     vision = VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
                           layers=cfg.vision_layers, heads=max(1, cfg.vision_width // 32))
-    return VLM(VLMConfig(lm=lm, vision=vision, image_token_id=tokenizer.image_id))
+    classes = attribute_classes() if cfg.image_features == "attributes" else []
+    return VLM(VLMConfig(lm=lm, vision=vision, image_token_id=tokenizer.image_id, image_features=cfg.image_features,
+                         attribute_classes=classes))
 
 
 # --init-from / --resume: the checkpoint decides the model's shape, so these flags are only checked against it.
 SHAPE_FLAGS = {"d_model": ("lm", "d_model"), "n_layers": ("lm", "n_layers"), "n_heads": ("lm", "n_heads"),
                "image_size": ("vision", "image_size"), "patch_size": ("vision", "patch_size"),
-               "vision_width": ("vision", "width"), "vision_layers": ("vision", "layers")}
+               "vision_width": ("vision", "width"), "vision_layers": ("vision", "layers"),
+               "image_features": ("", "image_features")}
 RESUME_FREE = {"resume", "stop_at", "init_from", "out", "eval_every", "device", "compile", "parallel",
                "activation_checkpointing"}  # may change on --resume
 
@@ -202,7 +228,8 @@ def check_start(cfg: TrainConfig, model, meta: dict, source: str) -> None:
     by a preset, i.e. not its default) that differs from the checkpoint, and on --resume another --objective.
     Other settings that differ from the resumed run's are listed (the continuation then differs from one run)."""
     defaults, flag = TrainConfig(), lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    saved = {name: getattr(getattr(model.cfg, part), key) for name, (part, key) in SHAPE_FLAGS.items()}
+    saved = {name: getattr(getattr(model.cfg, part) if part else model.cfg, key)
+             for name, (part, key) in SHAPE_FLAGS.items()}
     saved["answer_len"] = meta["answer_len"]
     conflicts = [f"{flag(name)} {getattr(cfg, name)} but the checkpoint has {value}" for name, value in saved.items()
                  if getattr(cfg, name) not in (getattr(defaults, name), value)]
@@ -272,8 +299,7 @@ def main(argv=None):
           f"model {model.num_params() / 1e6:.2f} M parameters on {device}")
     if not (cfg.resume or cfg.init_from) and cfg.vision_pretrain_steps > 0:
         pretrain_vision(model, data, cfg.vision_pretrain_steps, 128, device, cfg.seed)
-    model.vision_tower.requires_grad_(False)  # the tower stays frozen, like a pretrained encoder
-    model.vision_tower.eval()
+    freeze_vision(model)  # the tower (and its attribute head) stays frozen, like a pretrained encoder
     train_model = distributed.wrap(model, ctx, cfg.param_dtype, cfg.activation_checkpointing)  # DDP / FSDP2 / model
     params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2 replaces them with shards
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -328,7 +354,8 @@ def main(argv=None):
             break
     names = {"truncated": "captions truncated to --answer-len", "unknown": "unknown words (mapped to <unk>)"}
     for what, count in sorted(data.stats.items()):  # never silent, though the built-in world has neither
-        print(f"warning: {count} {names.get(what, what)} in the training batches")
+        if count:
+            print(f"warning: {count} {names.get(what, what)} in the training batches")
     print(f"done in {time.perf_counter() - t0:.0f} s; checkpoint {cfg.out}")
     return model
 

@@ -323,6 +323,7 @@ def main(argv=None):
     from data.pipeline import ShapesData
     from data.tokenizer import tokenizer_from_dict
     from experts import make_expert, merge_rank_caches, rank_cache_path
+    from train_stage1 import freeze_vision
     torch.manual_seed(cfg.seed)
     device = ctx.device
     model, meta, first_round = load_start(cfg, device)
@@ -348,7 +349,7 @@ def main(argv=None):
         mix_data = ShapesData(tokenizer, world, "train", cfg.n_scenes, model.n_image_tokens, answer_len, cfg.seed,
                               model.cfg.vision.mean, model.cfg.vision.std)
         print(f"Stage I mix: {cfg.stage1_mix:.0%} of each batch, objective {s1.objective}, {cfg.n_scenes} scenes")
-    model.vision_tower.requires_grad_(False)  # frozen, as in Stage I
+    freeze_vision(model)  # frozen, as in Stage I
     train_model = distributed.wrap(model, ctx, cfg.param_dtype, cfg.activation_checkpointing)  # DDP / FSDP2 / model
     for r in range(first_round, cfg.rounds):
         drafts = make_drafts(distributed.full_copy(model, ctx), tokenizer, world, answer_len, cfg, r, ctx)

@@ -88,12 +88,16 @@ class WordTokenizer(Tokenizer):
         return {"kind": "word", "words": self.words[len(SPECIALS):]}
 
 
+_HYPHEN = re.compile(r"(\w) - (?=\w)")
+
+
 class ClipBpeTokenizer(Tokenizer):
     """open_clip's bundled CLIP BPE (49,408 ids, ships in the wheel, works offline); SPECIALS appended after it.
 
     CLIP's own start/end-of-text markers are never produced by encode and count as special ids. The BPE forgets
     where the spaces were, so decode writes every word and punctuation mark separated by one space:
-    decode(encode("A dog, running.")) == "a dog , running ." (the project's text convention)."""
+    decode(encode("A dog, running.")) == "a dog , running ." (the project's text convention); a hyphen between two
+    words stays attached ("top-left"), as the shapes world spells its positions."""
 
     def __init__(self):
         from open_clip.tokenizer import SimpleTokenizer
@@ -127,7 +131,7 @@ class ClipBpeTokenizer(Tokenizer):
                 name = SPECIALS[i - self.pad_id] if i >= self.pad_id else self.bpe.decoder[i]
                 pieces.append(f" {name} ")
         pieces.append(self.bpe.decode(run))
-        return " ".join("".join(pieces).split())
+        return _HYPHEN.sub(r"\1-", " ".join("".join(pieces).split()))
 
     def to_dict(self) -> dict:
         return {"kind": "clip_bpe"}

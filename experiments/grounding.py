@@ -4,7 +4,7 @@ does the toy language model learn to bind caption words to image tokens under on
 Not a polished script: it patches the shapes world's module globals for its variants. Every run prints one JSON line
 per --eval-at step with the grounding probe (eval.grounding_probe on 100 test scenes) and, at the end, the scorer's
 metrics at 1 token per step. Example (the README table lists the flags of each row):
-    PYTHONPATH=. python experiments/grounding.py --symbolic hard --hyphen --attr-mask 1200 --steps 1800
+    PYTHONPATH=. python experiments/grounding.py --symbolic soft --batch 32 --steps 1300 --eval-at 325 650 975
 """
 import argparse
 import json
@@ -46,16 +46,20 @@ ap.add_argument("--max-objects", type=int, default=4, help='objects per scene at
 ap.add_argument("--attr-mask", type=int, default=0, help='steps of the alignment warm-up (only attribute words masked)')
 ap.add_argument("--heads", type=int, default=4, help='attention heads')
 ap.add_argument("--symbolic", default="", help='hard / soft: image tokens from a per-cell attribute classifier on the frozen tower')
-ap.add_argument("--hyphen", action="store_true", help='single-token position names (top-left, ...)')
+ap.add_argument("--spaced", action="store_true", help='two-word position names ("top left", the world before '
+                'single-token names; rows 1-7 of the README table)')
 ap.add_argument("--stop", type=int, default=0, help='stop after this step (the schedule stays --steps long)')
 ap.add_argument("--theta", type=float, default=0, help='RoPE theta (0: the model default)')
+ap.add_argument("--mix", type=float, default=0.0, help='share of every batch (rows) with attribute-only masking, the rest Eq. 1, for all steps')
+ap.add_argument("--tied", action="store_true", help='with --symbolic: the attribute and position embeddings of image tokens are the LM word embeddings')
+ap.add_argument("--full-evals", action="store_true", help='captions and scores (1 token per step) at every --eval-at step too')
 ap.add_argument("--single-frac", type=float, default=1.0, help='share of one-sentence captions during --single')
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
-if a.hyphen:
-    shapes.POSITIONS[:] = [p.replace(" ", "-") for p in shapes.POSITIONS]
-    shapes.VOCAB = sorted(set(shapes.VOCAB) | set(shapes.POSITIONS))
+if a.spaced:
+    shapes.POSITIONS[:] = [p.replace("-", " ") for p in shapes.POSITIONS]
+    shapes.VOCAB = sorted(set(shapes.VOCAB) | {w for p in shapes.POSITIONS for w in p.split()})
 if a.templates is not None:
     shapes.OBJECT_TEMPLATES = [shapes.OBJECT_TEMPLATES[k] for k in a.templates]
 cfg = ts.TrainConfig(d_model=a.d, n_layers=a.layers, n_heads=a.heads, steps=a.steps, batch_size=a.batch, lr=a.lr,
@@ -91,9 +95,21 @@ if a.symbolic:
             l = F.cross_entropy(h(ftr.flatten(0, 1)), ltr[..., k].flatten()); o.zero_grad(); l.backward(); o.step()
         h.requires_grad_(False)
     model.sym = torch.nn.ModuleList([torch.nn.Embedding(n, a.d) for n in sizes] + [torch.nn.Embedding(9, a.d)])
+    word_rows = [[tok.encode(w)[0] for w in vals] for vals in (shapes.SHAPES, shapes.COLOURS, shapes.SIZES)]
+    pos_rows = [tok.encode(p.split()[-1])[0] for p in shapes.POSITIONS]
     def enc_sym(images):
         with torch.no_grad():
             f = model.vision_tower(images)
+        if a.tied:  # class 0 (empty cell) keeps its own learned vector, the others are the LM's word embeddings
+            E = model.lm.embed_tokens.weight
+            out = 0
+            for k in range(3):
+                table = torch.cat([model.sym[k].weight[:1], E[word_rows[k]]])
+                pr = heads[k](f).softmax(-1)
+                if a.symbolic == "hard":
+                    pr = F.one_hot(pr.argmax(-1), pr.shape[-1]).float()
+                out = out + pr @ table
+            return out + E[pos_rows]
         if a.symbolic == "hard":
             out = sum(model.sym[k](heads[k](f).argmax(-1)) for k in range(3))
         else:  # soft: probabilities times the embedding tables
@@ -139,11 +155,13 @@ def report(step, full=False):
     print(json.dumps({"tag": a.tag, "step": step, "t": round(time.time() - t0), "colour": round(pr["colour (own image)"], 2),
           "shape": round(pr["shape (own image)"], 2), "size": round(pr["size (own image)"], 2),
           **{k: round(sc[k], 3) for k in ("headline", "factuality", "coverage", "syntax")}}), flush=True)
+    if full:
+        print("\n".join(sc["examples"]), flush=True)
 orig_caption_for = shapes.caption_for
 def single_caption(scene, rng, cfg):
     if rng.random() < a.single_frac:
         objs = scene["objects"]
-        return shapes._object_sentence(objs[rng.integers(len(objs))], rng)
+        return shapes._object_sentence(objs[rng.integers(len(objs))], rng) + " ."
     return orig_caption_for(scene, rng, cfg)
 model.train()
 if not a.unfreeze: model.vision_tower.eval()
@@ -154,24 +172,40 @@ for step in range(a.steps):
     b = (banks[k] if k < 4 else data).batch(step, a.batch)
     gen = torch.Generator().manual_seed(step)
     emb = model.encode_images(b.images)
-    if step < a.attr_mask:
+    if a.mix:
+        n_attr = int(round(a.mix * b.ids.shape[0]))
+        is_attr = torch.isin(b.ids, attr_ids) & b.answer_mask
+        r = torch.rand(b.ids.shape[0], 1, generator=gen)
+        attr_masked = is_attr & (torch.rand(b.ids.shape, generator=gen) < r)
+        noisy, is_masked, p = rediff.forward_mask(b.ids, b.answer_mask, tok.mask_id, generator=gen)
+        rows = torch.arange(b.ids.shape[0])[:, None] < n_attr
+        is_masked = torch.where(rows, attr_masked, is_masked)
+        noisy = b.ids.masked_fill(is_masked, tok.mask_id)
+        logits = model(noisy, emb)
+        ce = F.cross_entropy(logits.flatten(0, 1), b.ids.flatten(), reduction="none").view_as(b.ids)
+        w = torch.isin(b.ids, content_ids).float() * is_masked * rows
+        l_attr = (ce * w).sum() / w.sum().clamp(min=1)
+        l_eq1 = (ce * is_masked * ~rows / p[:, None]).sum() / (b.answer_mask & ~rows).sum().clamp(min=1)
+        loss = a.mix * l_attr + (1 - a.mix) * l_eq1
+    elif step < a.attr_mask:
         is_attr = torch.isin(b.ids, attr_ids) & b.answer_mask
         r = torch.rand(b.ids.shape[0], 1, generator=gen)
         is_masked = is_attr & (torch.rand(b.ids.shape, generator=gen) < r)
         noisy = b.ids.masked_fill(is_masked, tok.mask_id); p = r.squeeze(1)
     else:
         noisy, is_masked, p = rediff.forward_mask(b.ids, b.answer_mask, tok.mask_id, generator=gen)
-    logits = model(noisy, emb)
-    ce = F.cross_entropy(logits.flatten(0, 1), b.ids.flatten(), reduction="none").view_as(b.ids)
-    if a.loss == "content" or step < a.attr_mask:
-        w = torch.isin(b.ids, content_ids).float()
-        loss = (ce * w * is_masked).sum() / (w * is_masked).sum().clamp(min=1)
-    else:
-        loss = (ce * is_masked / p[:, None]).sum() / b.answer_mask.sum()
+    if not a.mix:
+        logits = model(noisy, emb)
+        ce = F.cross_entropy(logits.flatten(0, 1), b.ids.flatten(), reduction="none").view_as(b.ids)
+        if a.loss == "content" or step < a.attr_mask:
+            w = torch.isin(b.ids, content_ids).float()
+            loss = (ce * w * is_masked).sum() / (w * is_masked).sum().clamp(min=1)
+        else:
+            loss = (ce * is_masked / p[:, None]).sum() / b.answer_mask.sum()
     opt.zero_grad(set_to_none=True); loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
     if (step + 1) in a.eval_at:
-        report(step + 1)
+        report(step + 1, full=a.full_evals)
     if step + 1 == a.stop:
         break
 report(step + 1, full=True)

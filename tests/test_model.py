@@ -90,6 +90,44 @@ def test_checkpoint_round_trip_rebuilds_from_saved_config(tmp_path):
         assert torch.equal(a["exp_avg"], b["exp_avg"])
 
 
+def test_attribute_features_are_class_probabilities_and_cells(tmp_path):
+    """image_features "attributes": the projector reads per-group softmax probabilities plus a one-hot cell; the
+    attribute head is part of the checkpoint; train_stage1 trains it with the tower, then freezes both."""
+    import train_stage1
+    torch.manual_seed(0)
+    cfg = VLMConfig(lm=LMConfig(vocab_size=20, d_model=32, n_layers=1, n_heads=4, mlp_hidden=64),
+                    vision=VisionConfig(image_size=48, patch_size=16, width=32, layers=1, heads=2),
+                    image_features="attributes", attribute_classes=train_stage1.attribute_classes())
+    model = VLM(cfg)
+    images = torch.randn(2, 3, 48, 48)
+    probs = model.attribute_probs(model.vision_tower(images))                         # (2, 9, 16)
+    assert probs.shape == (2, 9, sum(cfg.attribute_classes))
+    for group in probs.split(cfg.attribute_classes, dim=-1):
+        assert torch.allclose(group.sum(-1), torch.ones(2, 9))
+    inputs = torch.cat([probs, torch.eye(9).expand(2, -1, -1)], dim=-1)
+    assert torch.allclose(model.encode_images(images), model.mm_projector(inputs))
+    path = str(tmp_path / "attr.safetensors")
+    save_checkpoint(path, model, {"stage": "test", "step": 0})
+    loaded, _ = load_checkpoint(path)
+    assert loaded.cfg == cfg and torch.equal(loaded.attribute_head.weight, model.attribute_head.weight)
+    with pytest.raises(ValueError, match="attribute_classes"):
+        VLM(VLMConfig(lm=cfg.lm, vision=cfg.vision, image_features="attributes"))
+    with pytest.raises(ValueError, match="patches"):
+        VLM(VLMConfig(lm=cfg.lm, vision=cfg.vision, image_features="pixels"))
+
+    from data import shapes
+    from data.pipeline import ShapesData
+    from data.tokenizer import WordTokenizer
+    data = ShapesData(WordTokenizer.for_shapes_world(), shapes.WorldConfig(), "train", 16, 9, 64, 0)
+    before = model.attribute_head.weight.clone()
+    train_stage1.pretrain_vision(model, data, 2, 4, "cpu", 0)
+    assert not torch.equal(before, model.attribute_head.weight), "vision pretraining trains the model's own head"
+    train_stage1.freeze_vision(model)
+    assert not any(p.requires_grad for p in model.attribute_head.parameters())
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    assert all(p.requires_grad for p in model.mm_projector.parameters())
+
+
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_checkpoint(str(tmp_path / "missing.safetensors"))

@@ -7,11 +7,11 @@ import pytest
 from data.score import METRICS, normalise, score_caption, score_captions
 from data.shapes import VOCAB, WorldConfig, caption_for, sample
 
-# Red large circle top left, blue small square at the right, yellow large star at the bottom.
+# Red large circle top-left, blue small square at the right, yellow large star at the bottom.
 SCENE = {"objects": [{"shape": "circle", "colour": "red", "size": "large", "row": 0, "col": 0},
                      {"shape": "square", "colour": "blue", "size": "small", "row": 1, "col": 2},
                      {"shape": "star", "colour": "yellow", "size": "large", "row": 2, "col": 1}]}
-CIRCLE = "there is a large red circle at the top left ."
+CIRCLE = "there is a large red circle at the top-left ."
 SQUARE = "a small blue square is at the right ."
 
 
@@ -30,7 +30,7 @@ def test_true_caption_scores_exactly():
 
 
 def test_every_template_form_parses():
-    for text in ["at the top left , there is a large red circle .", "the right has a small blue square .",
+    for text in ["at the top-left , there is a large red circle .", "the right has a small blue square .",
                  "we can see a large yellow star at the bottom .", "there are three shapes .",
                  "the image shows three objects .", "the image shows three shapes .",
                  "the blue square is right of the red circle .", "the red circle is left of the blue square .",
@@ -40,7 +40,7 @@ def test_every_template_form_parses():
 
 def test_false_attribute_halves_factuality():
     # 1 true claim of 2; coverage 1/3; harmonic mean of 1/2 and 1/3 is 2/5.
-    check(f"there is a large green circle at the top left . {SQUARE}",
+    check(f"there is a large green circle at the top-left . {SQUARE}",
           factuality=0.5, coverage=1 / 3, syntax=1, headline=40, n_claims=2, n_true=1)
 
 
@@ -62,7 +62,7 @@ def test_garbled_sentence_counts_as_unparsed_and_false():
 def test_repeated_sentence_and_repeated_claim():
     # 2 true claims of 2, coverage 1/3 -> harmonic mean 1/2; half the sentences repeat -> 100 * 0.5 * 0.5.
     check(f"{CIRCLE} {CIRCLE}", factuality=1, repetition=0.5, headline=25)
-    check(f"{CIRCLE} the top left has a large red circle .", factuality=1, repetition=0.5, headline=25)
+    check(f"{CIRCLE} the top-left has a large red circle .", factuality=1, repetition=0.5, headline=25)
     check("the red circle is left of the blue square . the blue square is right of the red circle .", repetition=0.5)
     check("there are three objects . the image shows three shapes .", repetition=0.5)
     check("blah blah . blah blah .", repetition=0.5, n_unparsed=2)
@@ -70,9 +70,9 @@ def test_repeated_sentence_and_repeated_claim():
 
 def test_normalisation_case_punctuation_and_trailing_fragment():
     assert normalise("A Circle.  Star,top") == ["a", "circle", ".", "star", ",", "top"]
-    check("There is a LARGE red circle at the top left.A small blue square is at the right",
+    check("There is a LARGE red circle at the top-left.A small blue square is at the right",
           factuality=1, n_sentences=2, n_claims=2, coverage=2 / 3)
-    check("\n\n there is a large red circle at the top left . . . .", n_sentences=1, factuality=1)
+    check("\n\n there is a large red circle at the top-left . . . .", n_sentences=1, factuality=1)
 
 
 @pytest.mark.parametrize("text", ["", "   ", ".", "... . .", "\n\t \r"])

@@ -94,12 +94,15 @@ def test_hallucination_pairs():
     assert made >= 95
 
 
-def test_position_phrase_keeps_its_length():
-    caption = "there is a large red circle at the top left ."
+def test_position_swap_is_another_position():
+    caption = "there is a large red circle at the top-left ."
     scene = {"objects": [SCENE_3["objects"][0]]}
+    swapped = 0
     for seed in range(20):
         pair = hallucination_pair(scene, caption, np.random.default_rng(seed))
         wrong = pair["wrong"].split()
-        if pair["span"] == (8, 10):
-            assert " ".join(wrong[8:10]) in POSITIONS and " ".join(wrong[8:10]) != "top left"
+        if pair["span"] == (8, 9):
+            swapped += 1
+            assert wrong[8] in POSITIONS and wrong[8] != "top-left" and len(wrong) == len(caption.split())
+    assert swapped > 0
     assert hallucination_pair(scene, "there is one object .", np.random.default_rng(0)) is None

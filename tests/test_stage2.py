@@ -19,7 +19,7 @@ from tests.fake_openai import FakeOpenAI, local_only, prompt_text
 SCENE = {"objects": [{"shape": "circle", "colour": "red", "size": "large", "row": 0, "col": 0},
                      {"shape": "square", "colour": "blue", "size": "small", "row": 1, "col": 2},
                      {"shape": "star", "colour": "yellow", "size": "large", "row": 2, "col": 1}]}
-RED = "there is a large red circle at the top left ."
+RED = "there is a large red circle at the top-left ."
 BLUE = "a small blue square is at the right ."
 STAR = "the bottom has a large yellow star ."
 TRUTH = f"{RED} {BLUE} {STAR}"
@@ -47,12 +47,12 @@ def changed_words(a: str, b: str) -> list[int]:
 
 
 def test_oracle_fixes_a_wrong_colour_minimally():
-    review, _ = oracle(f"there is a large green circle at the top left . {BLUE}")
+    review, _ = oracle(f"there is a large green circle at the top-left . {BLUE}")
     assert review == [{"org": "green", "target": "red"}]
 
 
 def test_oracle_fixes_a_repeated_word_into_a_true_sentence():
-    draft = f"{BLUE} there is a large red red at the top left ."
+    draft = f"{BLUE} there is a large red red at the top-left ."
     review, _ = oracle(draft)
     fixed = apply(draft, review)
     assert fixed == f"{BLUE} {RED}"
@@ -144,14 +144,14 @@ def test_align_expert_fixes_equal_blocks_and_rewrites_valid_wording():
 
 
 def test_validate_pairs_rejects_by_reason():
-    draft = "there is a large red circle at the top left . there is a small red square at the left ."
+    draft = "there is a large red circle at the top-left . there is a small red square at the left ."
     ids = TOKENIZER.encode(draft) + [TOKENIZER.eos_id] * 3 + TOKENIZER.encode("purple")  # nothing after eos counts
     pairs = [{"org": "large red", "target": "large blue"},        # kept
              {"org": "purple", "target": "green"},                # absent (only after the end of text)
              {"org": "red", "target": "blue"},                    # repeated
              {"org": "small red square", "target": "small blue"},  # length_mismatch
              {"org": "red circle", "target": "blue circle"},      # overlap with the first
-             {"org": "top left", "target": "top left"},           # unchanged
+             {"org": "top-left", "target": "top-left"},           # unchanged
              {"org": "at the top", "target": "at the rectangle"},  # unknown_word
              {"org": 3, "target": "x"}, "junk", {"org": "", "target": ""}]
     counts = Counter()
@@ -178,7 +178,7 @@ def test_align_builds_targets_and_drops_drafts_without_pairs():
     def row(text):
         ids = TOKENIZER.encode(text)
         return torch.tensor(ids + [TOKENIZER.eos_id] * (G - len(ids)))
-    drafts = [{"ids": row(f"there is a large green circle at the top left . {BLUE}")} for _ in range(4)]
+    drafts = [{"ids": row(f"there is a large green circle at the top-left . {BLUE}")} for _ in range(4)]
     reviews = [[{"org": "green circle", "target": "red circle"}], RIGHT, None, [{"org": "red", "target": "blue"}]]
     counts = Counter()
     samples = train_stage2.align(drafts, reviews, TOKENIZER, counts)

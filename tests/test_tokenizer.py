@@ -81,8 +81,8 @@ def test_unknown_words_map_to_unk_and_are_counted(word):
 
 def test_user_text_is_lowercased_and_punctuation_split(word):
     assert word.encode("There is a red circle.") == word.encode("there is a red circle .")
-    assert word.decode(word.encode("At the TOP left,a small red circle.There are two objects."))\
-        == "at the top left , a small red circle . there are two objects ."
+    assert word.decode(word.encode("At the TOP-left,a small red circle.There are two objects."))\
+        == "at the top-left , a small red circle . there are two objects ."
     assert split_words(" circle.\n\t, star!? ") == ["circle", ".", ",", "star", "!", "?"]
     assert word.encode("") == [] and word.encode("  \n ") == []
 
