@@ -26,7 +26,7 @@ from cli import option, parse_config, show_config
 @dataclass
 class ReproConfig:
     out: str = option("runs/repro", "folder for checkpoints, logs, evaluations and the report")
-    base_steps: int = option(650, "steps of the shared base model (train_stage1.py --tiny --objective mask)")
+    base_steps: int = option(1000, "steps of the shared base model (train_stage1.py --tiny --objective mask)")
     steps: int = option(120, "optimizer steps of every continuation from the base (equal budgets)")
     batch_size: int = option(64, "samples per step of every continuation (Stage I and II alike)")
     n_scenes: int = option(10000, "pre-rendered training scenes of every Stage I / mask run (train_stage1.py --n-scenes)")

@@ -70,8 +70,9 @@ class TrainConfig:
 
 
 PRESETS = {"tiny": {"help": "the 5-minute CPU preset of the README (small model, fewer steps)",
-                    "values": dict(d_model=128, n_layers=4, n_heads=4, steps=650, batch_size=64,
-                                   vision_pretrain_steps=200, n_scenes=10000, eval_every=250)}}
+                    "values": dict(d_model=128, n_layers=4, n_heads=4, steps=1000, batch_size=32,
+                                   image_features="attributes", vision_pretrain_steps=200, n_scenes=10000,
+                                   eval_every=250)}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
