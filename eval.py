@@ -31,6 +31,8 @@ class EvalConfig:
     prefix_cache: bool = option(False, "reuse the image + prompt keys/values within a block (approximate; sample.py)")
     cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: once per block)")
     threshold: float = option(0.0, "confidence-threshold decoding (Fast-dLLM); 0: the fixed tokens-per-step schedule")
+    block_length: int = option(0, "semi-autoregressive block length, dividing the answer length (0: one block, as "
+                               "in the paper)")
     probe: bool = option(False, "instead of captioning: the grounding probe (attribute words of true captions masked)")
     compile: bool = option(False, "torch.compile the model for captioning (about 30 s up front per checkpoint; same "
                            "outputs; 1.2-1.35x faster on 2 CPU cores, see the README's Speed section)")
@@ -44,7 +46,7 @@ def held_out_indices(n: int, seed: int) -> list[int]:
 def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step: int, refine: bool,
              batch_size: int = 100, **sampler) -> dict:
     """Mean scorer metrics and forward passes per caption over the test scenes `indices`.
-    sampler: caption_images' prefix_cache, cache_refresh and threshold."""
+    sampler: caption_images' prefix_cache, cache_refresh, threshold and block_length."""
     from data import shapes
     from data.pipeline import image_to_tensor
     from data.score import score_captions
@@ -60,6 +62,7 @@ def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step:
         passes += calls * len(samples)
     scores = score_captions(texts, scenes)
     scores["forward_passes"] = passes / len(texts)
+    scores["words"] = sum(len(t.split()) for t in texts) / len(texts)  # caption length (end-of-text cuts it)
     scores["examples"] = texts[:3]
     return scores
 
@@ -92,12 +95,13 @@ def grounding_probe(model, tokenizer, world, answer_len: int, indices) -> dict:
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| ckpt | tokens/step | sampler | headline | factuality | coverage | syntax | repetition | passes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| ckpt | tokens/step | sampler | headline | factuality | coverage | syntax | repetition | passes "
+             "| words |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {os.path.basename(r['ckpt'])} | {r['tokens_per_step']} | {'refine' if r['refine'] else 'frozen'} "
                      f"| {r['headline']:.1f} | {r['factuality']:.3f} | {r['coverage']:.3f} | {r['syntax']:.3f} "
-                     f"| {r['repetition']:.3f} | {r['forward_passes']:.0f} |")
+                     f"| {r['repetition']:.3f} | {r['forward_passes']:.0f} | {r.get('words', 0):.1f} |")
     return "\n".join(lines)
 
 
@@ -159,15 +163,18 @@ def main(argv=None):
             loaded = {ckpt: (torch.compile(model.eval()) if cfg.compile else model.eval(), meta)}
         model, meta = loaded[ckpt]
         sampler = {"prefix_cache": cfg.prefix_cache, "cache_refresh": cfg.cache_refresh,
-                   "threshold": cfg.threshold or None}
+                   "threshold": cfg.threshold or None, "block_length": cfg.block_length or None}
+        if cfg.block_length and meta["answer_len"] % cfg.block_length:
+            raise SystemExit(f"--block-length {cfg.block_length} must divide {ckpt}'s answer length "
+                             f"{meta['answer_len']}")
         scores = evaluate(model, tokenizer_from_dict(meta["tokenizer"]), shapes.WorldConfig(**meta["world"]),
                           meta["answer_len"], indices, n, refine, cfg.batch_size, **sampler)
         results.append({"ckpt": ckpt, "tokens_per_step": n, "refine": refine, **sampler, **scores})
     table = markdown_table(results)
     print(table)
-    if cfg.prefix_cache or cfg.threshold:
+    if cfg.prefix_cache or cfg.threshold or cfg.block_length:
         print(f"sampler options: prefix cache {cfg.prefix_cache} (refresh {cfg.cache_refresh}), "
-              f"threshold {cfg.threshold or 'none'}")
+              f"threshold {cfg.threshold or 'none'}, block length {cfg.block_length or 'one block'}")
     print(f"{len(jobs)} evaluations of {cfg.n} scenes in {time.perf_counter() - start:.0f} s")
     if cfg.json:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)

@@ -183,6 +183,14 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
                 "forward_passes"} <= set(r)
     assert {r["forward_passes"] for r in results if r["tokens_per_step"] == 8} == {8.0}
     assert os.path.exists(str(tmp_path / "eval.png")) and os.path.exists(str(tmp_path / "eval.md"))
+    blocks = str(tmp_path / "blocks.json")
+    run(["eval.py", "--ckpt", stage1, "--tokens-per-step", "8", "--block-length", "16", "--n", "6", "--json", blocks])
+    (row,) = json.load(open(blocks))["results"]
+    # 4 blocks of 2 steps; end-of-text stopping may end the batch after any whole block
+    assert row["block_length"] == 16 and row["forward_passes"] in (2, 4, 6, 8) and 0 <= row["words"] <= 64
+    bad = subprocess.run([sys.executable, "eval.py", "--ckpt", stage1, "--block-length", "10", "--n", "2"], cwd=ROOT,
+                         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1"))
+    assert bad.returncode != 0 and "--block-length 10 must divide" in bad.stderr
     out = run(["eval.py", "--ckpt", stage1, "--probe", "--n", "6"])
     assert "colour (own image)" in out and "shape (next scene's image)" in out
 
