@@ -18,6 +18,7 @@ from model import load_checkpoint, read_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--steps", "4", "--batch-size", "8", "--n-scenes", "64",
         "--vision-pretrain-steps", "0", "--eval-every", "2"]
+ATTRIBUTES = ["--image-features", "attributes", "--vision-pretrain-steps", "1"]  # the --tiny model's image tokens
 STAGE2 = ["--drafts-per-round", "12", "--draft-batch", "4", "--tokens-per-step", "4", "8", "--steps", "3",
           "--batch-size", "8", "--n-scenes", "32"]
 
@@ -163,6 +164,7 @@ def runs(tmp_path_factory):
     p = lambda name: str(d / name)  # noqa: E731
     info, t0 = {}, time.perf_counter()
     train_stage1.main(TINY + ["--out", p("single.safetensors")])
+    train_stage1.main(TINY + ATTRIBUTES + ["--out", p("attr_single.safetensors")])
     train_stage1.main(TINY + ["--out", p("one_to_two.dcp"), "--stop-at", "2"])
     info["one_to_two_at_2"] = distributed.read_dcp_meta(p("one_to_two.dcp"))
     stage2 = STAGE2 + ["--init-from", p("single.safetensors")]
@@ -174,6 +176,7 @@ def runs(tmp_path_factory):
         launch = [
             "train_stage1.py", *TINY, "--parallel", "ddp", "--out", p("ddp.safetensors"), "--then",
             "train_stage1.py", *TINY, "--parallel", "fsdp", "--out", p("fsdp.dcp"), "--then",
+            "train_stage1.py", *TINY, *ATTRIBUTES, "--parallel", "fsdp", "--out", p("attr_fsdp.dcp"), "--then",
             "train_stage1.py", *TINY, "--parallel", "fsdp", "--out", p("two_to_one.dcp"), "--stop-at", "2", "--then",
             "train_stage1.py", *TINY, "--parallel", "fsdp", "--out", p("one_to_two.dcp"), "--resume", "--then",
             "train_stage2.py", *stage2, "--parallel", "ddp", "--expert", "align", "--out", p("s2_ddp.safetensors"),
@@ -217,7 +220,7 @@ def test_ddp_two_processes_give_the_single_process_loss_curve(runs):
     p, info = runs
     assert_same_run(p("single.safetensors"), p("ddp.safetensors"))
     assert "step 4: train loss" in info["stdout"]  # rank 0 prints, and only rank 0:
-    assert info["stdout"].count("step 4: train loss") == 3  # ddp, fsdp and the resumed fsdp run: not rank 1
+    assert info["stdout"].count("step 4: train loss") == 4  # ddp, both fsdp and the resumed fsdp run: not rank 1
 
 
 def test_fsdp_two_processes_give_the_single_process_loss_curve(runs):
@@ -227,6 +230,8 @@ def test_fsdp_two_processes_give_the_single_process_loss_curve(runs):
     assert files == ["meta.json", "shard-00001-model-00001-of-00001.safetensors",
                      "shard-00002-model-00001-of-00001.safetensors"], files
     assert distributed.read_dcp_meta(p("fsdp.dcp"))["written_by_processes"] == 2
+    # attribute image tokens: the frozen attribute head sharded beside the trainable linear projector
+    assert_same_run(p("attr_single.safetensors"), p("attr_fsdp.dcp"))
 
 
 def test_dcp_checkpoint_of_two_processes_resumes_in_one(runs):
