@@ -241,8 +241,8 @@ class VLMConfig:
     # What the language model sees of the image. "patches": LLaVA's mlp2x_gelu projector on the tower's patch tokens
     # (the paper's set-up). "attributes": the tower's per-patch attribute classifier (trained with the tower, frozen
     # with it) gives class probabilities, and a linear projector (LLaVA-1's) maps them plus a one-hot patch position
-    # to image tokens: an information bottleneck that lets a tiny LM learn to bind words to cells in minutes
-    # (README "Grounding").
+    # to image tokens: an information bottleneck a tiny LM learns to read in minutes, where raw patch tokens stayed
+    # at chance (binding words to cells still takes longer; README "Grounding").
     image_features: str = "patches"
     attribute_classes: list = field(default_factory=list)  # "attributes": classes per attribute group, 0 = empty
 

@@ -102,7 +102,6 @@ def cell_labels(scenes, grid: int, device) -> torch.Tensor:
 
 def pretrain_vision(model, data, steps: int, batch_size: int, device, seed: int) -> float:
     """Per-cell attribute classification on patch tokens; returns the final accuracy (all three attributes right)."""
-    from data import shapes
     grid = model.cfg.vision.grid
     if grid % 3:
         raise ValueError(f"vision pretraining needs the patch grid ({grid}) to be a multiple of the 3 x 3 scene grid")
