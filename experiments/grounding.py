@@ -174,9 +174,7 @@ for step in range(a.steps):
     emb = model.encode_images(b.images)
     if a.mix:
         n_attr = int(round(a.mix * b.ids.shape[0]))
-        is_attr = torch.isin(b.ids, attr_ids) & b.answer_mask
-        r = torch.rand(b.ids.shape[0], 1, generator=gen)
-        attr_masked = is_attr & (torch.rand(b.ids.shape, generator=gen) < r)
+        _, attr_masked, _ = rediff.mask_words(b.ids, b.answer_mask, attr_ids, tok.mask_id, generator=gen)
         noisy, is_masked, p = rediff.forward_mask(b.ids, b.answer_mask, tok.mask_id, generator=gen)
         rows = torch.arange(b.ids.shape[0])[:, None] < n_attr
         is_masked = torch.where(rows, attr_masked, is_masked)
@@ -188,10 +186,7 @@ for step in range(a.steps):
         l_eq1 = (ce * is_masked * ~rows / p[:, None]).sum() / (b.answer_mask & ~rows).sum().clamp(min=1)
         loss = a.mix * l_attr + (1 - a.mix) * l_eq1
     elif step < a.attr_mask:
-        is_attr = torch.isin(b.ids, attr_ids) & b.answer_mask
-        r = torch.rand(b.ids.shape[0], 1, generator=gen)
-        is_masked = is_attr & (torch.rand(b.ids.shape, generator=gen) < r)
-        noisy = b.ids.masked_fill(is_masked, tok.mask_id); p = r.squeeze(1)
+        noisy, is_masked, p = rediff.mask_words(b.ids, b.answer_mask, attr_ids, tok.mask_id, generator=gen)
     else:
         noisy, is_masked, p = rediff.forward_mask(b.ids, b.answer_mask, tok.mask_id, generator=gen)
     if not a.mix:
