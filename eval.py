@@ -33,7 +33,7 @@ class EvalConfig:
     threshold: float = option(0.0, "confidence-threshold decoding (Fast-dLLM); 0: the fixed tokens-per-step schedule")
     block_length: int = option(0, "semi-autoregressive block length, dividing the answer length (0: one block, as "
                                "in the paper)")
-    probe: bool = option(False, "instead of captioning: the grounding probe (attribute words of true captions masked)")
+    probe: bool = option(False, "instead of captioning: the grounding probe (attribute or position words of true captions masked)")
     compile: bool = option(False, "torch.compile the model for captioning (about 30 s up front per checkpoint; same "
                            "outputs; 1.2-1.35x faster on 2 CPU cores, see the README's Speed section)")
 
@@ -70,8 +70,9 @@ def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step:
 @torch.no_grad()
 def grounding_probe(model, tokenizer, world, answer_len: int, indices) -> dict:
     """Does the model read the image? In a true caption of each held-out scene, mask only the words of one attribute
-    (colour, shape or size; everything else stays visible) and measure argmax accuracy, with the scene's own image
-    tokens and with the next scene's. Equal accuracies mean the model ignores the image for that attribute."""
+    (colour, shape, size or position; everything else stays visible) and measure argmax accuracy, with the scene's
+    own image tokens and with the next scene's. Equal accuracies mean the model ignores the image for that attribute.
+    Position words are one token each (data/shapes.py), so the same masking covers them."""
     from data import shapes
     from data.pipeline import answer_ids, image_to_tensor, prompt_ids
     vision = model.cfg.vision
@@ -82,7 +83,8 @@ def grounding_probe(model, tokenizer, world, answer_len: int, indices) -> dict:
     ids = torch.tensor([prompt + answer_ids(tokenizer, s["caption"], answer_len) for s in samples], device=device)
     own = model.encode_images(images.to(device))                                       # (B, N, D)
     result = {}
-    for name, words in (("colour", shapes.COLOURS), ("shape", shapes.SHAPES), ("size", shapes.SIZES)):
+    for name, words in (("colour", shapes.COLOURS), ("shape", shapes.SHAPES), ("size", shapes.SIZES),
+                        ("position", shapes.POSITIONS)):
         targets = torch.tensor([tokenizer.encode(w)[0] for w in words], device=device)
         hidden = torch.isin(ids, targets)
         hidden[:, :len(prompt)] = False

@@ -29,11 +29,13 @@ class ReproConfig:
     base_steps: int = option(1000, "steps of the shared base model (train_stage1.py --tiny --objective mask)")
     steps: int = option(120, "optimizer steps of every continuation from the base (equal budgets)")
     batch_size: int = option(64, "samples per step of every continuation (Stage I and II alike)")
-    n_scenes: int = option(10000, "pre-rendered training scenes of every Stage I / mask run (train_stage1.py --n-scenes)")
+    n_scenes: int = option(3000, "pre-rendered training scenes of every Stage I / mask continuation (train_stage1.py "
+                           "--n-scenes; a fresh caption per draw; the base renders --tiny's 10000)")
     drafts: int = option(192, "Stage II drafts per round (train_stage2.py --drafts-per-round)")
     seeds: list = option([0, 1, 2], "seeds of the headline comparison (F1): baseline and ReDiff trained once per seed",
                          nargs="+", type=int)
-    tokens_per_step: list = option([1, 2, 4, 8], "tokens per step evaluated", nargs="+", type=int)
+    tokens_per_step: list = option([1, 2, 4, 8], "tokens per step evaluated (F1 / F2 / F4 models at all of them; the "
+                                   "F3 / F5 / F6 variants at the slowest and the fastest)", nargs="+", type=int)
     n: int = option(100, "held-out test scenes per evaluation")
     eval_seed: int = option(0, "which held-out scenes are drawn (eval.py --seed)")
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
@@ -78,12 +80,14 @@ def run(cfg: ReproConfig, name: str, argv: list[str], ckpt: str, resumable: bool
 SAMPLER_FLAGS = {"both": ["--both"], "refine": [], "frozen": ["--no-refine"]}
 
 
-def evaluate(cfg: ReproConfig, ckpt: str, sampler: str) -> list[dict]:
-    """eval.py on one checkpoint with sampler both / refine / frozen (cached as <out>/eval/<name>-<sampler>.json)."""
+def evaluate(cfg: ReproConfig, ckpt: str, sampler: str, ends_only: bool = False) -> list[dict]:
+    """eval.py on one checkpoint with sampler both / refine / frozen (cached as <out>/eval/<name>-<sampler>.json);
+    ends_only: at the slowest and the fastest tokens per step only (the ablation rows, to keep the run short)."""
     name = os.path.splitext(os.path.basename(ckpt))[0] + "-" + sampler
     path = os.path.join(cfg.out, "eval", name + ".json")
+    speeds = sorted({min(cfg.tokens_per_step), max(cfg.tokens_per_step)}) if ends_only else cfg.tokens_per_step
     if not os.path.exists(path):
-        command = [PY, "eval.py", "--ckpt", ckpt, "--tokens-per-step", *map(str, cfg.tokens_per_step),
+        command = [PY, "eval.py", "--ckpt", ckpt, "--tokens-per-step", *map(str, speeds),
                    "--n", str(cfg.n), "--seed", str(cfg.eval_seed), "--json", path, "--device", cfg.device,
                    *SAMPLER_FLAGS[sampler]]
         print(f"[eval {name}] {' '.join(command[1:])}", flush=True)
@@ -115,7 +119,7 @@ def train_all(cfg: ReproConfig) -> dict:
         "train_stage2.py", "--tiny", "--init-from", init, "--out", out(name), "--seed", str(seed),
         "--drafts-per-round", str(cfg.drafts), *budget], out(name))
     ckpts = {"base": run(cfg, "base", ["train_stage1.py", "--tiny", "--objective", "mask", "--steps",
-                                       str(cfg.base_steps), *scenes, "--out", out("base")], out("base"))}
+                                       str(cfg.base_steps), "--out", out("base")], out("base"))}
     for seed in cfg.seeds:
         ckpts[f"baseline-s{seed}"] = run(cfg, f"baseline-s{seed}", [
             "train_stage1.py", "--tiny", "--objective", "mask", "--init-from", ckpts["base"], "--out",
@@ -160,7 +164,8 @@ def table(rows: list[tuple[str, dict]], tps: list[int], metrics=("headline", "sy
              "|---|---|" + "---|" * len(tps)]
     for label, by_tps in rows:
         for metric in metrics:
-            cells = [f"{by_tps[n][metric]:.1f}" if metric == "headline" else f"{by_tps[n][metric]:.3f}" for n in tps]
+            cells = ["–" if n not in by_tps else f"{by_tps[n][metric]:.1f}" if metric == "headline"
+                     else f"{by_tps[n][metric]:.3f}" for n in tps]  # "–": not evaluated at this speed
             lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " |")
     return lines
 
@@ -175,6 +180,7 @@ def report(cfg: ReproConfig, ckpts: dict, start: float) -> str:
     """REPORT.md's text; runs the evaluations it needs (cached). start: perf_counter() at this invocation's start."""
     tps, seeds = sorted(cfg.tokens_per_step), cfg.seeds
     ev = lambda role, sampler: evaluate(cfg, ckpts[role], sampler)  # noqa: E731
+    ends = lambda role: pick(evaluate(cfg, ckpts[role], "refine", ends_only=True), True)  # noqa: E731
     s0 = seeds[0]
     baseline = {s: pick(ev(f"baseline-s{s}", "both" if s == s0 else "frozen"), False) for s in seeds}
     rediff = {s: pick(ev(f"rediff-s{s}", "both" if s == s0 else "refine"), True) for s in seeds}
@@ -196,9 +202,9 @@ def report(cfg: ReproConfig, ckpts: dict, start: float) -> str:
               "(keeps 88 %). Target here: ReDiff keeps >= 90 %, the baseline < 75 %, with a margin larger than the "
               "seed spread.", "", f"Seed {s0}, all metrics:", ""]
     lines += table([("baseline (frozen)", baseline[s0]), ("ReDiff (refining)", rediff[s0])], tps, METRICS)
-    stage_rows = [("base (mask)", pick(ev("base", "refine"), True)),
+    stage_rows = [("base (mask)", ends("base")),
                   ("Stage I", pick(ev(f"stage1-s{s0}", "both"), True)),
-                  ("Stage II alone", pick(ev("stage2-alone", "refine"), True)),
+                  ("Stage II alone", ends("stage2-alone")),
                   ("Stage I + II (ReDiff)", rediff[s0])]
     lines += ["", "## F3 (paper Table 4): the stages, refining sampler", ""] + table(stage_rows, tps, METRICS)
     lines += ["", "Paper: both stages help; Stage II alone more than Stage I alone; both together best."]
@@ -210,13 +216,13 @@ def report(cfg: ReproConfig, ckpts: dict, start: float) -> str:
                     ("baseline, frozen", baseline[s0])], tps)
     lines += ["", "Paper: without refinement at inference ReDiff loses most of its gain under parallel decoding."]
     lines += ["", "## F5 (paper Table 6): Stage II round 1 vs round 2, refining sampler", ""]
-    lines += table([("round 1", rediff[s0]), ("round 2", pick(ev("rediff-round2", "refine"), True))], tps, METRICS)
+    lines += table([("round 1", rediff[s0]), ("round 2", ends("rediff-round2"))], tps, METRICS)
     lines += ["", "Paper: round 1 gives most of the gain; round 2 adds little."]
     lines += ["", "## F6 (paper Table 5): Stage I variants, refining sampler", ""]
     lines += table([("fixed rate 0.1, syntax + hallucination", s1[0]),
-                    ("t-dependent rate", pick(ev("stage1-t-dependent", "refine"), True)),
-                    ("syntax errors only", pick(ev("stage1-syntax-only", "refine"), True)),
-                    ("hallucinations only", pick(ev("stage1-hallucination-only", "refine"), True))], tps, METRICS)
+                    ("t-dependent rate", ends("stage1-t-dependent")),
+                    ("syntax errors only", ends("stage1-syntax-only")),
+                    ("hallucinations only", ends("stage1-hallucination-only"))], tps, METRICS)
     lines += ["", "Paper: syntax repair mostly helps overall quality and coverage, hallucination repair factuality; "
               "both together best; the fixed rate beats the t-dependent one."]
     total = sum(float(open(p + ".done").read()) for p in ckpts.values())

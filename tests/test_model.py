@@ -192,7 +192,7 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1"))
     assert bad.returncode != 0 and "--block-length 10 must divide" in bad.stderr
     out = run(["eval.py", "--ckpt", stage1, "--probe", "--n", "6"])
-    assert "colour (own image)" in out and "shape (next scene's image)" in out
+    assert "colour (own image)" in out and "shape (next scene's image)" in out and "position (chance) 0.111" in out
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):

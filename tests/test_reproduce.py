@@ -78,3 +78,9 @@ def test_quick_preset_is_smaller(tmp_path):
     quick = parse_config(reproduce.ReproConfig, ["--quick"], presets=reproduce.PRESETS)
     full = reproduce.ReproConfig()
     assert quick.base_steps < full.base_steps and quick.steps < full.steps and quick.n < full.n
+
+
+def test_table_marks_speeds_a_row_was_not_evaluated_at():
+    ends = {n: {"headline": 10.0 * n, "syntax": 0.5} for n in (1, 8)}  # an ablation row: slowest and fastest only
+    lines = reproduce.table([("B", ends)], [1, 2, 8])
+    assert lines[2] == "| B | headline | 10.0 | – | 80.0 |"
