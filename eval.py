@@ -33,7 +33,8 @@ class EvalConfig:
     threshold: float = option(0.0, "confidence-threshold decoding (Fast-dLLM); 0: the fixed tokens-per-step schedule")
     block_length: int = option(0, "semi-autoregressive block length, dividing the answer length (0: one block, as "
                                "in the paper)")
-    probe: bool = option(False, "instead of captioning: the grounding probe (attribute or position words of true captions masked)")
+    probe: bool = option(False, "instead of captioning: the grounding probe (attribute or position words of true "
+                         "captions masked)")
     compile: bool = option(False, "torch.compile the model for captioning (about 30 s up front per checkpoint; same "
                            "outputs; 1.2-1.35x faster on 2 CPU cores, see the README's Speed section)")
 
