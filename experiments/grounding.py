@@ -154,7 +154,7 @@ def report(step, full=False):
     if not a.unfreeze: model.vision_tower.eval()
     print(json.dumps({"tag": a.tag, "step": step, "t": round(time.time() - t0), "colour": round(pr["colour (own image)"], 2),
           "shape": round(pr["shape (own image)"], 2), "size": round(pr["size (own image)"], 2),
-          "position": round(pr["position (own image)"], 2),
+          "position": round(pr.get("position (own image)", float("nan")), 2),  # absent with --spaced
           **{k: round(sc[k], 3) for k in ("headline", "factuality", "coverage", "syntax")}}), flush=True)
     if full:
         print("\n".join(sc["examples"]), flush=True)
