@@ -71,6 +71,22 @@ def masked_token_loss(logits, targets, chosen, count=None):
     return (ce * chosen).sum() / (chosen.sum().clamp(min=1) if count is None else count)
 
 
+def word_class_loss(logits, targets, is_masked, word_class, n_classes: int, counts: list | None = None):
+    """Not in the paper: a variant of Eq. 1 for a language model trained from scratch in the toy world. The masks are
+    Eq. 1's (forward_mask), but instead of one 1/t-weighted sum over all masked tokens, the masked answer tokens are
+    split by word class (`word_class` (B, L) in 0 .. n_classes - 1, e.g. content words / other words / end-of-text)
+    and each class gets one plain cross-entropy mean over its own count, like Eq. 2-3's one mean per token type;
+    the means are summed, an empty class contributes 0. Why (README "A loss that lets the toy model read the image"):
+    with Eq. 1 the end-of-text padding and the template words outweigh the few words that only the image can tell,
+    and the toy model never learned to read the image; with the 1/t weights kept, its greedy captions were worse.
+
+    counts: per-class divisors instead of this batch's counts (one rank's rows of a global batch, as typed_losses).
+    Returns (total, [one part per class])."""
+    parts = [masked_token_loss(logits, targets, is_masked & (word_class == k), None if counts is None else counts[k])
+             for k in range(n_classes)]
+    return sum(parts), parts
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stage I: foundational revision (Section 3.2, Eq. 2-3)
 

@@ -35,6 +35,11 @@ class TrainConfig:
     warmup: int = option(100, "linear warm-up steps")
     weight_decay: float = option(0.01, "AdamW weight decay")
     grad_clip: float = option(1.0, "gradient-norm clip")
+    mask_loss: str = option("eq1", "--objective mask: eq1 (the paper's Eq. 1, 1/t-weighted) or balanced (not in the "
+                            "paper: Eq. 1's masks, one plain cross-entropy mean per word class: content words, other "
+                            "words, end-of-text; rediff.word_class_loss; README \"A loss that lets the toy model read "
+                            "the image\")",
+                            choices=["eq1", "balanced"])
     replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced by a random one (paper 0.1, official code 0.05)")
     t_dependent: bool = option(False, "Stage I: replacement rate min(t, replace_prob) instead of fixed (Table 5 ablation)")
     align_steps: int = option(0, "first steps of an alignment warm-up (not in the paper; an experiment toward "
@@ -151,6 +156,20 @@ def attribute_ids(tokenizer) -> list[int]:
     return [tokenizer.encode(word)[0] for word in shapes.COLOURS + shapes.SHAPES + shapes.SIZES]
 
 
+WORD_CLASSES = ["content", "other", "eos"]  # --mask-loss balanced: one loss mean per class
+
+
+def word_classes(ids, tokenizer) -> torch.Tensor:
+    """Per position (B, L): 0 = a content word only the image can tell (attribute or position), 1 = any other word,
+    2 = end-of-text."""
+    from data import shapes
+    content = [i for w in shapes.COLOURS + shapes.SHAPES + shapes.SIZES + shapes.POSITIONS for i in tokenizer.encode(w)]
+    classes = torch.ones_like(ids)
+    classes[torch.isin(ids, torch.tensor(content, device=ids.device))] = 0
+    classes[ids == tokenizer.eos_id] = 2
+    return classes
+
+
 def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=None, objective: str | None = None):
     """One batch's loss for the configured objective -> (loss, {part: value}).
 
@@ -171,6 +190,13 @@ def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=No
     if objective == "mask":
         noisy, is_masked, p = rediff.forward_mask(batch.ids, batch.answer_mask, tokenizer.mask_id, generator=generator)
         logits = model(noisy[rows], images=images)                                        # (b, L, V)
+        if cfg.mask_loss == "balanced":
+            classes = word_classes(batch.ids, tokenizer)                                  # (B, L)
+            counts = None if shard is None else [shard.count(is_masked & (classes == k))
+                                                 for k in range(len(WORD_CLASSES))]
+            loss, parts = rediff.word_class_loss(logits, batch.ids[rows], is_masked[rows], classes[rows],
+                                                 len(WORD_CLASSES), counts)
+            return loss, dict(zip(WORD_CLASSES, parts))
         loss = rediff.masked_diffusion_loss(logits, batch.ids[rows], is_masked[rows], p[rows], batch.answer_mask[rows])
         return loss, {"mask": loss}
     inputs, labels, types, p = rediff.corrupt_for_revision(

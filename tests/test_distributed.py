@@ -36,6 +36,21 @@ def shard_mean(loss_fn, world: int, *tensors):
     return total / world
 
 
+def test_word_class_loss_of_shards_averages_to_the_whole_batch_loss():
+    g = torch.Generator().manual_seed(1)
+    B, L, V, world = 8, 10, 7, 4
+    logits = torch.randn(B, L, V, generator=g)
+    labels = torch.randint(V, (B, L), generator=g)
+    masked = torch.rand(B, L, generator=g) < 0.5
+    classes = torch.randint(3, (B, L), generator=g)
+    classes[:4] = 1                    # class 0 and 2 tokens only on the last ranks' rows
+    whole, _ = rediff.word_class_loss(logits, labels, masked, classes, 3)
+
+    def shard_loss(ctx, lg, lb, mk, cl):  # counts of the WHOLE batch, as train_stage1.training_loss passes them
+        return rediff.word_class_loss(lg, lb, mk, cl, 3, [ctx.count(masked & (classes == k)) for k in range(3)])[0]
+    torch.testing.assert_close(shard_mean(shard_loss, world, logits, labels, masked, classes), whole)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_typed_losses_of_shards_average_to_the_whole_batch_loss_and_gradient(world):
     g = torch.Generator().manual_seed(0)

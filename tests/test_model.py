@@ -163,8 +163,9 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
     base, stage1 = str(tmp_path / "base.safetensors"), str(tmp_path / "stage1.safetensors")
     small = ["--tiny", "--steps", "4", "--eval-every", "2", "--n-scenes", "64", "--vision-pretrain-steps", "2",
              "--batch-size", "8"]
-    run(["train_stage1.py", *small, "--objective", "mask", "--align-steps", "2", "--out", base])
+    run(["train_stage1.py", *small, "--objective", "mask", "--mask-loss", "balanced", "--align-steps", "2", "--out", base])
     assert read_checkpoint(base)[1]["train_config"]["align_steps"] == 2
+    assert read_checkpoint(base)[1]["train_config"]["mask_loss"] == "balanced"
     out = run(["train_stage1.py", *small, "--objective", "revision", "--init-from", base, "--out", stage1])
     assert "loaded" in out
     _, meta = read_checkpoint(stage1)

@@ -57,6 +57,19 @@ def test_masked_diffusion_loss_hand_example():
     assert rediff.masked_diffusion_loss(logits, targets, masked, p, answer).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_word_class_loss_hand_example_one_plain_mean_per_class():
+    logits = torch.zeros(1, 5, 3)                                  # uniform: every CE is log 3
+    logits[0, 1] = torch.tensor([math.log(4.0), 0.0, 0.0])       # p(target 0) = 4/6 at position 1
+    targets = torch.zeros(1, 5, dtype=torch.long)
+    masked = torch.tensor([[False, True, True, True, False]])
+    classes = torch.tensor([[0, 0, 0, 2, 0]])                     # position 4 is class 0 but visible; class 1 empty
+    total, parts = rediff.word_class_loss(logits, targets, masked, classes, 3)
+    assert parts[0].item() == pytest.approx((-math.log(4 / 6) + math.log(3)) / 2, rel=1e-6)  # no 1/t weight
+    assert parts[1].item() == 0.0                                   # an empty class contributes 0
+    assert parts[2].item() == pytest.approx(math.log(3), rel=1e-6)  # normalised by its own count (1), not by 3
+    assert total.item() == pytest.approx(sum(p.item() for p in parts), rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------- Stage I
 
 def test_typed_losses_hand_example_with_empty_type():
