@@ -163,7 +163,7 @@ def word_classes(ids, tokenizer) -> torch.Tensor:
     """Per position (B, L): 0 = a content word only the image can tell (attribute or position), 1 = any other word,
     2 = end-of-text."""
     from data import shapes
-    content = [i for w in shapes.COLOURS + shapes.SHAPES + shapes.SIZES + shapes.POSITIONS for i in tokenizer.encode(w)]
+    content = attribute_ids(tokenizer) + [tokenizer.encode(word)[0] for word in shapes.POSITIONS]  # one token each
     classes = torch.ones_like(ids)
     classes[torch.isin(ids, torch.tensor(content, device=ids.device))] = 0
     classes[ids == tokenizer.eos_id] = 2
