@@ -285,9 +285,14 @@ class VLM(nn.Module):
     @staticmethod
     def _init_weights(module):
         # Small token embeddings: PyTorch's default N(0, 1) drowns the other inputs (toy-world calibration notes).
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        # Linear layers N(0, 1 / fan_in): unit-scale activations at any width. GPT-2's fixed std 0.02 is that scale
+        # at width ~2,500; at the toy width 96 it is 5x too small, attention starts uniform and the toy LM learned to
+        # pick out image tokens far more slowly (README "Grounding").
+        if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
-            if getattr(module, "bias", None) is not None:
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+            if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
     @property
@@ -299,13 +304,30 @@ class VLM(nn.Module):
         logits = self.attribute_head(feats)                                               # (B, N, A)
         return torch.cat([g.softmax(-1) for g in logits.split(self.cfg.attribute_classes, -1)], dim=-1)
 
+    def occupied_cells(self, probs: torch.Tensor) -> torch.Tensor:
+        """A one-hot cell per image token, scaled by the probability that the cell holds an object (1 - P(empty),
+        averaged over the attribute groups): (B, N, A) -> (B, N, N). An empty cell's token carries no position, so
+        the plain average of the image tokens (what attention computes before it has learned to pick one) already
+        holds which cells are occupied and how many; with an unscaled one-hot that average is the same for every
+        image, and the toy LM did not learn to name positions (README "Grounding")."""
+        empty = probs[..., self.empty_class_index].mean(-1, keepdim=True)                 # (B, N, 1)
+        cells = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)         # (N, N)
+        return cells * (1 - empty)                                                        # (B, N, N)
+
+    @property
+    def empty_class_index(self) -> list[int]:
+        """Column of class 0 (= empty cell) of each attribute group in attribute_probs' output."""
+        starts = [0]
+        for n in self.cfg.attribute_classes[:-1]:
+            starts.append(starts[-1] + n)
+        return starts
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) -> projected image tokens (B, N, D), computed once per caption, not per step."""
         feats = self.vision_tower(images)                                                 # (B, N, Dv)
         if self.cfg.image_features == "attributes":
             probs = self.attribute_probs(feats)                                           # (B, N, A)
-            cells = torch.eye(feats.shape[1], dtype=probs.dtype, device=probs.device)     # (N, N): one-hot position
-            return self.mm_projector(torch.cat([probs, cells.expand(len(probs), -1, -1)], dim=-1))  # (B, N, D)
+            return self.mm_projector(torch.cat([probs, self.occupied_cells(probs)], dim=-1))  # (B, N, D)
         if self.cfg.image_pos_embed:
             # Added before the projector, where the tower's layer-normed features have the same scale as the table
             # (added after it, the fixed table would be ~20x larger than the small-init projected content).

@@ -75,9 +75,9 @@ class TrainConfig:
 
 
 PRESETS = {"tiny": {"help": "the 5-minute CPU preset of the README (small model, fewer steps)",
-                    "values": dict(d_model=128, n_layers=4, n_heads=4, steps=1000, batch_size=32,
-                                   image_features="attributes", vision_pretrain_steps=200, n_scenes=10000,
-                                   eval_every=250)}}
+                    "values": dict(d_model=96, n_layers=4, n_heads=4, steps=3000, batch_size=32, answer_len=48,
+                                   image_features="attributes", vision_pretrain_steps=500, n_scenes=10000,
+                                   mask_loss="balanced", eval_every=1000)}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,6 +105,9 @@ def cell_labels(scenes, grid: int, device) -> torch.Tensor:
     return labels.to(device)
 
 
+VISION_LR = 2e-3
+
+
 def pretrain_vision(model, data, steps: int, batch_size: int, device, seed: int) -> float:
     """Per-cell attribute classification on patch tokens; returns the final accuracy (all three attributes right)."""
     grid = model.cfg.vision.grid
@@ -118,10 +121,12 @@ def pretrain_vision(model, data, steps: int, batch_size: int, device, seed: int)
     if head.out_features != sum(sizes):
         raise ValueError(f"the attribute head has {head.out_features} classes, the shapes world {sum(sizes)}")
     params = list(model.vision_tower.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=VISION_LR, weight_decay=0.0)
     rng = np.random.default_rng([seed, 10**6])
     bar = tqdm(range(steps), desc="vision pretraining", dynamic_ncols=True)
-    for _ in bar:
+    for step in bar:
+        for group in optimizer.param_groups:  # a short warm-up, then a cosine to 0: sharper final classes
+            group["lr"] = warmup_cosine(step, steps, min(20, steps // 10 + 1), VISION_LR, 0.0)
         index = rng.integers(len(data), size=batch_size)
         tokens = model.vision_tower(data.images(index).to(device))                      # (B, N, Dv)
         labels = cell_labels([data.scenes[i] for i in index], grid, device)            # (B, N, 3)

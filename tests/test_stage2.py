@@ -367,7 +367,7 @@ def test_tiny_stage2_end_to_end_with_resume(tmp_path, one_thread, fake_chat, mon
     _, meta = read_checkpoint(s2)
     assert (meta["stage"], meta["round"], meta["step"]) == ("stage2", 1, 2)
     assert meta["expert_stats"]["pairs_kept"] > 0 and meta["train_config"]["expert"] == "oracle"
-    assert meta["stage1_config"]["objective"] == "revision" and meta["answer_len"] == 64
+    assert meta["stage1_config"]["objective"] == "revision" and meta["answer_len"] == 48
     assert meta["init_stage"] == "stage1-revision", "a Stage II checkpoint records what it started from"
     assert meta["history"][0]["refine_loss"] > 0
 
