@@ -35,6 +35,8 @@ class EvalConfig:
                                "in the paper)")
     probe: bool = option(False, "instead of captioning: the grounding probe (attribute or position words of true "
                          "captions masked)")
+    errors: bool = option(False, "also print what the false object claims got wrong (data.score.FALSE_OBJECT_KINDS: "
+                          "an object at another object's cell, wrong attributes, ...)")
     compile: bool = option(False, "torch.compile the model for captioning (about 30 s up front per checkpoint; same "
                            "outputs; 1.2-1.35x faster on 2 CPU cores, see the README's Speed section)")
 
@@ -50,7 +52,7 @@ def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step:
     sampler: caption_images' prefix_cache, cache_refresh, threshold and block_length."""
     from data import shapes
     from data.pipeline import image_to_tensor
-    from data.score import score_captions
+    from data.score import false_object_claims, score_captions
     from sample import caption_images, decode_answer
     vision = model.cfg.vision
     texts, scenes, passes = [], [], 0
@@ -65,6 +67,8 @@ def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step:
     scores["forward_passes"] = passes / len(texts)
     scores["words"] = sum(len(t.split()) for t in texts) / len(texts)  # caption length (end-of-text cuts it)
     scores["examples"] = texts[:3]
+    kinds = [false_object_claims(t, s) for t, s in zip(texts, scenes)]
+    scores["false_objects"] = {k: sum(c[k] for c in kinds) for k in kinds[0]} if kinds else {}  # totals
     return scores
 
 
@@ -180,6 +184,14 @@ def main(argv=None):
     if cfg.prefix_cache or cfg.threshold or cfg.block_length:
         print(f"sampler options: prefix cache {cfg.prefix_cache} (refresh {cfg.cache_refresh}), "
               f"threshold {cfg.threshold or 'none'}, block length {cfg.block_length or 'one block'}")
+    if cfg.errors:
+        from data.score import FALSE_OBJECT_KINDS
+        print("false object claims (total over the captions):")
+        for r in results:
+            counts = ", ".join(f"{k} {v}" for k, v in r["false_objects"].items())
+            print(f"  {os.path.basename(r['ckpt'])}, {r['tokens_per_step']} tok/step, "
+                  f"{'refine' if r['refine'] else 'frozen'}: {counts}")
+        print("  where " + "; ".join(f"{k} = {v}" for k, v in FALSE_OBJECT_KINDS.items()))
     print(f"{len(jobs)} evaluations of {cfg.n} scenes in {time.perf_counter() - start:.0f} s")
     if cfg.json:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)

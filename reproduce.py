@@ -7,7 +7,8 @@ evaluates them on held-out shapes-world scenes and writes one report (REPORT.md,
 Every model is one ordinary command (train_stage1.py, train_stage2.py, eval.py), printed before it runs and logged
 to <out>/logs/. The run is resumable: a model whose checkpoint is marked done is not trained again, an interrupted
 one continues with --resume, and evaluations already in <out>/eval/ are reused. All continuations start from the
-same base model (mask objective) and get the same number of optimizer steps and samples (--steps x --batch-size).
+same base model (mask objective); the Stage I and mask continuations get the same optimizer steps, samples and
+learning rate (--steps x --batch-size, --lr), and every Stage II round --stage2-steps x --batch-size.
 """
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ from cli import option, parse_config, show_config
 @dataclass
 class ReproConfig:
     out: str = option("runs/repro", "folder for checkpoints, logs, evaluations and the report")
-    base_steps: int = option(1000, "steps of the shared base model (train_stage1.py --tiny --objective mask)")
-    steps: int = option(120, "optimizer steps of every continuation from the base (equal budgets)")
-    batch_size: int = option(64, "samples per step of every continuation (Stage I and II alike)")
+    base_steps: int = option(3000, "steps of the shared base model (train_stage1.py --tiny --objective mask)")
+    steps: int = option(600, "optimizer steps of every Stage I / mask continuation from the base (equal budgets)")
+    batch_size: int = option(32, "samples per step of every continuation (Stage I and II alike)")
+    lr: float = option(1e-3, "peak learning rate of the Stage I / mask continuations (the base ends at 2e-4)")
+    warmup: int = option(20, "warm-up steps of the Stage I / mask continuations")
     n_scenes: int = option(3000, "pre-rendered training scenes of every Stage I / mask continuation (train_stage1.py "
                            "--n-scenes; a fresh caption per draw; the base renders --tiny's 10000)")
-    drafts: int = option(192, "Stage II drafts per round (train_stage2.py --drafts-per-round)")
+    drafts: int = option(768, "Stage II drafts per round (train_stage2.py --drafts-per-round)")
+    stage2_steps: int = option(120, "optimizer steps of every Stage II round (at train_stage2.py's own lr, 3e-4)")
     seeds: list = option([0, 1, 2], "seeds of the headline comparison (F1): baseline and ReDiff trained once per seed",
                          nargs="+", type=int)
     tokens_per_step: list = option([1, 2, 4, 8], "tokens per step evaluated (F1 / F2 / F4 models at all of them; the "
@@ -42,8 +46,8 @@ class ReproConfig:
 
 
 PRESETS = {"quick": {"help": "a smaller run with the same structure (about 10 min on 2 CPU cores)",
-                     "values": dict(base_steps=250, steps=40, n_scenes=2000, drafts=48, seeds=[0, 1],
-                                    tokens_per_step=[1, 8], n=40)}}
+                     "values": dict(base_steps=1000, steps=200, n_scenes=2000, drafts=192, stage2_steps=40,
+                                    seeds=[0, 1], tokens_per_step=[1, 8], n=60)}}
 
 PY = sys.executable
 
@@ -110,14 +114,16 @@ def evaluate(cfg: ReproConfig, ckpt: str, sampler: str, ends_only: bool = False)
 def train_all(cfg: ReproConfig) -> dict:
     """Every checkpoint of the report, by role -> path."""
     out = lambda name: os.path.join(cfg.out, name + ".safetensors")  # noqa: E731
-    budget = ["--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size)]
+    budget = ["--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
+              "--warmup", str(cfg.warmup)]
+    stage2_budget = ["--steps", str(cfg.stage2_steps), "--batch-size", str(cfg.batch_size)]
     scenes = ["--n-scenes", str(cfg.n_scenes)]
     stage1 = lambda name, seed, *flags: run(cfg, name, [  # noqa: E731
         "train_stage1.py", "--tiny", "--objective", "revision", "--init-from", ckpts["base"], "--out", out(name),
         "--seed", str(seed), "--eval-every", str(cfg.steps), *budget, *scenes, *flags], out(name))
     stage2 = lambda name, init, seed: run(cfg, name, [  # noqa: E731
         "train_stage2.py", "--tiny", "--init-from", init, "--out", out(name), "--seed", str(seed),
-        "--drafts-per-round", str(cfg.drafts), *budget], out(name))
+        "--drafts-per-round", str(cfg.drafts), *stage2_budget], out(name))
     ckpts = {"base": run(cfg, "base", ["train_stage1.py", "--tiny", "--objective", "mask", "--steps",
                                        str(cfg.base_steps), "--out", out("base")], out("base"))}
     for seed in cfg.seeds:
@@ -135,7 +141,7 @@ def train_all(cfg: ReproConfig) -> dict:
         shutil.copyfile(ckpts[f"rediff-s{seed}"], round2)
     ckpts["rediff-round2"] = run(cfg, "rediff-round2", [
         "train_stage2.py", "--tiny", "--rounds", "2", "--out", round2, "--seed", str(seed),
-        "--drafts-per-round", str(cfg.drafts), *budget], round2)
+        "--drafts-per-round", str(cfg.drafts), *stage2_budget], round2)
     ckpts["stage1-t-dependent"] = stage1("stage1-t-dependent", seed, "--t-dependent")
     ckpts["stage1-syntax-only"] = stage1("stage1-syntax-only", seed, "--hallucination-frac", "0")
     ckpts["stage1-hallucination-only"] = stage1("stage1-hallucination-only", seed, "--replace-prob", "0")

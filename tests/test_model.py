@@ -178,7 +178,9 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
     assert "caption" in out and "forward passes" in out and "score" in out
     assert open(html).read().startswith("<!doctype html>")
     report = str(tmp_path / "eval.json")
-    run(["eval.py", "--ckpt", stage1, "--tokens-per-step", "1", "8", "--both", "--n", "6", "--json", report])
+    out = run(["eval.py", "--ckpt", stage1, "--tokens-per-step", "1", "8", "--both", "--n", "6", "--json", report,
+               "--errors"])
+    assert "false object claims" in out and "misplaced" in out
     results = json.load(open(report))["results"]
     assert len(results) == 4
     for r in results:

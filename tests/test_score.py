@@ -117,3 +117,17 @@ def test_fuzz_never_raises_and_stays_in_range():
     assert _in_range(score_caption("star " * 100_000 + "." * 1000, SCENE))
     assert _in_range(score_caption(b"\xff\xfe there is one object .", SCENE))  # bytes are tolerated too
     assert score_captions([], [])["headline"] == 0
+
+
+def test_false_object_claims_are_sorted_by_what_went_wrong():
+    """Hand-checked against SCENE: red large circle top-left, small blue square right, large yellow star bottom."""
+    from data.score import false_object_claims
+    text = ("there is a large red circle at the right . "       # a real object at another object's cell
+            "a small red square is at the right . "             # an occupied cell, attributes no object has
+            "the center has a large yellow star . "             # a real object at an empty cell
+            "the top has a small green cross . "                # an empty cell and no such object
+            "there is a large red circle at the top-left . "    # true: not counted
+            "there are two objects . garbled words .")          # not object claims: not counted
+    assert false_object_claims(text, SCENE) == {"misplaced": 1, "wrong attributes": 1,
+                                                "empty cell, real object": 1, "empty cell, no such object": 1}
+    assert sum(false_object_claims("", SCENE).values()) == 0
