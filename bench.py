@@ -30,7 +30,7 @@ from sample import banned_ids, caption_images, decode_answer, steps_for
 class BenchConfig:
     batch_sizes: list = option([1, 8, 32], "captions decoded together in the sampler rows", nargs="+", type=int)
     tokens_per_step: list = option([1, 2, 4, 8], "tokens committed per step in the sampler rows", nargs="+", type=int)
-    gen_length: int = option(64, "answer length in tokens (the --tiny training answer length)")
+    gen_length: int = option(48, "answer length in tokens (the --tiny training answer length)")
     repeats: int = option(3, "runs of each measurement, taking turns with what it is compared to; the best counts")
     cache_batch: int = option(4, "batch size of the prefix-cache and threshold rows")
     long_image_size: int = option(256, "image side of the long-prefix model: (side / 16)^2 image tokens (256 -> 256)")
@@ -38,7 +38,7 @@ class BenchConfig:
                                  nargs="+", type=int)
     threshold: list = option([0.9, 0.7], "confidence thresholds P of the threshold rows", nargs="+", type=float)
     train_steps: int = option(5, "timed training steps of the --tiny preset (after one warm-up step)")
-    train_batch: int = option(64, "training batch size (the --tiny preset's)")
+    train_batch: int = option(32, "training batch size (the --tiny preset's)")
     matmul_size: int = option(2048, "side of the square float32 matmul that measures the machine's ceiling")
     ckpt: str = option("", "bench this tiny checkpoint on shapes-world test scenes (scored) instead of random weights")
     threads: int = option(0, "torch threads (0: PyTorch's default)")

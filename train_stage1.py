@@ -20,7 +20,8 @@ from cli import option, parse_config, show_config
 
 @dataclass
 class TrainConfig:
-    objective: str = option("revision", "revision: Stage I typed losses (Eq. 2-3); mask: plain masked diffusion (Eq. 1)",
+    objective: str = option("revision", "revision: Stage I typed losses (Eq. 2-3), meant to start from a base model "
+                            "(--init-from); mask: masked diffusion (Eq. 1, or --mask-loss balanced), the base model",
                             choices=["revision", "mask"])
     out: str = option("out/stage1.safetensors", "checkpoint to write (atomically, every --eval-every steps and at the "
                       "end): a .safetensors file, or any other name: a sharded DCP folder (distributed.py)")
@@ -320,6 +321,10 @@ def main(argv=None):
     else:
         tokenizer = WordTokenizer.for_shapes_world()
         model = build_model(cfg, tokenizer).to(device)
+        if cfg.objective == "revision":
+            print("note: Stage I from scratch. In the shapes world the from-scratch model learned to read the image "
+                  "only with --objective mask (README \"Results\"): train a base with it, then Stage I with "
+                  "--init-from BASE")
     vision = model.cfg.vision
     t0 = time.perf_counter()
     data = ShapesData(tokenizer, world, "train", cfg.n_scenes, model.n_image_tokens, cfg.answer_len, cfg.seed,
