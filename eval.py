@@ -48,27 +48,34 @@ def held_out_indices(n: int, seed: int) -> list[int]:
 @torch.no_grad()
 def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step: int, refine: bool,
              batch_size: int = 100, **sampler) -> dict:
-    """Mean scorer metrics and forward passes per caption over the test scenes `indices`.
-    sampler: caption_images' prefix_cache, cache_refresh, threshold and block_length."""
+    """Mean scorer metrics, forward passes and revisions (visible tokens the refining sampler changed; 0 when frozen)
+    per caption over the test scenes `indices`. sampler: caption_images' prefix_cache, cache_refresh, threshold and
+    block_length."""
     from data import shapes
     from data.pipeline import image_to_tensor
-    from data.score import false_object_claims, score_captions
+    from data.score import false_object_claims, object_claims_by_template, score_captions
     from sample import caption_images, decode_answer
     vision = model.cfg.vision
-    texts, scenes, passes = [], [], 0
+    texts, scenes, passes, revised = [], [], 0, 0
     for lo in range(0, len(indices), batch_size):
         samples = [shapes.sample("test", i, world) for i in indices[lo:lo + batch_size]]
         images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)
-        ids, calls = caption_images(model, tokenizer, images, answer_len, tokens_per_step, refine, **sampler)
+        (ids, trace), calls = caption_images(model, tokenizer, images, answer_len, tokens_per_step, refine,
+                                             return_trace=True, **sampler)
         texts += [decode_answer(tokenizer, row) for row in ids]
         scenes += [s["scene"] for s in samples]
         passes += calls * len(samples)
+        revised += sum(int(step["changed"].sum()) for step in trace)  # visible tokens the refining sampler changed
     scores = score_captions(texts, scenes)
     scores["forward_passes"] = passes / len(texts)
+    scores["revisions"] = revised / len(texts)
     scores["words"] = sum(len(t.split()) for t in texts) / len(texts)  # caption length (end-of-text cuts it)
     scores["examples"] = texts[:3]
     kinds = [false_object_claims(t, s) for t, s in zip(texts, scenes)]
     scores["false_objects"] = {k: sum(c[k] for c in kinds) for k in kinds[0]} if kinds else {}  # totals
+    by_template = [object_claims_by_template(t, s) for t, s in zip(texts, scenes)]
+    scores["object_templates"] = {k: [sum(c[k][i] for c in by_template) for i in (0, 1)]  # [sentences, false]
+                                  for k in by_template[0]} if by_template else {}
     return scores
 
 
@@ -105,12 +112,13 @@ def grounding_probe(model, tokenizer, world, answer_len: int, indices) -> dict:
 
 def markdown_table(results: list[dict]) -> str:
     lines = ["| ckpt | tokens/step | sampler | headline | factuality | coverage | syntax | repetition | passes "
-             "| words |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| words | revisions |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {os.path.basename(r['ckpt'])} | {r['tokens_per_step']} | {'refine' if r['refine'] else 'frozen'} "
                      f"| {r['headline']:.1f} | {r['factuality']:.3f} | {r['coverage']:.3f} | {r['syntax']:.3f} "
-                     f"| {r['repetition']:.3f} | {r['forward_passes']:.0f} | {r.get('words', 0):.1f} |")
+                     f"| {r['repetition']:.3f} | {r['forward_passes']:.0f} | {r.get('words', 0):.1f} "
+                     f"| {r.get('revisions', 0):.2f} |")
     return "\n".join(lines)
 
 
@@ -192,6 +200,11 @@ def main(argv=None):
             print(f"  {os.path.basename(r['ckpt'])}, {r['tokens_per_step']} tok/step, "
                   f"{'refine' if r['refine'] else 'frozen'}: {counts}")
         print("  where " + "; ".join(f"{k} = {v}" for k, v in FALSE_OBJECT_KINDS.items()))
+        print("object sentences per template, false / written:")
+        for r in results:
+            counts = "; ".join(f"{t.replace('{size} {colour} {shape}', '...')} {bad}/{n}"
+                               for t, (n, bad) in r["object_templates"].items())
+            print(f"  {os.path.basename(r['ckpt'])}, {r['tokens_per_step']} tok/step: {counts}")
     print(f"{len(jobs)} evaluations of {cfg.n} scenes in {time.perf_counter() - start:.0f} s")
     if cfg.json:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)

@@ -240,9 +240,10 @@ class VLMConfig:
     image_pos_embed: bool = True  # add fixed 2-D positions to image tokens (eases grounding in the toy world)
     # What the language model sees of the image. "patches": LLaVA's mlp2x_gelu projector on the tower's patch tokens
     # (the paper's set-up). "attributes": the tower's per-patch attribute classifier (trained with the tower, frozen
-    # with it) gives class probabilities, and a linear projector (LLaVA-1's) maps them plus a one-hot patch position
-    # to image tokens: an information bottleneck a tiny LM learns to read in minutes, where raw patch tokens stayed
-    # at chance (binding words to cells still takes longer; README "Grounding").
+    # with it) gives class probabilities, and a linear projector (LLaVA-1's) maps them plus the patch's one-hot
+    # position, scaled by its occupancy (occupied_cells), to image tokens: an information bottleneck a tiny LM learns
+    # to read in minutes, where raw patch tokens stayed at chance (README "How the toy model learned to read the
+    # image").
     image_features: str = "patches"
     attribute_classes: list = field(default_factory=list)  # "attributes": classes per attribute group, 0 = empty
 
@@ -287,7 +288,7 @@ class VLM(nn.Module):
         # Small token embeddings: PyTorch's default N(0, 1) drowns the other inputs (toy-world calibration notes).
         # Linear layers N(0, 1 / fan_in): unit-scale activations at any width. GPT-2's fixed std 0.02 is that scale
         # at width ~2,500; at the toy width 96 it is 5x too small, attention starts uniform and the toy LM learned to
-        # pick out image tokens far more slowly (README "Grounding").
+        # pick out image tokens more slowly (README "How the toy model learned to read the image").
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
         elif isinstance(module, nn.Linear):
@@ -308,8 +309,8 @@ class VLM(nn.Module):
         """A one-hot cell per image token, scaled by the probability that the cell holds an object (1 - P(empty),
         averaged over the attribute groups): (B, N, A) -> (B, N, N). An empty cell's token carries no position, so
         the plain average of the image tokens (what attention computes before it has learned to pick one) already
-        holds which cells are occupied and how many; with an unscaled one-hot that average is the same for every
-        image, and the toy LM did not learn to name positions (README "Grounding")."""
+        holds which cells are occupied and how many; with an unscaled one-hot its cell part is the same for every
+        image (README "How the toy model learned to read the image")."""
         empty = probs[..., self.empty_class_index].mean(-1, keepdim=True)                 # (B, N, 1)
         cells = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)         # (N, N)
         return cells * (1 - empty)                                                        # (B, N, N)

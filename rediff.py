@@ -76,7 +76,7 @@ def word_class_loss(logits, targets, is_masked, word_class, n_classes: int, coun
     Eq. 1's (forward_mask), but instead of one 1/t-weighted sum over all masked tokens, the masked answer tokens are
     split by word class (`word_class` (B, L) in 0 .. n_classes - 1, e.g. content words / other words / end-of-text)
     and each class gets one plain cross-entropy mean over its own count, like Eq. 2-3's one mean per token type;
-    the means are summed, an empty class contributes 0. Why (README "A loss that lets the toy model read the image"):
+    the means are summed, an empty class contributes 0. Why (README "How the toy model learned to read the image"):
     with Eq. 1 the end-of-text padding and the template words outweigh the few words that only the image can tell,
     and the toy model never learned to read the image; with the 1/t weights kept, its greedy captions were worse.
 

@@ -1,7 +1,7 @@
 """reproduce.py: one command that trains every model behind the paper's findings F1-F6 from one shared base model,
 evaluates them on held-out shapes-world scenes and writes one report (REPORT.md, results.json, a plot).
 
-    python reproduce.py            # the full run (README "Results"; about 30 min on 2 CPU cores)
+    python reproduce.py            # the full run (README "Results"; about 17 min on 2 CPU cores)
     python reproduce.py --quick    # a smaller run with the same structure (about 10 min)
 
 Every model is one ordinary command (train_stage1.py, train_stage2.py, eval.py), printed before it runs and logged

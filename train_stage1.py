@@ -38,8 +38,8 @@ class TrainConfig:
     grad_clip: float = option(1.0, "gradient-norm clip")
     mask_loss: str = option("eq1", "--objective mask: eq1 (the paper's Eq. 1, 1/t-weighted) or balanced (not in the "
                             "paper: Eq. 1's masks, one plain cross-entropy mean per word class: content words, other "
-                            "words, end-of-text; rediff.word_class_loss; README \"A loss that lets the toy model read "
-                            "the image\")",
+                            "words, end-of-text; rediff.word_class_loss; README \"How the toy model learned to read "
+                            "the image\"; --tiny sets it)",
                             choices=["eq1", "balanced"])
     replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced by a random one (paper 0.1, official code 0.05)")
     t_dependent: bool = option(False, "Stage I: replacement rate min(t, replace_prob) instead of fixed (Table 5 ablation)")
@@ -54,9 +54,10 @@ class TrainConfig:
     patch_size: int = option(16, "vision-tower patch size in px")
     vision_width: int = option(128, "vision-tower width")
     vision_layers: int = option(2, "vision-tower layers")
-    image_features: str = option("patches", "what the LM sees of the image: patches (LLaVA's mlp2x_gelu projector on "
-                                 "the tower's patch tokens, as the paper) or attributes (the pretrained tower's per-cell "
-                                 "attribute probabilities through a linear projector; README \"Grounding\")",
+    image_features: str = option("patches", "what the LM sees of the image: patches (LLaVA's mlp2x_gelu projector "
+                                 "on the tower's patch tokens, as the paper) or attributes (the pretrained tower's "
+                                 "per-cell attribute probabilities and occupancy-scaled cells through a linear "
+                                 "projector; README \"How the toy model learned to read the image\"; --tiny sets it)",
                                  choices=["patches", "attributes"])
     vision_pretrain_steps: int = option(400, "steps of per-cell attribute pretraining of a fresh vision tower (0: none)")
     answer_len: int = option(64, "answer length in tokens (captions padded with end-of-text)")

@@ -17,11 +17,12 @@ shape at a position), a count claim, or a spatial relation claim, each of which 
 Ground-truth captions score factuality 1, coverage 1, syntax 1, repetition 0 and headline 100. The scorer never
 raises on any string: garbage simply scores 0.
 
-false_object_claims sorts the false object claims by what went wrong (the model's binding errors, eval.py --errors).
+false_object_claims sorts the false object claims by what went wrong, object_claims_by_template counts them per
+sentence template (the model's binding errors; eval.py --errors).
 """
 from __future__ import annotations
 
-from data.shapes import cell_of, claim_holds, parse_sentence, sentence_spans
+from data.shapes import OBJECT_TEMPLATES, cell_of, claim_holds, matching_template, parse_sentence, sentence_spans
 
 METRICS = ["headline", "factuality", "coverage", "syntax", "repetition",
            "n_sentences", "n_claims", "n_true", "n_unparsed"]
@@ -106,3 +107,17 @@ def false_object_claims(text: str, scene: dict) -> dict:
         else:
             kinds["empty cell, real object" if real else "empty cell, no such object"] += 1
     return kinds
+
+
+def object_claims_by_template(text: str, scene: dict) -> dict:
+    """{object template: [object sentences written with it, how many of them are false]} for one caption."""
+    counts = {t: [0, 0] for t in OBJECT_TEMPLATES}
+    words = normalise(text)
+    for start, end in sentence_spans(words):
+        sentence = words[start:end]
+        parsed = parse_sentence(sentence)
+        if parsed is None or parsed[0][0] != "object":
+            continue
+        counts[matching_template(sentence)][0] += 1
+        counts[matching_template(sentence)][1] += not claim_holds(parsed[0], scene)
+    return counts

@@ -116,6 +116,13 @@ def parse_sentence(words: list[str]) -> tuple[tuple, dict] | None:
     return None
 
 
+def matching_template(words: list[str]) -> str | None:
+    """The template (of ALL_TEMPLATES) a sentence matches, or None."""
+    if not words or len(words) >= _LONGEST_SENTENCE:
+        return None
+    return next((t for t, tw in zip(ALL_TEMPLATES, _TEMPLATE_WORDS) if _match(tw, words, 0, 0, {}) is not None), None)
+
+
 def cell_of(pos: str) -> tuple[int, int]:
     return divmod(POSITIONS.index(pos), GRID)
 

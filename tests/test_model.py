@@ -180,7 +180,7 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
     report = str(tmp_path / "eval.json")
     out = run(["eval.py", "--ckpt", stage1, "--tokens-per-step", "1", "8", "--both", "--n", "6", "--json", report,
                "--errors"])
-    assert "false object claims" in out and "misplaced" in out
+    assert "false object claims" in out and "misplaced" in out and "object sentences per template" in out
     results = json.load(open(report))["results"]
     assert len(results) == 4
     for r in results:
@@ -188,6 +188,8 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
                 "forward_passes"} <= set(r)
     answer_len = meta["answer_len"]                                                    # the --tiny preset's 48
     assert {r["forward_passes"] for r in results if r["tokens_per_step"] == 8} == {answer_len / 8}
+    assert all(r["revisions"] == 0 for r in results if not r["refine"]), "the frozen sampler never revises"
+    assert all(r["revisions"] >= 0 for r in results)
     assert os.path.exists(str(tmp_path / "eval.png")) and os.path.exists(str(tmp_path / "eval.md"))
     blocks = str(tmp_path / "blocks.json")
     run(["eval.py", "--ckpt", stage1, "--tokens-per-step", "8", "--block-length", "16", "--n", "6", "--json", blocks])

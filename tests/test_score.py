@@ -131,3 +131,12 @@ def test_false_object_claims_are_sorted_by_what_went_wrong():
     assert false_object_claims(text, SCENE) == {"misplaced": 1, "wrong attributes": 1,
                                                 "empty cell, real object": 1, "empty cell, no such object": 1}
     assert sum(false_object_claims("", SCENE).values()) == 0
+
+
+def test_object_claims_are_counted_per_template():
+    from data.score import object_claims_by_template
+    counts = object_claims_by_template(f"{CIRCLE} there is a small red square at the right . {SQUARE} "
+                                       "there are three objects .", SCENE)
+    assert counts["there is a {size} {colour} {shape} at the {pos}"] == [2, 1]   # CIRCLE true, the red square false
+    assert counts["a {size} {colour} {shape} is at the {pos}"] == [1, 0]
+    assert sum(n for n, _ in counts.values()) == 3, "the count sentence is not an object claim"
