@@ -82,10 +82,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, past_kv=None, new_kv: list | None = None, query_from: int = 0):
+    def forward(self, x, cos, sin, past_kv=None, new_kv: list | None = None, query_from: int = 0, allowed=None):
         """x (B, L, D) -> (B, L - query_from, D). Off by default, for the sampler's prefix cache (LLaDA.forward):
         past_kv: (k, v) (B, Hkv, Lp, Dh) of earlier positions that x's tokens attend to as well; new_kv: a list that
-        receives this call's (k, v) after RoPE; query_from: positions before it serve as keys and values only."""
+        receives this call's (k, v) after RoPE; query_from: positions before it serve as keys and values only.
+        allowed (L, Lp + L) bool: which keys each query may see (LLaDA.forward's prefix_len); None: all."""
         B, L, _ = x.shape
         xq = x[:, query_from:] if query_from else x     # (B, Lq, D) (no slice op at all in training: same graph)
         Lq = xq.shape[1]
@@ -100,7 +101,8 @@ class Attention(nn.Module):
         if self.kv_heads != self.n_heads:  # grouped KV heads: each KV head serves n_heads / kv_heads query heads
             k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)              # (B, H, L, Dh)
             v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)              # (B, H, L, Dh)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=False)  # (B, H, Lq, Dh): every token sees every token
+        mask = None if allowed is None else allowed[query_from:]                       # (Lq, Lp + L)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dh): no mask: all see all
         return self.o_proj(y.transpose(1, 2).reshape(B, Lq, -1))                       # (B, Lq, D)
 
 
@@ -123,8 +125,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, past_kv=None, new_kv: list | None = None, query_from: int = 0):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, past_kv, new_kv, query_from)    # (B, Lq, D)
+    def forward(self, x, cos, sin, past_kv=None, new_kv: list | None = None, query_from: int = 0, allowed=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, past_kv, new_kv, query_from, allowed)  # (B, Lq, D)
         x = (x[:, query_from:] if query_from else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -141,7 +143,7 @@ class LLaDA(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied from the embedding
 
     def forward(self, inputs_embeds: torch.Tensor, past_kv: list | None = None, keep_kv: int = 0,
-                logits_from: int = 0):
+                logits_from: int = 0, prefix_len: int = 0):
         """inputs_embeds (B, L, D) -> logits (B, L - logits_from, V). The defaults give the plain forward pass.
 
         The sampler's options (sample.ModelLogits):
@@ -152,16 +154,23 @@ class LLaDA(nn.Module):
         - past_kv: such a list from an earlier call (a prefix cache, the idea of Fast-dLLM's approximate KV cache);
           inputs_embeds then holds only the positions after that prefix, and they attend to the cached prefix as
           well as to each other. Approximate: in bidirectional attention the prefix's keys and values depend on
-          the later tokens, which have changed since the cache was built."""
+          the later tokens, which have changed since the cache was built.
+        - prefix_len = P > 0 (not LLaDA: LaViDa's Prefix-DLM mask, for models trained with it): the first P
+          positions (image + prompt) attend only to each other, never to the answer, so their keys and values do
+          not depend on it and a prefix cache of them is exact."""
         Lp = 0 if past_kv is None else past_kv[0][0].shape[2]                              # cached positions
         L = inputs_embeds.shape[1]
+        allowed = None
+        if prefix_len > Lp:  # some queries are prefix positions: they must not see the answer
+            where = torch.arange(Lp + L, device=inputs_embeds.device)                     # (Lp + L,) positions
+            allowed = (where[Lp:, None] >= prefix_len) | (where[None, :] < prefix_len)    # (L, Lp + L)
         cos, sin = rope_tables(Lp + L, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.device)
         cos, sin = cos[Lp:], sin[Lp:]                                                      # (L, Dh): positions Lp..
         x = inputs_embeds                                                                  # (B, L, D)
         new_kv = [] if keep_kv else None
         for i, layer in enumerate(self.layers):
             last = i == len(self.layers) - 1
-            x = layer(x, cos, sin, past_kv[i] if past_kv else None, new_kv, logits_from if last else 0)
+            x = layer(x, cos, sin, past_kv[i] if past_kv else None, new_kv, logits_from if last else 0, allowed)
         logits = self.lm_head(self.norm(x))                                                # (B, L - logits_from, V)
         if keep_kv:
             return logits, [(k[:, :, :keep_kv], v[:, :, :keep_kv]) for k, v in new_kv]
@@ -246,6 +255,9 @@ class VLMConfig:
     # image").
     image_features: str = "patches"
     attribute_classes: list = field(default_factory=list)  # "attributes": classes per attribute group, 0 = empty
+    # 0: fully bidirectional, as LLaDA-V. P > 0: the first P positions (image + prompt) never attend to the answer
+    # (LaViDa's Prefix-DLM mask), which makes the sampler's prefix cache exact (train_stage1.py --prefix-dlm).
+    prefix_dlm_len: int = 0
 
     @staticmethod
     def from_dict(d: dict) -> "VLMConfig":
@@ -352,7 +364,7 @@ class VLM(nn.Module):
             slot = (is_image.cumsum(dim=1) - 1).clamp(0, image_embeds.shape[1] - 1)      # (B, L): which image token
             spliced = image_embeds.gather(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, L, D)
             x = torch.where(is_image.unsqueeze(-1), spliced.to(x.dtype), x)
-        return self.lm(x, past_kv, keep_kv, logits_from)
+        return self.lm(x, past_kv, keep_kv, logits_from, self.cfg.prefix_dlm_len)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

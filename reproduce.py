@@ -1,14 +1,14 @@
 """reproduce.py: one command that trains every model behind the paper's findings F1-F6 from one shared base model,
 evaluates them on held-out shapes-world scenes and writes one report (REPORT.md, results.json, a plot).
 
-    python reproduce.py            # the full run (README "Results"; about 17 min on 2 CPU cores)
-    python reproduce.py --quick    # a smaller run with the same structure (about 10 min)
+    python reproduce.py            # the full run (README "Results"; about 22 min on 2 CPU cores)
+    python reproduce.py --quick    # a smaller run with the same structure (about 8 min)
 
 Every model is one ordinary command (train_stage1.py, train_stage2.py, eval.py), printed before it runs and logged
 to <out>/logs/. The run is resumable: a model whose checkpoint is marked done is not trained again, an interrupted
 one continues with --resume, and evaluations already in <out>/eval/ are reused. All continuations start from the
 same base model (mask objective); the Stage I and mask continuations get the same optimizer steps, samples and
-learning rate (--steps x --batch-size, --lr), and every Stage II round --stage2-steps x --batch-size.
+learning rate (--steps x --batch-size, --lr), and every Stage II round --stage2-steps x --batch-size at --stage2-lr.
 """
 from __future__ import annotations
 
@@ -34,8 +34,11 @@ class ReproConfig:
     warmup: int = option(20, "warm-up steps of the Stage I / mask continuations")
     n_scenes: int = option(3000, "pre-rendered training scenes of every Stage I / mask continuation (train_stage1.py "
                            "--n-scenes; a fresh caption per draw; the base renders --tiny's 10000)")
-    drafts: int = option(768, "Stage II drafts per round (train_stage2.py --drafts-per-round)")
-    stage2_steps: int = option(120, "optimizer steps of every Stage II round (at train_stage2.py's own lr, 3e-4)")
+    drafts: int = option(3072, "Stage II drafts per round (train_stage2.py --drafts-per-round); with --stage2-steps x "
+                         "--batch-size x 3/4 own drafts per round, about one epoch (the paper: one epoch)")
+    stage2_steps: int = option(120, "optimizer steps of every Stage II round")
+    stage2_lr: float = option(1e-4, "peak learning rate of every Stage II round (a tenth of --lr; the paper's Stage II "
+                              "uses a small one, 5e-6)")
     seeds: list = option([0, 1, 2], "seeds of the headline comparison (F1): baseline and ReDiff trained once per seed",
                          nargs="+", type=int)
     tokens_per_step: list = option([1, 2, 4, 8], "tokens per step evaluated (F1 / F2 / F4 models at all of them; the "
@@ -45,8 +48,8 @@ class ReproConfig:
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
 
 
-PRESETS = {"quick": {"help": "a smaller run with the same structure (about 10 min on 2 CPU cores)",
-                     "values": dict(base_steps=1000, steps=200, n_scenes=2000, drafts=192, stage2_steps=40,
+PRESETS = {"quick": {"help": "a smaller run with the same structure (about 8 min on 2 CPU cores)",
+                     "values": dict(base_steps=1000, steps=200, n_scenes=2000, drafts=768, stage2_steps=40,
                                     seeds=[0, 1], tokens_per_step=[1, 8], n=60)}}
 
 PY = sys.executable
@@ -116,7 +119,7 @@ def train_all(cfg: ReproConfig) -> dict:
     out = lambda name: os.path.join(cfg.out, name + ".safetensors")  # noqa: E731
     budget = ["--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
               "--warmup", str(cfg.warmup)]
-    stage2_budget = ["--steps", str(cfg.stage2_steps), "--batch-size", str(cfg.batch_size)]
+    stage2_budget = ["--steps", str(cfg.stage2_steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.stage2_lr)]
     scenes = ["--n-scenes", str(cfg.n_scenes)]
     stage1 = lambda name, seed, *flags: run(cfg, name, [  # noqa: E731
         "train_stage1.py", "--tiny", "--objective", "revision", "--init-from", ckpts["base"], "--out", out(name),

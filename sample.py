@@ -36,7 +36,9 @@ class ModelLogits:
     whole sequence once and keeps the keys and values of every position before the block (image, prompt, earlier
     blocks); the block's other steps run only the positions from the block on, attending to that cache. The cache
     goes stale as the answer fills in (bidirectional attention), so it is an approximation: refresh=R > 0 rebuilds it
-    every R steps as well (R = 1 is exact, and no faster). It is also rebuilt whenever the prefix ids change (e.g.
+    every R steps as well (R = 1 is exact, and no faster). A model trained with the Prefix-DLM mask
+    (VLMConfig.prefix_dlm_len) keeps the image and prompt blind to the answer: with one block its cache is exact.
+    It is also rebuilt whenever the prefix ids change (e.g.
     classifier-free guidance's unconditional pass), so it is never used for another sequence."""
 
     def __init__(self, model, image_embeds, prompt_len: int, prefix_cache: bool = False, refresh: int = 0):

@@ -59,6 +59,8 @@ class TrainConfig:
                                  "per-cell attribute probabilities and occupancy-scaled cells through a linear "
                                  "projector; README \"How the toy model learned to read the image\"; --tiny sets it)",
                                  choices=["patches", "attributes"])
+    prefix_dlm: bool = option(False, "not LLaDA-V: the image and prompt never attend to the answer (LaViDa's "
+                              "Prefix-DLM mask), so the sampler's --prefix-cache is exact (README \"Speed\")")
     vision_pretrain_steps: int = option(400, "steps of per-cell attribute pretraining of a fresh vision tower (0: none)")
     answer_len: int = option(64, "answer length in tokens (captions padded with end-of-text)")
     n_scenes: int = option(20000, "training scenes pre-rendered (each draw gets a fresh caption)")
@@ -237,14 +239,16 @@ def freeze_vision(model) -> None:
 
 
 def build_model(cfg: TrainConfig, tokenizer):
+    from data.pipeline import prompt_ids
     from model import LMConfig, VisionConfig, VLM, VLMConfig
     lm = LMConfig(vocab_size=tokenizer.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                   mlp_hidden=int(cfg.d_model * 8 / 3) // 16 * 16)
     vision = VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
                           layers=cfg.vision_layers, heads=max(1, cfg.vision_width // 32))
     classes = attribute_classes() if cfg.image_features == "attributes" else []
+    prefix = len(prompt_ids(tokenizer, vision.grid ** 2)) if cfg.prefix_dlm else 0  # image + prompt positions
     return VLM(VLMConfig(lm=lm, vision=vision, image_token_id=tokenizer.image_id, image_features=cfg.image_features,
-                         attribute_classes=classes))
+                         attribute_classes=classes, prefix_dlm_len=prefix))
 
 
 # --init-from / --resume: the checkpoint decides the model's shape, so these flags are only checked against it.
@@ -264,6 +268,7 @@ def check_start(cfg: TrainConfig, model, meta: dict, source: str) -> None:
     saved = {name: getattr(getattr(model.cfg, part) if part else model.cfg, key)
              for name, (part, key) in SHAPE_FLAGS.items()}
     saved["answer_len"] = meta["answer_len"]
+    saved["prefix_dlm"] = model.cfg.prefix_dlm_len > 0
     conflicts = [f"{flag(name)} {getattr(cfg, name)} but the checkpoint has {value}" for name, value in saved.items()
                  if getattr(cfg, name) not in (getattr(defaults, name), value)]
     run = meta.get("train_config") or {}

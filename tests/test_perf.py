@@ -1,5 +1,5 @@
 """tests/test_perf.py: the fast paths give the same answers as the plain ones: partial logits, the prefix cache
-(exact when rebuilt every step), confidence-threshold decoding (Fast-dLLM), and bench.py --quick end to end.
+(exact when rebuilt every step, or always with the Prefix-DLM mask), confidence-threshold decoding (Fast-dLLM), and bench.py --quick end to end.
 Nothing here is timed: speed is bench.py's job."""
 import pytest
 import torch
@@ -11,12 +11,12 @@ from sample import ModelLogits, caption_images
 V, MASK = 12, 11  # a toy vocabulary whose last id is the mask
 
 
-def tiny_vlm(n_kv_heads=None, image_size=48):
+def tiny_vlm(n_kv_heads=None, image_size=48, prefix_dlm_len=0):
     torch.manual_seed(0)
     cfg = VLMConfig(lm=LMConfig(vocab_size=20, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
                                 mlp_hidden=64),
                     vision=VisionConfig(image_size=image_size, patch_size=16, width=32, layers=1, heads=2),
-                    image_token_id=4)
+                    image_token_id=4, prefix_dlm_len=prefix_dlm_len)
     return VLM(cfg).eval()
 
 
@@ -53,6 +53,33 @@ def test_partial_logits_and_prefix_cache_equal_the_full_forward(n_kv_heads):
     changed[:, P:] = 5                                                  # the answer moves on, the cache does not
     stale = model(changed[:, P:], past_kv=kv)
     assert not torch.allclose(stale, model(changed, embeds)[:, P:], atol=1e-5), "a stale cache is an approximation"
+
+
+def test_prefix_dlm_prefix_ignores_the_answer_and_the_answer_sees_everything():
+    P = 9 + 4
+    model, plain = tiny_vlm(prefix_dlm_len=P), tiny_vlm()                  # the same weights (seed 0), two masks
+    ids, _ = prompt_and_answer(model)
+    embeds = model.encode_images(torch.randn(2, 3, 48, 48))
+    changed = ids.clone()
+    changed[:, P:] = 5
+    with torch.no_grad():
+        _, kv = model(ids, embeds, keep_kv=P)
+        _, kv_changed = model(changed, embeds, keep_kv=P)
+        _, kv_prefix_alone = plain(ids[:, :P], embeds, keep_kv=P)          # the prefix with no answer at all
+        logits, changed_logits = model(ids, embeds), model(changed, embeds)
+    for (k, v), (k2, v2), (k3, v3) in zip(kv, kv_changed, kv_prefix_alone):
+        torch.testing.assert_close(k, k2, rtol=0, atol=0)                  # the answer cannot reach the prefix
+        torch.testing.assert_close(v, v3, rtol=0, atol=1e-5)               # = a bidirectional pass over the prefix
+    assert not torch.allclose(logits[:, P:], changed_logits[:, P:]), "answer positions still see the answer"
+
+
+def test_prefix_dlm_makes_the_prefix_cache_exact():
+    model, tok = tiny_vlm(prefix_dlm_len=9 + 4), Tokenizer()
+    images = torch.randn(3, 3, 48, 48)
+    for refine in (False, True):
+        plain, passes = caption_images(model, tok, images, 12, 1, refine=refine)    # one block, 12 steps
+        cached, cached_passes = caption_images(model, tok, images, 12, 1, refine=refine, prefix_cache=True)
+        assert torch.equal(plain, cached) and passes == cached_passes == 12
 
 
 def test_prefix_cache_rebuilt_every_step_matches_the_sampler_and_counts_builds():
@@ -182,3 +209,25 @@ def test_bench_quick_prints_the_table(capsys):
     assert "threshold 0.9" in out and "training step" in out and "matmul ceiling" in out
     assert all(r["ids_equal"] for r in rows if "ids_equal" in r), "the plain loop and the sampler agree at T = 0"
     assert "- sampler >= 1.5x the plain loop" in out
+
+
+def test_prefix_dlm_flag_sets_the_prefix_length_and_old_configs_load_without_it():
+    from dataclasses import asdict
+
+    import train_stage1
+    from data.pipeline import prompt_ids
+    from data.tokenizer import WordTokenizer
+    tok = WordTokenizer.for_shapes_world()
+    cfg = bench_tiny_config(prefix_dlm=True)
+    model = train_stage1.build_model(cfg, tok)
+    assert model.cfg.prefix_dlm_len == len(prompt_ids(tok, model.n_image_tokens)) == model.n_image_tokens + 4
+    saved = asdict(model.cfg)
+    assert VLMConfig.from_dict(saved).prefix_dlm_len == model.cfg.prefix_dlm_len
+    saved.pop("prefix_dlm_len")                                         # a checkpoint from before the option
+    assert VLMConfig.from_dict(saved).prefix_dlm_len == 0
+    assert train_stage1.build_model(bench_tiny_config(), tok).cfg.prefix_dlm_len == 0
+
+
+def bench_tiny_config(**changes):
+    from bench import tiny_train_config
+    return tiny_train_config(**changes)

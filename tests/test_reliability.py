@@ -113,6 +113,8 @@ def test_shape_flags_that_contradict_the_checkpoint_are_refused(tmp_path, capsys
                            "--out", str(tmp_path / "o.safetensors")])
     assert "--d-model 64 but the checkpoint has 32" in message and "--answer-len 80 but the checkpoint has 64" in message
     assert "--n-layers" not in message, "a flag left at its default is not a request"
+    message = stage1_exit(["--init-from", base, "--prefix-dlm", "--out", str(tmp_path / "o.safetensors")])
+    assert "--prefix-dlm True but the checkpoint has False" in message, "the attention mask is the checkpoint's"
     message = stage1_exit(["--tiny", "--init-from", base, "--out", str(tmp_path / "o.safetensors")])
     assert "--d-model 96 but the checkpoint has 32" in message, "a preset's sizes are requests too"
     # Agreeing flags pass; on --resume, other run settings are listed (the losses will then differ).
