@@ -51,6 +51,8 @@ class Stage2Config:
     draft_batch: int = option(128, "captions drafted together")
     expert: str = option("oracle", "who reviews the drafts: oracle (knows the scene), openai (an LLM), align "
                          "(word alignment with the ground truth)", choices=["oracle", "openai", "align"])
+    oracle_max_change: float = option(1.0, "--expert oracle, an experiment: skip rewrites that change more than "
+                                      "this fraction of a sentence's words (1 = the full oracle; README Results)")
     expert_model: str = option("o4-mini", "--expert openai: the chat model")
     expert_base_url: str = option("", "--expert openai: an OpenAI-compatible endpoint (empty: api.openai.com); "
                                   "the key is read from OPENAI_API_KEY only")
@@ -352,7 +354,7 @@ def main(argv=None):
         merge_rank_caches(cfg.cache)  # answers that an interrupted multi-process run left in per-rank files
     ctx.barrier()
     expert = make_expert(cfg.expert, cfg.expert_model, cfg.expert_base_url or None, cfg.cache or None,
-                         cfg.max_in_flight)
+                         cfg.max_in_flight, cfg.oracle_max_change)
     if shared_cache and not ctx.is_main:  # every rank reads the shared cache; only rank 0 appends to it
         expert.cache.path = rank_cache_path(cfg.cache, ctx.rank)
     history = meta.get("history", []) if cfg.resume else []

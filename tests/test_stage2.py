@@ -60,6 +60,16 @@ def test_oracle_fixes_a_repeated_word_into_a_true_sentence():
     assert changed_words(draft, fixed) == [14]  # "red red" -> "red circle": one word
 
 
+def test_oracle_max_change_keeps_local_edits_and_skips_rewrites():
+    draft = f"there is a large green circle at the top-left . {BLUE} the the the circle circle ."
+    full, _ = oracle(draft)
+    assert len(changed_words(draft, apply(draft, full))) > 3, "the full oracle rewrites the garbled sentence"
+    expert = OracleExpert(max_change=0.5)
+    review = expert.review_one(Item(draft, TRUTH, SCENE))
+    assert review == [{"org": "green", "target": "red"}], "one word of nine is local; most of six words is not"
+    assert expert.counts["edits_over_limit"] == 1
+
+
 def test_oracle_fixes_a_garbled_sentence_at_equal_length():
     draft = f"{RED} the the the circle circle ."
     review, _ = oracle(draft)
