@@ -1,5 +1,6 @@
 """reproduce.py: one command that trains every model behind the paper's findings F1-F6 from one shared base model,
-evaluates them on held-out shapes-world scenes and writes one report (REPORT.md, results.json, a plot).
+evaluates them on held-out shapes-world scenes and writes one report (REPORT.md, the plot f1.png; each evaluation's
+JSON in eval/).
 
     python reproduce.py            # the full run (README "Results"; about 22 min on 2 CPU cores)
     python reproduce.py --quick    # a smaller run with the same structure (about 8 min)

@@ -118,6 +118,7 @@ def object_claims_by_template(text: str, scene: dict) -> dict:
         parsed = parse_sentence(sentence)
         if parsed is None or parsed[0][0] != "object":
             continue
-        counts[matching_template(sentence)][0] += 1
-        counts[matching_template(sentence)][1] += not claim_holds(parsed[0], scene)
+        written = counts[matching_template(sentence)]
+        written[0] += 1
+        written[1] += not claim_holds(parsed[0], scene)
     return counts

@@ -1,5 +1,6 @@
 """tests/test_perf.py: the fast paths give the same answers as the plain ones: partial logits, the prefix cache
-(exact when rebuilt every step, or always with the Prefix-DLM mask), confidence-threshold decoding (Fast-dLLM), and bench.py --quick end to end.
+(exact when rebuilt every step, or always with the Prefix-DLM mask), confidence-threshold decoding (Fast-dLLM), and
+bench.py --quick end to end.
 Nothing here is timed: speed is bench.py's job."""
 import pytest
 import torch
