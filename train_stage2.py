@@ -229,7 +229,8 @@ def finetune(model, samples, mix_data, stage1_cfg, tokenizer, cfg: Stage2Config,
         logits = step_model(inputs[own].to(device), images=images[own].to(device))          # (b, L, V)
         loss_own, parts = own_draft_loss(logits, labels[own].to(device), mistake[own].to(device),
                                          keep[own].to(device), cfg.keep_weight,
-                                         ctx.count(mistake[pick]), ctx.count(keep[pick]))  # / counts of the whole batch
+                                         ctx.count(mistake[pick]),  # denominators: counts of the whole batch
+                                         ctx.count(keep[pick]) if cfg.keep_weight > 0 else None)
         loss = loss_own
         if n_mix:
             global_step = MIX_STEP_OFFSET + round_index * cfg.steps + step
