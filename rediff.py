@@ -99,30 +99,15 @@ def replacement_rate(p, replace_prob: float, t_dependent: bool = False):
     return torch.full_like(p, replace_prob)
 
 
-def own_words(ids, answer_mask, ordinary_ids, generator=None):
-    """Not in the paper: for every position, an ordinary token drawn uniformly from the same row's own answer
-    (B, L), e.g. another word of the same caption; rows without an ordinary answer token draw from `ordinary_ids`."""
-    ordinary_ids = torch.as_tensor(ordinary_ids, device=ids.device)
-    own = (answer_mask & torch.isin(ids, ordinary_ids)).float()                         # (B, L)
-    empty = own.sum(dim=1) == 0                                                         # (B,)
-    own[empty] = 1.0                                  # any position; replaced below by the vocabulary draw
-    where = torch.multinomial(own, ids.shape[1], replacement=True, generator=generator)  # (B, L)
-    picks = ids.gather(1, where)                                                        # (B, L)
-    fallback = ordinary_ids[torch.randint(len(ordinary_ids), ids.shape, generator=generator, device=ids.device)]
-    return torch.where(empty[:, None], fallback, picks)
-
-
 def corrupt_for_revision(ids, answer_mask, mask_id: int, ordinary_ids, replace_prob: float = 0.1,
                          t_dependent: bool = False, wrong_ids=None, wrong_span=None,
-                         eps: float = MASK_EPS, generator=None, own_word_frac: float = 0.0):
+                         eps: float = MASK_EPS, generator=None):
     """Section 3.2: mask the answer as in Eq. 1, then pollute the tokens that stayed visible.
 
     - syntax errors: each visible answer token is replaced, with probability `replace_prob`, by a token drawn
       uniformly from `ordinary_ids` (never a special id, never the mask);
     - hallucinations (ViCrit pairs): where `wrong_span` (B, L) is set, the visible input holds `wrong_ids`, the
       label keeps the correct token.
-    own_word_frac (not in the paper; 0 = the paper): this share of the replacements draws instead from the
-    sample's own answer words (own_words), errors like those of parallel decoding (a word repeated out of place).
     Returns (inputs (B, L), labels (B, L) = the clean ids, types (B, L) in {IGNORE, MASK, SYNTAX, HALLUCINATION,
     CLEAN}, p (B,))."""
     noisy, is_masked, p = forward_mask(ids, answer_mask, mask_id, eps, generator)
@@ -138,11 +123,8 @@ def corrupt_for_revision(ids, answer_mask, mask_id: int, ordinary_ids, replace_p
     draws = torch.rand(ids.shape, generator=generator, device=ids.device)               # (B, L)
     replaced = visible & ~hallucinated & (draws < rate[:, None])
     ordinary_ids = torch.as_tensor(ordinary_ids, device=ids.device)
-    picks = ordinary_ids[torch.randint(len(ordinary_ids), ids.shape, generator=generator, device=ids.device)]
-    if own_word_frac > 0:
-        from_own = torch.rand(ids.shape, generator=generator, device=ids.device) < own_word_frac   # (B, L)
-        picks = torch.where(from_own, own_words(ids, answer_mask, ordinary_ids, generator), picks)
-    inputs = torch.where(replaced, picks, inputs)
+    picks = torch.randint(len(ordinary_ids), ids.shape, generator=generator, device=ids.device)
+    inputs = torch.where(replaced, ordinary_ids[picks], inputs)
     types[replaced] = SYNTAX        # a draw may pick the original token back: still labelled, a harmless no-op
     types[hallucinated] = HALLUCINATION
     types[visible & ~replaced & ~hallucinated] = CLEAN

@@ -46,8 +46,6 @@ class TrainConfig:
     align_steps: int = option(0, "first steps of an alignment warm-up (not in the paper; an experiment toward "
                               "grounding in the toy world, see the README's Results): only attribute words (colour, "
                               "shape, size) are masked and scored, position words stay visible; counted in --steps")
-    own_word_frac: float = option(0.0, "Stage I, not in the paper: share of the replacements drawn from the "
-                                  "sample's own caption words instead of the whole vocabulary (0 = the paper)")
     hallucination_frac: float = option(0.25, "Stage I: share of each batch drawn as hallucination pairs (0 = syntax errors only)")
     d_model: int = option(256, "language-model width")
     n_layers: int = option(6, "language-model layers")
@@ -212,7 +210,7 @@ def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=No
         return loss, {"mask": loss}
     inputs, labels, types, p = rediff.corrupt_for_revision(
         batch.ids, batch.answer_mask, tokenizer.mask_id, tokenizer.ordinary_ids, cfg.replace_prob,
-        cfg.t_dependent, batch.wrong_ids, batch.wrong_span, generator=generator, own_word_frac=cfg.own_word_frac)
+        cfg.t_dependent, batch.wrong_ids, batch.wrong_span, generator=generator)
     counts = None if shard is None else {name: shard.count(types == t) for t, name in rediff.TYPE_NAMES.items()}
     return rediff.typed_losses(model(inputs[rows], images=images), labels[rows], types[rows], p[rows], counts)
 

@@ -105,23 +105,6 @@ def test_corruption_statistics_and_labels():
     assert torch.equal(inputs[types == rediff.CLEAN], ids[types == rediff.CLEAN])
 
 
-def test_own_word_replacements_come_from_the_rows_own_answer():
-    g = torch.Generator().manual_seed(3)
-    ids = torch.tensor([[9, 9, 1, 2, 3, 10, 10], [9, 9, 4, 4, 5, 10, 10], [9, 9, 10, 10, 10, 10, 10]] * 500)
-    answer = torch.zeros_like(ids, dtype=torch.bool)
-    answer[:, 2:] = True                                            # 9: prompt; 10: end-of-text (special)
-    ordinary = list(range(0, 8))
-    inputs, labels, types, _ = rediff.corrupt_for_revision(ids, answer, MASK, ordinary, replace_prob=0.5,
-                                                           generator=g, own_word_frac=1.0)
-    syntax = types == rediff.SYNTAX
-    for row, own in enumerate([{1, 2, 3}, {4, 5}]):
-        picked = set(inputs[row::3][syntax[row::3]].tolist())
-        assert picked == own, f"row {row}: replacements are the row's own ordinary answer words"
-    assert (inputs[2::3][syntax[2::3]] < 8).all(), "a row without ordinary answer words falls back to the vocabulary"
-    assert syntax[2::3].any()
-    assert torch.equal(labels, ids)
-
-
 def test_t_dependent_rate_and_hallucination_span():
     p = torch.tensor([0.02, 0.5])
     assert torch.allclose(rediff.replacement_rate(p, 0.1, t_dependent=True), torch.tensor([0.02, 0.1]))
