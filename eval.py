@@ -33,6 +33,8 @@ class EvalConfig:
     threshold: float = option(0.0, "confidence-threshold decoding (Fast-dLLM); 0: the fixed tokens-per-step schedule")
     block_length: int = option(0, "semi-autoregressive block length, dividing the answer length (0: one block, as "
                                "in the paper)")
+    final_passes: int = option(0, "not in the paper: forward passes after the last step that re-predict every "
+                               "answer token (refining sampler only; frozen rows ignore it)")
     probe: bool = option(False, "instead of captioning: the grounding probe (attribute or position words of true "
                          "captions masked)")
     errors: bool = option(False, "also print what the false object claims got wrong (data.score.FALSE_OBJECT_KINDS: "
@@ -180,7 +182,8 @@ def main(argv=None):
             loaded = {ckpt: (torch.compile(model.eval()) if cfg.compile else model.eval(), meta)}
         model, meta = loaded[ckpt]
         sampler = {"prefix_cache": cfg.prefix_cache, "cache_refresh": cfg.cache_refresh,
-                   "threshold": cfg.threshold or None, "block_length": cfg.block_length or None}
+                   "threshold": cfg.threshold or None, "block_length": cfg.block_length or None,
+                   "final_passes": cfg.final_passes if refine else 0}
         if cfg.block_length and meta["answer_len"] % cfg.block_length:
             raise SystemExit(f"--block-length {cfg.block_length} must divide {ckpt}'s answer length "
                              f"{meta['answer_len']}")
@@ -189,9 +192,10 @@ def main(argv=None):
         results.append({"ckpt": ckpt, "tokens_per_step": n, "refine": refine, **sampler, **scores})
     table = markdown_table(results)
     print(table)
-    if cfg.prefix_cache or cfg.threshold or cfg.block_length:
+    if cfg.prefix_cache or cfg.threshold or cfg.block_length or cfg.final_passes:
         print(f"sampler options: prefix cache {cfg.prefix_cache} (refresh {cfg.cache_refresh}), "
-              f"threshold {cfg.threshold or 'none'}, block length {cfg.block_length or 'one block'}")
+              f"threshold {cfg.threshold or 'none'}, block length {cfg.block_length or 'one block'}, "
+              f"final passes {cfg.final_passes} (refining rows)")
     if cfg.errors:
         from data.score import FALSE_OBJECT_KINDS
         print("false object claims (total over the captions):")

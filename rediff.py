@@ -213,7 +213,7 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
              temperature: float = 0.0, refine: bool = False, mask_id: int = 126336,
              remasking: str = "low_confidence", cfg_scale: float = 0.0, stop_id: int | None = None,
              banned_ids=None, draft=None, return_trace: bool = False, generator=None,
-             threshold: float | None = None, on_block=None):
+             threshold: float | None = None, on_block=None, final_passes: int = 0):
     """The reverse process: start from an all-[MASK] answer and commit the most confident tokens, block by block.
 
     logits_fn: any callable (B, L) ids -> (B, L, V) logits, or the logits of only the last L' positions (B, L', V)
@@ -237,9 +237,14 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
       as many steps as it needs until it holds no mask (`steps` is then unused, apart from its check).
     - on_block(start): called before each block's first step with the block's first position (a prefix cache
       rebuilds there).
+    - final_passes N (not in the paper; refine=True only): N more forward passes after the last step, each
+      overwriting every position of the last block with its argmax and committing nothing, so the tokens of the
+      last step are re-predicted too (otherwise nothing comes after them). Recorded in the trace with step >= steps.
     Off by default (stop_id, banned_ids, draft), the frozen sampler matches LLaDA token for token at T = 0.
     """
     B, P = prompt.shape
+    if final_passes and not refine:
+        raise ValueError("final_passes re-predict visible tokens: they need refine=True")
     block_length = block_length or gen_length
     if gen_length % block_length:
         raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
@@ -307,6 +312,16 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
         if stop_id is not None and block < num_blocks - 1 and bool((x[:, P:end] == stop_id).any(dim=1).all()):
             x[:, end:] = stop_id  # every row has ended: the remaining blocks cost no forward pass
             break
+
+    for extra in range(final_passes):  # re-predict the last block once more (start, end: the last block run)
+        before = x[:, start:end].clone()
+        x0 = add_gumbel_noise(block_logits(x, start, end), temperature, generator).argmax(dim=-1)  # (B, Lb)
+        x[:, start:end] = torch.where(before != mask_id, x0, before)  # visible tokens only: nothing new is committed
+        if return_trace:
+            new = torch.zeros(B, gen_length, dtype=torch.bool, device=x.device)
+            changed = torch.zeros_like(new)
+            changed[:, start - P:end - P] = x[:, start:end] != before
+            trace.append({"block": block, "step": i + extra, "ids": x[:, P:].clone(), "new": new, "changed": changed})
 
     answer = x[:, P:]
     if stop_id is not None:  # output stops at the first stop token

@@ -72,10 +72,10 @@ class ModelLogits:
 def caption_images(model, tokenizer, images, gen_length: int, tokens_per_step: int, refine: bool = True,
                    block_length: int | None = None, temperature: float = 0.0, drafts=None,
                    return_trace: bool = False, generator=None, prefix_cache: bool = False, cache_refresh: int = 0,
-                   threshold: float | None = None):
+                   threshold: float | None = None, final_passes: int = 0):
     """Images (B, 3, S, S) -> (answer ids (B, G) [and the trace], forward passes). Image tokens are computed once,
     not per step. prefix_cache / cache_refresh: see ModelLogits; threshold: rediff.generate's confidence threshold
-    (then tokens_per_step only sets the unused `steps`)."""
+    (then tokens_per_step only sets the unused `steps`); final_passes: rediff.generate's (refine only, not in the paper)."""
     device = next(model.parameters()).device
     image_embeds = model.encode_images(images.to(device))                                   # (B, N, D)
     prompt = torch.tensor(prompt_ids(tokenizer, model.n_image_tokens), device=device)
@@ -86,7 +86,7 @@ def caption_images(model, tokenizer, images, gen_length: int, tokens_per_step: i
                           block_length=block_length, temperature=temperature, refine=refine,
                           mask_id=tokenizer.mask_id, stop_id=tokenizer.eos_id, banned_ids=banned_ids(tokenizer),
                           draft=drafts, return_trace=return_trace, generator=generator, threshold=threshold,
-                          on_block=logits_fn.begin_block)
+                          on_block=logits_fn.begin_block, final_passes=final_passes)
     return out, logits_fn.forward_passes
 
 
@@ -167,6 +167,8 @@ class SampleConfig:
     cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: once per block)")
     threshold: float = option(0.0, "commit every masked token with confidence >= P, at least one a step (Fast-dLLM); "
                               "0: the fixed --tokens-per-step schedule")
+    final_passes: int = option(0, "not in the paper: forward passes after the last step that re-predict every answer "
+                               "token, so the last step's tokens are revised too (refining sampler only)")
 
 
 def caption_real_weights(cfg: "SampleConfig") -> str:
@@ -175,8 +177,8 @@ def caption_real_weights(cfg: "SampleConfig") -> str:
     from model import pick_device
     if not cfg.image:
         raise SystemExit(f"{cfg.ckpt} is a LLaDA-V / ReDiff folder: give the photo to caption with --image PATH")
-    if cfg.prefix_cache or cfg.threshold:
-        raise SystemExit("--prefix-cache and --threshold work with this project's checkpoints only, not yet with a "
+    if cfg.prefix_cache or cfg.threshold or cfg.final_passes:
+        raise SystemExit("--prefix-cache, --threshold and --final-passes work with this project's checkpoints only, not yet with a "
                          "LLaDA-V / ReDiff folder")
     loaded = load_llada_v(cfg.ckpt, pick_device(cfg.device))
     want_trace = bool(cfg.trace or cfg.trace_out)
@@ -202,6 +204,8 @@ def main(argv=None):
     from data.score import score_caption
     from data.tokenizer import tokenizer_from_dict
     from model import load_for, pick_device
+    if cfg.final_passes and not cfg.refine:
+        raise SystemExit("--final-passes re-predicts visible tokens: it needs the refining sampler (drop --no-refine)")
     device = pick_device(cfg.device)
     model, meta = load_for(cfg.ckpt, "--ckpt", needs=("tokenizer", "world", "answer_len"), device=device)
     model.eval()
@@ -227,7 +231,7 @@ def main(argv=None):
                                  cfg.block_length or None, cfg.temperature, drafts,
                                  return_trace=bool(cfg.trace or cfg.trace_out), generator=generator,
                                  prefix_cache=cfg.prefix_cache, cache_refresh=cfg.cache_refresh,
-                                 threshold=cfg.threshold or None)
+                                 threshold=cfg.threshold or None, final_passes=cfg.final_passes)
     seconds = time.perf_counter() - start
     ids, trace = out if isinstance(out, tuple) else (out, None)
     text = decode_answer(tokenizer, ids[0])
@@ -244,6 +248,7 @@ def main(argv=None):
               f"{s['coverage']:.2f} | syntax {s['syntax']:.2f} | repetition {s['repetition']:.2f}")
     speed = f"threshold {cfg.threshold}" if cfg.threshold else f"{cfg.tokens_per_step} tokens/step"
     cache = f", prefix cache (refresh {cfg.cache_refresh or 'once per block'})" if cfg.prefix_cache else ""
+    cache += f", {cfg.final_passes} final pass(es)" if cfg.final_passes else ""
     print(f"sampler      : {'refining' if cfg.refine else 'frozen'}, {speed}{cache}, "
           f"{passes} forward passes, {gen_length / seconds:.0f} tokens/s ({seconds:.2f} s)")
     return text
