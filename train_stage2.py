@@ -49,6 +49,8 @@ class Stage2Config:
     tokens_per_step: list = option([1, 4, 8], "drafting speeds; the scenes of a round are spread over them",
                                    nargs="+", type=int)
     draft_batch: int = option(128, "captions drafted together")
+    draft_final_passes: int = option(0, "not in the paper, an experiment: draft with rediff.generate's final_passes "
+                                     "(forward passes after the last step that re-predict every token)")
     expert: str = option("oracle", "who reviews the drafts: oracle (knows the scene), openai (an LLM), align "
                          "(word alignment with the ground truth)", choices=["oracle", "openai", "align"])
     oracle_max_change: float = option(1.0, "--expert oracle, an experiment: skip rewrites that change more than "
@@ -116,7 +118,8 @@ def make_drafts(model, tokenizer, world, answer_len: int, cfg: Stage2Config, rou
             if (n_chunks - 1) % n_ranks != rank:  # another rank's chunk
                 continue
             images = image_to_tensor([samples[k]["image"] for k in chunk], vision.mean, vision.std)
-            out, _ = caption_images(model, tokenizer, images, answer_len, speed, refine=True)   # (b, G)
+            out, _ = caption_images(model, tokenizer, images, answer_len, speed, refine=True,
+                                    final_passes=cfg.draft_final_passes)                     # (b, G)
             for k, row in zip(chunk, out.cpu()):
                 ids[k] = row
             bar.update(len(chunk))
