@@ -263,6 +263,13 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
 
     never = torch.tensor(list(banned_ids or []) + [mask_id], device=prompt.device)  # the mask is never a prediction
 
+    def record(step, new_in_block, changed_in_block):  # one trace entry: the block's flags placed in the answer
+        new = torch.zeros(B, gen_length, dtype=torch.bool, device=x.device)
+        changed = torch.zeros_like(new)
+        new[:, start - P:end - P] = new_in_block
+        changed[:, start - P:end - P] = changed_in_block
+        trace.append({"block": block, "step": step, "ids": x[:, P:].clone(), "new": new, "changed": changed})
+
     def block_logits(ids, start, end):
         logits = only_block(logits_fn(ids), ids, start, end)                                # (B, Lb, V)
         if cfg_scale > 0:
@@ -303,11 +310,7 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
                 x[:, start:end] = torch.where(revisable, x0, x[:, start:end])
             x[:, start:end] = torch.where(commit, x0, x[:, start:end])
             if return_trace:
-                new = torch.zeros(B, gen_length, dtype=torch.bool, device=x.device)
-                changed = torch.zeros_like(new)
-                new[:, start - P:end - P] = commit
-                changed[:, start - P:end - P] = ~block_masked & (x[:, start:end] != before)
-                trace.append({"block": block, "step": i, "ids": x[:, P:].clone(), "new": new, "changed": changed})
+                record(i, commit, ~block_masked & (x[:, start:end] != before))
             i += 1
         if stop_id is not None and block < num_blocks - 1 and bool((x[:, P:end] == stop_id).any(dim=1).all()):
             x[:, end:] = stop_id  # every row has ended: the remaining blocks cost no forward pass
@@ -318,10 +321,7 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
         x0 = add_gumbel_noise(block_logits(x, start, end), temperature, generator).argmax(dim=-1)  # (B, Lb)
         x[:, start:end] = torch.where(before != mask_id, x0, before)  # visible tokens only: nothing new is committed
         if return_trace:
-            new = torch.zeros(B, gen_length, dtype=torch.bool, device=x.device)
-            changed = torch.zeros_like(new)
-            changed[:, start - P:end - P] = x[:, start:end] != before
-            trace.append({"block": block, "step": i + extra, "ids": x[:, P:].clone(), "new": new, "changed": changed})
+            record(i + extra, torch.zeros_like(before, dtype=torch.bool), x[:, start:end] != before)
 
     answer = x[:, P:]
     if stop_id is not None:  # output stops at the first stop token

@@ -90,8 +90,9 @@ SAMPLER_FLAGS = {"both": ["--both"], "refine": [], "frozen": ["--no-refine"],
 
 
 def evaluate(cfg: ReproConfig, ckpt: str, sampler: str, ends_only: bool = False) -> list[dict]:
-    """eval.py on one checkpoint with sampler both / refine / frozen / final (cached as <out>/eval/<name>-<sampler>.json);
-    ends_only: at the slowest and the fastest tokens per step only (the ablation rows, to keep the run short)."""
+    """eval.py on one checkpoint with sampler both / refine / frozen / final (the refining one plus --final-passes 1),
+    cached as <out>/eval/<name>-<sampler>.json; ends_only: at the slowest and the fastest tokens per step only (the
+    ablation rows, to keep the run short)."""
     name = os.path.splitext(os.path.basename(ckpt))[0] + "-" + sampler
     path = os.path.join(cfg.out, "eval", name + ".json")
     speeds = sorted({min(cfg.tokens_per_step), max(cfg.tokens_per_step)}) if ends_only else cfg.tokens_per_step
@@ -214,7 +215,8 @@ def report(cfg: ReproConfig, ckpts: dict, start: float) -> str:
               "(keeps 88 %). Target here: ReDiff keeps >= 90 %, the baseline < 75 %, with a margin larger than the "
               "seed spread."]
     lines += ["", "Not in the paper: the same models with one forward pass after the last step that re-predicts every "
-              "answer token (`eval.py --final-passes 1`; the last step's tokens are otherwise never revised), headline:",
+              "answer token (`eval.py --final-passes 1`; the last step's tokens are otherwise never revised), "
+              "headline:",
               "", "| model | " + " | ".join(f"{n} tok/step" for n in tps) + f" | kept at {hi} ({hi} / {lo}) |",
               "|---|" + "---|" * (len(tps) + 1)]
     for label, role in (("ReDiff + final pass", "rediff"), ("Stage I alone + final pass", "stage1")):

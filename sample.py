@@ -75,7 +75,8 @@ def caption_images(model, tokenizer, images, gen_length: int, tokens_per_step: i
                    threshold: float | None = None, final_passes: int = 0):
     """Images (B, 3, S, S) -> (answer ids (B, G) [and the trace], forward passes). Image tokens are computed once,
     not per step. prefix_cache / cache_refresh: see ModelLogits; threshold: rediff.generate's confidence threshold
-    (then tokens_per_step only sets the unused `steps`); final_passes: rediff.generate's (refine only, not in the paper)."""
+    (then tokens_per_step only sets the unused `steps`); final_passes: rediff.generate's (refine only; not in the
+    paper)."""
     device = next(model.parameters()).device
     image_embeds = model.encode_images(images.to(device))                                   # (B, N, D)
     prompt = torch.tensor(prompt_ids(tokenizer, model.n_image_tokens), device=device)
@@ -178,8 +179,8 @@ def caption_real_weights(cfg: "SampleConfig") -> str:
     if not cfg.image:
         raise SystemExit(f"{cfg.ckpt} is a LLaDA-V / ReDiff folder: give the photo to caption with --image PATH")
     if cfg.prefix_cache or cfg.threshold or cfg.final_passes:
-        raise SystemExit("--prefix-cache, --threshold and --final-passes work with this project's checkpoints only, not yet with a "
-                         "LLaDA-V / ReDiff folder")
+        raise SystemExit("--prefix-cache, --threshold and --final-passes work with this project's checkpoints only, "
+                         "not yet with a LLaDA-V / ReDiff folder")
     loaded = load_llada_v(cfg.ckpt, pick_device(cfg.device))
     want_trace = bool(cfg.trace or cfg.trace_out)
     out = caption(cfg.ckpt, cfg.image, cfg.tokens_per_step, cfg.refine, cfg.gen_length or 128,

@@ -7,7 +7,7 @@ captions held-out test scenes (eval.py's scenes), splits every caption into sent
 parse and sentences that do not (data/score.py), the share holding a token committed at the last step. Then it asks
 what revising those tokens would be worth: the headline (data/score.py) of the captions as they are (S steps), after
 one extra forward pass that re-predicts every answer token and commits nothing (rediff.generate's final_passes=1:
-S + 1 passes; not the paper's sampler), and of the ordinary sampler given S + 1 steps (the same number of forward passes).
+S + 1 passes; not the paper's sampler), and of the ordinary sampler given S + 1 steps (as many forward passes).
 
     python experiments/last_step.py --ckpt runs/repro/stage1-s0.safetensors [more ...] --tokens-per-step 8 --n 200
 """
@@ -70,7 +70,8 @@ def main():
                 counts[parses][0] += 1
                 counts[parses][1] += int(last_new[row, a:b].any())
         scenes = [sample["scene"] for sample in samples]
-        headline = lambda answers: score_captions([decode_answer(tokenizer, a) for a in answers], scenes)["headline"]  # noqa: E731
+        texts = lambda answers: [decode_answer(tokenizer, a) for a in answers]  # noqa: E731
+        headline = lambda answers: score_captions(texts(answers), scenes)["headline"]  # noqa: E731
         steps = len(trace)
         per_step = [k for k in range(1, answer_len + 1) if steps_for(answer_len, k) == steps + 1]  # S + 1 steps
         more = caption_images(model, tokenizer, images, answer_len, per_step[0], True)[0] \
