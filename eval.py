@@ -47,18 +47,30 @@ def held_out_indices(n: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(SCENE_POOL, size=n, replace=False).tolist())
 
 
+def caption_steps(trace: list, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Per answer (B,): how many sampler steps committed at least one word of its final caption (the positions before
+    its first end-of-text). Low-confidence decoding commits the end-of-text padding first (the surest tokens), so a
+    caption shorter than the answer is written in fewer steps than the sampler takes: README "How fast is 8 tokens
+    per step here?"."""
+    is_eos = ids == eos_id                                                                # (B, G)
+    length = torch.where(is_eos.any(1), is_eos.int().argmax(1), ids.shape[1])            # (B,) caption words
+    words = torch.arange(ids.shape[1], device=ids.device) < length[:, None]               # (B, G)
+    new = torch.stack([entry["new"] for entry in trace])                                  # (S, B, G)
+    return (new & words).any(-1).sum(0)                                                   # (B,)
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step: int, refine: bool,
              batch_size: int = 100, **sampler) -> dict:
-    """Mean scorer metrics, forward passes and revisions (visible tokens the refining sampler changed; 0 when frozen)
-    per caption over the test scenes `indices`. sampler: caption_images' prefix_cache, cache_refresh, threshold and
+    """Mean scorer metrics, forward passes, revisions (visible tokens the refining sampler changed; 0 when frozen) and
+    caption steps (steps that committed a word of the caption, caption_steps) per caption over the test scenes `indices`. sampler: caption_images' prefix_cache, cache_refresh, threshold and
     block_length."""
     from data import shapes
     from data.pipeline import image_to_tensor
     from data.score import false_object_claims, object_claims_by_template, score_captions
     from sample import caption_images, decode_answer
     vision = model.cfg.vision
-    texts, scenes, passes, revised = [], [], 0, 0
+    texts, scenes, passes, revised, written_in = [], [], 0, 0, 0
     for lo in range(0, len(indices), batch_size):
         samples = [shapes.sample("test", i, world) for i in indices[lo:lo + batch_size]]
         images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)
@@ -68,9 +80,11 @@ def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step:
         scenes += [s["scene"] for s in samples]
         passes += calls * len(samples)
         revised += sum(int(step["changed"].sum()) for step in trace)  # visible tokens the refining sampler changed
+        written_in += int(caption_steps(trace, ids, tokenizer.eos_id).sum())
     scores = score_captions(texts, scenes)
     scores["forward_passes"] = passes / len(texts)
     scores["revisions"] = revised / len(texts)
+    scores["caption_steps"] = written_in / len(texts)
     scores["words"] = sum(len(t.split()) for t in texts) / len(texts)  # caption length (end-of-text cuts it)
     scores["examples"] = texts[:3]
     kinds = [false_object_claims(t, s) for t, s in zip(texts, scenes)]
@@ -114,13 +128,13 @@ def grounding_probe(model, tokenizer, world, answer_len: int, indices) -> dict:
 
 def markdown_table(results: list[dict]) -> str:
     lines = ["| ckpt | tokens/step | sampler | headline | factuality | coverage | syntax | repetition | passes "
-             "| words | revisions |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| words | revisions | caption steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {os.path.basename(r['ckpt'])} | {r['tokens_per_step']} | {'refine' if r['refine'] else 'frozen'} "
                      f"| {r['headline']:.1f} | {r['factuality']:.3f} | {r['coverage']:.3f} | {r['syntax']:.3f} "
                      f"| {r['repetition']:.3f} | {r['forward_passes']:.0f} | {r.get('words', 0):.1f} "
-                     f"| {r.get('revisions', 0):.2f} |")
+                     f"| {r.get('revisions', 0):.2f} | {r.get('caption_steps', 0):.2f} |")
     return "\n".join(lines)
 
 

@@ -190,6 +190,7 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
     assert {r["forward_passes"] for r in results if r["tokens_per_step"] == 8} == {answer_len / 8}
     assert all(r["revisions"] == 0 for r in results if not r["refine"]), "the frozen sampler never revises"
     assert all(r["revisions"] >= 0 for r in results)
+    assert all(0 <= r["caption_steps"] <= r["forward_passes"] for r in results)
     assert os.path.exists(str(tmp_path / "eval.png")) and os.path.exists(str(tmp_path / "eval.md"))
     blocks = str(tmp_path / "blocks.json")
     run(["eval.py", "--ckpt", stage1, "--tokens-per-step", "8", "--block-length", "16", "--n", "6", "--json", blocks])

@@ -272,3 +272,25 @@ def test_chosen_probability_equals_float64_softmax():
     chosen = logits.argmax(-1)
     reference = torch.softmax(logits.double(), -1).gather(-1, chosen[..., None]).squeeze(-1)
     assert torch.allclose(rediff.chosen_probability(logits, chosen).double(), reference, atol=1e-6)
+
+
+def test_caption_steps_counts_the_steps_that_wrote_the_caption():
+    """eval.caption_steps on a real sampler run: end-of-text is the surest token, so low-confidence decoding commits
+    the padding first and a 3-word caption in an 8-token answer is written in the last 2 of 4 steps."""
+    from eval import caption_steps
+    EOS, G = 1, 8
+    where = torch.arange(G, dtype=torch.float)                                      # (G,) answer positions
+
+    def logits_fn(ids):                                                             # (2, 2 + G) -> (2, 2 + G, V)
+        logits = torch.zeros(ids.shape[0], ids.shape[1], V)
+        logits[0, 2:5, 3] = 5 + where[:3]        # row 0: words at positions 0-2 (confidence rising with position)
+        logits[0, 5:, EOS] = 10 + where[3:]      # then end-of-text, surer still: committed first, from the end
+        logits[1, 2:, 4] = 5 + where             # row 1: a caption that fills the whole answer
+        return logits
+
+    prompt = torch.zeros(2, 2, dtype=torch.long)
+    for refine in (False, True):
+        ids, trace = rediff.generate(logits_fn, prompt, G, steps=4, refine=refine, mask_id=MASK, return_trace=True)
+        assert ids[0].tolist() == [3, 3, 3] + [EOS] * 5 and ids[1].tolist() == [4] * G
+        assert [entry["new"][0].nonzero().flatten().tolist() for entry in trace] == [[6, 7], [4, 5], [2, 3], [0, 1]]
+        assert caption_steps(trace, ids, EOS).tolist() == [2, 4]

@@ -84,3 +84,35 @@ def test_table_marks_speeds_a_row_was_not_evaluated_at():
     ends = {n: {"headline": 10.0 * n, "syntax": 0.5} for n in (1, 8)}  # an ablation row: slowest and fastest only
     lines = reproduce.table([("B", ends)], [1, 2, 8])
     assert lines[2] == "| B | headline | 10.0 | – | 80.0 |"
+
+
+def test_report_tables_from_evaluations(tmp_path, monkeypatch):
+    """report() on made-up evaluation rows: the F1 means and keep ratios over seeds, the caption-steps table, and a
+    row cached by an older eval.py (no caption_steps) shown as nan instead of failing."""
+    cfg = reproduce.ReproConfig(out=str(tmp_path), seeds=[0, 1], tokens_per_step=[1, 8])
+    roles = ["base", "stage2-alone", "rediff-round2", "stage1-t-dependent", "stage1-syntax-only",
+             "stage1-hallucination-only"] + [f"{m}-s{s}" for m in ("baseline", "stage1", "rediff") for s in (0, 1)]
+    ckpts = {role: str(tmp_path / f"{role}.safetensors") for role in roles}
+    for path in ckpts.values():
+        open(path + ".done", "w").write("60.0\n")
+    headline = {"baseline": {1: 80.0, 8: 20.0}, "rediff": {1: 70.0, 8: 35.0}, "stage1": {1: 75.0, 8: 45.0}}
+
+    def fake_evaluate(cfg, ckpt, sampler, ends_only=False):
+        role = os.path.basename(ckpt).split(".")[0]
+        model, seed = role.rsplit("-s", 1) if role[-3:-1] == "-s" else (role, "0")
+        rows = []
+        for n in cfg.tokens_per_step:
+            for refine in {"both": (True, False), "frozen": (False,)}.get(sampler, (True,)):
+                row = {"tokens_per_step": n, "refine": refine, "factuality": 0.9, "coverage": 0.8, "syntax": 1.0,
+                       "repetition": 0.0, "headline": headline.get(model, {1: 50.0, 8: 25.0})[n] + int(seed)}
+                if model != "stage1":  # Stage I's rows come from an older eval.py's cache
+                    row["caption_steps"] = {1: 20.0, 8: 4.0}[n] + int(seed)
+                rows.append(row)
+        return rows
+
+    monkeypatch.setattr(reproduce, "evaluate", fake_evaluate)
+    text = reproduce.report(cfg, ckpts, start=0.0)
+    assert "| mask-trained baseline | 80.5 ± 0.5 | 20.5 ± 0.5 | 25.5 ± 0.5 % |" in text  # seed 1 adds 1 point
+    assert "| ReDiff | 70.5 ± 0.5 | 35.5 ± 0.5 | 50.4 ± 0.4 % |" in text
+    assert "| mask-trained baseline | 20.5 | 4.5 |" in text and "| Stage I alone | nan | nan |" in text
+    assert "Training: 12.0 min" in text  # twelve models of 60 s each
