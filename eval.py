@@ -63,8 +63,8 @@ def caption_steps(trace: list, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step: int, refine: bool,
              batch_size: int = 100, **sampler) -> dict:
     """Mean scorer metrics, forward passes, revisions (visible tokens the refining sampler changed; 0 when frozen) and
-    caption steps (steps that committed a word of the caption, caption_steps) per caption over the test scenes `indices`. sampler: caption_images' prefix_cache, cache_refresh, threshold and
-    block_length."""
+    caption steps (steps that committed a word of the caption: caption_steps) per caption over the test scenes
+    `indices`. sampler: caption_images' prefix_cache, cache_refresh, threshold, block_length and final_passes."""
     from data import shapes
     from data.pipeline import image_to_tensor
     from data.score import false_object_claims, object_claims_by_template, score_captions
