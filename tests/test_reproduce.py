@@ -1,5 +1,6 @@
 """Tests of reproduce.py's bookkeeping: resumable runs, clear failures and the report's arithmetic."""
 import os
+import re
 
 import pytest
 
@@ -99,7 +100,8 @@ def test_report_tables_from_evaluations(tmp_path, monkeypatch):
 
     def fake_evaluate(cfg, ckpt, sampler, ends_only=False):
         role = os.path.basename(ckpt).split(".")[0]
-        model, seed = role.rsplit("-s", 1) if role[-3:-1] == "-s" else (role, "0")
+        seeded = re.fullmatch(r"(.+)-s(\d)", role)                      # e.g. "stage1-s1"; "base": seed 0
+        model, seed = seeded.groups() if seeded else (role, "0")
         rows = []
         for n in cfg.tokens_per_step:
             for refine in {"both": (True, False), "frozen": (False,)}.get(sampler, (True,)):
