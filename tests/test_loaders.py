@@ -1,4 +1,5 @@
-"""tests/test_loaders.py: images of every kind, LLaVA conversation JSON and ViCrit pair JSONL, good and bad."""
+"""tests/test_loaders.py: images of every kind, LLaVA conversation JSON (with ReDiff's "revise" corrections), ViCrit
+pair JSONL and the ViCrit-Train JSON list, good and bad."""
 import json
 import os
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.loaders import DataError, load_llava_json, load_vicrit_jsonl, open_image
+from data.loaders import DataError, load_llava_json, load_vicrit_jsonl, load_vicrit_train, open_image
 
 SIZE = (12, 8)  # width, height of the test images
 RED, GREEN = (255, 0, 0), (0, 255, 0)
@@ -188,6 +189,81 @@ def test_llava_bad_records_name_index_and_field(root, tmp_path, record, message)
         load_llava_json(path, root)
     records, stats = load_llava_json(path, root, skip_bad=True)
     assert len(records) == 1 and stats == {"skipped_missing": 0, "skipped_bad": 1}
+
+
+def test_revise_records_give_the_corrected_caption_and_keep_the_wrong_one(root, tmp_path):
+    """ReDiff's released records: the assistant turn is wrong, "revise" holds the corrections."""
+    revise = [{"org": "blue", "target": "red"}, {"org": "two cats", "target": "one dog"}]
+    data = [conversation("grey.png", caption="a blue ball and two cats, blue sky .", revise=revise),
+            conversation("grey.png")]
+    records, _ = load_llava_json(write_json(tmp_path / "rediff.json", data), root)
+    assert records[0]["wrong"] == "a blue ball and two cats, blue sky ."
+    assert records[0]["caption"] == "a red ball and one dog, blue sky ."  # the first occurrence only
+    assert records[0]["revise"] == revise
+    assert "wrong" not in records[1] and "revise" not in records[1]
+
+
+@pytest.mark.parametrize("revise, message", [
+    ([], r"record 1: field 'revise' must be a non-empty list"),
+    ({"org": "blue", "target": "red"}, r"record 1: field 'revise' must be a non-empty list"),
+    ([{"org": "green", "target": "red"}], r"record 1, revise\[0\]: 'org' 'green' does not occur"),
+    ([{"org": "blue", "target": "red"}, {"org": "ball"}], r"record 1, revise\[1\]: field 'target' is missing"),
+    ([{"org": "blue", "target": "blue"}], r"record 1, revise\[0\]: 'org' equals 'target'"),
+    (["blue -> red"], r"record 1, revise\[0\]: expected a JSON object")])
+def test_revise_records_of_unknown_shape_are_refused(root, tmp_path, revise, message):
+    data = [conversation("grey.png"), conversation("grey.png", caption="a blue ball .", revise=revise)]
+    path = write_json(tmp_path / "rediff.json", data)
+    with pytest.raises(DataError, match="rediff.json: " + message):
+        load_llava_json(path, root)
+    records, stats = load_llava_json(path, root, skip_bad=True)
+    assert len(records) == 1 and stats["skipped_bad"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ViCrit-Train JSON list
+
+
+def vicrit_train(image="grey.png", original="a small red circle at the top .",
+                 changed="a small blue circle at the top .", **extra):
+    return {"image": image, "problem": "<image>\nDescribe the image.", "original_caption": original,
+            "changed_caption": changed, "solution_original": "red", "solution_target": "blue", **extra}
+
+
+def test_vicrit_train_list_gives_pairs_with_their_solutions(root, tmp_path):
+    second = vicrit_train(image="coco/red.jpg", original="A red car.", changed="A green car.")
+    second["image_path"] = second.pop("image")  # the Hugging Face copy names the field image_path
+    data = [vicrit_train(), second]
+    records, stats = load_vicrit_train(write_json(tmp_path / "vicrit_train.json", data), root)
+    assert stats == {"skipped_missing": 0, "skipped_bad": 0}
+    assert records[0] == {"id": "0", "image_path": str((root / "grey.png").resolve()),
+                          "prompt": "Describe the image.", "caption": "a small red circle at the top .",
+                          "wrong": "a small blue circle at the top .", "solutions": ["red", "blue"]}
+    assert records[1]["image_path"] == str((root / "coco" / "red.jpg").resolve())
+    assert records[1]["wrong"] == "A green car."
+
+
+def test_vicrit_train_path_fallback_and_errors(root, tmp_path):
+    """A path with folders that do not exist under the root falls back to its file name there (ReDiff keeps the
+    ViCrit images in one folder)."""
+    data = [vicrit_train(image="some/other/folder/grey.png"), vicrit_train(image="gone.png")]
+    path = write_json(tmp_path / "vicrit_train.json", data)
+    with pytest.raises(DataError, match=r"vicrit_train.json: record 1: image file .*gone.png not found"):
+        load_vicrit_train(path, root)
+    records, stats = load_vicrit_train(path, root, skip_missing=True)
+    assert records[0]["image_path"] == str((root / "grey.png").resolve()) and stats["skipped_missing"] == 1
+    bad = [vicrit_train(), {k: v for k, v in vicrit_train().items() if k != "solution_target"},
+           vicrit_train(changed="a small red circle at the top ."), vicrit_train(problem=3)]
+    for index, message in ((1, "field 'solution_target' is missing"), (2, "'changed_caption' equals"),
+                           (3, "field 'problem' must be a string")):
+        path = write_json(tmp_path / "bad.json", [bad[0], bad[index]])
+        with pytest.raises(DataError, match=f"bad.json: record 1: {message}"):
+            load_vicrit_train(path, root)
+        assert load_vicrit_train(path, root, skip_bad=True)[1]["skipped_bad"] == 1
+    with pytest.raises(DataError, match="top level must be a JSON list of ViCrit-Train records"):
+        load_vicrit_train(write_json(tmp_path / "dict.json", {"data": []}), root)
+    # a ViCrit-Train file given where conversations are expected names the right reader
+    with pytest.raises(DataError, match="record 0: a ViCrit-Train record .*--vicrit-train-json"):
+        load_llava_json(write_json(tmp_path / "vicrit_train.json", [vicrit_train()]), root)
 
 
 # ----------------------------------------------------------------------------------------------------------------
