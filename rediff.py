@@ -208,12 +208,75 @@ def confident_or_best(confidence, candidates, threshold: float):
     return commit | (best & candidates.any(dim=1, keepdim=True))
 
 
+def first_eot(x, prompt_len: int, eot_id: int):
+    """(B,) the position in x (B, L) of each row's first eot_id in its answer (the prompt is never
+    searched), or L where the answer holds none."""
+    found = x[:, prompt_len:] == eot_id                                       # (B, G)
+    first = prompt_len + found.int().argmax(dim=1)    # argmax: the first of equal maxima
+    return torch.where(found.any(dim=1), first, x.shape[1])
+
+
+def commit_most_confident(confidence, candidates, counts):
+    """Each row commits its `counts` (B,) most confident candidates, or all of them when it has
+    fewer (the official top-k would then also take positions that cannot be committed, the prompt
+    included). confidence (B, Lb) is -inf off the candidates (B, Lb)."""
+    commit = torch.zeros_like(candidates)
+    for row in range(candidates.shape[0]):  # k differs per row
+        k = min(int(counts[row]), int(candidates[row].sum()))
+        if k > 0:
+            commit[row, confidence[row].topk(k).indices] = True
+    return commit
+
+
+class StopRule:
+    """The end-of-turn rule of the official LLaDA-V sampler (generate's eot_id), each row on its
+    own. With eot_id=None every method leaves the plain loop as it is.
+
+    After every step, the first eot_id of a row's answer becomes its stop position when it has none
+    or this one is earlier (never later, even when a revision replaces that eot_id). Only masked
+    positions before the stop can be committed. A row's loop over a block ends once its block holds
+    no mask, or once it has a stop and no mask remains in its answer before it; a block that starts
+    at or after the stop is skipped. The returned answer holds eot_id from the stop position on."""
+
+    def __init__(self, eot_id: int | None, x, prompt_len: int):
+        self.eot_id, self.prompt_len, self.length = eot_id, prompt_len, x.shape[1]
+        self.stop = torch.full((x.shape[0],), self.length, device=x.device)  # (B,) L: no stop yet
+
+    def before_stop(self):
+        """(B, L) True at the positions before each row's stop position (everywhere without one)."""
+        return torch.arange(self.length, device=self.stop.device)[None, :] < self.stop[:, None]
+
+    def still_running(self, running, x, start: int, end: int, mask_id: int):
+        """running (B,) at the start of a step of the block start..end-1 -> the rows that go on."""
+        if self.eot_id is None:
+            return running
+        is_masked = x == mask_id                                                 # (B, L)
+        block_has_mask = is_masked[:, start:end].any(dim=1)                      # (B,)
+        # a mask before the stop (for a row without one: anywhere in the answer, e.g. in the block)
+        answer_before_stop = self.before_stop()[:, self.prompt_len:]             # (B, G)
+        mask_before_stop = (is_masked[:, self.prompt_len:] & answer_before_stop).any(dim=1)
+        return running & block_has_mask & mask_before_stop & (start < self.stop)
+
+    def after_step(self, x):
+        """The stop positions after a step: the first eot_id of each answer, if it is earlier."""
+        if self.eot_id is not None:
+            self.stop = torch.minimum(self.stop, first_eot(x, self.prompt_len, self.eot_id))
+
+    def answer(self, x):
+        """x (B, L) -> the returned answer (B, G): eot_id from each row's stop position on."""
+        answer = x[:, self.prompt_len:]
+        if self.eot_id is None:
+            return answer
+        return torch.where(self.before_stop()[:, self.prompt_len:], answer, self.eot_id)
+
+
 @torch.no_grad()
 def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int | None = None,
              temperature: float = 0.0, refine: bool = False, mask_id: int = 126336,
              remasking: str = "low_confidence", cfg_scale: float = 0.0, stop_id: int | None = None,
              banned_ids=None, draft=None, return_trace: bool = False, generator=None,
-             threshold: float | None = None, on_block=None, final_passes: int = 0):
+             threshold: float | None = None, on_block=None, final_passes: int = 0,
+             eot_id: int | None = None):
     """The reverse process: start from an all-[MASK] answer and commit the most confident tokens, block by block.
 
     logits_fn: any callable (B, L) ids -> (B, L, V) logits, or the logits of only the last L' positions (B, L', V)
@@ -231,6 +294,11 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
     - stop_id: once every row's finished blocks hold stop_id, the remaining blocks are filled with it and skipped;
       everything after a row's first stop_id is set to stop_id. banned_ids get logit -inf everywhere, and so does
       mask_id always (a trained model never predicts it; this guarantees that no mask survives).
+    - eot_id (the official LLaDA-V sampler; StopRule): each row stops at the first eot_id of its
+      answer: nothing is committed at or after it, a row leaves a block once it has no mask before its
+      stop (or none in the block), later blocks are skipped, and the answer holds eot_id from there on.
+      Refining revises every visible position of the block, after the stop too, while the row runs.
+      Not with stop_id or final_passes.
     - draft (B, G) (Figure 6): an initial answer whose non-mask tokens start visible instead of masked.
     - threshold P (Fast-dLLM's confidence-aware parallel decoding): instead of the fixed schedule, each step commits
       every masked position of the block whose confidence >= P, and at least the most confident one; a block takes
@@ -240,11 +308,13 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
     - final_passes N (not in the paper; refine=True only): N more forward passes after the last step, each
       overwriting every position of the last block with its argmax and committing nothing, so the tokens of the
       last step are re-predicted too (otherwise nothing comes after them). Recorded in the trace with step >= steps.
-    Off by default (stop_id, banned_ids, draft), the frozen sampler matches LLaDA token for token at T = 0.
+    Off by default (stop_id, eot_id, banned_ids, draft), the frozen sampler matches LLaDA token for token at T = 0.
     """
     B, P = prompt.shape
     if final_passes and not refine:
         raise ValueError("final_passes re-predict visible tokens: they need refine=True")
+    if eot_id is not None and (stop_id is not None or final_passes):
+        raise ValueError("eot_id is a stop rule of its own: it takes neither stop_id nor final_passes")
     block_length = block_length or gen_length
     if gen_length % block_length:
         raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
@@ -260,6 +330,7 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
     is_prompt = torch.zeros_like(x, dtype=torch.bool)
     is_prompt[:, :P] = True
     trace = []
+    stops = StopRule(eot_id, x, P)
 
     never = torch.tensor(list(banned_ids or []) + [mask_id], device=prompt.device)  # the mask is never a prediction
 
@@ -281,11 +352,22 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
     for block in range(num_blocks):
         start, end = P + block * block_length, P + (block + 1) * block_length
         schedule = transfer_schedule((x[:, start:end] == mask_id).sum(dim=1), steps_per_block)  # (B, steps)
+        running = torch.ones(B, dtype=torch.bool, device=x.device)                       # (B,)
+        running = stops.still_running(running, x, start, end, mask_id)
+        if not running.any():
+            continue  # every row stopped before this block
         if on_block is not None:
             on_block(start)
         i = 0  # the schedule takes steps_per_block steps; with a threshold, steps go on until no mask is left
-        while i < steps_per_block if threshold is None else bool((x[:, start:end] == mask_id).any()):
+        while True:
+            running = stops.still_running(running, x, start, end, mask_id)               # (B,)
             is_masked = x == mask_id                                                      # (B, L)
+            block_masked = is_masked[:, start:end]                                        # (B, Lb)
+            candidates = block_masked & stops.before_stop()[:, start:end] & running[:, None]
+            if threshold is None and (i == steps_per_block or not running.any()):
+                break  # the schedule's steps are done, or every row has left the block
+            if threshold is not None and not candidates.any():
+                break  # no mask left that a running row may commit
             logits = block_logits(x, start, end)                                          # (B, Lb, V)
             x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)          # (B, Lb)
             if remasking == "low_confidence":
@@ -294,21 +376,17 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
                 confidence = torch.rand(x0.shape, generator=generator, device=x0.device)
             else:
                 raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
-            block_masked = is_masked[:, start:end]                                        # (B, Lb)
-            confidence = torch.where(block_masked, confidence, -torch.inf)  # only masked positions can be committed
+            confidence = torch.where(candidates, confidence, -torch.inf)  # only these can be committed
             if threshold is not None:
-                commit = confident_or_best(confidence, block_masked, threshold)           # (B, Lb)
+                commit = confident_or_best(confidence, candidates, threshold)             # (B, Lb)
             else:
-                commit = torch.zeros_like(block_masked)
-                for row in range(B):  # k differs per row
-                    k = int(schedule[row, i])
-                    if k > 0:
-                        commit[row, confidence[row].topk(k).indices] = True
+                commit = commit_most_confident(confidence, candidates, schedule[:, i])    # (B, Lb)
             before = x[:, start:end].clone() if return_trace else None
             if refine:  # Section 3.4: re-predict every token that was visible before this step
-                revisable = ~block_masked
+                revisable = ~block_masked & running[:, None]
                 x[:, start:end] = torch.where(revisable, x0, x[:, start:end])
             x[:, start:end] = torch.where(commit, x0, x[:, start:end])
+            stops.after_step(x)
             if return_trace:
                 record(i, commit, ~block_masked & (x[:, start:end] != before))
             i += 1
@@ -323,7 +401,7 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
         if return_trace:
             record(i + extra, torch.zeros_like(before, dtype=torch.bool), x[:, start:end] != before)
 
-    answer = x[:, P:]
+    answer = stops.answer(x)
     if stop_id is not None:  # output stops at the first stop token
         after_stop = (answer == stop_id).long().cumsum(dim=1) > 0
         answer = torch.where(after_stop, torch.full_like(answer, stop_id), answer)
