@@ -81,10 +81,48 @@ def test_typed_losses_hand_example_with_empty_type():
     total, parts = rediff.typed_losses(logits, labels, types, p)
     ce_mask_0, ce_mask_1 = math.log(4) / 0.5, -math.log(5 / 8) / 0.25
     assert parts["mask"].item() == pytest.approx((ce_mask_0 + ce_mask_1) / 2, rel=1e-6)
-    assert parts["syntax"].item() == pytest.approx(math.log(4) / 0.25, rel=1e-6)
+    assert parts["syntax"].item() == pytest.approx((0 + math.log(4) / 0.25) / 2, rel=1e-6)  # row 0 has none
     assert parts["clean"].item() == pytest.approx((math.log(4) / 0.5 + math.log(4) / 0.25) / 2, rel=1e-6)
     assert parts["hallucination"].item() == 0.0                     # empty type contributes 0
     assert total.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
+
+
+def test_typed_losses_are_per_row_means_not_pooled_counts():
+    """Eq. 2-3 put 1/N_type inside the expectation over samples: each row's own count, then the mean of rows.
+    Row 0 has two syntax tokens, row 1 one; pooling the three would give (a + b + c) / 3 instead."""
+    logits = torch.zeros(2, 3, 4)                                  # uniform: CE log 4 unless set
+    logits[0, 0, 1] = math.log(3.0)                                # p(1) = 3/6 at (0, 0)
+    logits[1, 2, 2] = math.log(9.0)                                # p(2) = 9/12 at (1, 2)
+    labels = torch.tensor([[1, 0, 3], [0, 0, 2]])
+    types = torch.full((2, 3), rediff.SYNTAX)
+    types[0, 2] = types[1, 0] = types[1, 1] = rediff.IGNORE        # row 0: positions 0, 1; row 1: position 2
+    p = torch.tensor([0.5, 0.25])
+    a, b, c = -math.log(3 / 6) / 0.5, math.log(4) / 0.5, -math.log(9 / 12) / 0.25
+    total, parts = rediff.typed_losses(logits, labels, types, p)
+    assert parts["syntax"].item() == pytest.approx(((a + b) / 2 + c) / 2, rel=1e-6)
+    assert abs(parts["syntax"].item() - (a + b + c) / 3) > 0.1, "the pooled answer differs on this batch"
+    assert total.item() == pytest.approx(parts["syntax"].item(), rel=1e-6)
+
+
+def test_hallucination_rows_have_loss_only_on_the_altered_span():
+    ids = torch.tensor([[9, 1, 2, 3, 4], [9, 1, 2, 3, 4]])          # position 0 is the prompt
+    answer = torch.tensor([[False, True, True, True, True]] * 2)
+    wrong = ids.clone()
+    wrong[0, 2:4] = torch.tensor([5, 3])                           # row 0: span 2..3, only position 2 altered
+    span = torch.zeros_like(answer)
+    span[0, 2:4] = True
+    g = torch.Generator().manual_seed(0)
+    inputs, labels, types, p = rediff.corrupt_for_revision(ids, answer, MASK, [1, 2, 3, 4], replace_prob=0.5,
+                                                           generator=g)
+    h_inputs, h_types, h_p = rediff.hallucination_rows(ids, answer, wrong, span, inputs, types, p)
+    assert h_inputs[0].tolist() == [9, 1, 5, 3, 4], "the whole altered caption is visible: no mask, no replacement"
+    assert h_types[0].tolist() == [rediff.IGNORE, rediff.IGNORE, rediff.HALLUCINATION, rediff.IGNORE, rediff.IGNORE]
+    assert h_p[0].item() == 1.0, "no 1/t: nothing is masked"
+    assert torch.equal(h_inputs[1], inputs[1]) and torch.equal(h_types[1], types[1]) and h_p[1] == p[1]
+    logits = torch.randn(2, 5, 10, requires_grad=True)
+    total, parts = rediff.typed_losses(logits, labels, h_types, h_p)
+    (grad,) = torch.autograd.grad(parts["hallucination"], logits)
+    assert grad[0, 2].abs().sum() > 0 and grad[0, [0, 1, 3, 4]].abs().sum() == 0 and grad[1].abs().sum() == 0
 
 
 def test_corruption_statistics_and_labels():
@@ -149,6 +187,19 @@ def test_refinement_loss_eq4():
     expected = (-math.log(2 / 5) + math.log(4.0)) / 2
     assert rediff.refinement_loss(logits, refined, mistakes).item() == pytest.approx(expected, rel=1e-6)
     assert rediff.refinement_loss(logits, refined, torch.zeros_like(mistakes)).item() == 0.0
+
+
+def test_refinement_loss_is_a_mean_over_drafts_each_its_own_mean():
+    """Eq. 4 puts 1/N_mistake inside the expectation over drafts: a draft with three corrected tokens weighs as
+    much as one with a single corrected token; a draft without corrections is left out of the mean."""
+    logits = torch.zeros(3, 4, 5)                                   # uniform: CE log 5 unless set
+    logits[1, 0, 2] = math.log(6.0)                                 # p(2) = 6/10 at (1, 0)
+    refined = torch.tensor([[0, 1, 2, 3], [2, 0, 0, 0], [1, 1, 1, 1]])
+    mistakes = torch.tensor([[True, True, True, False], [True, False, False, False], [False] * 4])
+    a, b = math.log(5), -math.log(6 / 10)
+    loss = rediff.refinement_loss(logits, refined, mistakes).item()
+    assert loss == pytest.approx((a + b) / 2, rel=1e-6)
+    assert abs(loss - (3 * a + b) / 4) > 0.1, "the pooled count gives another answer on this batch"
 
 
 # ---------------------------------------------------------------------------------------------------- samplers

@@ -139,6 +139,15 @@ def test_pairs_grow_until_org_is_unique():
     fixed = "x b a c a b".split()   # "a" alone is repeated, "a b" too, "a b a" is unique
     assert pairs_from_rewrite(words, fixed) == [{"org": "a b a", "target": "x b a"}]
 
+
+def test_pair_spans_are_the_smallest_unique_windows():
+    words = "k b z b z k".split()
+    fixed = "k y z b z k".split()   # "b" and "b z" repeat; "k b" (to the left) is the smallest unique window
+    assert pairs_from_rewrite(words, fixed) == [{"org": "k b", "target": "k y"}]
+    words = "a red circle . a red square .".split()
+    fixed = "a blue circle . a red square .".split()  # "red" repeats: one neighbour is enough
+    assert pairs_from_rewrite(words, fixed) == [{"org": "red circle", "target": "blue circle"}]
+
 # ---------------------------------------------------------------------------------------------------- align expert
 
 
