@@ -45,7 +45,7 @@ import train_stage2
 from cli import option, parse_config, show_config
 from data.loaders import open_image
 from experts import make_expert, merge_rank_caches, occurrences, rank_cache_path
-from llada_v import CAPTION_QUESTION, EOT_ID, MASK_ID, load_llada_v, prompt_ids
+from llada_v import CAPTION_QUESTION, generate_answer, load_llada_v, prompt_ids
 
 DRAFT_STREAM = 2      # ft.take streams: 0 and 1 are the Stage I captions and ViCrit pairs (the mix), 2 the drafts,
 PICK_STREAM = 1000    # and PICK_STREAM + round the order in which a round's corrected drafts are trained on
@@ -100,7 +100,6 @@ def make_drafts(model, tokenizer, data: ft.CaptionData, records: list, cfg: Stag
         groups.setdefault((speeds[k], len(prompts[k])), []).append(k)
     chunks = [rows[i:i + cfg.draft_batch] for _, rows in sorted(groups.items())
               for i in range(0, len(rows), cfg.draft_batch)]
-    banned = [i for i in tokenizer.special_ids if i not in tokenizer.stop_ids]  # headers, BOS, reserved, the mask
     dtype = distributed.resolve_dtype(cfg.param_dtype, ctx.device)
     cast = torch.autocast(ctx.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     model.eval()
@@ -112,9 +111,8 @@ def make_drafts(model, tokenizer, data: ft.CaptionData, records: list, cfg: Stag
         prompt = torch.tensor([prompts[k] for k in chunk], device=ctx.device)                  # (b, P)
         with cast:
             embeds = model.embed_views(views, sizes)                                            # (b, N, D)
-            out = rediff.generate(lambda x: model(x, embeds, logits_from=prompt.shape[1]), prompt, cfg.gen_length,
-                                  math.ceil(cfg.gen_length / speeds[chunk[0]]), refine=True, mask_id=MASK_ID,
-                                  stop_id=EOT_ID, banned_ids=banned)                            # (b, G)
+            out, _ = generate_answer(model, embeds, prompt, cfg.gen_length,  # the official sampler's rules
+                                     math.ceil(cfg.gen_length / speeds[chunk[0]]), refine=True)  # (b, G)
         ids.update({k: row.tolist() for k, row in zip(chunk, out.cpu())})
     if ctx.world > 1:  # JSON keys come back as strings
         ids = {int(k): row for share in ctx.gather(ids) for k, row in share.items()}

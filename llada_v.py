@@ -32,7 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import rediff
+from data.loaders import open_image
 from model import LLaDA, LMConfig, pick_device
+from sample import ModelLogits, steps_for
 
 # ----------------------------------------------------------------------------------------------------------------
 # Special ids of the LLaDA tokenizer (reference_facts.md); the tokenizer wrapper checks them against tokenizer.json.
@@ -45,6 +48,8 @@ END_HEADER_ID = 126347    # <|end_header_id|>
 EOT_ID = 126348           # <|eot_id|>: end of turn, where a caption stops
 SPECIAL_TOKENS = {"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID, "<|mdm_mask|>": MASK_ID,
                   "<|start_header_id|>": START_HEADER_ID, "<|end_header_id|>": END_HEADER_ID, "<|eot_id|>": EOT_ID}
+# The official LLaDA-V sampler gives these logit -inf (besides the mask), and stops each answer at EOT_ID.
+SAMPLER_BANNED_IDS = (EOS_ID, BOS_ID, START_HEADER_ID, END_HEADER_ID)
 IMAGE_TOKEN_INDEX = -200  # LLaVA's image placeholder in prompt ids: never a vocabulary id, so never sampled
 
 # The LLaDA-V chat template ("llava_llada" conversation, LLaMA-3 layout) and the captioning question of the paper.
@@ -137,14 +142,19 @@ _VISION_FIELDS = {"hidden_size": "width", "intermediate_size": "mlp_hidden", "nu
                   "layer_norm_eps": "norm_eps"}
 
 
-def config_from_hf(d: dict) -> LLaDAVConfig:
-    """A config.json dict -> LLaDAVConfig. LLaDA-V uses LLaMA field names (hidden_size, num_hidden_layers, ...); the
-    original LLaDA checkpoints use OLMo names (d_model, n_layers, mlp_hidden_size, embedding_size, ...)."""
+def config_from_hf(d: dict, path: str = "config.json") -> LLaDAVConfig:
+    """A config.json dict (read from `path`, named in errors) -> LLaDAVConfig. LLaDA-V uses LLaMA field names
+    (hidden_size, num_hidden_layers, ...); the original LLaDA checkpoints use OLMo names (d_model, n_layers,
+    mlp_hidden_size, embedding_size, ...). rope_theta has no default: a wrong RoPE base gives plausible-looking
+    but wrong logits, so a config without it is refused."""
+    if d.get("rope_theta") is None:
+        raise CheckpointMismatch(f"{path}: no \"rope_theta\" field (the RoPE base; LLaDA-V and LLaDA-8B use "
+                                 f"500000.0): add the value of the model's original config.json")
     if "d_model" in d:  # original LLaDA
         unsupported = {k: d[k] for k in ("weight_tying", "include_bias") if d.get(k)}
         lm = LMConfig(vocab_size=d.get("embedding_size") or d["vocab_size"], d_model=d["d_model"],
                       n_layers=d["n_layers"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
-                      mlp_hidden=d["mlp_hidden_size"], rope_theta=d.get("rope_theta", 10000.0),
+                      mlp_hidden=d["mlp_hidden_size"], rope_theta=float(d["rope_theta"]),
                       norm_eps=d.get("rms_norm_eps", 1e-5))
     else:               # LLaDA-V / ReDiff
         flags = ("tie_word_embeddings", "attention_bias", "mlp_bias", "rope_scaling")
@@ -152,7 +162,7 @@ def config_from_hf(d: dict) -> LLaDAVConfig:
         lm = LMConfig(vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
                       n_heads=d["num_attention_heads"],
                       n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-                      mlp_hidden=d["intermediate_size"], rope_theta=d.get("rope_theta", 10000.0),
+                      mlp_hidden=d["intermediate_size"], rope_theta=float(d["rope_theta"]),
                       norm_eps=d.get("rms_norm_eps", 1e-5))
     if unsupported:
         raise ValueError(f"config.json: {unsupported} not supported by model.py's LLaDA (untied, no bias, plain RoPE)")
@@ -387,14 +397,17 @@ class LLaDAV(nn.Module):
         """PIL image -> its token embeddings (1, N, D), computed once per caption."""
         return self.embed_views(self.image_views(image), [image.size])
 
-    def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None, views: torch.Tensor | None = None,
-                image_sizes: list | None = None, logits_from: int = 0) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None, past_kv: list | None = None,
+                keep_kv: int = 0, logits_from: int = 0, views: torch.Tensor | None = None,
+                image_sizes: list | None = None) -> torch.Tensor:
         """ids (B, L), image placeholders = IMAGE_TOKEN_INDEX -> logits (B, L - logits_from, V); the k-th placeholder of
         a row gets the k-th image token of that row (or of the one image_embeds row, for every row).
 
+        past_kv, keep_kv, logits_from: the sampler's prefix cache and partial logits (LLaDA.forward), the same call
+        as model.VLM's, so sample.ModelLogits drives both; logits_from = the answer's start skips the LM head (and
+        the last layer's queries) on the ~3,800 image and prompt positions, exactly.
         views + image_sizes (embed_views' arguments, one image per row) instead of image_embeds: encoded here, so that
-        a training step is one call of the module (DDP and FSDP act around forward calls; distributed.py).
-        logits_from: only positions from here on get logits (LLaDA.forward)."""
+        a training step is one call of the module (DDP and FSDP act around forward calls; distributed.py)."""
         if views is not None:
             image_embeds = self.embed_views(views, image_sizes)               # (B, N, D)
         x = self.lm.embed_tokens(ids.clamp(min=0))                             # (B, L, D); placeholders replaced below
@@ -403,7 +416,7 @@ class LLaDAV(nn.Module):
             slot = (is_image.cumsum(dim=1) - 1).clamp(0, image_embeds.shape[1] - 1)
             spliced = image_embeds.expand(ids.shape[0], -1, -1).gather(1, slot[..., None].expand(-1, -1, x.shape[-1]))
             x = torch.where(is_image[..., None], spliced.to(x.dtype), x)
-        return self.lm(x, logits_from=logits_from)
+        return self.lm(x, past_kv, keep_kv, logits_from)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,7 +486,8 @@ def ignored_key(key: str, cfg: LLaDAVConfig) -> bool:
 
 
 class CheckpointMismatch(ValueError):
-    """The checkpoint's keys or shapes do not fit the model its config.json describes."""
+    """The checkpoint folder does not describe a model this loader builds: a config.json field is missing, or the
+    checkpoint's keys or shapes do not fit the model its config.json describes."""
 
 
 def _shard_files(model_dir: str) -> list[str]:
@@ -511,8 +525,9 @@ def load_llada_v(model_dir: str, device="cpu", dtype: torch.dtype | None = None)
     from safetensors import safe_open
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = config_from_hf(json.load(f))
+    config_path = os.path.join(model_dir, "config.json")
+    with open(config_path) as f:
+        cfg = config_from_hf(json.load(f), config_path)
     tokenizer = LLaDATokenizer(os.path.join(model_dir, "tokenizer.json"))
     with torch.device("meta"):
         model = LLaDAV(cfg)                                                    # shapes only, no memory
@@ -567,16 +582,35 @@ def load_llada_v(model_dir: str, device="cpu", dtype: torch.dtype | None = None)
 
 
 @torch.no_grad()
+def generate_answer(model: LLaDAV, image_embeds: torch.Tensor, prompt: torch.Tensor, gen_length: int, steps: int,
+                    refine: bool = True, block_length: int | None = None, temperature: float = 0.0,
+                    generator=None, return_trace: bool = False, prefix_cache: bool = False,
+                    cache_refresh: int = 0, threshold: float | None = None):
+    """rediff.generate with the official LLaDA-V sampler's rules: SAMPLER_BANNED_IDS (and the mask) at logit -inf,
+    each row stopped at its first <|eot_id|> (rediff.StopRule). prompt (B, P) with the image placeholders,
+    image_embeds (B or 1, N, D). The model computes logits from the current block's start only
+    (sample.ModelLogits), so never for the image and prompt; prefix_cache / cache_refresh / threshold: see
+    sample.ModelLogits and rediff.generate. Returns (rediff.generate's output, forward passes)."""
+    logits_fn = ModelLogits(model, image_embeds, prompt.shape[1], prefix_cache, cache_refresh)
+    out = rediff.generate(logits_fn, prompt, gen_length, steps, block_length=block_length,
+                          temperature=temperature, refine=refine, mask_id=MASK_ID, eot_id=EOT_ID,
+                          banned_ids=SAMPLER_BANNED_IDS, return_trace=return_trace, generator=generator,
+                          threshold=threshold, on_block=logits_fn.begin_block)
+    return out, logits_fn.forward_passes
+
+
+@torch.no_grad()
 def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: bool = True, gen_length: int = 128,
             question: str = CAPTION_QUESTION, temperature: float = 0.0, device="auto", dtype=None, seed: int = 0,
-            return_trace: bool = False, loaded: tuple | None = None) -> dict:
+            return_trace: bool = False, loaded: tuple | None = None, block_length: int | None = None,
+            prefix_cache: bool = False, cache_refresh: int = 0, threshold: float | None = None) -> dict:
     """Caption one image file with a LLaDA-V / ReDiff checkpoint folder, as the paper evaluates: one block of
-    gen_length tokens, steps = ceil(gen_length / tokens_per_step), greedy, refining (ReDiff) or frozen (LLaDA-V).
+    gen_length tokens, steps = ceil(gen_length / tokens_per_step), greedy, refining (ReDiff) or frozen (LLaDA-V),
+    with the official sampler's banned ids and end-of-turn stop (generate_answer).
 
     loaded: a (model, tokenizer) pair from load_llada_v to caption many images without reloading.
+    block_length, prefix_cache, cache_refresh, threshold: options of sample.py (off: the paper's setting).
     Returns {"text", "ids" (G,), "image_tokens", "prompt_tokens", "forward_passes", "seconds", "trace"}."""
-    import rediff
-    from data.loaders import open_image
     if not image_path:
         raise ValueError("captioning with a checkpoint folder needs an image file (--image photo.jpg)")
     device = pick_device(device) if isinstance(device, str) else device
@@ -587,22 +621,16 @@ def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: b
     start = time.perf_counter()
     image_embeds = model.encode_image(open_image(image_path))                  # (1, N, D)
     prompt = torch.tensor([prompt_ids(tokenizer, image_embeds.shape[1], question)], device=device)  # (1, P)
-    calls = {"forward_passes": 0}
-
-    def logits_fn(ids):
-        calls["forward_passes"] += 1
-        return model(ids, image_embeds)
-
-    banned = [i for i in tokenizer.special_ids if i not in tokenizer.stop_ids]  # headers, BOS, reserved ids, the mask
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = rediff.generate(logits_fn, prompt, gen_length, math.ceil(gen_length / tokens_per_step),
-                          temperature=temperature, refine=refine, mask_id=tokenizer.mask_id, stop_id=EOT_ID,
-                          banned_ids=banned, return_trace=return_trace, generator=generator)
+    steps = steps_for(gen_length, tokens_per_step, gen_length // (block_length or gen_length))
+    out, forward_passes = generate_answer(model, image_embeds, prompt, gen_length, steps, refine, block_length,
+                                          temperature, generator, return_trace, prefix_cache, cache_refresh,
+                                          threshold)
     ids, trace = out if return_trace else (out, None)
     answer = ids[0].tolist()
     cut = min([answer.index(s) for s in tokenizer.stop_ids if s in answer] + [len(answer)])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {"text": tokenizer.decode(answer[:cut]).strip(), "ids": ids[0], "image_tokens": image_embeds.shape[1],
-            "prompt_tokens": prompt.shape[1], "forward_passes": calls["forward_passes"],
+            "prompt_tokens": prompt.shape[1], "forward_passes": forward_passes,
             "seconds": time.perf_counter() - start, "trace": trace}
