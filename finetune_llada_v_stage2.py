@@ -111,8 +111,8 @@ def make_drafts(model, tokenizer, data: ft.CaptionData, records: list, cfg: Stag
         prompt = torch.tensor([prompts[k] for k in chunk], device=ctx.device)                  # (b, P)
         with cast:
             embeds = model.embed_views(views, sizes)                                            # (b, N, D)
-            out, _ = generate_answer(model, embeds, prompt, cfg.gen_length,  # the official sampler's rules
-                                     math.ceil(cfg.gen_length / speeds[chunk[0]]), refine=True)  # (b, G)
+            steps = math.ceil(cfg.gen_length / speeds[chunk[0]])
+            out, _ = generate_answer(model, embeds, prompt, cfg.gen_length, steps)  # (b, G) official rules
         ids.update({k: row.tolist() for k, row in zip(chunk, out.cpu())})
     if ctx.world > 1:  # JSON keys come back as strings
         ids = {int(k): row for share in ctx.gather(ids) for k, row in share.items()}

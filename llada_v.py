@@ -48,7 +48,7 @@ END_HEADER_ID = 126347    # <|end_header_id|>
 EOT_ID = 126348           # <|eot_id|>: end of turn, where a caption stops
 SPECIAL_TOKENS = {"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID, "<|mdm_mask|>": MASK_ID,
                   "<|start_header_id|>": START_HEADER_ID, "<|end_header_id|>": END_HEADER_ID, "<|eot_id|>": EOT_ID}
-# The official LLaDA-V sampler gives these logit -inf (besides the mask), and stops each answer at EOT_ID.
+# The official LLaDA-V sampler bans these (logit -inf, as the mask) and stops an answer at EOT_ID.
 SAMPLER_BANNED_IDS = (EOS_ID, BOS_ID, START_HEADER_ID, END_HEADER_ID)
 IMAGE_TOKEN_INDEX = -200  # LLaVA's image placeholder in prompt ids: never a vocabulary id, so never sampled
 
@@ -143,13 +143,13 @@ _VISION_FIELDS = {"hidden_size": "width", "intermediate_size": "mlp_hidden", "nu
 
 
 def config_from_hf(d: dict, path: str = "config.json") -> LLaDAVConfig:
-    """A config.json dict (read from `path`, named in errors) -> LLaDAVConfig. LLaDA-V uses LLaMA field names
-    (hidden_size, num_hidden_layers, ...); the original LLaDA checkpoints use OLMo names (d_model, n_layers,
-    mlp_hidden_size, embedding_size, ...). rope_theta has no default: a wrong RoPE base gives plausible-looking
-    but wrong logits, so a config without it is refused."""
+    """A config.json dict (read from `path`, named in errors) -> LLaDAVConfig. LLaDA-V uses LLaMA
+    field names (hidden_size, num_hidden_layers, ...); the original LLaDA checkpoints use OLMo names
+    (d_model, n_layers, mlp_hidden_size, embedding_size, ...). rope_theta has no default: a wrong
+    RoPE base gives plausible-looking but wrong logits, so a config without it is refused."""
     if d.get("rope_theta") is None:
-        raise CheckpointMismatch(f"{path}: no \"rope_theta\" field (the RoPE base; LLaDA-V and LLaDA-8B use "
-                                 f"500000.0): add the value of the model's original config.json")
+        raise CheckpointMismatch(f"{path}: no \"rope_theta\" field (the RoPE base; LLaDA-V and "
+                                 f"LLaDA-8B use 500000.0): add the model's original value")
     if "d_model" in d:  # original LLaDA
         unsupported = {k: d[k] for k in ("weight_tying", "include_bias") if d.get(k)}
         lm = LMConfig(vocab_size=d.get("embedding_size") or d["vocab_size"], d_model=d["d_model"],
@@ -397,17 +397,19 @@ class LLaDAV(nn.Module):
         """PIL image -> its token embeddings (1, N, D), computed once per caption."""
         return self.embed_views(self.image_views(image), [image.size])
 
-    def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None, past_kv: list | None = None,
-                keep_kv: int = 0, logits_from: int = 0, views: torch.Tensor | None = None,
-                image_sizes: list | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+                past_kv: list | None = None, keep_kv: int = 0, logits_from: int = 0,
+                views: torch.Tensor | None = None, image_sizes: list | None = None) -> torch.Tensor:
         """ids (B, L), image placeholders = IMAGE_TOKEN_INDEX -> logits (B, L - logits_from, V); the k-th placeholder of
         a row gets the k-th image token of that row (or of the one image_embeds row, for every row).
 
-        past_kv, keep_kv, logits_from: the sampler's prefix cache and partial logits (LLaDA.forward), the same call
-        as model.VLM's, so sample.ModelLogits drives both; logits_from = the answer's start skips the LM head (and
-        the last layer's queries) on the ~3,800 image and prompt positions, exactly.
-        views + image_sizes (embed_views' arguments, one image per row) instead of image_embeds: encoded here, so that
-        a training step is one call of the module (DDP and FSDP act around forward calls; distributed.py)."""
+        past_kv, keep_kv, logits_from: the sampler's prefix cache and partial logits
+        (LLaDA.forward): the same call as model.VLM's, so sample.ModelLogits drives both;
+        logits_from = the answer's start skips the LM head (and the last layer's queries) on the
+        ~3,800 image and prompt positions, exactly.
+        views + image_sizes (embed_views' arguments, one image per row) instead of image_embeds:
+        encoded here, so that a training step is one call of the module (DDP and FSDP act around
+        forward calls; distributed.py)."""
         if views is not None:
             image_embeds = self.embed_views(views, image_sizes)               # (B, N, D)
         x = self.lm.embed_tokens(ids.clamp(min=0))                             # (B, L, D); placeholders replaced below
@@ -486,8 +488,8 @@ def ignored_key(key: str, cfg: LLaDAVConfig) -> bool:
 
 
 class CheckpointMismatch(ValueError):
-    """The checkpoint folder does not describe a model this loader builds: a config.json field is missing, or the
-    checkpoint's keys or shapes do not fit the model its config.json describes."""
+    """The checkpoint folder does not describe a model this loader builds: a config.json field is
+    missing, or the checkpoint's keys or shapes do not fit the model its config.json describes."""
 
 
 def _shard_files(model_dir: str) -> list[str]:
@@ -582,34 +584,37 @@ def load_llada_v(model_dir: str, device="cpu", dtype: torch.dtype | None = None)
 
 
 @torch.no_grad()
-def generate_answer(model: LLaDAV, image_embeds: torch.Tensor, prompt: torch.Tensor, gen_length: int, steps: int,
-                    refine: bool = True, block_length: int | None = None, temperature: float = 0.0,
-                    generator=None, return_trace: bool = False, prefix_cache: bool = False,
-                    cache_refresh: int = 0, threshold: float | None = None):
-    """rediff.generate with the official LLaDA-V sampler's rules: SAMPLER_BANNED_IDS (and the mask) at logit -inf,
-    each row stopped at its first <|eot_id|> (rediff.StopRule). prompt (B, P) with the image placeholders,
-    image_embeds (B or 1, N, D). The model computes logits from the current block's start only
-    (sample.ModelLogits), so never for the image and prompt; prefix_cache / cache_refresh / threshold: see
-    sample.ModelLogits and rediff.generate. Returns (rediff.generate's output, forward passes)."""
+def generate_answer(model: LLaDAV, image_embeds: torch.Tensor, prompt: torch.Tensor,
+                    gen_length: int, steps: int, refine: bool = True,
+                    block_length: int | None = None, temperature: float = 0.0, generator=None,
+                    return_trace: bool = False, prefix_cache: bool = False, cache_refresh: int = 0,
+                    threshold: float | None = None):
+    """rediff.generate with the official LLaDA-V sampler's rules: SAMPLER_BANNED_IDS (and the
+    mask) at logit -inf, each row stopped at its first <|eot_id|> (rediff.StopRule).
+    prompt (B, P) with the image placeholders, image_embeds (B or 1, N, D). The model computes
+    logits from the current block's start only (sample.ModelLogits), never for the image and
+    prompt. prefix_cache, cache_refresh, threshold: see sample.ModelLogits and rediff.generate.
+    Returns (rediff.generate's output, forward passes)."""
     logits_fn = ModelLogits(model, image_embeds, prompt.shape[1], prefix_cache, cache_refresh)
     out = rediff.generate(logits_fn, prompt, gen_length, steps, block_length=block_length,
                           temperature=temperature, refine=refine, mask_id=MASK_ID, eot_id=EOT_ID,
-                          banned_ids=SAMPLER_BANNED_IDS, return_trace=return_trace, generator=generator,
-                          threshold=threshold, on_block=logits_fn.begin_block)
+                          banned_ids=SAMPLER_BANNED_IDS, return_trace=return_trace,
+                          generator=generator, threshold=threshold, on_block=logits_fn.begin_block)
     return out, logits_fn.forward_passes
 
 
 @torch.no_grad()
 def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: bool = True, gen_length: int = 128,
             question: str = CAPTION_QUESTION, temperature: float = 0.0, device="auto", dtype=None, seed: int = 0,
-            return_trace: bool = False, loaded: tuple | None = None, block_length: int | None = None,
-            prefix_cache: bool = False, cache_refresh: int = 0, threshold: float | None = None) -> dict:
+            return_trace: bool = False, loaded: tuple | None = None,
+            block_length: int | None = None, prefix_cache: bool = False, cache_refresh: int = 0,
+            threshold: float | None = None) -> dict:
     """Caption one image file with a LLaDA-V / ReDiff checkpoint folder, as the paper evaluates: one block of
     gen_length tokens, steps = ceil(gen_length / tokens_per_step), greedy, refining (ReDiff) or frozen (LLaDA-V),
     with the official sampler's banned ids and end-of-turn stop (generate_answer).
 
     loaded: a (model, tokenizer) pair from load_llada_v to caption many images without reloading.
-    block_length, prefix_cache, cache_refresh, threshold: options of sample.py (off: the paper's setting).
+    block_length, prefix_cache, cache_refresh, threshold: sample.py's options (off: the paper's).
     Returns {"text", "ids" (G,), "image_tokens", "prompt_tokens", "forward_passes", "seconds", "trace"}."""
     if not image_path:
         raise ValueError("captioning with a checkpoint folder needs an image file (--image photo.jpg)")
@@ -623,9 +628,9 @@ def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: b
     prompt = torch.tensor([prompt_ids(tokenizer, image_embeds.shape[1], question)], device=device)  # (1, P)
     generator = torch.Generator(device=device).manual_seed(seed)
     steps = steps_for(gen_length, tokens_per_step, gen_length // (block_length or gen_length))
-    out, forward_passes = generate_answer(model, image_embeds, prompt, gen_length, steps, refine, block_length,
-                                          temperature, generator, return_trace, prefix_cache, cache_refresh,
-                                          threshold)
+    out, forward_passes = generate_answer(model, image_embeds, prompt, gen_length, steps, refine,
+                                          block_length, temperature, generator, return_trace,
+                                          prefix_cache, cache_refresh, threshold)
     ids, trace = out if return_trace else (out, None)
     answer = ids[0].tolist()
     cut = min([answer.index(s) for s in tokenizer.stop_ids if s in answer] + [len(answer)])

@@ -304,7 +304,7 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
       every masked position of the block whose confidence >= P, and at least the most confident one; a block takes
       as many steps as it needs until it holds no mask (`steps` is then unused, apart from its check).
     - on_block(start): called before each block's first step with the block's first position (a prefix cache
-      rebuilds there).
+      rebuilds there); not for a block that every row skips (eot_id).
     - final_passes N (not in the paper; refine=True only): N more forward passes after the last step, each
       overwriting every position of the last block with its argmax and committing nothing, so the tokens of the
       last step are re-predicted too (otherwise nothing comes after them). Recorded in the trace with step >= steps.
