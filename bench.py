@@ -21,28 +21,36 @@ from dataclasses import dataclass
 import torch
 
 import rediff
-from cli import option, parse_config
+from cli import UsageError, check_writable, option, parse_config, run_main
 from data.pipeline import prompt_ids
 from sample import banned_ids, caption_images, decode_answer, steps_for
 
 
 @dataclass
 class BenchConfig:
-    batch_sizes: list = option([1, 8, 32], "captions decoded together in the sampler rows", nargs="+", type=int)
-    tokens_per_step: list = option([1, 2, 4, 8], "tokens committed per step in the sampler rows", nargs="+", type=int)
-    gen_length: int = option(48, "answer length in tokens (the --tiny training answer length)")
-    repeats: int = option(3, "runs of each measurement, taking turns with what it is compared to; the best counts")
-    cache_batch: int = option(4, "batch size of the prefix-cache and threshold rows")
-    long_image_size: int = option(256, "image side of the long-prefix model: (side / 16)^2 image tokens (256 -> 256)")
+    batch_sizes: list = option([1, 8, 32], "captions decoded together in the sampler rows", nargs="+", type=int,
+                               at_least=1)
+    tokens_per_step: list = option([1, 2, 4, 8], "tokens committed per step in the sampler rows", nargs="+", type=int,
+                                   at_least=1)
+    gen_length: int = option(48, "answer length in tokens (the --tiny training answer length)",
+                             at_least=1)
+    repeats: int = option(3, "runs of each measurement, taking turns with what it is compared to; the best counts",
+                          at_least=1)
+    cache_batch: int = option(4, "batch size of the prefix-cache and threshold rows", at_least=1)
+    long_image_size: int = option(256, "image side of the long-prefix model: (side / 16)^2 image tokens (256 -> 256)",
+                                  at_least=16)
     cache_refresh: list = option([0, 8], "prefix-cache refresh periods R to measure (0: once per block)",
-                                 nargs="+", type=int)
-    threshold: list = option([0.9, 0.7], "confidence thresholds P of the threshold rows", nargs="+", type=float)
-    train_steps: int = option(5, "timed training steps of the --tiny preset (after one warm-up step)")
-    train_batch: int = option(32, "training batch size (the --tiny preset's)")
-    matmul_size: int = option(2048, "side of the square float32 matmul that measures the machine's ceiling")
+                                 nargs="+", type=int, at_least=0)
+    threshold: list = option([0.9, 0.7], "confidence thresholds P of the threshold rows", nargs="+", type=float,
+                             more_than=0, at_most=1)
+    train_steps: int = option(5, "timed training steps of the --tiny preset (after one warm-up step)",
+                              at_least=1)
+    train_batch: int = option(32, "training batch size (the --tiny preset's)", at_least=1)
+    matmul_size: int = option(2048, "side of the square float32 matmul that measures the machine's ceiling",
+                              at_least=1)
     ckpt: str = option("", "bench this tiny checkpoint on shapes-world test scenes (scored) instead of random weights")
-    threads: int = option(0, "torch threads (0: PyTorch's default)")
-    seed: int = option(0, "seed of the random weights and images")
+    threads: int = option(0, "torch threads (0: PyTorch's default)", at_least=0)
+    seed: int = option(0, "seed of the random weights and images", at_least=0)
     json: str = option("", "also write every row as JSON to this file")
 
 
@@ -367,6 +375,12 @@ def targets(rows: list[dict], one: int, eight: int) -> list[str]:
 
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, description=__doc__, presets=PRESETS)
+    patch = tiny_train_config().patch_size
+    if cfg.long_image_size % patch:
+        example = cfg.long_image_size // patch * patch or patch
+        raise UsageError(f"--long-image-size {cfg.long_image_size}: must be a multiple of the "
+                         f"patch size {patch}, e.g. {example}")
+    check_writable(cfg.json, "--json")
     os.environ.setdefault("TQDM_DISABLE", "1")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -403,4 +417,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

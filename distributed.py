@@ -12,8 +12,9 @@ The rules the training scripts follow (README, "Multi-GPU training"):
   mean (Eq. 1) over equal shards as it is; a loss divided by a token count (Eq. 2-4) divides the rank's sum by the
   whole batch's count / world size (Context.count). DDP and FSDP average gradients over ranks, so every step's
   gradient is the single-process one, up to the order of float summation.
-- A checkpoint path ending in .safetensors is one file (model.save_checkpoint); any other path is a DCP folder: one
-  safetensors shard per writing rank plus meta.json, readable by any number of processes.
+- A checkpoint path ending in .safetensors is one file (model.save_checkpoint); NAME.dcp is a DCP folder: one
+  safetensors shard per writing rank plus meta.json, readable by any number of processes (the training scripts
+  refuse an --out with another ending).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cli import option, parse_config
+from cli import UsageError, check_writable, option, parse_config, run_main
 
 DCP_FORMAT = "rediff-dcp-v1"
 META_FILE = "meta.json"
@@ -329,7 +330,7 @@ def load_dcp_optimizer(path: str, model: nn.Module, optimizer) -> None:
 
 @dataclass
 class ConsolidateConfig:
-    dcp: str = option("", "a DCP checkpoint folder (train_stage1.py --out NAME without .safetensors)")
+    dcp: str = option("", "a DCP checkpoint folder (train_stage1.py --out NAME.dcp)")
     out: str = option("", "the one-file checkpoint to write (weights and description, no optimizer state); "
                       "sample.py, eval.py and --init-from also read the folder itself")
 
@@ -337,13 +338,18 @@ class ConsolidateConfig:
 def main(argv=None):
     cfg = parse_config(ConsolidateConfig, argv, description=__doc__.split("\n\n")[0])
     if not cfg.dcp or not cfg.out.endswith(".safetensors"):
-        raise SystemExit("give --dcp FOLDER and --out FILE.safetensors")
+        raise UsageError("give --dcp FOLDER and --out FILE.safetensors")
+    check_writable(cfg.out, "--out")
     from model import save_checkpoint
-    model, meta = load_dcp(cfg.dcp)
+    try:
+        model, meta = load_dcp(cfg.dcp)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--dcp: {err}. Fix: give a folder written by train_stage1.py --out "
+                         f"NAME.dcp") from None
     skip = ("format", "model_config", "optimizer_param_groups", "written_by_processes")
     save_checkpoint(cfg.out, model, {k: v for k, v in meta.items() if k not in skip})
     print(f"{cfg.dcp} (stage {meta.get('stage')}, step {meta.get('step')}) -> {cfg.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import option, parse_config
+from cli import UsageError, check_writable, option, parse_config, run_main
 
 SCENE_POOL = 100_000  # --seed draws --n distinct test-split indices from this many
 NEEDS = ("tokenizer", "world", "answer_len")  # checkpoint metadata read here (model.load_for names a missing one)
@@ -20,21 +20,24 @@ NEEDS = ("tokenizer", "world", "answer_len")  # checkpoint metadata read here (m
 class EvalConfig:
     ckpt: list = option(None, "one or more checkpoints", nargs="+", type=str)
     tokens_per_step: list = option([1, 2, 4, 8], "tokens committed per step (steps = ceil(gen_length / n))",
-                                   nargs="+", type=int)
+                                   nargs="+", type=int, at_least=1)
     refine: bool = option(True, "evaluate the refining sampler; --no-refine evaluates the frozen one")
     both: bool = option(False, "evaluate both samplers (overrides --refine)")
-    n: int = option(200, "held-out test scenes")
-    seed: int = option(0, "which held-out scenes are drawn")
-    batch_size: int = option(100, "captions decoded together")
+    n: int = option(200, "held-out test scenes", at_least=1, at_most=SCENE_POOL)
+    seed: int = option(0, "which held-out scenes are drawn", at_least=0)
+    batch_size: int = option(100, "captions decoded together", at_least=1)
     json: str = option("", "write results here (also .md table and .png plot beside it)")
     device: str = option("auto", "auto, cpu, cuda or mps")
     prefix_cache: bool = option(False, "reuse the image + prompt keys/values within a block (approximate; sample.py)")
-    cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: once per block)")
-    threshold: float = option(0.0, "confidence-threshold decoding (Fast-dLLM); 0: the fixed tokens-per-step schedule")
+    cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: once per block)",
+                                at_least=0)
+    threshold: float = option(0.0, "confidence-threshold decoding (Fast-dLLM); 0: the fixed tokens-per-step schedule",
+                              at_least=0, at_most=1)
     block_length: int = option(0, "semi-autoregressive block length, dividing the answer length (0: one block, as "
-                               "in the paper)")
+                               "in the paper)", at_least=0)
     final_passes: int = option(0, "not in the paper: forward passes after the last step that re-predict every "
-                               "answer token (refining sampler only; frozen rows ignore it)")
+                               "answer token (refining sampler only; frozen rows ignore it)",
+                               at_least=0)
     probe: bool = option(False, "instead of captioning: the grounding probe (attribute or position words of true "
                          "captions masked)")
     errors: bool = option(False, "also print what the false object claims got wrong (data.score.FALSE_OBJECT_KINDS: "
@@ -172,10 +175,12 @@ def plot_png(results: list[dict], path: str) -> None:
 def main(argv=None):
     cfg = parse_config(EvalConfig, argv, description=__doc__)
     if not cfg.ckpt:
-        raise SystemExit("eval.py: give at least one checkpoint with --ckpt")
+        raise UsageError("eval.py: give at least one checkpoint with --ckpt")
+    check_writable(cfg.json, "--json")
     from data import shapes
     from data.tokenizer import tokenizer_from_dict
     from model import load_for, pick_device
+    from sample import check_block_length
     device = pick_device(cfg.device)
     indices = held_out_indices(cfg.n, cfg.seed)
     if cfg.probe:
@@ -185,6 +190,10 @@ def main(argv=None):
                                     shapes.WorldConfig(**meta["world"]), meta["answer_len"], indices)
             print(f"{ckpt}: " + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()))
         return
+    if cfg.block_length:  # every checkpoint's answer length, before any evaluation starts
+        for ckpt in cfg.ckpt:
+            _, meta = load_for(ckpt, "--ckpt", needs=NEEDS)
+            check_block_length(cfg.block_length, meta["answer_len"], f"{ckpt}'s answer")
     modes = [True, False] if cfg.both else [cfg.refine]
     results = []
     start = time.perf_counter()
@@ -198,9 +207,6 @@ def main(argv=None):
         sampler = {"prefix_cache": cfg.prefix_cache, "cache_refresh": cfg.cache_refresh,
                    "threshold": cfg.threshold or None, "block_length": cfg.block_length or None,
                    "final_passes": cfg.final_passes if refine else 0}
-        if cfg.block_length and meta["answer_len"] % cfg.block_length:
-            raise SystemExit(f"--block-length {cfg.block_length} must divide {ckpt}'s answer length "
-                             f"{meta['answer_len']}")
         scores = evaluate(model, tokenizer_from_dict(meta["tokenizer"]), shapes.WorldConfig(**meta["world"]),
                           meta["answer_len"], indices, n, refine, cfg.batch_size, **sampler)
         results.append({"ckpt": ckpt, "tokens_per_step": n, "refine": refine, **sampler, **scores})
@@ -236,4 +242,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

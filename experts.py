@@ -20,8 +20,11 @@ import json
 import os
 import random
 import re
+import socket
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -510,6 +513,35 @@ class OpenAIExpert(Expert):
                 self.counts["malformed"] += 1
             reviews.append(review)
         return reviews
+
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the openai client's own default
+CONNECT_TIMEOUT = 10.0                          # seconds for check_endpoint's one connection
+
+
+def check_endpoint(base_url: str | None, flag: str, cache_path: str | None = None) -> None:
+    """Stop before any slow or paid work when the OpenAI-compatible endpoint accepts no connection
+    (a wrong URL, a server not started): one TCP connection, no request. Skipped when a proxy
+    carries the traffic (the proxy decides), and when cache_path already holds answers (a rerun
+    may need no request at all)."""
+    shown = base_url or DEFAULT_BASE_URL
+    url = urllib.parse.urlsplit(shown)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        port = None
+    if url.scheme not in ("http", "https") or not url.hostname or port is None:
+        raise ExpertError(f"{flag} {shown!r} is not an http(s) URL with a host (and a valid "
+                          f"port); e.g. http://127.0.0.1:8000/v1")
+    if cache_path and os.path.isfile(cache_path) and os.path.getsize(cache_path) > 0:
+        return
+    if url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(url.hostname):
+        return
+    try:
+        socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT).close()
+    except OSError as err:
+        raise ExpertError(f"{flag} {shown}: cannot connect to {url.hostname}:{port} "
+                          f"({err.strerror or err}); start the server or fix {flag}") from None
 
 
 def make_expert(kind: str, model: str = "o4-mini", base_url: str | None = None, cache_path: str | None = None,

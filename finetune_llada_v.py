@@ -37,9 +37,10 @@ from tqdm import tqdm
 
 import distributed
 import rediff
-from cli import option, parse_config, show_config
+from cli import check_folder_out, option, parse_config, run_main, show_config
 from data.loaders import DataError, load_llava_json, load_vicrit_jsonl, open_image
 from llada_v import CAPTION_QUESTION, EOS_ID, EOT_ID, MASK_ID, checkpoint_names, load_llada_v, prompt_ids
+from sample import check_hf_folder
 from train_stage1 import warmup_cosine
 
 STATE_FILE = "finetune_state.json"  # in --out: step, settings and loss history (not meta.json: that marks DCP folders)
@@ -59,24 +60,30 @@ class FinetuneConfig:
     objective: str = option("revision", "revision: Stage I typed losses (Eq. 2-3); mask: plain masked diffusion "
                             "(Eq. 1, the mask-trained baseline)", choices=["revision", "mask"])
     replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced by a random ordinary "
-                                 "token (paper 0.1, official code 0.05)")
+                                 "token (paper 0.1, official code 0.05)", at_least=0, at_most=1)
     t_dependent: bool = option(False, "Stage I: replacement rate min(t, replace_prob) instead of fixed (Table 5)")
-    hallucination_frac: float = option(0.25, "Stage I with --vicrit-jsonl: share of each batch that is ViCrit pairs")
+    hallucination_frac: float = option(0.25, "Stage I with --vicrit-jsonl: share of each batch that is ViCrit pairs",
+                                       at_least=0, at_most=1)
     answer_len: int = option(128, "answer tokens per row: caption, <|eot_id|>, <|endoftext|> padding (longer "
-                             "captions are cut and counted); the paper generates 128")
+                             "captions are cut and counted); the paper generates 128", at_least=2)
     out: str = option("out/llada-v-stage1", "Hugging Face folder to write at the end (sample.py --ckpt reads it)")
     dcp: str = option("", "training-state folder (DCP) for --resume; empty: --out with .dcp added")
-    save_every: int = option(500, "steps between training-state saves to --dcp")
-    stop_at: int = option(0, "stop (with a --dcp save) after this step, as an interruption would; 0: run to --steps")
+    save_every: int = option(500, "steps between training-state saves to --dcp", at_least=1)
+    stop_at: int = option(0, "stop (with a --dcp save) after this step, as an interruption would; 0: run to --steps",
+                          at_least=0)
     resume: bool = option(False, "continue the run saved at --dcp: weights, optimizer, schedule and data position")
-    steps: int = option(0, "optimizer steps; 0: one pass over the captions of --data-json (the paper: 1 epoch)")
-    batch_size: int = option(32, "samples per step, all processes together (a multiple of their number)")
-    lr: float = option(5e-6, "peak learning rate (AdamW; the paper's 5e-6)")
-    min_lr_frac: float = option(0.0, "the cosine schedule ends at lr * min_lr_frac")
-    warmup_frac: float = option(0.03, "share of the steps spent in linear warm-up (the paper: 3 percent)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    grad_clip: float = option(1.0, "gradient-norm clip")
-    seed: int = option(0, "seed for the data order, masks and corruptions")
+    steps: int = option(0, "optimizer steps; 0: one pass over the captions of --data-json (the paper: 1 epoch)",
+                        at_least=0)
+    batch_size: int = option(32, "samples per step, all processes together (a multiple of their number)",
+                             at_least=1)
+    lr: float = option(5e-6, "peak learning rate (AdamW; the paper's 5e-6)", more_than=0)
+    min_lr_frac: float = option(0.0, "the cosine schedule ends at lr * min_lr_frac",
+                                at_least=0, at_most=1)
+    warmup_frac: float = option(0.03, "share of the steps spent in linear warm-up (the paper: 3 percent)",
+                                at_least=0, at_most=1)
+    weight_decay: float = option(0.0, "AdamW weight decay", at_least=0)
+    grad_clip: float = option(1.0, "gradient-norm clip", more_than=0)
+    seed: int = option(0, "seed for the data order, masks and corruptions", at_least=0)
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
     parallel: str = option("auto", "several processes (torchrun --nproc_per_node N): ddp (a full replica per rank) or "
                            "fsdp (FSDP2: parameters, gradients and Adam states sharded); auto: ddp under torchrun, "
@@ -88,7 +95,7 @@ class FinetuneConfig:
                                             "pass (less memory, about 1/3 more compute)")
     save_dtype: str = option("bfloat16", "dtype of the --out shards: bfloat16 (the released checkpoints' own) or "
                              "float32 (exactly the trained weights)", choices=["bfloat16", "float32"])
-    shard_gb: float = option(5.0, "largest --out shard in GB")
+    shard_gb: float = option(5.0, "largest --out shard in GB", more_than=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,6 +372,8 @@ def autocast_for(cfg, ctx):
 def main(argv=None):
     cfg = parse_config(FinetuneConfig, argv, description=__doc__.split("\n\n")[0])
     check_inputs(cfg, "finetune_llada_v.py")
+    check_hf_folder(cfg.hf_model, "--hf-model")
+    check_folder_out(cfg.out, "the Hugging Face export")
     if cfg.vicrit_jsonl and cfg.objective != "revision":
         raise SystemExit("--vicrit-jsonl feeds Stage I's hallucination term: use it with --objective revision")
     if cfg.answer_len < 2:
@@ -431,4 +440,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

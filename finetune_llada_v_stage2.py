@@ -42,10 +42,12 @@ import distributed
 import finetune_llada_v as ft
 import rediff
 import train_stage2
-from cli import option, parse_config, show_config
+from cli import (UsageError, check_folder_out, check_writable,
+                 option, parse_config, run_main, show_config)
 from data.loaders import open_image
-from experts import make_expert, merge_rank_caches, occurrences, rank_cache_path
+from experts import check_endpoint, make_expert, merge_rank_caches, occurrences, rank_cache_path
 from llada_v import CAPTION_QUESTION, generate_answer, load_llada_v, prompt_ids
+from sample import check_hf_folder
 
 DRAFT_STREAM = 2      # ft.take streams: 0 and 1 are the Stage I captions and ViCrit pairs (the mix), 2 the drafts,
 PICK_STREAM = 1000    # and PICK_STREAM + round the order in which a round's corrected drafts are trained on
@@ -58,27 +60,36 @@ class Stage2Config(ft.FinetuneConfig):
     objective: str = option("revision", "objective of the --stage1-mix rows: revision (Stage I, Eq. 2-3) or mask "
                             "(Eq. 1)", choices=["revision", "mask"])
     hallucination_frac: float = option(0.25, "--stage1-mix with --vicrit-jsonl: share of the mix rows that are "
-                                       "ViCrit pairs")
-    answer_len: int = option(128, "--stage1-mix rows: answer tokens per row (caption, <|eot_id|>, <|endoftext|>)")
+                                       "ViCrit pairs", at_least=0, at_most=1)
+    answer_len: int = option(128, "--stage1-mix rows: answer tokens per row (caption, <|eot_id|>, <|endoftext|>)",
+                             at_least=2)
     out: str = option("out/llada-v-stage2", "Hugging Face folder to write at the end (sample.py --ckpt reads it)")
-    save_every: int = option(1, "rounds between training-state saves to --dcp (the last round is always saved)")
-    stop_at: int = option(0, "stop (with a --dcp save) after this round, as an interruption would; 0: all --rounds")
+    save_every: int = option(1, "rounds between training-state saves to --dcp (the last round is always saved)",
+                             at_least=1)
+    stop_at: int = option(0, "stop (with a --dcp save) after this round, as an interruption would; 0: all --rounds",
+                          at_least=0)
     resume: bool = option(False, "continue the run saved at --dcp after its last finished round")
     steps: int = option(0, "optimizer steps per round; 0: one pass over the round's corrected drafts (the paper: one "
-                        "epoch); the cosine schedule restarts every round")
-    batch_size: int = option(32, "samples per step, all processes together: own drafts + --stage1-mix rows")
-    rounds: int = option(1, "rounds of draft -> expert -> fine-tune (the paper: one round gives most of the gain)")
-    drafts_per_round: int = option(10000, "drafts per round, each of a fresh --data-json image (the paper: about 10k)")
+                        "epoch); the cosine schedule restarts every round", at_least=0)
+    batch_size: int = option(32, "samples per step, all processes together: own drafts + --stage1-mix rows",
+                             at_least=1)
+    rounds: int = option(1, "rounds of draft -> expert -> fine-tune (the paper: one round gives most of the gain)",
+                         at_least=1)
+    drafts_per_round: int = option(10000, "drafts per round, each of a fresh --data-json image (the paper: about 10k)",
+                                   at_least=1)
     tokens_per_step: list = option([1, 4, 8], "drafting speeds; the images of a round are spread over them",
-                                   nargs="+", type=int)
-    gen_length: int = option(128, "draft length in tokens, one block (the paper generates 128)")
-    draft_batch: int = option(16, "images drafted together (those with the same speed and prompt length)")
+                                   nargs="+", type=int, at_least=1)
+    gen_length: int = option(128, "draft length in tokens, one block (the paper generates 128)",
+                             at_least=1)
+    draft_batch: int = option(16, "images drafted together (those with the same speed and prompt length)",
+                              at_least=1)
     expert: str = option("openai", "who reviews the drafts: openai (an LLM) or align (word alignment with the "
                          "reference caption: no LLM, weak)", choices=["openai", "align"])
     expert_model: str = option("o4-mini", "--expert openai: the chat model")
     expert_base_url: str = option("", "--expert openai: an OpenAI-compatible endpoint (empty: api.openai.com); the "
                                   "key is read from OPENAI_API_KEY only")
-    max_in_flight: int = option(8, "--expert openai: most requests at once (per process)")
+    max_in_flight: int = option(8, "--expert openai: most requests at once (per process)",
+                                at_least=1)
     cache: str = option("out/expert_cache_llada_v.jsonl", "--expert openai: append-only answer cache (empty: none)")
     stage1_mix: float = option(0.25, "fraction of every batch that is Stage I rows of --data-json (0 = none)")
 
@@ -273,11 +284,19 @@ def report(r: int, cfg: Stage2Config, drafts, counts: Counter, samples, losses, 
 def main(argv=None):
     cfg = parse_config(Stage2Config, argv, description=__doc__.split("\n\n")[0])
     ft.check_inputs(cfg, "finetune_llada_v_stage2.py")
+    check_hf_folder(cfg.hf_model, "--hf-model")
     if not 0 <= cfg.stage1_mix < 1:
-        raise SystemExit(f"--stage1-mix must be in [0, 1), got {cfg.stage1_mix}")
+        raise UsageError(f"--stage1-mix must be in [0, 1), got {cfg.stage1_mix}")
     if cfg.vicrit_jsonl and (cfg.objective != "revision" or not cfg.stage1_mix):
         raise SystemExit("--vicrit-jsonl feeds the hallucination term of the Stage I rows: use it with --objective "
                          "revision and --stage1-mix > 0")
+    check_folder_out(cfg.out, "the Hugging Face export")
+    if cfg.batch_size - round(cfg.batch_size * cfg.stage1_mix) < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} with --stage1-mix {cfg.stage1_mix} leaves "
+                         f"no row for the model's own drafts; raise --batch-size or lower --stage1-mix")
+    if cfg.expert == "openai":
+        check_writable(cfg.cache, "--cache")
+        check_endpoint(cfg.expert_base_url, "--expert-base-url", cfg.cache)  # before any drafting
     cfg.dcp = cfg.dcp or cfg.out.rstrip("/") + ".dcp"
     ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of a torchrun group (and its device)
     n_mix = round(cfg.batch_size * cfg.stage1_mix)
@@ -340,4 +359,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

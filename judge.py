@@ -32,9 +32,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import option, parse_config
+from cli import check_writable, option, parse_config, run_main
 from data.loaders import DataError, _decode_utf8, _first_turns
-from experts import ExpertError, Item, OpenAIExpert
+from experts import ExpertError, Item, OpenAIExpert, check_endpoint
 
 # The prompt of CLAIR (Chan et al. 2023), for one candidate caption and a set of references.
 CLAIR_PROMPT = """You are trying to tell if a candidate set of captions is describing the same image as a \
@@ -197,9 +197,10 @@ class JudgeConfig:
     model: str = option("o4-mini", "judge model name at the endpoint")
     base_url: str = option("", "OpenAI-compatible endpoint (empty: api.openai.com); key from OPENAI_API_KEY")
     cache: str = option("judge_cache.jsonl", "append-only answer cache (empty: none)")
-    max_in_flight: int = option(8, "requests at once")
-    max_retries: int = option(6, "retries of one request (429, 5xx, timeouts) before it is skipped")
-    backoff: float = option(1.0, "first retry delay in seconds (doubles each retry)")
+    max_in_flight: int = option(8, "requests at once", at_least=1)
+    max_retries: int = option(6, "retries of one request (429, 5xx, timeouts) before it is skipped",
+                              at_least=0)
+    backoff: float = option(1.0, "first retry delay in seconds (doubles each retry)", at_least=0)
     json: str = option("", "write the results here")
 
 
@@ -217,6 +218,7 @@ def run(cfg: JudgeConfig) -> dict:
             if key not in references:
                 raise DataError(f"{cfg.captions}: line {number}: id {key!r} is not the id of any record in "
                                 f"{cfg.references}; fix the id, or remove the line")
+        check_endpoint(cfg.base_url, "--base-url", cfg.cache)  # before any request
         judge = ClairJudge(cfg.model, cfg.base_url or None, cfg.cache or None, cfg.max_in_flight,
                            max_retries=cfg.max_retries, backoff=cfg.backoff)
         scored = clair(judge, captions, [references[key] for key, _, _ in rows])
@@ -245,6 +247,7 @@ def summary(result: dict) -> str:
 
 def main(argv=None) -> dict:
     cfg = parse_config(JudgeConfig, argv, description=__doc__)
+    check_writable(cfg.json, "--json")
     try:
         result = run(cfg)
     except (DataError, ExpertError) as e:
@@ -254,4 +257,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

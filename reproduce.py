@@ -23,30 +23,40 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from cli import option, parse_config, show_config
+from cli import check_folder_out, option, parse_config, run_main, show_config
+
+EVAL_SCENE_POOL = 100_000  # eval.SCENE_POOL: eval.py --n draws distinct held-out scenes from this many
 
 
 @dataclass
 class ReproConfig:
-    out: str = option("runs/repro", "folder for checkpoints, logs, evaluations and the report")
-    base_steps: int = option(3000, "steps of the shared base model (train_stage1.py --tiny --objective mask)")
-    steps: int = option(600, "optimizer steps of every Stage I / mask continuation from the base (equal budgets)")
-    batch_size: int = option(32, "samples per step of every continuation (Stage I and II alike)")
-    lr: float = option(1e-3, "peak learning rate of the Stage I / mask continuations (the base ends at 2e-4)")
-    warmup: int = option(20, "warm-up steps of the Stage I / mask continuations")
+    out: str = option("runs/repro", "folder (not a checkpoint: the training scripts' --out) for checkpoints, logs, "
+                      "evaluations and the report")
+    base_steps: int = option(3000, "steps of the shared base model (train_stage1.py --tiny --objective mask)",
+                             at_least=1)
+    steps: int = option(600, "optimizer steps of every Stage I / mask continuation from the base (equal budgets)",
+                        at_least=1)
+    batch_size: int = option(32, "samples per step of every continuation (Stage I and II alike)",
+                             at_least=1)
+    lr: float = option(1e-3, "peak learning rate of the Stage I / mask continuations (the base ends at 2e-4)",
+                       more_than=0)
+    warmup: int = option(20, "warm-up steps of the Stage I / mask continuations", at_least=0)
     n_scenes: int = option(3000, "pre-rendered training scenes of every Stage I / mask continuation (train_stage1.py "
-                           "--n-scenes; a fresh caption per draw; the base renders --tiny's 10000)")
+                           "--n-scenes; a fresh caption per draw; the base renders --tiny's 10000)",
+                           at_least=1)
     drafts: int = option(3072, "Stage II drafts per round (train_stage2.py --drafts-per-round); with --stage2-steps x "
-                         "--batch-size x 3/4 own drafts per round, about one epoch (the paper: one epoch)")
-    stage2_steps: int = option(120, "optimizer steps of every Stage II round")
+                         "--batch-size x 3/4 own drafts per round, about one epoch (the paper: one epoch)",
+                         at_least=1)
+    stage2_steps: int = option(120, "optimizer steps of every Stage II round", at_least=1)
     stage2_lr: float = option(1e-4, "peak learning rate of every Stage II round (a tenth of --lr; the paper's Stage II "
-                              "uses a small one, 5e-6)")
+                              "uses a small one, 5e-6)", more_than=0)
     seeds: list = option([0, 1, 2], "seeds of the headline comparison (F1): baseline and ReDiff trained once per seed",
-                         nargs="+", type=int)
+                         nargs="+", type=int, at_least=0)
     tokens_per_step: list = option([1, 2, 4, 8], "tokens per step evaluated (F1 / F2 / F4 models at all of them; the "
-                                   "F3 / F5 / F6 variants at the slowest and the fastest)", nargs="+", type=int)
-    n: int = option(100, "held-out test scenes per evaluation")
-    eval_seed: int = option(0, "which held-out scenes are drawn (eval.py --seed)")
+                                   "F3 / F5 / F6 variants at the slowest and the fastest)", nargs="+", type=int,
+                                   at_least=1)
+    n: int = option(100, "held-out test scenes per evaluation", at_least=1, at_most=EVAL_SCENE_POOL)
+    eval_seed: int = option(0, "which held-out scenes are drawn (eval.py --seed)", at_least=0)
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
 
 
@@ -264,6 +274,7 @@ def report(cfg: ReproConfig, ckpts: dict, start: float) -> str:
 
 def main(argv=None):
     cfg = parse_config(ReproConfig, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
+    check_folder_out(cfg.out, "the run (checkpoints, logs, evaluations, report)")
     print(show_config(cfg))
     for sub in ("logs", "eval"):
         os.makedirs(os.path.join(cfg.out, sub), exist_ok=True)
@@ -282,4 +293,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

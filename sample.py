@@ -1,15 +1,17 @@
 """sample.py: caption an image (or a rendered shapes-world scene) with the frozen or the refining sampler."""
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
 import rediff
-from cli import option, parse_config
+from cli import UsageError, check_writable, option, parse_config, run_main
 from data.pipeline import image_to_tensor, prompt_ids
 
 
@@ -21,6 +23,75 @@ def steps_for(gen_length: int, tokens_per_step: int, num_blocks: int = 1) -> int
         raise ValueError(f"--tokens-per-step must be >= 1, got {tokens_per_step}")
     steps = math.ceil(gen_length / tokens_per_step)
     return math.ceil(steps / num_blocks) * num_blocks
+
+
+def check_block_length(block_length: int, gen_length: int, what: str) -> None:
+    """--block-length must cut the answer into whole blocks (rediff.generate's semi-autoregressive
+    blocks)."""
+    if block_length and (block_length > gen_length or gen_length % block_length):
+        divisors = ", ".join(str(n) for n in range(1, gen_length + 1) if gen_length % n == 0)
+        raise UsageError(f"--block-length {block_length} does not divide {what} length "
+                         f"{gen_length}; choose one of {divisors} (or 0: one block)")
+
+
+def schedule_text(gen_length: int, tokens_per_step: int, block_length: int = 0) -> str:
+    """What the fixed schedule does, in words: "6 steps of 8 tokens", "22 steps of up to 3 tokens",
+    "1 step of 48 tokens (--tokens-per-step 100 is more than the 48-token answer)"."""
+    block = block_length or gen_length
+    num_blocks = gen_length // block
+    steps = steps_for(gen_length, tokens_per_step, num_blocks)
+    per_block = steps // num_blocks
+    most = math.ceil(block / per_block)  # rediff.transfer_schedule's largest share of a block
+    up_to = "" if block % per_block == 0 else "up to "
+    text = f"{steps} step{'s' if steps > 1 else ''} of {up_to}{most} token{'s' if most > 1 else ''}"
+    if most < tokens_per_step:
+        held = f"the {block}-token block" if num_blocks > 1 else f"the {gen_length}-token answer"
+        text += f" (--tokens-per-step {tokens_per_step} is more than {held})"
+    return text
+
+
+def draft_ids(tokenizer, text: str, gen_length: int) -> list[int]:
+    """--draft -> its answer ids, at most gen_length. Words the vocabulary lacks (they become <unk>)
+    and tokens cut off at gen_length are named in a warning on stderr, never dropped silently."""
+    from data.tokenizer import split_words
+    words = dict.fromkeys(split_words(text))
+    unknown = ", ".join(repr(w) for w in words if tokenizer.unk_id in tokenizer.encode(w))
+    if unknown:
+        print(f"warning: --draft: the checkpoint's vocabulary has no {unknown}: each enters the "
+              f"draft as <unk>, which the caption shows as nothing unless the refining sampler "
+              f"rewrites it", file=sys.stderr)
+    ids = tokenizer.encode(text)
+    if len(ids) > gen_length:
+        print(f"warning: --draft has {len(ids)} tokens, more than the {gen_length}-token answer: "
+              f"its last {len(ids) - gen_length} are dropped", file=sys.stderr)
+    return ids[:gen_length]
+
+
+HF_FILES = ("config.json", "tokenizer.json")  # a Hugging Face folder's files beside its weights
+HF_INDEX, HF_SINGLE = "model.safetensors.index.json", "model.safetensors"
+
+
+def check_hf_folder(folder: str, flag: str) -> None:
+    """A Hugging Face LLaDA-V / ReDiff folder is whole before anything is loaded: config.json,
+    tokenizer.json, and every weight shard its index lists (an interrupted download often lacks
+    one)."""
+    fix = "download the whole folder again (huggingface-cli download REPO --local-dir DIR)"
+    missing = [name for name in HF_FILES if not os.path.isfile(os.path.join(folder, name))]
+    index = os.path.join(folder, HF_INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise SystemExit(f"{flag} {folder}: {HF_INDEX} is not a valid index (no \"weight_map\" "
+                             f"of key -> shard file); {fix}") from None
+        missing += [name for name in shards if not os.path.isfile(os.path.join(folder, name))]
+    elif not os.path.isfile(os.path.join(folder, HF_SINGLE)):
+        missing.append(f"{HF_INDEX} or {HF_SINGLE}")
+    if missing:
+        raise SystemExit(f"{flag} {folder}: a Hugging Face LLaDA-V / ReDiff folder, but "
+                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing; "
+                         f"{fix}")
 
 
 def banned_ids(tokenizer) -> list[int]:
@@ -152,24 +223,30 @@ def trace_html(tokenizer, trace, row: int = 0) -> str:
 class SampleConfig:
     ckpt: str = option("out/stage1.safetensors", "checkpoint written by train_stage1.py / train_stage2.py, or a Hugging Face LLaDA-V / ReDiff folder")
     image: str = option("", "caption this image file instead of a shapes-world scene")
-    scene_seed: int = option(0, "render shapes-world test scene N (its ground truth is printed and scored)")
-    tokens_per_step: int = option(8, "tokens committed per step; steps = ceil(gen_length / tokens_per_step)")
-    gen_length: int = option(0, "answer length in tokens (0: the checkpoint's training answer length)")
-    block_length: int = option(0, "semi-autoregressive block length (0: one block, as in the paper)")
-    temperature: float = option(0.0, "Gumbel-noise temperature (0: greedy)")
+    scene_seed: int = option(0, "render shapes-world test scene N (its ground truth is printed and scored)",
+                             at_least=0)
+    tokens_per_step: int = option(8, "tokens committed per step; steps = ceil(gen_length / tokens_per_step)",
+                                  at_least=1)
+    gen_length: int = option(0, "answer length in tokens (0: the checkpoint's training answer length)",
+                             at_least=0)
+    block_length: int = option(0, "semi-autoregressive block length, dividing the answer length "
+                               "(0: one block, as in the paper)", at_least=0)
+    temperature: float = option(0.0, "Gumbel-noise temperature (0: greedy)", at_least=0)
     refine: bool = option(True, "re-predict visible tokens at every step (ReDiff, Section 3.4); --no-refine freezes them")
     draft: str = option("", "a caption (with errors) to start from as visible tokens; the model refines and completes it")
     trace: bool = option(False, "print the refinement step by step (new tokens green, revised tokens yellow)")
     trace_out: str = option("", "write the trace as an HTML page to this file")
     device: str = option("auto", "auto, cpu, cuda or mps")
-    seed: int = option(0, "random seed (only matters with --temperature > 0)")
+    seed: int = option(0, "random seed (only matters with --temperature > 0)", at_least=0)
     prefix_cache: bool = option(False, "reuse the image + prompt keys/values within a block (Fast-dLLM's approximate "
                                 "KV cache): faster, approximate")
-    cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: once per block)")
+    cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: once per block)",
+                                at_least=0)
     threshold: float = option(0.0, "commit every masked token with confidence >= P, at least one a step (Fast-dLLM); "
-                              "0: the fixed --tokens-per-step schedule")
+                              "0: the fixed --tokens-per-step schedule", at_least=0, at_most=1)
     final_passes: int = option(0, "not in the paper: forward passes after the last step that re-predict every answer "
-                               "token, so the last step's tokens are revised too (refining sampler only)")
+                               "token, so the last step's tokens are revised too (refining sampler only)",
+                               at_least=0)
 
 
 def caption_real_weights(cfg: "SampleConfig") -> str:
@@ -199,6 +276,7 @@ def caption_real_weights(cfg: "SampleConfig") -> str:
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv, description=__doc__)
     if os.path.isdir(cfg.ckpt) and not os.path.isfile(os.path.join(cfg.ckpt, "meta.json")):  # meta.json: DCP
+        check_hf_folder(cfg.ckpt, "--ckpt")
         return caption_real_weights(cfg)
     from data import shapes
     from data.loaders import open_image
@@ -206,12 +284,16 @@ def main(argv=None):
     from data.tokenizer import tokenizer_from_dict
     from model import load_for, pick_device
     if cfg.final_passes and not cfg.refine:
-        raise SystemExit("--final-passes re-predicts visible tokens: it needs the refining sampler (drop --no-refine)")
+        raise UsageError("--final-passes re-predicts visible tokens: it needs the refining sampler "
+                         "(drop --no-refine)")
+    check_writable(cfg.trace_out, "--trace-out")
     device = pick_device(cfg.device)
     model, meta = load_for(cfg.ckpt, "--ckpt", needs=("tokenizer", "world", "answer_len"), device=device)
     model.eval()
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     gen_length = cfg.gen_length or meta["answer_len"]
+    what = "--gen-length" if cfg.gen_length else f"{cfg.ckpt}'s answer"
+    check_block_length(cfg.block_length, gen_length, what)
     vision = model.cfg.vision
     scene = None
     if cfg.image:
@@ -224,7 +306,7 @@ def main(argv=None):
     images = image_to_tensor([picture], vision.mean, vision.std)
     drafts = None
     if cfg.draft:
-        words = tokenizer.encode(cfg.draft)[:gen_length]
+        words = draft_ids(tokenizer, cfg.draft, gen_length)
         drafts = torch.tensor([words + [tokenizer.mask_id] * (gen_length - len(words))], device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
@@ -247,7 +329,8 @@ def main(argv=None):
         s = score_caption(text, scene)
         print(f"score        : headline {s['headline']:.1f} | factuality {s['factuality']:.2f} | coverage "
               f"{s['coverage']:.2f} | syntax {s['syntax']:.2f} | repetition {s['repetition']:.2f}")
-    speed = f"threshold {cfg.threshold}" if cfg.threshold else f"{cfg.tokens_per_step} tokens/step"
+    speed = (f"threshold {cfg.threshold}" if cfg.threshold
+             else schedule_text(gen_length, cfg.tokens_per_step, cfg.block_length))
     cache = f", prefix cache (refresh {cfg.cache_refresh or 'once per block'})" if cfg.prefix_cache else ""
     cache += f", {cfg.final_passes} final pass(es)" if cfg.final_passes else ""
     print(f"sampler      : {'refining' if cfg.refine else 'frozen'}, {speed}{cache}, "
@@ -256,4 +339,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 import distributed
 import rediff
-from cli import option, parse_config, show_config
+from cli import (UsageError, check_checkpoint_out, option, parse_config, run_main,
+                 show_config)
 
 
 @dataclass
@@ -24,36 +25,44 @@ class TrainConfig:
                             "(--init-from); mask: masked diffusion (Eq. 1, or --mask-loss balanced), the base model",
                             choices=["revision", "mask"])
     out: str = option("out/stage1.safetensors", "checkpoint to write (atomically, every --eval-every steps and at the "
-                      "end): a .safetensors file, or any other name: a sharded DCP folder (distributed.py)")
+                      "end): NAME.safetensors is one file, NAME.dcp a sharded DCP folder (distributed.py; needed "
+                      "for --parallel fsdp)")
     init_from: str = option("", "start from this checkpoint's weights (e.g. a base model); the optimizer starts fresh; "
                             "the model's shape is the checkpoint's (shape flags that contradict it are refused)")
-    stop_at: int = option(0, "stop (with a checkpoint) after this step, as an interruption would; 0: run to --steps")
+    stop_at: int = option(0, "stop (with a checkpoint) after this step, as an interruption would; 0: run to --steps",
+                          at_least=0)
     resume: bool = option(False, "continue the run saved at --out: weights, optimizer, schedule and data position")
-    steps: int = option(6000, "optimizer steps")
-    batch_size: int = option(64, "samples per step (with several processes: all of them together)")
-    lr: float = option(2e-3, "peak learning rate (AdamW)")
-    min_lr_frac: float = option(0.1, "the cosine schedule ends at lr * min_lr_frac")
-    warmup: int = option(100, "linear warm-up steps")
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    grad_clip: float = option(1.0, "gradient-norm clip")
+    steps: int = option(6000, "optimizer steps", at_least=1)
+    batch_size: int = option(64, "samples per step (with several processes: all of them together)",
+                             at_least=1)
+    lr: float = option(2e-3, "peak learning rate (AdamW)", more_than=0)
+    min_lr_frac: float = option(0.1, "the cosine schedule ends at lr * min_lr_frac",
+                                at_least=0, at_most=1)
+    warmup: int = option(100, "linear warm-up steps", at_least=0)
+    weight_decay: float = option(0.01, "AdamW weight decay", at_least=0)
+    grad_clip: float = option(1.0, "gradient-norm clip", more_than=0)
     mask_loss: str = option("eq1", "--objective mask: eq1 (the paper's Eq. 1, 1/t-weighted) or balanced (not in the "
                             "paper: Eq. 1's masks, one plain cross-entropy mean per word class: content words, other "
                             "words, end-of-text; rediff.word_class_loss; README \"How the toy model learned to read "
                             "the image\"; --tiny sets it)",
                             choices=["eq1", "balanced"])
-    replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced by a random one (paper 0.1, official code 0.05)")
+    replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced by a random one (paper 0.1, official code 0.05)",
+                                 at_least=0, at_most=1)
     t_dependent: bool = option(False, "Stage I: replacement rate min(t, replace_prob) instead of fixed (Table 5 ablation)")
     align_steps: int = option(0, "first steps of an alignment warm-up (not in the paper; an experiment toward "
                               "grounding in the toy world, see the README's Results): only attribute words (colour, "
-                              "shape, size) are masked and scored, position words stay visible; counted in --steps")
-    hallucination_frac: float = option(0.25, "Stage I: share of each batch drawn as hallucination pairs (0 = syntax errors only)")
-    d_model: int = option(256, "language-model width")
-    n_layers: int = option(6, "language-model layers")
-    n_heads: int = option(8, "attention heads")
-    image_size: int = option(48, "shapes-world image side in px (a multiple of 3 * patch size)")
-    patch_size: int = option(16, "vision-tower patch size in px")
-    vision_width: int = option(128, "vision-tower width")
-    vision_layers: int = option(2, "vision-tower layers")
+                              "shape, size) are masked and scored, position words stay visible; counted in --steps",
+                              at_least=0)
+    hallucination_frac: float = option(0.25, "Stage I: share of each batch drawn as hallucination pairs (0 = syntax errors only)",
+                                       at_least=0, at_most=1)
+    d_model: int = option(256, "language-model width", at_least=1)
+    n_layers: int = option(6, "language-model layers", at_least=1)
+    n_heads: int = option(8, "attention heads", at_least=1)
+    image_size: int = option(48, "shapes-world image side in px (a multiple of 3 * patch size)",
+                             at_least=1)
+    patch_size: int = option(16, "vision-tower patch size in px", at_least=1)
+    vision_width: int = option(128, "vision-tower width", at_least=1)
+    vision_layers: int = option(2, "vision-tower layers", at_least=1)
     image_features: str = option("patches", "what the LM sees of the image: patches (LLaVA's mlp2x_gelu projector "
                                  "on the tower's patch tokens, as the paper) or attributes (the pretrained tower's "
                                  "per-cell attribute probabilities and occupancy-scaled cells through a linear "
@@ -61,11 +70,15 @@ class TrainConfig:
                                  choices=["patches", "attributes"])
     prefix_dlm: bool = option(False, "not LLaDA-V: the image and prompt never attend to the answer (LaViDa's "
                               "Prefix-DLM mask), so the sampler's --prefix-cache is exact (README \"Speed\")")
-    vision_pretrain_steps: int = option(400, "steps of per-cell attribute pretraining of a fresh vision tower (0: none)")
-    answer_len: int = option(64, "answer length in tokens (captions padded with end-of-text)")
-    n_scenes: int = option(20000, "training scenes pre-rendered (each draw gets a fresh caption)")
-    eval_every: int = option(500, "steps between validation loss, a sample caption and a checkpoint")
-    seed: int = option(0, "seed for initialisation, data order and masking")
+    vision_pretrain_steps: int = option(400, "steps of per-cell attribute pretraining of a fresh vision tower (0: none)",
+                                        at_least=0)
+    answer_len: int = option(64, "answer length in tokens (captions padded with end-of-text)",
+                             at_least=2)
+    n_scenes: int = option(20000, "training scenes pre-rendered (each draw gets a fresh caption)",
+                           at_least=1)
+    eval_every: int = option(500, "steps between validation loss, a sample caption and a checkpoint",
+                             at_least=1)
+    seed: int = option(0, "seed for initialisation, data order and masking", at_least=0)
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
     compile: bool = option(False, "torch.compile the model (about a minute up front; off by default)")
     parallel: str = option("auto", "several processes (torchrun --nproc_per_node N): ddp (a full replica per rank) or "
@@ -286,8 +299,26 @@ def check_start(cfg: TrainConfig, model, meta: dict, source: str) -> None:
                   f"continuation will not match an uninterrupted run")
 
 
+def check_shape_flags(cfg: TrainConfig) -> None:
+    """A fresh run's model shape flags must build a model (with --init-from the checkpoint decides)."""
+    if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
+        raise UsageError(f"--d-model {cfg.d_model} / --n-heads {cfg.n_heads}: each head needs an "
+                         f"even width (RoPE); choose --d-model a multiple of 2 x --n-heads")
+    if cfg.image_size % (3 * cfg.patch_size):
+        raise UsageError(f"--image-size {cfg.image_size}: must be a multiple of 3 x --patch-size "
+                         f"{cfg.patch_size} (the scene's 3 x 3 grid of cells), e.g. "
+                         f"{3 * cfg.patch_size}")
+    heads = max(1, cfg.vision_width // 32)  # build_model's vision heads
+    if cfg.vision_width % heads:
+        raise UsageError(f"--vision-width {cfg.vision_width}: must be a multiple of its {heads} "
+                         f"attention heads (width // 32), e.g. {cfg.vision_width // heads * heads}")
+
+
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, description=__doc__, presets=PRESETS)
+    check_checkpoint_out(cfg.out, sharded=True)
+    if not (cfg.resume or cfg.init_from):
+        check_shape_flags(cfg)
     if cfg.parallel == "fsdp" and not distributed.is_dcp(cfg.out):
         raise SystemExit(f"--parallel fsdp writes sharded checkpoints: give --out a folder name, e.g. "
                          f"{cfg.out.removesuffix('.safetensors')}.dcp (python distributed.py makes one file of it)")
@@ -403,4 +434,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -32,7 +32,9 @@ from tqdm import tqdm
 
 import distributed
 import rediff
-from cli import option, parse_config, show_config
+from cli import (UsageError, check_checkpoint_out, check_writable,
+                 option, parse_config, run_main, show_config)
+from experts import check_endpoint
 
 DRAFT_OFFSET = 1_000_000  # drafts use train-split scenes from this index on: never in a Stage I bank (from 0)
 MIX_STEP_OFFSET = 10_000_000  # Stage I mix batches are ShapesData.batch(offset + step): not Stage I's own batches
@@ -42,38 +44,50 @@ INIT_STAGES = ("stage1-revision", "stage1-mask", "stage2")
 @dataclass
 class Stage2Config:
     init_from: str = option("", "required: the Stage I checkpoint (or a base model, --objective mask) to start from")
-    out: str = option("out/stage2.safetensors", "checkpoint to write (atomically) after every round")
+    out: str = option("out/stage2.safetensors", "checkpoint to write (atomically) after every "
+                      "round: NAME.safetensors, one file (weights only; a sharded NAME.dcp folder "
+                      "is train_stage1.py's)")
     resume: bool = option(False, "continue the run saved at --out after its last finished round")
-    rounds: int = option(1, "rounds of draft -> expert -> fine-tune (the paper: one round gives most of the gain)")
-    drafts_per_round: int = option(1536, "drafts per round, on fresh training scenes (the paper: about 10k)")
+    rounds: int = option(1, "rounds of draft -> expert -> fine-tune (the paper: one round gives most of the gain)",
+                         at_least=1)
+    drafts_per_round: int = option(1536, "drafts per round, on fresh training scenes (the paper: about 10k)",
+                                   at_least=1)
     tokens_per_step: list = option([1, 4, 8], "drafting speeds; the scenes of a round are spread over them",
-                                   nargs="+", type=int)
-    draft_batch: int = option(128, "captions drafted together")
+                                   nargs="+", type=int, at_least=1)
+    draft_batch: int = option(128, "captions drafted together", at_least=1)
     draft_final_passes: int = option(0, "not in the paper, an experiment: draft with rediff.generate's final_passes "
-                                     "(forward passes after the last step that re-predict every token)")
+                                     "(forward passes after the last step that re-predict every token)",
+                                     at_least=0)
     expert: str = option("oracle", "who reviews the drafts: oracle (knows the scene), openai (an LLM), align "
                          "(word alignment with the ground truth)", choices=["oracle", "openai", "align"])
     oracle_max_change: float = option(1.0, "--expert oracle, an experiment: skip rewrites that change more than "
-                                      "this fraction of a sentence's words (1 = the full oracle; README Results)")
+                                      "this fraction of a sentence's words (1 = the full oracle; README Results)",
+                                      more_than=0, at_most=1)
     expert_model: str = option("o4-mini", "--expert openai: the chat model")
     expert_base_url: str = option("", "--expert openai: an OpenAI-compatible endpoint (empty: api.openai.com); "
                                   "the key is read from OPENAI_API_KEY only")
-    max_in_flight: int = option(8, "--expert openai: most requests at once (per process)")
+    max_in_flight: int = option(8, "--expert openai: most requests at once (per process)",
+                                at_least=1)
     cache: str = option("out/expert_cache.jsonl", "--expert openai: append-only answer cache (empty: none)")
-    stage1_mix: float = option(0.25, "fraction of every batch that is Stage I data (0 = none)")
+    stage1_mix: float = option(0.25, "fraction of every batch that is Stage I data (0 = none)",
+                               at_least=0, less_than=1)
     keep_weight: float = option(0.0, "not in the paper: also train the draft's uncorrected answer tokens to stay as "
-                                "they are, with this weight (a mean over them); 0 = Eq. 4 exactly")
+                                "they are, with this weight (a mean over them); 0 = Eq. 4 exactly",
+                                at_least=0)
     stage1_objective: str = option("auto", "objective of the Stage I mix; auto: the one the initial checkpoint "
                                    "was trained with", choices=["auto", "revision", "mask"])
-    n_scenes: int = option(4000, "scenes pre-rendered for the Stage I mix")
-    steps: int = option(300, "optimizer steps per round")
-    batch_size: int = option(64, "samples per step (own drafts + Stage I mix; with several processes: all of them)")
-    lr: float = option(3e-4, "peak learning rate (AdamW; cosine to lr * min_lr_frac, restarted every round)")
-    min_lr_frac: float = option(0.1, "the cosine schedule ends at lr * min_lr_frac")
-    warmup: int = option(10, "linear warm-up steps (the paper: 3 percent of the steps)")
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    grad_clip: float = option(1.0, "gradient-norm clip")
-    seed: int = option(0, "seed for batches and the Stage I mix")
+    n_scenes: int = option(4000, "scenes pre-rendered for the Stage I mix", at_least=1)
+    steps: int = option(300, "optimizer steps per round", at_least=1)
+    batch_size: int = option(64, "samples per step (own drafts + Stage I mix; with several processes: all of them)",
+                             at_least=1)
+    lr: float = option(3e-4, "peak learning rate (AdamW; cosine to lr * min_lr_frac, restarted every round)",
+                       more_than=0)
+    min_lr_frac: float = option(0.1, "the cosine schedule ends at lr * min_lr_frac",
+                                at_least=0, at_most=1)
+    warmup: int = option(10, "linear warm-up steps (the paper: 3 percent of the steps)", at_least=0)
+    weight_decay: float = option(0.01, "AdamW weight decay", at_least=0)
+    grad_clip: float = option(1.0, "gradient-norm clip", more_than=0)
+    seed: int = option(0, "seed for batches and the Stage I mix", at_least=0)
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
     parallel: str = option("auto", "several processes (torchrun --nproc_per_node N): ddp or fsdp (FSDP2); drafts and "
                            "expert calls are split over the ranks; auto: ddp under torchrun, none otherwise",
@@ -338,8 +352,13 @@ def round_report(r: int, cfg: Stage2Config, drafts, quality, counts: Counter, sa
 
 def main(argv=None):
     cfg = parse_config(Stage2Config, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
-    if not 0 <= cfg.stage1_mix < 1:
-        raise SystemExit(f"--stage1-mix must be in [0, 1), got {cfg.stage1_mix}")
+    check_checkpoint_out(cfg.out, sharded=False)
+    if cfg.batch_size - round(cfg.batch_size * cfg.stage1_mix) < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} with --stage1-mix {cfg.stage1_mix} leaves "
+                         f"no row for the model's own drafts; raise --batch-size or lower --stage1-mix")
+    if cfg.expert == "openai":
+        check_writable(cfg.cache, "--cache")
+        check_endpoint(cfg.expert_base_url, "--expert-base-url", cfg.cache)  # before any drafting
     ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of a torchrun group (and its device)
     print(show_config(cfg))
     from data import shapes
@@ -405,4 +424,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
