@@ -520,10 +520,10 @@ CONNECT_TIMEOUT = 10.0                          # seconds for check_endpoint's o
 
 
 def check_endpoint(base_url: str | None, flag: str, cache_path: str | None = None) -> None:
-    """Stop before any slow or paid work when the OpenAI-compatible endpoint accepts no connection
-    (a wrong URL, a server not started): one TCP connection, no request. Skipped when a proxy
-    carries the traffic (the proxy decides), and when cache_path already holds answers (a rerun
-    may need no request at all)."""
+    """Stop before any slow or paid work when no request could succeed: OPENAI_API_KEY unset, or an
+    OpenAI-compatible endpoint that accepts no connection (a wrong URL, a server not started): one
+    TCP connection, no request. Skipped when cache_path already holds answers (a rerun may need no
+    request at all); the connection is not tried when a proxy carries the traffic."""
     shown = base_url or DEFAULT_BASE_URL
     url = urllib.parse.urlsplit(shown)
     try:
@@ -535,6 +535,9 @@ def check_endpoint(base_url: str | None, flag: str, cache_path: str | None = Non
                           f"port); e.g. http://127.0.0.1:8000/v1")
     if cache_path and os.path.isfile(cache_path) and os.path.getsize(cache_path) > 0:
         return
+    if not os.environ.get("OPENAI_API_KEY"):
+        raise ExpertError("the openai expert needs OPENAI_API_KEY in the environment (for a local "
+                          "server any value works, e.g. OPENAI_API_KEY=local)")
     if url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(url.hostname):
         return
     try:

@@ -160,6 +160,13 @@ def test_bad_input_ends_with_one_line_naming_it(script, argv, status, names, fil
     check_message(code, stderr, status, [fill(n, files) for n in names])
 
 
+def test_a_missing_key_stops_before_any_work(files, capsys, monkeypatch):
+    local_only(monkeypatch)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    code, stderr = in_process("train_stage2", fill(NO_EXPERT, files).split(), capsys)
+    check_message(code, stderr, 1, ["OPENAI_API_KEY"])
+
+
 # A few cases as real subprocesses, started together: the interpreter's own exit is tested too.
 SUBPROCESS_CASES = [c for c in CASES if c[:2] in {
     ("sample", "--ckpt {s1} --image {broken}"), ("sample", "--ckpt {s1} --tokens-per-step 0"),
