@@ -117,9 +117,21 @@ def validate_pairs(pairs, draft_ids, tokenizer, counts: Counter) -> list[tuple[i
     return sorted(kept)
 
 
+def smallest_unique_span(words: list[str], start: int, end: int) -> tuple[int, int]:
+    """The shortest window [s, e) around the changed words [start, end) whose words occur exactly once in the
+    draft (Stage II's pairs must be found by their text); of equal lengths, the leftmost. The whole draft always
+    qualifies, so there is an answer."""
+    for size in range(end - start, len(words) + 1):
+        for s in range(max(0, end - size), min(start, len(words) - size) + 1):
+            if len(occurrences(words, words[s:s + size])) == 1:
+                return s, s + size
+    raise AssertionError("unreachable: the whole draft occurs once")
+
+
 def pairs_from_rewrite(words: list[str], fixed: list[str]) -> list[dict]:
-    """Turn an equal-length rewrite of a draft's words into {org, target} pairs: each run of changed words, grown
-    with neighbouring words until its org occurs exactly once in the draft (overlapping runs are merged)."""
+    """Turn an equal-length rewrite of a draft's words into {org, target} pairs: each run of changed words,
+    widened only as far as needed for its org to occur exactly once in the draft (smallest_unique_span), so as
+    few unchanged words as the uniqueness rule allows enter Eq. 4; overlapping spans are merged."""
     assert len(words) == len(fixed), "an equal-length rewrite"
     changed = [i for i, (a, b) in enumerate(zip(words, fixed)) if a != b]
     runs = []
@@ -130,13 +142,7 @@ def pairs_from_rewrite(words: list[str], fixed: list[str]) -> list[dict]:
             runs.append([i, i + 1])
     spans = []
     for start, end in runs:
-        grow_right = True
-        while len(occurrences(words, words[start:end])) > 1:  # terminates: the whole draft occurs once
-            if (grow_right and end < len(words)) or start == 0:
-                end += 1
-            else:
-                start -= 1
-            grow_right = not grow_right
+        start, end = smallest_unique_span(words, start, end)
         if spans and start < spans[-1][1]:  # overlaps the previous span: merge (a superset stays unique)
             spans[-1][1] = max(spans[-1][1], end)
         else:

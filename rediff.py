@@ -65,8 +65,9 @@ def mask_words(ids, answer_mask, word_ids, mask_id: int, generator=None):
 
 
 def masked_token_loss(logits, targets, chosen, count=None):
-    """Cross-entropy on the `chosen` positions only, normalised by their number (0 when there are none): the loss of
-    mask_words and of Eq. 4. count: divide by this instead (one rank's rows of a global batch, as in typed_losses)."""
+    """Cross-entropy on the `chosen` positions only, normalised by their number pooled over the batch (0 when there
+    are none): the loss of mask_words. count: divide by this instead (one rank's rows of a global batch: the whole
+    batch's count over the number of ranks, distributed.Context.count)."""
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)  # (B, L)
     return (ce * chosen).sum() / (chosen.sum().clamp(min=1) if count is None else count)
 
@@ -80,7 +81,7 @@ def word_class_loss(logits, targets, is_masked, word_class, n_classes: int, coun
     with Eq. 1 the end-of-text padding and the template words outweigh the few words that only the image can tell,
     and the toy model never learned to read the image; with the 1/t weights kept, its greedy captions were worse.
 
-    counts: per-class divisors instead of this batch's counts (one rank's rows of a global batch, as typed_losses).
+    counts: per-class divisors instead of this batch's counts (one rank's rows of a global batch, as masked_token_loss).
     Returns (total, [one part per class])."""
     parts = [masked_token_loss(logits, targets, is_masked & (word_class == k), None if counts is None else counts[k])
              for k in range(n_classes)]
@@ -131,20 +132,38 @@ def corrupt_for_revision(ids, answer_mask, mask_id: int, ordinary_ids, replace_p
     return inputs, ids, types, p
 
 
-def typed_losses(logits, labels, types, p, counts: dict | None = None):
-    """Eq. 2-3: for each type (mask, syntax, hallucination, clean) the 1/t-weighted cross-entropy averaged over that
-    type's own count N_type; an empty type contributes 0. Returns (total, {name: part}).
+def hallucination_rows(ids, answer_mask, wrong_ids, wrong_span, inputs, types, p):
+    """Stage I hallucination data in the official code's form: a row that holds a hallucination pair becomes a
+    row of its own, the whole altered caption visible (no masks, no random replacements) and the loss on the
+    altered span only, as one more type term of Eq. 2 with t = 1 (nothing is masked; the official code divides by
+    a random t here, with the authors' own comment that it should not). The paper's text instead puts the pair on
+    the tokens left visible after masking: `corrupt_for_revision(wrong_ids=..., wrong_span=...)`.
 
-    counts {name: N}: divide by these instead of this batch's counts. One rank's rows of a global batch pass the
-    whole batch's counts over the number of ranks, so that the ranks' mean is the whole batch's loss
-    (distributed.py)."""
+    inputs, types, p: corrupt_for_revision's output for the batch (drawn without the pairs); the rows that hold a
+    pair are replaced. Returns (inputs (B, L), types (B, L), p (B,))."""
+    altered = answer_mask & wrong_span & (wrong_ids != ids)                              # (B, L)
+    is_row = altered.any(dim=1)                                                          # (B,)
+    inputs = torch.where(is_row[:, None] & answer_mask, wrong_ids, inputs)
+    types = torch.where(is_row[:, None], torch.where(altered, HALLUCINATION, IGNORE), types)
+    return inputs, types, torch.where(is_row, torch.ones_like(p), p)
+
+
+def per_row_mean(values, chosen):
+    """Each row's mean of `values` over its `chosen` positions, (B,): 0 for a row with none chosen."""
+    return (values * chosen).sum(dim=1) / chosen.sum(dim=1).clamp(min=1)
+
+
+def typed_losses(logits, labels, types, p):
+    """Eq. 2-3, per sample as the paper writes them: in each row, each type's (mask, syntax, hallucination, clean)
+    1/t-weighted cross-entropy is averaged over that row's own count N_type of it (a type the row lacks gives 0),
+    the types are summed, and the rows are averaged. Returns (total, {name: part}), part = the batch mean of
+    each row's term of that type, so total = sum of the parts.
+
+    Per row, as in the official code's loop over rows: a row with one syntax error weighs that error as much as a
+    row with five weighs its five. Rows of equal shards therefore average to the whole batch (distributed.py)."""
     ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)  # (B, L)
     weighted = ce / p[:, None]                                                                        # (B, L)
-    parts = {}
-    for type_id, name in TYPE_NAMES.items():
-        chosen = types == type_id
-        count = chosen.sum().clamp(min=1) if counts is None else counts[name]
-        parts[name] = (weighted * chosen).sum() / count   # 0 when the type is empty
+    parts = {name: per_row_mean(weighted, types == type_id).mean() for type_id, name in TYPE_NAMES.items()}
     return sum(parts.values()), parts
 
 
@@ -152,11 +171,18 @@ def typed_losses(logits, labels, types, p, counts: dict | None = None):
 # Stage II: online self-correction (Section 3.3, Eq. 4)
 
 
-def refinement_loss(logits, refined, mistake_mask, count=None):
-    """Eq. 4: the input is the model's own draft (no masking); cross-entropy against the expert-refined tokens on the
-    corrected positions only, normalised by their number N_mistake (0 when the batch has none). count: divide by
-    this instead (one rank's rows of a global batch, as in typed_losses)."""
-    return masked_token_loss(logits, refined, mistake_mask, count)
+def refinement_loss(logits, refined, mistake_mask):
+    """Eq. 4, per draft as the paper writes it: the input is the model's own draft (no masking); each draft's
+    cross-entropy against the expert-refined tokens is averaged over its own corrected positions N_mistake, and
+    the drafts that have at least one correction are averaged (0 when none has). No 1/t: nothing is masked.
+
+    Per draft, a garbled fast draft whose whole sentence was rewritten counts as much as a draft with one fixed
+    word, instead of outweighing it by its number of tokens."""
+    ce = F.cross_entropy(logits.flatten(0, 1), refined.flatten(), reduction="none").view(refined.shape)  # (B, L)
+    corrected = mistake_mask.any(dim=1)                                                                # (B,)
+    if not corrected.any():
+        return (ce * 0).sum()  # keeps the graph: every rank calls backward
+    return per_row_mean(ce, mistake_mask)[corrected].mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ class TrainConfig:
                               at_least=0)
     hallucination_frac: float = option(0.25, "Stage I: share of each batch drawn as hallucination pairs (0 = syntax errors only)",
                                        at_least=0, at_most=1)
+    hallucination_form: str = option("rows", "Stage I: rows (the official code: a pair is a row of its own, the "
+                                     "whole altered caption visible, loss on the altered span only) or visible "
+                                     "(the paper's text: the pair is put on the tokens left visible after "
+                                     "masking)", choices=["rows", "visible"])
     d_model: int = option(256, "language-model width", at_least=1)
     n_layers: int = option(6, "language-model layers", at_least=1)
     n_heads: int = option(8, "attention heads", at_least=1)
@@ -197,7 +201,8 @@ def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=No
 
     shard (distributed.Context): `batch` is the global batch; masks and corruptions are drawn for all of it (the
     single-process draws), the model runs on this rank's rows, and the loss is normalised so that its mean over
-    ranks is the whole batch's loss (Eq. 1: per-sample mean over equal shards; Eq. 2-3: global type counts).
+    ranks is the whole batch's loss (Eq. 1-3: per-sample means over equal shards; the balanced and align losses:
+    global counts).
     objective: "align" for the warm-up steps (--align-steps), otherwise cfg.objective."""
     objective = objective or cfg.objective
     rows = slice(None) if shard is None else shard.rows(len(batch.ids))                  # this rank's rows
@@ -221,11 +226,15 @@ def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=No
             return loss, dict(zip(WORD_CLASSES, parts))
         loss = rediff.masked_diffusion_loss(logits, batch.ids[rows], is_masked[rows], p[rows], batch.answer_mask[rows])
         return loss, {"mask": loss}
+    visible_pairs = cfg.hallucination_form == "visible"  # the paper's text; "rows": the official code
     inputs, labels, types, p = rediff.corrupt_for_revision(
         batch.ids, batch.answer_mask, tokenizer.mask_id, tokenizer.ordinary_ids, cfg.replace_prob,
-        cfg.t_dependent, batch.wrong_ids, batch.wrong_span, generator=generator)
-    counts = None if shard is None else {name: shard.count(types == t) for t, name in rediff.TYPE_NAMES.items()}
-    return rediff.typed_losses(model(inputs[rows], images=images), labels[rows], types[rows], p[rows], counts)
+        cfg.t_dependent, batch.wrong_ids if visible_pairs else None,
+        batch.wrong_span if visible_pairs else None, generator=generator)
+    if not visible_pairs:
+        inputs, types, p = rediff.hallucination_rows(batch.ids, batch.answer_mask, batch.wrong_ids,
+                                                     batch.wrong_span, inputs, types, p)
+    return rediff.typed_losses(model(inputs[rows], images=images), labels[rows], types[rows], p[rows])
 
 
 @torch.no_grad()
