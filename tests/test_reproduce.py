@@ -91,8 +91,8 @@ def test_report_tables_from_evaluations(tmp_path, monkeypatch):
     """report() on made-up evaluation rows: the F1 means and keep ratios over seeds, the caption-steps table, and a
     row cached by an older eval.py (no caption_steps) shown as nan instead of failing."""
     cfg = reproduce.ReproConfig(out=str(tmp_path), seeds=[0, 1], tokens_per_step=[1, 8])
-    roles = ["base", "stage2-alone", "rediff-round2", "stage1-t-dependent", "stage1-syntax-only",
-             "stage1-hallucination-only"] + [f"{m}-s{s}" for m in ("baseline", "stage1", "rediff") for s in (0, 1)]
+    roles = ["base", "rediff-round2", "stage1-t-dependent", "stage1-syntax-only", "stage1-hallucination-only"] + [
+        f"{m}-s{s}" for m in ("baseline", "stage1", "rediff", "stage2-alone", "stage1-more") for s in (0, 1)]
     ckpts = {role: str(tmp_path / f"{role}.safetensors") for role in roles}
     for path in ckpts.values():
         open(path + ".done", "w").write("60.0\n")
@@ -114,7 +114,10 @@ def test_report_tables_from_evaluations(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reproduce, "evaluate", fake_evaluate)
     text = reproduce.report(cfg, ckpts, start=0.0)
-    assert "| mask-trained baseline | 80.5 ± 0.5 | 20.5 ± 0.5 | 25.5 ± 0.5 % |" in text  # seed 1 adds 1 point
+    assert "| mask-trained baseline (Eq. 1) | 80.5 ± 0.5 | 20.5 ± 0.5 | 25.5 ± 0.5 % |" in text  # seed 1: +1
     assert "| ReDiff | 70.5 ± 0.5 | 35.5 ± 0.5 | 50.4 ± 0.4 % |" in text
-    assert "| mask-trained baseline | 20.5 | 4.5 |" in text and "| Stage I alone | nan | nan |" in text
-    assert "Training: 12.0 min" in text  # twelve models of 60 s each
+    assert "| gap, ReDiff - baseline (points) | 24.9 ± 0.1 |" in text  # 50.0 - 25.0 and 50.7 - 25.9
+    assert "| mask-trained baseline (Eq. 1) | 20.5 | 4.5 |" in text and "| Stage I alone | nan | nan |" in text
+    assert "| margin, ReDiff - Stage I (points, seed by seed) | | -5.0 ± 0.0 | -10.0 ± 0.0 |" in text
+    assert "| margin, ReDiff - control (points, seed by seed) | | 20.0 ± 0.0 | 10.0 ± 0.0 |" in text
+    assert "Training: 15.0 min" in text  # fifteen models of 60 s each
