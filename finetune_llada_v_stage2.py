@@ -36,6 +36,8 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import distributed
@@ -187,70 +189,100 @@ def in_context(review, draft: dict, tokenizer, counts: Counter):
 
 @dataclass
 class Eq4Batch:
-    inputs: torch.Tensor        # (B, L) prompt (placeholders), the model's draft, <|endoftext|> (visible) padding
-    labels: torch.Tensor        # (B, L) the same with the expert's corrections applied
-    mistake: torch.Tensor       # (B, L) bool: the corrected segments (Eq. 4 scores these only)
-    start: int                  # first answer position of any row: logits are computed from here on
-    views: torch.Tensor         # (sum n, 3, S, S): the anyres views of THIS rank's rows' images
-    sizes: list                 # their (width, height)
-
-    def to(self, device):
-        return Eq4Batch(self.inputs.to(device), self.labels.to(device), self.mistake.to(device), self.start,
-                        self.views.to(device), self.sizes)
+    """A global batch of corrected drafts at the level of their answers (G tokens each)."""
+    samples: list               # B samples: image_path, prompt (ids), ids (the draft), refined, mistake
+    drafts: torch.Tensor        # (B, G) the model's own drafts: the input (no masking)
+    refined: torch.Tensor       # (B, G) the same with the expert's corrections applied
+    mistake: torch.Tensor       # (B, G) bool: the corrected segments (Eq. 4 scores these only)
 
 
-def eq4_batch(samples: list[dict], picks: list[int], model, rows: slice) -> Eq4Batch:
-    """Samples `picks` as one global batch (rows right-padded as in finetune_llada_v.py); images of `rows` only."""
+def eq4_batch(samples: list[dict], picks: list[int]) -> Eq4Batch:
+    """Samples `picks` as one global batch."""
     chosen = [samples[k] for k in picks]
-    (inputs, labels), answer, start = ft.right_padded([s["prompt"] for s in chosen], [s["ids"] for s in chosen],
-                                                      [s["refined"] for s in chosen])
-    mistake = torch.zeros_like(answer)                                                      # (B, L)
-    mistake[answer] = torch.cat([s["mistake"] for s in chosen])  # row by row: each row's answer is contiguous
-    views, sizes = ft.image_views(model, [s["image_path"] for s in chosen[rows]])
-    return Eq4Batch(inputs, labels, mistake, start, views, sizes)
+    stack = lambda key: torch.stack([torch.as_tensor(s[key]) for s in chosen])  # noqa: E731  (B, G)
+    return Eq4Batch(chosen, stack("ids"), stack("refined"), stack("mistake"))
 
 
-def eq4_loss(model, batch: Eq4Batch, ctx):
-    """Eq. 4 of the global batch on this rank's rows, divided by the whole batch's mistake count / N (distributed.py:
-    the mean over ranks is the single-process loss). Placeholders (-200) are never mistakes; clamped for the CE."""
-    rows, s = ctx.rows(len(batch.inputs)), batch.start
-    logits = model(batch.inputs[rows], views=batch.views, image_sizes=batch.sizes, logits_from=s)  # (b, L - s, V)
-    return rediff.refinement_loss(logits, batch.labels[rows, s:].clamp(min=0), batch.mistake[rows, s:],
-                                  ctx.count(batch.mistake))
+def eq4_rows(batch: Eq4Batch, rows: slice, model) -> ft.Rows:
+    """Rows `rows` as the model sees them: prompt, draft, <|endoftext|> up to these rows' longest; their images."""
+    chosen = batch.samples[rows]
+    ids, answer_at, start = ft.pack_rows([s["prompt"] for s in chosen], batch.drafts[rows])
+    views, sizes = ft.image_views(model, [s["image_path"] for s in chosen])
+    return ft.Rows(ids, answer_at, start, views, sizes)
+
+
+def eq4_loss(model, batch: Eq4Batch, rows: slice, device, image_model=None):
+    """Eq. 4 on rows `rows` of the global batch (a micro-batch of this process): a mean over drafts, each its own
+    mean over its corrected positions (every draft here has a correction), so equal micro-batches average to the
+    whole batch's loss. Logits at the draft's positions only (ft.answer_logits). image_model: the module whose
+    image_views preprocesses (the model itself unless `model` is a DDP wrapper)."""
+    part = eq4_rows(batch, rows, image_model or model).to(device)
+    logits = ft.answer_logits(model, part)                                          # (b, G, V)
+    return rediff.refinement_loss(logits, batch.refined[rows].to(device), batch.mistake[rows].to(device))
 
 
 def finetune_round(model, train_model, optimizer, params, samples, data, ordinary, cfg: Stage2Config, r: int,
                    first_step: int, ctx) -> list[dict]:
-    """One round's optimizer steps; returns each step's whole-batch losses."""
+    """One round's optimizer steps; returns each step's whole-batch losses. Each process runs its rows of the
+    own-draft part and of the Stage I part in --grad-accum micro-batches (one slice of each at a time)."""
     n_mix = round(cfg.batch_size * cfg.stage1_mix)
     n_own = cfg.batch_size - n_mix
     schedule = dataclasses.replace(cfg, steps=cfg.steps or math.ceil(len(samples) / n_own))  # restarts every round
     autocast, device, losses = ft.autocast_for(cfg, ctx), ctx.device, []
+    own_micro = ft.micro_batches(n_own, ctx, cfg.grad_accum)
+    mix_micro = ft.micro_batches(n_mix, ctx, cfg.grad_accum) if n_mix else [None] * cfg.grad_accum
     model.train()
     for i in tqdm(range(schedule.steps), desc=f"round {r + 1} fine-tune", dynamic_ncols=True):
         step = first_step + i
-        for group in optimizer.param_groups:
-            group["lr"] = ft.learning_rate(i, schedule)
+        ft.set_learning_rate(optimizer, i, schedule)
         picks = ft.take(list(range(len(samples))), cfg.seed, PICK_STREAM + r, i * n_own, n_own)  # passes over them
-        batch = eq4_batch(samples, picks, model, ctx.rows(n_own)).to(device)
-        with autocast:
-            loss = own = eq4_loss(train_model, batch, ctx)
-            parts = {"refine": own}
-            if n_mix:
-                mix = data.batch(step, n_mix, ctx.rows(n_mix)).to(device)
-                generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-                parts["stage1"], _ = ft.training_loss(train_model, mix, cfg, ctx, ordinary, generator)
-                loss = (n_own * own + n_mix * parts["stage1"]) / cfg.batch_size  # weighted by share of the batch
-        parts = {k: v.item() for k, v in ctx.mean({**parts, "total": loss}).items()}  # the whole batch's values
+        batch = eq4_batch(samples, picks)
+        if n_mix:
+            mix = data.batch(step, n_mix)
+            noisy = ft.corrupt(mix, cfg, ordinary, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+
+        def loss_of(rows):
+            own_rows, mix_rows = rows
+            own = eq4_loss(train_model, batch, own_rows, device, model)
+            if not n_mix:
+                return own, {"refine": own}
+            stage1, _ = ft.training_loss(train_model, data, mix, noisy, mix_rows, cfg, device)
+            # weighted by each part's share of the batch
+            return (n_own * own + n_mix * stage1) / cfg.batch_size, {"refine": own, "stage1": stage1}
+        optimizer.zero_grad(set_to_none=True)
+        total, parts = ft.accumulate(train_model, ctx, list(zip(own_micro, mix_micro)), autocast, loss_of)
+        parts = {k: v.item() for k, v in ctx.mean({**parts, "total": total}).items()}  # the whole batch's values
         if not math.isfinite(parts["total"]):
             raise SystemExit(f"round {r + 1}, step {i}: loss is {parts['total']}; stopping. The last saved state is "
                              f"{cfg.dcp} (try a lower --lr)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         losses.append({"step": step + 1, **parts})
     return losses
+
+
+def drafting_replica(model, ctx, cfg):
+    """The module that drafts. Without FSDP: the model itself (autocast casts on the fly). Under FSDP2: one
+    replica in the compute dtype (bfloat16 on CUDA), built parameter by parameter from the gathered shards: the
+    peak is that replica and one gathered tensor, never a whole float32 state dict beside a float32 replica (about
+    67 GB for 8B). Every rank must call it (the gathers are collectives)."""
+    if ctx.mode != "fsdp":
+        return model
+    dtype = distributed.resolve_dtype(cfg.param_dtype, ctx.device)
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses the model
+    with torch.device("meta"):
+        replica = cls(model.cfg)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor          # all-gather, one at a time
+        owner, _, attr = name.rpartition(".")
+        module = replica.get_submodule(owner)
+        value = full.detach().to(ctx.device, dtype if full.is_floating_point() else full.dtype)
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[attr] = value
+        del full
+    return replica.eval()
 
 # ----------------------------------------------------------------------------------------------------------------
 # Statistics, main
@@ -298,17 +330,18 @@ def main(argv=None):
         check_writable(cfg.cache, "--cache")
         check_endpoint(cfg.expert_base_url, "--expert-base-url", cfg.cache)  # before any drafting
     cfg.dcp = cfg.dcp or cfg.out.rstrip("/") + ".dcp"
+    ft.check_optimizer_flags(cfg)
     ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of a torchrun group (and its device)
     n_mix = round(cfg.batch_size * cfg.stage1_mix)
-    ctx.rows(cfg.batch_size - n_mix)  # refuses parts that do not split evenly over the ranks, before any work
-    ctx.rows(n_mix)
+    ft.micro_batches(cfg.batch_size - n_mix, ctx, cfg.grad_accum)  # refuses parts that do not split evenly
+    if n_mix:
+        ft.micro_batches(n_mix, ctx, cfg.grad_accum)
+    ft.check_memory(cfg, ctx)  # before any weight is loaded
     captions, pairs = ft.load_data(cfg)
-    model, tokenizer = load_llada_v(cfg.hf_model, ctx.device, torch.float32)  # float32 master weights
-    if model.cfg.vision is None:
-        raise SystemExit(f"--hf-model {cfg.hf_model} is a text-only LLaDA checkpoint: captioning needs LLaDA-V")
+    model, tokenizer = load_llada_v(cfg.hf_model, ctx.device, ft.MASTER_DTYPES[cfg.master_dtype])
     data = ft.CaptionData(captions, pairs, model, tokenizer, cfg)  # image sizes; the Stage I rows of the mix
     print(show_config(cfg))
-    ordinary = ft.ordinary_ids(model, tokenizer, ctx.device)
+    ordinary = ft.ordinary_ids(model, tokenizer, "cpu")
     train_model, params, optimizer = ft.prepare_training(model, ctx, cfg)
     first_round, step, history = 0, 0, []
     if cfg.resume:
@@ -316,7 +349,7 @@ def main(argv=None):
         if "round" not in meta:
             raise SystemExit(f"--resume: {cfg.dcp} holds a {meta.get('stage')!r} run, not Stage II; start Stage II "
                              f"from its Hugging Face export with --hf-model")
-        ft.check_resume(cfg, meta)
+        ft.check_resume(cfg, meta, ctx.world)
         first_round, step, history = meta["round"], meta["step"], meta["history"]
         print(f"resumed {cfg.dcp} after round {first_round}")
     shared_cache = cfg.expert == "openai" and cfg.cache
@@ -329,7 +362,7 @@ def main(argv=None):
         expert.cache.path = rank_cache_path(cfg.cache, ctx.rank)
     for r in range(first_round, cfg.rounds):
         records = ft.take(captions, cfg.seed, DRAFT_STREAM, r * cfg.drafts_per_round, cfg.drafts_per_round)
-        drafts = make_drafts(distributed.full_copy(model, ctx), tokenizer, data, records, cfg, ctx)
+        drafts = make_drafts(drafting_replica(model, ctx, cfg), tokenizer, data, records, cfg, ctx)
         reviews, counts = review(expert, drafts, ctx)  # and this round's expert statistics
         if shared_cache and ctx.is_main:
             merge_rank_caches(cfg.cache)  # the other ranks' new answers (they have all answered: gathered)
@@ -346,8 +379,8 @@ def main(argv=None):
         if not samples:
             print(f"round {r + 1}: no draft to train on (all right, or no valid pair): no fine-tuning")
         if (r + 1) % cfg.save_every == 0 or r + 1 in (cfg.stop_at, cfg.rounds):
-            distributed.save_dcp(cfg.dcp, model, optimizer, {"stage": "finetune-stage2", "round": r + 1, "step": step,
-                                                             "train_config": asdict(cfg), "history": history}, ctx)
+            ft.save_state(cfg, model, optimizer, {"stage": "finetune-stage2", "round": r + 1, "step": step,
+                                                  "train_config": asdict(cfg), "history": history}, ctx)
         if r + 1 == cfg.stop_at:
             print(f"stopped after round {r + 1} (--stop-at); continue with --resume")
             return model

@@ -1,8 +1,11 @@
 """tests/test_finetune_llada_v.py: finetune_llada_v.py on the tiny real-format LLaDA-V folder of tests/test_llada_v.py
-and a generated LLaVA-format caption set (images of several aspect ratios, ViCrit pairs): batches (placeholders, right
-padding, answer mask), gradients reach the projector and not the frozen tower, the loss falls, the exported folder
-loads back with the in-memory logits, 2-process DDP and FSDP2 (gloo) give the single-process losses and weights, a
-run stopped in 2 processes and resumed in 1 ends as the uninterrupted run, and bad data stops with a clear error."""
+and a generated LLaVA-format caption set (images of several aspect ratios, ViCrit pairs, ReDiff "revise" records):
+micro-batches (placeholders, padding to their own longest row, answer positions), answer-only logits, gradients reach
+the projector and the tower only when it trains, the loss falls, the exported folder loads back with the in-memory
+logits, one process with --grad-accum 2 equals 2-process DDP and a run stopped in 1 process and resumed under FSDP2
+in 2 (gloo), the memory plan on the real 8B config (meta device) and its refusal, each optimizer option on CPU, and
+bad data stops with a clear error."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +18,7 @@ from safetensors.torch import load_file
 
 import distributed
 import finetune_llada_v as ft
+from cli import parse_config
 import rediff
 from llada_v import EOS_ID, EOT_ID, IMAGE_TOKEN_INDEX, load_llada_v
 from tests.test_llada_v import tiny  # noqa: F401  (module-scoped fixture: the tiny checkpoint folder)
@@ -52,16 +56,17 @@ def args(tiny, dataset, out, *extra):
     data_json, pairs = dataset
     return ["--hf-model", tiny[0], "--data-json", data_json, "--vicrit-jsonl", pairs, "--answer-len", "20",
             "--batch-size", "4", "--steps", "4", "--lr", "1e-2", "--warmup-frac", "0", "--save-dtype", "float32",
-            "--shard-gb", "0.01", "--hallucination-frac", "0.25", "--device", "cpu", "--out", out, *extra]
+            "--shard-gb", "0.01", "--hallucination-frac", "0.25", "--device", "cpu", "--out", out,
+            "--vision-lr", "1e-5", *extra]
 
 
 def eq1_loss(model, data, step=0):
     """Eq. 1 on a fixed batch with fixed masks: comparable between models."""
-    batch = data.batch(step, 8, slice(None))
-    generator = torch.Generator().manual_seed(123)
+    batch = data.batch(step, 8)
     cfg = ft.FinetuneConfig(objective="mask", answer_len=20)
+    noisy = ft.corrupt(batch, cfg, None, torch.Generator().manual_seed(123))
     with torch.no_grad():
-        return ft.training_loss(model, batch, cfg, distributed.Context(), None, generator)[0].item()
+        return ft.training_loss(model, data, batch, noisy, slice(None), cfg, "cpu")[0].item()
 
 
 def caption_data(tiny, dataset, model, tokenizer, **overrides):
@@ -73,54 +78,94 @@ def caption_data(tiny, dataset, model, tokenizer, **overrides):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_batches_pad_rows_on_the_right_and_mark_the_answer(tiny, dataset):
+def test_micro_batches_pad_their_own_rows_and_mark_the_answer(tiny, dataset):
     model, tokenizer = load_llada_v(tiny[0])
     data = caption_data(tiny, dataset, model, tokenizer, hallucination_frac=0.25)
     assert len(data.pairs) == 1 and data.stats["pairs_dropped_token_counts_differ"] == 1
-    batch = data.batch(0, 8, slice(4, 8))  # a second rank's half of a global batch of 8
+    batch = data.batch(0, 8)
     records = data.records(0, 8)
+    assert batch.answers.shape == batch.wrong.shape == (8, 20)
     counts = [model.n_image_tokens(Image.open(r["image_path"]).size) for r in records]
-    assert len(set(counts)) > 1, "the rows must differ in image-token count for this test to mean anything"
-    for b, r in enumerate(records):
-        row, answer = batch.ids[b], batch.answer_mask[b]
-        assert (row == IMAGE_TOKEN_INDEX).sum() == counts[b]
-        start = int(answer.nonzero()[0])
-        assert answer.sum() == 20 and answer[start:start + 20].all()
+    assert len(set(counts[4:])) > 1, "the rows must differ in image-token count for this test to mean anything"
+    rows = data.rows(batch, batch.answers, slice(4, 8))  # a second rank's half of a global batch of 8
+    starts = []
+    for b, r in enumerate(records[4:]):
+        row, at = rows.ids[b], rows.start + rows.answer_at[b]
+        assert (row == IMAGE_TOKEN_INDEX).sum() == counts[4 + b]
+        start = int(at[0])
+        starts.append(start)
+        assert at.tolist() == list(range(start, start + 20)) and (row[start + 20:] == EOS_ID).all()
+        assert row[start - 1] != EOS_ID  # the prompt ends right before the answer
         caption = tokenizer.encode(r["caption"])
         if len(caption) >= 20:  # the long caption is cut, with no end of turn
-            assert row[start:start + 20].tolist() == caption[:20] and (row[start + 20:] == EOS_ID).all()
+            assert row[start:start + 20].tolist() == caption[:20]
             continue
         assert row[start:start + len(caption)].tolist() == caption
-        assert row[start + len(caption)] == EOT_ID and (row[start + len(caption) + 1:] == EOS_ID).all()
-    starts = [int(m.nonzero()[0]) for m in batch.answer_mask]                      # prompt lengths
-    assert batch.start == min(starts) and batch.ids.shape[1] == max(starts) + 20  # padded to the longest row
+        assert row[start + len(caption)] == EOT_ID and (row[start + len(caption) + 1:start + 20] == EOS_ID).all()
+    assert rows.start == min(starts) and rows.ids.shape[1] == max(starts) + 20  # padded to these rows' longest
+    whole = data.rows(batch, batch.answers, slice(None))
+    assert whole.ids.shape[1] >= rows.ids.shape[1]
     cut = sum(len(tokenizer.encode(r["caption"])) >= 20 for r in records[:6])
     assert data.stats["captions_cut"] == cut
     assert data.answer(list(range(25))) == list(range(20)) and data.stats["captions_cut"] == cut + 1
     assert 8 - round(0.25 * 8) == sum(not r.get("wrong_ids") for r in records), "2 of 8 rows are ViCrit pairs"
-    assert batch.wrong_span.any() and not (batch.wrong_span & ~batch.answer_mask).any()
-    assert batch.sizes == [Image.open(r["image_path"]).size for r in records[4:]]  # this rank's images only
-    assert batch.views.shape[0] == sum(1 + model.image_layout(s).rows * model.image_layout(s).cols
-                                       for s in batch.sizes)
+    assert batch.wrong_span.any() and batch.wrong_span[:6].sum() == 0
+    assert rows.sizes == [Image.open(r["image_path"]).size for r in records[4:]]  # these rows' images only
+    assert rows.views.shape[0] == sum(1 + model.image_layout(s).rows * model.image_layout(s).cols
+                                      for s in rows.sizes)
 
 
-def test_gradients_reach_projector_and_language_model_not_the_frozen_tower(tiny, dataset):
+def test_micro_batches_of_one_process_are_those_of_several():
+    """Rank r's micro-batch j holds the same rows as micro-batch r * grad_accum + j of one process."""
+    one = ft.micro_batches(8, distributed.Context(), 4)
+    for world, accum in ((2, 2), (4, 1)):
+        ranks = [ft.micro_batches(8, distributed.Context("ddp", rank, world), accum) for rank in range(world)]
+        assert [m for r in ranks for m in r] == one
+    with pytest.raises(SystemExit, match="--batch-size 8 does not split into 1 process.*--grad-accum 3"):
+        ft.micro_batches(8, distributed.Context(), 3)
+
+
+def test_answer_logits_are_the_full_logits_at_the_answer_positions(tiny, dataset):
     model, tokenizer = load_llada_v(tiny[0])
-    model.requires_grad_(True)
-    model.vision_tower.requires_grad_(False)
     data = caption_data(tiny, dataset, model, tokenizer)
-    batch = data.batch(0, 4, slice(None))
-    cfg = ft.FinetuneConfig(answer_len=20)
-    ordinary = torch.arange(300)
-    loss, parts = ft.training_loss(model, batch, cfg, distributed.Context(), ordinary, torch.Generator().manual_seed(0))
-    loss.backward()
-    assert set(parts) == set(rediff.TYPE_NAMES.values()) and parts["mask"] > 0
-    for p in (model.mm_projector[0].weight, model.mm_projector[2].bias, model.image_newline, model.lm.lm_head.weight):
-        assert p.grad is not None and p.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.vision_tower.parameters())
+    batch = data.batch(0, 4)
+    rows = data.rows(batch, batch.answers, slice(None))
+    with torch.no_grad():
+        ours = ft.answer_logits(model, rows)                                             # (b, A, V)
+        full = model(rows.ids, views=rows.views, image_sizes=rows.sizes)                 # (b, L, V)
+    assert ours.shape == (4, 20, full.shape[-1])
+    torch.testing.assert_close(ours, full.gather(1, (rows.start + rows.answer_at)[..., None].expand_as(ours)),
+                               rtol=1e-4, atol=1e-4)
+    assert not model.lm.norm._forward_pre_hooks, "the hook is removed after the call"
+
+
+def test_gradients_reach_projector_language_model_and_the_tower_only_when_it_trains(tiny, dataset):
+    model, tokenizer = load_llada_v(tiny[0])
+    data = caption_data(tiny, dataset, model, tokenizer)
+    for vision_lr in (0.0, 1e-6):
+        cfg = ft.FinetuneConfig(answer_len=20, vision_lr=vision_lr, lr=1e-4)
+        _, _, optimizer = ft.prepare_training(model, distributed.Context(), cfg)
+        model.zero_grad(set_to_none=True)
+        batch = data.batch(0, 4)
+        noisy = ft.corrupt(batch, cfg, torch.arange(300), torch.Generator().manual_seed(0))
+        loss, parts = ft.training_loss(model, data, batch, noisy, slice(None), cfg, "cpu")
+        loss.backward()
+        assert set(parts) == set(rediff.TYPE_NAMES.values()) and parts["mask"] > 0
+        for p in (model.mm_projector[0].weight, model.mm_projector[2].bias, model.image_newline,
+                  model.lm.lm_head.weight):
+            assert p.grad is not None and p.grad.abs().sum() > 0
+        tower = list(model.vision_tower.parameters())
+        if vision_lr:
+            assert all(p.grad is not None for p in tower)
+            assert [g["lr_scale"] for g in optimizer.param_groups] == [1.0, pytest.approx(0.01)]
+            ft.set_learning_rate(optimizer, 0, dataclasses.replace(cfg, steps=10, warmup_frac=0))
+            assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(1e-4), pytest.approx(1e-6)]
+        else:
+            assert all(p.grad is None for p in tower) and len(optimizer.param_groups) == 1
     # the batched, differentiable encode gives encode_image's tokens, image by image
-    tokens = model.embed_views(batch.views, batch.sizes)                                # (B, N, D)
-    for b in range(len(batch.sizes)):
+    rows = data.rows(batch, batch.answers, slice(None))
+    tokens = model.embed_views(rows.views, rows.sizes)                                  # (B, N, D)
+    for b in range(len(rows.sizes)):
         image = Image.open(data.records(0, 4)[b]["image_path"]).convert("RGB")
         alone = model.encode_image(image)[0]
         torch.testing.assert_close(tokens[b, :len(alone)], alone)
@@ -132,12 +177,13 @@ def test_gradients_reach_projector_and_language_model_not_the_frozen_tower(tiny,
 
 @pytest.fixture(scope="module")
 def runs(tiny, dataset, tmp_path_factory):
-    """single: 4 steps in this process. ddp: the same in 2 processes (with activation checkpointing). resumed: steps
-    1-2 in this process (--stop-at 2: a DCP folder written by 1 process), steps 3-4 under FSDP2 in 2 processes."""
+    """single: 4 steps in this process in 2 micro-batches. ddp: the same in 2 processes of one micro-batch (with
+    activation checkpointing). resumed: steps 1-2 in this process (--stop-at 2: a DCP folder written by 1 process),
+    steps 3-4 under FSDP2 in 2 processes."""
     d = tmp_path_factory.mktemp("finetune")
     p = lambda name: str(d / name)  # noqa: E731
-    single = ft.main(args(tiny, dataset, p("single")))
-    ft.main(args(tiny, dataset, p("resumed"), "--stop-at", "2"))
+    single = ft.main(args(tiny, dataset, p("single"), "--grad-accum", "2"))
+    ft.main(args(tiny, dataset, p("resumed"), "--stop-at", "2", "--grad-accum", "2"))
     stopped = distributed.read_dcp_meta(p("resumed.dcp"))
     assert not os.path.exists(p("resumed")), "--stop-at saves the training state, not the export"
     launch = ["finetune_llada_v.py", *args(tiny, dataset, p("ddp"), "--parallel", "ddp", "--activation-checkpointing"),
@@ -182,14 +228,19 @@ def test_export_loads_back_with_the_in_memory_logits_and_captions(runs, tiny, da
     loaded, tokenizer = load_llada_v(folder)
     source, _ = load_llada_v(tiny[0])
     data = caption_data(tiny, dataset, loaded, tokenizer)
-    batch = data.batch(0, 4, slice(None))
+    batch = data.batch(0, 4)
+    rows = data.rows(batch, batch.answers, slice(None))
     with torch.no_grad():
-        ours, theirs, before = (m(batch.ids, views=batch.views, image_sizes=batch.sizes, logits_from=batch.start)
+        ours, theirs, before = (m(rows.ids, views=rows.views, image_sizes=rows.sizes, logits_from=rows.start)
                                 for m in (single, loaded, source))
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert (theirs - before).abs().max() > 1e-2, "the export holds the trained weights, not the source's"
-    for name in ("vision_tower.trunk.blocks.0.attn.qkv.weight", "vision_tower.trunk.pos_embed"):  # frozen: unchanged
-        assert torch.equal(dict(loaded.named_parameters())[name], dict(source.named_parameters())[name])
+    # the tower trains at its own learning rate (1e-5 against 1e-2): Adam moves it about a thousandth as far
+    weights, start = dict(loaded.named_parameters()), dict(source.named_parameters())
+    moved = lambda name: (weights[name] - start[name]).abs().max().item()  # noqa: E731
+    for name in ("vision_tower.trunk.blocks.0.attn.qkv.weight", "vision_tower.trunk.pos_embed"):
+        assert 0 < moved(name) <= 4 * 1e-5 * 1.01
+    assert moved("mm_projector.0.weight") > 1e-2
     photo = os.path.join(os.path.dirname(dataset[0]), "images", "0.png")
     sample.main(["--ckpt", folder, "--image", photo, "--tokens-per-step", "4", "--gen-length", "8", "--device", "cpu"])
     assert "caption" in capsys.readouterr().out
@@ -206,7 +257,7 @@ def test_loss_falls_on_the_training_captions(runs, tiny, dataset):
     assert any(h["hallucination"] > 0 for h in steps), "the ViCrit pair reached the hallucination term"
 
 
-def test_ddp_two_processes_give_the_single_process_run(runs):
+def test_ddp_two_processes_give_the_single_process_run_of_two_micro_batches(runs):
     p, _, _, stdout = runs
     assert_same_run(p("single"), p("ddp"))
     assert stdout.count("done: 4 steps") == 2, "rank 0 prints (both runs), rank 1 does not"
@@ -241,5 +292,119 @@ def test_missing_image_and_bad_field_name_the_file_record_and_fix(tiny, dataset,
     cfg = ft.FinetuneConfig(data_json=str(broken), image_root=root, skip_bad=True)
     captions, _ = ft.load_data(cfg)
     assert len(captions) == 1
-    with pytest.raises(SystemExit, match="--vicrit-jsonl feeds Stage I"):
+    with pytest.raises(SystemExit, match="--vicrit-jsonl / --vicrit-train-json feed Stage I"):
         ft.main(base + ["--objective", "mask", "--vicrit-jsonl", dataset[1]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The memory plan and the optimizer options
+
+
+def real_8b_config():
+    from llada_v import config_from_hf
+    from tests.test_llada_v import REAL_CONFIG
+    return config_from_hf(REAL_CONFIG)
+
+
+def test_memory_plan_of_the_real_8b_config_on_the_meta_device():
+    config = real_8b_config()
+    V, D, F, layers = 126349, 4096, 12288, 32
+    n_lm = 2 * V * D + layers * (4 * D * D + 3 * D * F + 2 * D) + D
+    Dv, Fv, used = 1152, 4304, 26  # SigLIP so400m/14, the 26 layers LLaDA-V runs
+    n_tower = (3 * 14 * 14 * Dv + Dv) + 729 * Dv + used * (4 * Dv * Dv + 4 * Dv + 2 * Dv * Fv + Fv + Dv + 4 * Dv)
+    n_rest = (Dv * D + D) + (D * D + D) + D  # projector, image_newline
+    n_all = n_lm + n_tower + n_rest
+    assert ft.parameter_counts(config) == (n_all, n_tower, 2 * V * D + D + n_rest)
+    assert 8.4e9 < n_all < 8.5e9
+    base = ft.FinetuneConfig(batch_size=8, answer_len=128, vision_lr=1e-6, param_dtype="auto")
+    plan = ft.memory_plan(config, base, 80 * ft.GIB)
+    assert plan.parts["weights"] == 4 * n_all and plan.parts["compute copies"] == 2 * n_all
+    assert plan.parts["gradients"] == 4 * n_all and plan.parts["optimizer states"] == 8 * n_all
+    assert plan.seq_len == ft.TEXT_TOKENS + (729 + 40 * 55) + 128  # 640x480: 2 x 2 crops, 40 x 54 features kept
+    assert plan.micro_batch == 8 and plan.parts["activations"] == 8 * plan.per_sample
+    assert not plan.fits and plan.total > 18 * n_all  # float32 weights, gradients and Adam: 8.4 B x 18 bytes
+    small = ft.memory_plan(config, dataclasses.replace(base, optimizer="adamw8bit", master_dtype="bfloat16",
+                                                       activation_checkpointing=True, grad_accum=8), 80 * ft.GIB)
+    assert small.parts["weights"] == small.parts["gradients"] == 2 * n_all and "compute copies" not in small.parts
+    assert small.parts["optimizer states"] == int(n_all * (2 + 8 / 256))
+    assert small.micro_batch == 1 and small.per_sample < plan.per_sample / 5  # checkpointing keeps block inputs
+    assert small.fits, small.text()
+    frozen = ft.memory_plan(config, dataclasses.replace(base, vision_lr=0.0), 80 * ft.GIB)
+    assert frozen.parts["gradients"] == 4 * (n_all - n_tower) and frozen.per_sample < plan.per_sample
+    sharded = ft.memory_plan(config, dataclasses.replace(base, parallel="fsdp"), 80 * ft.GIB, world=8)
+    assert sharded.parts["weights"] == 4 * n_all // 8 and sharded.parts["optimizer states"] == 8 * n_all // 8
+    assert sharded.micro_batch == 1 and "compute copies" not in sharded.parts
+    fix = ft.fitting_flags(config, base, 80 * ft.GIB, 1)
+    assert fix[:3] == ["--activation-checkpointing", "--optimizer adamw8bit", "--master-dtype bfloat16"]
+    assert ft.fitting_flags(config, base, 10 * ft.GIB, 1) is None
+
+
+def test_a_plan_that_does_not_fit_is_refused_before_loading_naming_the_flags(tiny, dataset, tmp_path):
+    from llada_v import config_from_hf
+    config = config_from_hf(json.load(open(os.path.join(tiny[0], "config.json"))))
+    cfg = ft.FinetuneConfig(batch_size=4, answer_len=20, param_dtype="float32")
+    need = ft.memory_plan(config, cfg, 0, device_type="cpu").total
+    lean = dataclasses.replace(cfg, activation_checkpointing=True, optimizer="adamw8bit", master_dtype="bfloat16")
+    assert ft.memory_plan(config, lean, 0, device_type="cpu").total < need
+    gib = (need + ft.memory_plan(config, lean, 0, device_type="cpu").total) / 2 / ft.GIB
+    base = args(tiny, dataset, str(tmp_path / "o"), "--param-dtype", "float32", "--vision-lr", "1e-6",
+                "--device-memory-gib", str(gib))
+    with pytest.raises(SystemExit, match=r"memory plan: .* GiB per device, but cpu has .* GiB; add "
+                                         r"--activation-checkpointing.*--ignore-memory-plan") as err:
+        ft.main(base)
+    flags = str(err.value).split("; add ")[1].split(" (or")[0].split()
+    fixed = parse_config(ft.FinetuneConfig, base + flags)
+    assert ft.memory_plan(config, fixed, gib * ft.GIB, device_type="cpu").fits
+    with pytest.raises(SystemExit, match="--master-dtype bfloat16 needs --optimizer adamw8bit"):
+        ft.main(base + ["--master-dtype", "bfloat16"])
+
+
+@pytest.mark.parametrize("flags", [["--optimizer", "adamw8bit"],
+                                   ["--optimizer", "adamw8bit", "--master-dtype", "bfloat16"]])
+def test_each_optimizer_option_trains_the_tiny_model_on_cpu(tiny, dataset, tmp_path, flags):
+    """torchao's AdamW8bit (8-bit states; with bf16 weights, stochastic rounding). Its step is compiled with
+    torch.compile, which takes minutes on a small CPU: the test runs the same code eagerly. torch AdamW (float32)
+    is the run of the fixture above."""
+    pytest.importorskip("torchao")
+    out = str(tmp_path / "o")
+    with torch.compiler.set_stance("force_eager"):
+        model = ft.main(args(tiny, dataset, out, "--steps", "2", "--batch-size", "2", *flags))
+    steps = history(out)
+    assert [h["step"] for h in steps] == [1, 2] and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
+    dtype = torch.bfloat16 if "bfloat16" in flags else torch.float32
+    assert model.lm.lm_head.weight.dtype == dtype
+    source, _ = load_llada_v(tiny[0])
+    moved = (model.lm.lm_head.weight.float() - source.lm.lm_head.weight).abs().max().item()
+    assert moved > 1e-3, "lr 1e-2 for 2 steps moves the weights"
+    meta = distributed.read_dcp_meta(out + ".dcp")
+    assert meta["train_config"]["optimizer"] == "adamw8bit" and meta["step"] == 2
+
+
+def test_revise_records_and_vicrit_train_become_hallucination_pairs(tiny, dataset, tmp_path):
+    """ReDiff's records with "revise" corrections never train as captions as written; ViCrit-Train pairs are kept
+    when both captions and both solutions have the same token count under the model's tokenizer."""
+    data_json, _ = dataset
+    root = os.path.dirname(data_json)
+    records = json.load(open(data_json))
+    wrong = dict(records[0], conversations=[records[0]["conversations"][0],
+                                            {"from": "gpt", "value": "a blue picture."}],
+                 revise=[{"org": "blue", "target": "red"}])
+    json.dump(records + [wrong], open(tmp_path / "rediff.json", "w"))
+    model, tokenizer = load_llada_v(tiny[0])
+    same = lambda a, b: len(tokenizer.encode(a)) == len(tokenizer.encode(b))  # noqa: E731
+    assert same("the xkq box.", "the qkx box.") and not same("the red box.", "the xkqzvj box.")
+    vicrit = [{"image": "images/0.png", "problem": "<image>\nDescribe the image.", "original_caption": o,
+               "changed_caption": c, "solution_original": so, "solution_target": st}
+              for o, c, so, st in (("the xkq box.", "the qkx box.", "xkq", "qkx"),
+                                   ("the red box.", "the xkqzvj box.", "red", "xkqzvj"))]
+    json.dump(vicrit, open(tmp_path / "vicrit_train.json", "w"))
+    cfg = ft.FinetuneConfig(hf_model=tiny[0], data_json=str(tmp_path / "rediff.json"), image_root=root,
+                            vicrit_train_json=str(tmp_path / "vicrit_train.json"), answer_len=20)
+    captions, pairs = ft.load_data(cfg)
+    assert len(captions) == len(records) and all("blue" not in c["caption"] for c in captions)
+    assert [(p["wrong"], p["caption"]) for p in pairs[:1]] == [("a blue picture.", "a red picture.")]
+    data = ft.CaptionData(captions, pairs, model, tokenizer, cfg)
+    assert [p["wrong"] for p in data.pairs] == ["a blue picture.", "the qkx box."]
+    assert data.stats["pairs_dropped_token_counts_differ"] == 1
+    masked, _ = ft.load_data(dataclasses.replace(cfg, objective="mask", vicrit_train_json=""))
+    assert masked[-1]["caption"] == "a red picture." and "wrong" not in masked[-1]
