@@ -100,7 +100,8 @@ def banned_ids(tokenizer) -> list[int]:
 
 
 class ModelLogits:
-    """rediff.generate's logits_fn for a VLM whose image tokens were computed once per caption.
+    """rediff.generate's logits_fn for a VLM whose image tokens were computed once per caption:
+    model.VLM, or llada_v.LLaDAV (the real LLaDA-V / ReDiff weights; its forward takes the same call).
 
     Only positions from the current block on get logits (the prompt's are never read), which is exact. With
     prefix_cache=True (the idea of Fast-dLLM's block-wise approximate KV cache), the first step of each block runs the
@@ -255,20 +256,29 @@ def caption_real_weights(cfg: "SampleConfig") -> str:
     from model import pick_device
     if not cfg.image:
         raise SystemExit(f"{cfg.ckpt} is a LLaDA-V / ReDiff folder: give the photo to caption with --image PATH")
-    if cfg.prefix_cache or cfg.threshold or cfg.final_passes:
-        raise SystemExit("--prefix-cache, --threshold and --final-passes work with this project's checkpoints only, "
-                         "not yet with a LLaDA-V / ReDiff folder")
+    if cfg.final_passes or cfg.draft:
+        raise SystemExit("--final-passes and --draft work with this project's checkpoints only, "
+                         "not with a LLaDA-V / ReDiff folder: drop them")
+    gen_length = cfg.gen_length or 128
+    check_block_length(cfg.block_length, gen_length, "the answer")
     loaded = load_llada_v(cfg.ckpt, pick_device(cfg.device))
     want_trace = bool(cfg.trace or cfg.trace_out)
-    out = caption(cfg.ckpt, cfg.image, cfg.tokens_per_step, cfg.refine, cfg.gen_length or 128,
-                  temperature=cfg.temperature, device=cfg.device, seed=cfg.seed, return_trace=want_trace, loaded=loaded)
+    # the official LLaDA-V sampler's rules (banned ids, stop at <|eot_id|>), logits for the answer
+    out = caption(cfg.ckpt, cfg.image, cfg.tokens_per_step, cfg.refine, gen_length,
+                  temperature=cfg.temperature, device=cfg.device, seed=cfg.seed,
+                  return_trace=want_trace, loaded=loaded,
+                  block_length=cfg.block_length or None, prefix_cache=cfg.prefix_cache,
+                  cache_refresh=cfg.cache_refresh, threshold=cfg.threshold or None)
     if cfg.trace:
         print("\n".join(trace_lines(loaded[1], out["trace"])))
     if cfg.trace_out:
         with open(cfg.trace_out, "w", encoding="utf-8") as f:
             f.write(trace_html(loaded[1], out["trace"]))
     print(f"caption      : {out['text']}")
-    print(f"sampler      : {'refining' if cfg.refine else 'frozen'}, {cfg.tokens_per_step} tokens/step, "
+    speed = f"threshold {cfg.threshold}" if cfg.threshold else f"{cfg.tokens_per_step} tokens/step"
+    if cfg.prefix_cache:
+        speed += f", prefix cache (refresh {cfg.cache_refresh or 'once per block'})"
+    print(f"sampler      : {'refining' if cfg.refine else 'frozen'}, {speed}, "
           f"{out['forward_passes']} forward passes ({out['seconds']:.2f} s)")
     return out["text"]
 

@@ -11,9 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llada_v
-from llada_v import (BOS_ID, EOT_ID, IMAGE_TOKEN_INDEX, MASK_ID, CheckpointMismatch, LLaDAV, anyres_crops,
-                     anyres_layout, caption, chat_prompt, config_from_hf, load_llada_v, merge_anyres_features,
-                     parse_grid_pinpoints, prompt_ids)
+import sample
+from cli import run_main
+from llada_v import (BOS_ID, EOT_ID, IMAGE_TOKEN_INDEX, MASK_ID, SAMPLER_BANNED_IDS,
+                     CheckpointMismatch, LLaDAV, anyres_crops, anyres_layout, caption, chat_prompt,
+                     config_from_hf, load_llada_v, merge_anyres_features, parse_grid_pinpoints,
+                     prompt_ids)
 from model import LLADA_8B, LLaDA
 
 transformers = pytest.importorskip("transformers")  # test-only dependency (requirements.txt)
@@ -301,7 +304,6 @@ def test_caption_runs_end_to_end_on_the_tiny_folder(tiny, loaded, tmp_path):
 
 def test_sample_py_captions_with_a_real_format_folder(tiny, tmp_path, capsys):
     """sample.py --ckpt FOLDER --image PHOTO goes through llada_v.py, with the refinement trace on request."""
-    import sample
     from PIL import Image
     path = str(tmp_path / "photo.png")
     Image.new("RGB", (50, 50), (30, 30, 200)).save(path)
@@ -309,6 +311,115 @@ def test_sample_py_captions_with_a_real_format_folder(tiny, tmp_path, capsys):
                         "--trace", "--device", "cpu"])
     out = capsys.readouterr().out
     assert isinstance(text, str) and "caption" in out and "2 forward passes" in out and "step" in out
+    # the sampler's speed-ups work on a folder too; --final-passes is refused in one line
+    sample.main(["--ckpt", tiny[0], "--image", path, "--gen-length", "8", "--block-length", "4",
+                 "--threshold", "0.9", "--prefix-cache", "--device", "cpu"])
+    assert "threshold 0.9, prefix cache (refresh once per block)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        run_main(sample.main, ["--ckpt", tiny[0], "--image", path, "--final-passes", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code != 0 and len(lines) == 1 and "--final-passes" in lines[0]
+
+
+def photo(tmp_path, size=(60, 40)):
+    from PIL import Image
+    path = str(tmp_path / "photo.png")
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    return path
+
+
+def test_logits_from_the_answer_start_and_the_prefix_cache_equal_the_full_pass(loaded, tmp_path):
+    """The caption path's partial logits (from the answer's start) and a fresh prefix cache
+    (sample.ModelLogits) give the full forward pass's logits of those positions."""
+    from data.loaders import open_image
+    model, tokenizer = loaded
+    embeds = model.encode_image(open_image(photo(tmp_path)))                 # (1, N, D)
+    prompt = prompt_ids(tokenizer, embeds.shape[1])
+    ids = torch.tensor([prompt + [MASK_ID, 5, MASK_ID, 17, MASK_ID, MASK_ID]])   # (1, P + 6)
+    P = len(prompt)
+    with torch.no_grad():
+        full = model(ids, embeds)                                             # (1, L, V)
+        partial = model(ids, embeds, logits_from=P)                           # (1, 6, V)
+        first, kv = model(ids, embeds, keep_kv=P, logits_from=P)
+        cached = model(ids[:, P:], past_kv=kv)                     # the answer only, on the cache
+    assert partial.shape == (1, 6, VOCAB)
+    for other in (partial, first, cached):
+        assert (other - full[:, P:]).abs().max().item() <= 1e-5
+
+
+def test_caption_computes_logits_for_the_answer_only(loaded, tmp_path):
+    model, _ = loaded
+    rows = []
+    hook = model.lm.lm_head.register_forward_hook(lambda m, i, out: rows.append(out.shape[1]))
+    try:
+        out = caption("", photo(tmp_path), tokens_per_step=4, gen_length=8, loaded=loaded)
+    finally:
+        hook.remove()
+    assert out["forward_passes"] == len(rows) == 2 and rows == [8, 8]        # not prompt_tokens + 8
+    cached = caption("", photo(tmp_path), tokens_per_step=4, gen_length=8, loaded=loaded,
+                     prefix_cache=True, cache_refresh=1)        # refreshed every step: exact
+    assert torch.equal(cached["ids"], out["ids"])
+
+
+class FavouredIds(torch.nn.Module):
+    """An LM head that adds `bonus` to the logits of some ids (a model that wants them always)."""
+
+    def __init__(self, head, bonus: dict):
+        super().__init__()
+        self.head, self.bonus = head, bonus
+
+    def forward(self, x):
+        logits = self.head(x).clone()
+        for i, b in self.bonus.items():
+            logits[..., i] += b
+        return logits
+
+
+def test_caption_uses_the_official_banned_ids_and_stops_at_the_end_of_turn(loaded, tmp_path):
+    """Every banned id is favoured most, <|eot_id|> next: none of the banned ids appears, the
+    caption is empty and the answer is <|eot_id|> from its stop on, which comes within two steps
+    (8 tokens, 4 a step). The banned ids favoured alone: the answer holds none of them (no mask)."""
+    assert set(SAMPLER_BANNED_IDS) == {126081, 126080, 126346, 126347}
+    model, _ = loaded
+    head = model.lm.lm_head
+    try:
+        banned = {i: 2000.0 for i in SAMPLER_BANNED_IDS}
+        model.lm.lm_head = FavouredIds(head, banned | {EOT_ID: 1000.0})
+        for refine in (True, False):
+            out = caption("", photo(tmp_path), tokens_per_step=4, refine=refine, gen_length=8,
+                          loaded=loaded)
+            assert out["ids"].tolist() == [EOT_ID] * 8 and out["text"] == ""
+            assert out["forward_passes"] <= 2
+        model.lm.lm_head = FavouredIds(head, banned)
+        out = caption("", photo(tmp_path), tokens_per_step=4, gen_length=8, loaded=loaded)
+        assert not set(SAMPLER_BANNED_IDS + (MASK_ID,)) & set(out["ids"].tolist())
+    finally:
+        model.lm.lm_head = head
+
+
+def test_rope_theta_is_read_from_the_config_and_required(tiny, tmp_path, capsys):
+    assert config_from_hf(dict(REAL_CONFIG, rope_theta=123.0)).lm.rope_theta == 123.0
+    original = {"d_model": 32, "n_layers": 2, "n_heads": 4, "mlp_hidden_size": 64,
+                "vocab_size": VOCAB}
+    assert config_from_hf(dict(original, rope_theta=77.0)).lm.rope_theta == 77.0
+    for config in (REAL_CONFIG, original):
+        missing = {k: v for k, v in config.items() if k != "rope_theta"}
+        with pytest.raises(CheckpointMismatch, match=r"here/config.json: no \"rope_theta\" field"):
+            config_from_hf(missing, "here/config.json")
+    # through sample.py: one line on stderr naming the file and the field, a non-zero exit
+    folder = tmp_path / "no_rope"
+    shutil.copytree(tiny[0], folder)
+    with open(folder / "config.json") as f:
+        config = json.load(f)
+    del config["rope_theta"]
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(sample.main, ["--ckpt", str(folder), "--image", photo(tmp_path), "--device",
+                               "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code != 0 and len(lines) == 1, lines
+    assert f"{folder}/config.json" in lines[0] and "rope_theta" in lines[0]
 
 
 def test_image_tokens_are_spliced_at_placeholders_and_pad_mode_adds_one_newline(loaded):
