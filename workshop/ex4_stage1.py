@@ -14,7 +14,11 @@ Paper
 
 Where the project implements it (read it afterwards)
     rediff.py: corrupt_for_revision (the corruption and every position's type), typed_losses
-    (Eq. 2-3); data/shapes.py: hallucination_pair; train_stage1.py: training_loss.
+    (Eq. 2-3), hallucination_rows; data/shapes.py: hallucination_pair; train_stage1.py:
+    training_loss. The demo puts the hallucinated word on a visible token, as the paper's text
+    does (train_stage1.py --hallucination-form visible); by default the project follows the
+    official code instead: a hallucination pair is a row of its own, the whole altered caption
+    visible and only the altered words scored (rediff.hallucination_rows).
 
 Your task
     Fill in the three TODO lines of typed_losses. N_type is counted in each caption (row) on its
