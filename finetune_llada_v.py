@@ -1,5 +1,6 @@
-"""finetune_llada_v.py: fine-tune a Hugging Face LLaDA-V / ReDiff folder on real caption data with the masked-diffusion
-objective (Eq. 1) or ReDiff's Stage I foundational revision (Eq. 2-3), in one process or under torchrun (DDP / FSDP2).
+"""finetune_llada_v.py: fine-tune a Hugging Face LLaDA-V / ReDiff folder on real caption data with
+the masked-diffusion objective (Eq. 1) or ReDiff's Stage I foundational revision (Eq. 2-3), in one
+process or under torchrun (DDP / FSDP2).
 
     python finetune_llada_v.py --hf-model LLaDA-V --data-json captions.json --image-root images --out out/rediff-s1 \\
         --optimizer adamw8bit --master-dtype bfloat16 --activation-checkpointing --grad-accum 8   # one 80 GB GPU
@@ -14,20 +15,23 @@ What it writes:
   --dcp   the resumable training state (weights, Adam, step, loss history): a sharded DCP folder (distributed.py),
           every --save-every steps, at --stop-at and at the end. --resume continues it with any number of processes.
 
-A row of a batch: the LLaDA chat prompt (one placeholder per image token, their number from the image's anyres
-layout, then the question), the answer (caption, <|eot_id|>, then <|endoftext|> up to --answer-len: LLaDA trains on
-that padding), then <|endoftext|> up to the longest row of its micro-batch (visible, never masked or scored). Only
-the answer is masked, corrupted and scored, and only the answer's positions get logits. Everything trains: the
-language model, projector and image_newline at --lr, the vision tower at its own --vision-lr (the official scripts:
-1e-6 against 5e-6; --vision-lr 0 freezes it).
+A row of a batch: the LLaDA chat prompt (one placeholder per image token, their number from the
+image's anyres layout, then the question), the answer (caption, <|eot_id|>, then <|endoftext|> up to
+--answer-len: LLaDA trains on that padding), then <|endoftext|> up to the longest row of its
+micro-batch (visible, never masked or scored). Only the answer is masked, corrupted and scored, and
+only the answer's positions get logits. Everything trains: the language model, projector and
+image_newline at --lr, the vision tower at its own --vision-lr (the official scripts: 1e-6 against
+5e-6; --vision-lr 0 freezes it).
 
-A step: the global batch's masks and corruptions are drawn on its answers alone (one process's draws, whatever the
-padding); each process takes its rows (distributed.py), in --grad-accum micro-batches of batch_size / (processes x
-grad_accum) rows, each padded to its own longest row; gradients add up over the micro-batches. One process with
---grad-accum 2 and two with --grad-accum 1 run the same micro-batches, so they train the same weights.
+A step: the global batch's masks and corruptions are drawn on its answers alone (one process's
+draws, whatever the padding); each process takes its rows (distributed.py), in --grad-accum
+micro-batches of batch_size / (processes x grad_accum) rows, each padded to its own longest row;
+gradients add up over the micro-batches. One process with --grad-accum 2 and two with --grad-accum 1
+run the same micro-batches, so they train the same weights.
 
-Before any weights are loaded, the memory plan (memory_plan: weights, gradients, optimizer states, activations per
-sample) is printed and a plan that does not fit the device is refused, naming flags that make it fit.
+Before any weights are loaded, the memory plan (memory_plan: weights, gradients, optimizer states,
+activations per sample) is printed and a plan that does not fit the device is refused, naming flags
+that make it fit.
 """
 from __future__ import annotations
 
@@ -148,8 +152,8 @@ def take(records: list, seed: int, stream: int, start: int, count: int) -> list:
 
 @dataclass
 class Batch:
-    """A global batch at the level of its answers: what the masks and corruptions are drawn on (the same draws
-    however the rows are padded, spread over processes or split into micro-batches)."""
+    """A global batch at the level of its answers: what the masks and corruptions are drawn on (the
+    same draws however the rows are padded, spread over processes or split into micro-batches)."""
     records: list               # B data records (image_path, prompt, caption ...)
     answers: torch.Tensor       # (B, A) caption, <|eot_id|>, <|endoftext|> padding
     wrong: torch.Tensor         # (B, A) the hallucinated answer of ViCrit / revise rows, else the answer itself
@@ -174,9 +178,9 @@ class Rows:
 
 
 class CaptionData:
-    """Step s takes the next batch_size - k captions of an endless sequence of shuffled passes, and k =
-    round(hallucination_frac x batch_size) hallucination pairs (ViCrit, revise records) from a second one: a batch
-    depends only on (seed, step)."""
+    """Step s takes the next batch_size - k captions of an endless sequence of shuffled passes, and
+    k = round(hallucination_frac x batch_size) hallucination pairs (ViCrit, revise records) from a
+    second one: a batch depends only on (seed, step)."""
 
     def __init__(self, captions: list, pairs: list, model, tokenizer, cfg: FinetuneConfig):
         self.captions, self.model, self.tokenizer, self.cfg = captions, model, tokenizer, cfg
@@ -226,8 +230,9 @@ class CaptionData:
         return Batch(records, torch.tensor(answers), torch.tensor(wrongs))
 
     def rows(self, batch: Batch, inputs: torch.Tensor, rows: slice) -> Rows:
-        """Rows `rows` of the global batch with `inputs` (B, A) in their answers: prompts (their image-token
-        counts from the file headers), padding to these rows' longest, and their images decoded."""
+        """Rows `rows` of the global batch with `inputs` (B, A) in their answers: prompts (their
+        image-token counts from the file headers), padding to these rows' longest, and their images
+        decoded."""
         records = batch.records[rows]
         prompts = [prompt_ids(self.tokenizer, self.model.n_image_tokens(self.image_size(r["image_path"])),
                               r.get("prompt") or CAPTION_QUESTION) for r in records]
@@ -237,9 +242,9 @@ class CaptionData:
 
 
 def pack_rows(prompts: list, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Prompts (lists of ids) and answers (b, A) -> (rows (b, L): prompt, answer, <|endoftext|> up to the longest
-    row; answer_at (b, A): the answer positions counted from start; start: the first answer position of any row,
-    from where the model computes logits)."""
+    """Prompts (lists of ids) and answers (b, A) -> (rows (b, L): prompt, answer, <|endoftext|> up
+    to the longest row; answer_at (b, A): the answer positions counted from start; start: the first
+    answer position of any row, from where the model computes logits)."""
     lengths = torch.tensor([len(p) for p in prompts])                                # (b,)
     A = answers.shape[1]
     ids = torch.full((len(prompts), int(lengths.max()) + A), EOS_ID)                 # (b, L)
@@ -252,8 +257,9 @@ def pack_rows(prompts: list, answers: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def micro_batches(n_rows: int, ctx, grad_accum: int) -> list[slice]:
-    """This process's rows of a global batch of n_rows, in grad_accum consecutive micro-batches of equal size:
-    micro-batch j of rank r holds global rows (r grad_accum + j) m .. + m - 1, m = n_rows / (world grad_accum)."""
+    """This process's rows of a global batch of n_rows, in grad_accum consecutive micro-batches of
+    equal size: micro-batch j of rank r holds global rows (r grad_accum + j) m .. + m - 1, m =
+    n_rows / (world grad_accum)."""
     mine = ctx.rows(n_rows)
     m, rest = divmod(mine.stop - mine.start, grad_accum)
     if rest or not m:
@@ -269,9 +275,9 @@ def image_views(model, paths: list) -> tuple[torch.Tensor, list]:
 
 
 def load_data(cfg: FinetuneConfig) -> tuple[list, list]:
-    """-> (captions, hallucination pairs). Records of --data-json with ReDiff's "revise" corrections hold a wrong
-    answer: they are pairs (with --objective mask: captions, their corrected text), never captions to learn as
-    written. --vicrit-jsonl and --vicrit-train-json add pairs."""
+    """-> (captions, hallucination pairs). Records of --data-json with ReDiff's "revise" corrections
+    hold a wrong answer: they are pairs (with --objective mask: captions, their corrected text),
+    never captions to learn as written. --vicrit-jsonl and --vicrit-train-json add pairs."""
     root = cfg.image_root or os.path.dirname(os.path.abspath(cfg.data_json))
     args = (root, cfg.skip_missing, cfg.skip_bad)
     try:
@@ -308,9 +314,10 @@ def load_data(cfg: FinetuneConfig) -> tuple[list, list]:
 
 
 def corrupt(batch: Batch, cfg: FinetuneConfig, ordinary_ids, generator) -> dict:
-    """Eq. 1's masks (--objective mask) or Section 3.2's masks, syntax errors and hallucinations (revision), drawn
-    on the whole global batch's answers (B, A) on the CPU: the same draws in any number of processes, with any
-    padding. -> {"inputs": (B, A), "p": (B,), and "is_masked" (mask) or "types" (revision): (B, A)}."""
+    """Eq. 1's masks (--objective mask) or Section 3.2's masks, syntax errors and hallucinations
+    (revision), drawn on the whole global batch's answers (B, A) on the CPU: the same draws in any
+    number of processes, with any padding. -> {"inputs": (B, A), "p": (B,), and "is_masked" (mask)
+    or "types" (revision): (B, A)}."""
     answer_mask = torch.ones_like(batch.answers, dtype=torch.bool)                  # (B, A)
     if cfg.objective == "mask":
         inputs, is_masked, p = rediff.forward_mask(batch.answers, answer_mask, MASK_ID, generator=generator)
@@ -322,9 +329,10 @@ def corrupt(batch: Batch, cfg: FinetuneConfig, ordinary_ids, generator) -> dict:
 
 
 def answer_logits(model, rows: Rows) -> torch.Tensor:
-    """The logits of the answer positions only, (b, A, V). The model computes logits from rows.start on; a
-    forward pre-hook on the final norm keeps just each row's A answer positions, so the norm and the LM head (V =
-    126k columns) never see the gap between a short prompt's start and a long one's, nor the right padding."""
+    """The logits of the answer positions only, (b, A, V). The model computes logits from rows.start
+    on; a forward pre-hook on the final norm keeps just each row's A answer positions, so the norm
+    and the LM head (V = 126k columns) never see the gap between a short prompt's start and a long
+    one's, nor the right padding."""
     lm = getattr(model, "module", model).lm                                         # DDP keeps it in .module
     index = rows.answer_at[..., None]                                               # (b, A, 1)
 
@@ -340,9 +348,10 @@ def answer_logits(model, rows: Rows) -> torch.Tensor:
 
 def training_loss(model, data: CaptionData, batch: Batch, noisy: dict, rows: slice, cfg: FinetuneConfig,
                   device) -> tuple[torch.Tensor, dict]:
-    """The loss of rows `rows` of the global batch (a micro-batch of this process) -> (loss, {part: value}).
-    Per-row means (Eq. 1: each sample's sum over its answer length; Eq. 2-3: each type's mean in each row),
-    averaged over the rows: equal micro-batches average to the whole batch's loss."""
+    """The loss of rows `rows` of the global batch (a micro-batch of this process) -> (loss, {part:
+    value}). Per-row means (Eq. 1: each sample's sum over its answer length; Eq. 2-3: each type's
+    mean in each row), averaged over the rows: equal micro-batches average to the whole batch's
+    loss."""
     part = data.rows(batch, noisy["inputs"], rows).to(device)
     logits = answer_logits(model, part)                                             # (b, A, V)
     targets, p = batch.answers[rows].to(device), noisy["p"][rows].to(device)
@@ -354,7 +363,8 @@ def training_loss(model, data: CaptionData, batch: Batch, noisy: dict, rows: sli
 
 
 def set_learning_rate(optimizer, step: int, cfg: FinetuneConfig) -> None:
-    """The warm-up + cosine schedule, each parameter group at its own scale (the vision tower's --vision-lr)."""
+    """The warm-up + cosine schedule, each parameter group at its own scale (the vision tower's
+    --vision-lr)."""
     for group in optimizer.param_groups:
         lr = learning_rate(step, cfg) * group.get("lr_scale", 1.0)
         if isinstance(group["lr"], torch.Tensor):  # torchao keeps it in a tensor (its compiled step reads it)
@@ -415,9 +425,9 @@ def export_hf(path: str, model, ctx, cfg: FinetuneConfig, state: dict) -> None:
 
 
 def check_resume(cfg: FinetuneConfig, meta: dict, world: int = 1) -> None:
-    """Refuse a resume that cannot continue the run; note settings that make it differ from an uninterrupted one.
-    --grad-accum may change with the number of processes: the micro-batches stay the same while processes x
-    grad_accum does."""
+    """Refuse a resume that cannot continue the run; note settings that make it differ from an
+    uninterrupted one. --grad-accum may change with the number of processes: the micro-batches stay
+    the same while processes x grad_accum does."""
     run, flag = meta.get("train_config", {}), lambda k: "--" + k.replace("_", "-")  # noqa: E731
     conflicts = [f"{flag(k)} {getattr(cfg, k)} but the run used {run[k]}"
                  for k in ("objective", "answer_len", "optimizer", "master_dtype")
@@ -439,14 +449,15 @@ def check_resume(cfg: FinetuneConfig, meta: dict, world: int = 1) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The memory plan: what one device holds, computed from the config and the flags before any weight is loaded
+# The memory plan: what one device holds, computed from the config and the flags before any weight
+# is loaded
 
 GIB = 2 ** 30
 TEXT_TOKENS = 80             # the chat template around the image and a short question, in tokens (an estimate)
 OVERHEAD_BYTES = 2 * GIB     # CUDA context, allocator slack, temporary buffers (an estimate)
 BLOCK_8BIT = 256             # torchao's AdamW8bit: one float32 scale per 256 values, for each of its two states
 STORED_PER_TOKEN = (10, 4)   # a transformer block keeps about 10 D + 4 F values a token for its backward pass:
-#                              norms, q, k, v, attention output, residuals (D each); gate, up, SiLU, product (F each)
+# norms, q, k, v, attention output, residuals (D each); gate, up, SiLU, product (F each)
 
 
 @dataclass
@@ -468,7 +479,7 @@ class MemoryPlan:
         return self.total <= self.device_bytes
 
     def text(self) -> str:
-        lines = [f"memory plan (computed from config.json and the flags; an estimate), per device:"]
+        lines = ["memory plan (computed from config.json and the flags; an estimate), per device:"]
         lines += [f"  {name:<22} {value / GIB:8.2f} GiB" for name, value in self.parts.items()]
         lines += [f"  {'total':<22} {self.total / GIB:8.2f} GiB of {self.device_bytes / GIB:.2f} GiB: "
                   f"{'fits' if self.fits else 'DOES NOT FIT'}",
@@ -481,8 +492,9 @@ _COUNTED: dict[str, tuple] = {}  # repr(config) -> parameter_counts(config)
 
 
 def parameter_counts(config) -> tuple[int, int, int]:
-    """(all, vision tower, the root FSDP unit: embeddings, LM head, projector) parameters of the model a
-    llada_v.LLaDAVConfig describes, counted on the meta device (no memory; once per config)."""
+    """(all, vision tower, the root FSDP unit: embeddings, LM head, projector) parameters of the
+    model a llada_v.LLaDAVConfig describes, counted on the meta device (no memory; once per config).
+    """
     key = repr(config)
     if key not in _COUNTED:
         with torch.device("meta"):
@@ -494,7 +506,8 @@ def parameter_counts(config) -> tuple[int, int, int]:
 
 
 def image_layout_counts(config, image_size: tuple[int, int]) -> tuple[int, int]:
-    """(image tokens, views the tower sees) of an image of this (width, height) (llada_v's anyres rules)."""
+    """(image tokens, views the tower sees) of an image of this (width, height) (llada_v's anyres
+    rules)."""
     v = config.vision
     if config.image_aspect_ratio == "pad":
         return v.grid ** 2 + 1, 1
@@ -504,11 +517,12 @@ def image_layout_counts(config, image_size: tuple[int, int]) -> tuple[int, int]:
 
 def memory_plan(config, flags, device_bytes: int, world: int = 1, device_type: str = "cuda",
                 image_size: tuple[int, int] = (640, 480)) -> MemoryPlan:
-    """The memory one device needs to train the model of `config` (llada_v.LLaDAVConfig) with `flags` (a
-    FinetuneConfig: optimizer, master_dtype, param_dtype, parallel, activation_checkpointing, batch_size,
-    grad_accum, answer_len, vision_lr; a Stage2Config adds gen_length and the drafting replica) in `world`
-    processes: weights, their compute copies, gradients, optimizer states, activations of a micro-batch of samples
-    of image_size, and a fixed overhead. Pure arithmetic; the per-token activation count is an estimate."""
+    """The memory one device needs to train the model of `config` (llada_v.LLaDAVConfig) with
+    `flags` (a FinetuneConfig: optimizer, master_dtype, param_dtype, parallel,
+    activation_checkpointing, batch_size, grad_accum, answer_len, vision_lr; a Stage2Config adds
+    gen_length and the drafting replica) in `world` processes: weights, their compute copies,
+    gradients, optimizer states, activations of a micro-batch of samples of image_size, and a fixed
+    overhead. Pure arithmetic; the per-token activation count is an estimate."""
     n_all, n_tower, n_root = parameter_counts(config)
     n_train = n_all - (0 if flags.vision_lr > 0 else n_tower)
     mode = flags.parallel if flags.parallel != "auto" else ("ddp" if world > 1 else "none")
@@ -563,7 +577,8 @@ def memory_plan(config, flags, device_bytes: int, world: int = 1, device_type: s
 
 def fitting_flags(config, flags, device_bytes: int, world: int, device_type: str = "cuda",
                   image_size: tuple[int, int] = (640, 480)) -> list[str] | None:
-    """The flags, added one after the other, with which the plan fits; None when even all of them do not."""
+    """The flags, added one after the other, with which the plan fits; None when even all of them do
+    not."""
     trials = [("--activation-checkpointing", {"activation_checkpointing": True}),
               ("--optimizer adamw8bit", {"optimizer": "adamw8bit"}),
               ("--master-dtype bfloat16", {"master_dtype": "bfloat16"})]
@@ -604,8 +619,8 @@ def parse_size(text: str, flag: str) -> tuple[int, int]:
 
 
 def check_memory(cfg, ctx) -> MemoryPlan:
-    """Print the memory plan from --hf-model's config.json and the flags; refuse one that does not fit, naming the
-    flags that would make it fit (--ignore-memory-plan goes on regardless)."""
+    """Print the memory plan from --hf-model's config.json and the flags; refuse one that does not
+    fit, naming the flags that would make it fit (--ignore-memory-plan goes on regardless)."""
     path = os.path.join(cfg.hf_model, "config.json")
     with open(path) as f:
         config = config_from_hf(json.load(f), path)
@@ -647,9 +662,9 @@ def ordinary_ids(model, tokenizer, device) -> torch.Tensor:
 
 
 def make_optimizer(groups: list, cfg):
-    """AdamW over the parameter groups: torch's (states in the weights' dtype), or torchao's AdamW8bit (block-wise
-    8-bit states; with bfloat16 weights it rounds each update stochastically, so that a step of lr 5e-6 is not
-    lost to bf16's 8-bit mantissa)."""
+    """AdamW over the parameter groups: torch's (states in the weights' dtype), or torchao's
+    AdamW8bit (block-wise 8-bit states; with bfloat16 weights it rounds each update stochastically,
+    so that a step of lr 5e-6 is not lost to bf16's 8-bit mantissa)."""
     betas = (0.9, 0.999)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
@@ -662,9 +677,9 @@ def make_optimizer(groups: list, cfg):
 
 
 def prepare_training(model, ctx, cfg):
-    """Set what trains (everything; the vision tower only with --vision-lr > 0), wrap (DDP / FSDP2 / the model
-    itself, with activation checkpointing), build the optimizer with the tower in a group of its own ->
-    (train_model, params, optimizer)."""
+    """Set what trains (everything; the vision tower only with --vision-lr > 0), wrap (DDP / FSDP2 /
+    the model itself, with activation checkpointing), build the optimizer with the tower in a group
+    of its own -> (train_model, params, optimizer)."""
     tower_trains = cfg.vision_lr > 0
     model.requires_grad_(True)
     model.vision_tower.requires_grad_(tower_trains)
@@ -699,7 +714,8 @@ def load_state(cfg, model, optimizer) -> dict:
 
 
 def save_state(cfg, model, optimizer, meta: dict, ctx) -> None:
-    """distributed.save_dcp, with learning rates that torchao keeps in tensors written as numbers (meta.json)."""
+    """distributed.save_dcp, with learning rates that torchao keeps in tensors written as numbers
+    (meta.json)."""
     rates = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] = float(group["lr"])
@@ -720,17 +736,18 @@ MASTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def check_optimizer_flags(cfg) -> None:
-    """bfloat16 weights need the stochastic rounding of --optimizer adamw8bit: with plain rounding a step of lr
-    5e-6 is below half of bf16's spacing for most weights and is lost."""
+    """bfloat16 weights need the stochastic rounding of --optimizer adamw8bit: with plain rounding a
+    step of lr 5e-6 is below half of bf16's spacing for most weights and is lost."""
     if cfg.master_dtype == "bfloat16" and cfg.optimizer != "adamw8bit":
         raise UsageError("--master-dtype bfloat16 needs --optimizer adamw8bit (its bf16 stochastic rounding keeps "
                          "the small updates that plain rounding to bf16 would drop)")
 
 
 def accumulate(train_model, ctx, micro: list, autocast, loss_of) -> tuple[torch.Tensor, dict]:
-    """Gradient accumulation: loss_of(rows) -> (loss, parts) for each micro-batch, each backward scaled by
-    1/len(micro) so that the gradients add up to the mean's; DDP synchronises on the last micro-batch only.
-    Returns this process's mean loss and parts over its micro-batches (detached)."""
+    """Gradient accumulation: loss_of(rows) -> (loss, parts) for each micro-batch, each backward
+    scaled by 1/len(micro) so that the gradients add up to the mean's; DDP synchronises on the last
+    micro-batch only. Returns this process's mean loss and parts over its micro-batches (detached).
+    """
     total, sums = 0.0, {}
     for j, rows in enumerate(micro):
         last = j == len(micro) - 1

@@ -204,7 +204,8 @@ def eq4_batch(samples: list[dict], picks: list[int]) -> Eq4Batch:
 
 
 def eq4_rows(batch: Eq4Batch, rows: slice, model) -> ft.Rows:
-    """Rows `rows` as the model sees them: prompt, draft, <|endoftext|> up to these rows' longest; their images."""
+    """Rows `rows` as the model sees them: prompt, draft, <|endoftext|> up to these rows' longest;
+    their images."""
     chosen = batch.samples[rows]
     ids, answer_at, start = ft.pack_rows([s["prompt"] for s in chosen], batch.drafts[rows])
     views, sizes = ft.image_views(model, [s["image_path"] for s in chosen])
@@ -212,10 +213,11 @@ def eq4_rows(batch: Eq4Batch, rows: slice, model) -> ft.Rows:
 
 
 def eq4_loss(model, batch: Eq4Batch, rows: slice, device, image_model=None):
-    """Eq. 4 on rows `rows` of the global batch (a micro-batch of this process): a mean over drafts, each its own
-    mean over its corrected positions (every draft here has a correction), so equal micro-batches average to the
-    whole batch's loss. Logits at the draft's positions only (ft.answer_logits). image_model: the module whose
-    image_views preprocesses (the model itself unless `model` is a DDP wrapper)."""
+    """Eq. 4 on rows `rows` of the global batch (a micro-batch of this process): a mean over drafts,
+    each its own mean over its corrected positions (every draft here has a correction), so equal
+    micro-batches average to the whole batch's loss. Logits at the draft's positions only
+    (ft.answer_logits). image_model: the module whose image_views preprocesses (the model itself
+    unless `model` is a DDP wrapper)."""
     part = eq4_rows(batch, rows, image_model or model).to(device)
     logits = ft.answer_logits(model, part)                                          # (b, G, V)
     return rediff.refinement_loss(logits, batch.refined[rows].to(device), batch.mistake[rows].to(device))
@@ -223,8 +225,9 @@ def eq4_loss(model, batch: Eq4Batch, rows: slice, device, image_model=None):
 
 def finetune_round(model, train_model, optimizer, params, samples, data, ordinary, cfg: Stage2Config, r: int,
                    first_step: int, ctx) -> list[dict]:
-    """One round's optimizer steps; returns each step's whole-batch losses. Each process runs its rows of the
-    own-draft part and of the Stage I part in --grad-accum micro-batches (one slice of each at a time)."""
+    """One round's optimizer steps; returns each step's whole-batch losses. Each process runs its
+    rows of the own-draft part and of the Stage I part in --grad-accum micro-batches (one slice of
+    each at a time)."""
     n_mix = round(cfg.batch_size * cfg.stage1_mix)
     n_own = cfg.batch_size - n_mix
     schedule = dataclasses.replace(cfg, steps=cfg.steps or math.ceil(len(samples) / n_own))  # restarts every round
@@ -262,10 +265,11 @@ def finetune_round(model, train_model, optimizer, params, samples, data, ordinar
 
 
 def drafting_replica(model, ctx, cfg):
-    """The module that drafts. Without FSDP: the model itself (autocast casts on the fly). Under FSDP2: one
-    replica in the compute dtype (bfloat16 on CUDA), built parameter by parameter from the gathered shards: the
-    peak is that replica and one gathered tensor, never a whole float32 state dict beside a float32 replica (about
-    67 GB for 8B). Every rank must call it (the gathers are collectives)."""
+    """The module that drafts. Without FSDP: the model itself (autocast casts on the fly). Under
+    FSDP2: one replica in the compute dtype (bfloat16 on CUDA), built parameter by parameter from
+    the gathered shards: the peak is that replica and one gathered tensor, never a whole float32
+    state dict beside a float32 replica (about 67 GB for 8B). Every rank must call it (the gathers
+    are collectives)."""
     if ctx.mode != "fsdp":
         return model
     dtype = distributed.resolve_dtype(cfg.param_dtype, ctx.device)

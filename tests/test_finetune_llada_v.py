@@ -1,10 +1,11 @@
-"""tests/test_finetune_llada_v.py: finetune_llada_v.py on the tiny real-format LLaDA-V folder of tests/test_llada_v.py
-and a generated LLaVA-format caption set (images of several aspect ratios, ViCrit pairs, ReDiff "revise" records):
-micro-batches (placeholders, padding to their own longest row, answer positions), answer-only logits, gradients reach
-the projector and the tower only when it trains, the loss falls, the exported folder loads back with the in-memory
-logits, one process with --grad-accum 2 equals 2-process DDP and a run stopped in 1 process and resumed under FSDP2
-in 2 (gloo), the memory plan on the real 8B config (meta device) and its refusal, each optimizer option on CPU, and
-bad data stops with a clear error."""
+"""tests/test_finetune_llada_v.py: finetune_llada_v.py on the tiny real-format LLaDA-V folder of
+tests/test_llada_v.py and a generated LLaVA-format caption set (images of several aspect ratios,
+ViCrit pairs, ReDiff "revise" records): micro-batches (placeholders, padding to their own longest
+row, answer positions), answer-only logits, gradients reach the projector and the tower only when it
+trains, the loss falls, the exported folder loads back with the in-memory logits, one process with
+--grad-accum 2 equals 2-process DDP and a run stopped in 1 process and resumed under FSDP2 in 2
+(gloo), the memory plan on the real 8B config (meta device) and its refusal, each optimizer option
+on CPU, and bad data stops with a clear error."""
 import dataclasses
 import json
 import os
@@ -116,7 +117,8 @@ def test_micro_batches_pad_their_own_rows_and_mark_the_answer(tiny, dataset):
 
 
 def test_micro_batches_of_one_process_are_those_of_several():
-    """Rank r's micro-batch j holds the same rows as micro-batch r * grad_accum + j of one process."""
+    """Rank r's micro-batch j holds the same rows as micro-batch r * grad_accum + j of one process.
+    """
     one = ft.micro_batches(8, distributed.Context(), 4)
     for world, accum in ((2, 2), (4, 1)):
         ranks = [ft.micro_batches(8, distributed.Context("ddp", rank, world), accum) for rank in range(world)]
@@ -177,9 +179,9 @@ def test_gradients_reach_projector_language_model_and_the_tower_only_when_it_tra
 
 @pytest.fixture(scope="module")
 def runs(tiny, dataset, tmp_path_factory):
-    """single: 4 steps in this process in 2 micro-batches. ddp: the same in 2 processes of one micro-batch (with
-    activation checkpointing). resumed: steps 1-2 in this process (--stop-at 2: a DCP folder written by 1 process),
-    steps 3-4 under FSDP2 in 2 processes."""
+    """single: 4 steps in this process in 2 micro-batches. ddp: the same in 2 processes of one
+    micro-batch (with activation checkpointing). resumed: steps 1-2 in this process (--stop-at 2: a
+    DCP folder written by 1 process), steps 3-4 under FSDP2 in 2 processes."""
     d = tmp_path_factory.mktemp("finetune")
     p = lambda name: str(d / name)  # noqa: E731
     single = ft.main(args(tiny, dataset, p("single"), "--grad-accum", "2"))
@@ -235,7 +237,8 @@ def test_export_loads_back_with_the_in_memory_logits_and_captions(runs, tiny, da
                                 for m in (single, loaded, source))
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert (theirs - before).abs().max() > 1e-2, "the export holds the trained weights, not the source's"
-    # the tower trains at its own learning rate (1e-5 against 1e-2): Adam moves it about a thousandth as far
+    # the tower trains at its own learning rate (1e-5 against 1e-2): Adam moves it about a
+    # thousandth as far
     weights, start = dict(loaded.named_parameters()), dict(source.named_parameters())
     moved = lambda name: (weights[name] - start[name]).abs().max().item()  # noqa: E731
     for name in ("vision_tower.trunk.blocks.0.attn.qkv.weight", "vision_tower.trunk.pos_embed"):
@@ -362,9 +365,9 @@ def test_a_plan_that_does_not_fit_is_refused_before_loading_naming_the_flags(tin
 @pytest.mark.parametrize("flags", [["--optimizer", "adamw8bit"],
                                    ["--optimizer", "adamw8bit", "--master-dtype", "bfloat16"]])
 def test_each_optimizer_option_trains_the_tiny_model_on_cpu(tiny, dataset, tmp_path, flags):
-    """torchao's AdamW8bit (8-bit states; with bf16 weights, stochastic rounding). Its step is compiled with
-    torch.compile, which takes minutes on a small CPU: the test runs the same code eagerly. torch AdamW (float32)
-    is the run of the fixture above."""
+    """torchao's AdamW8bit (8-bit states; with bf16 weights, stochastic rounding). Its step is
+    compiled with torch.compile, which takes minutes on a small CPU: the test runs the same code
+    eagerly. torch AdamW (float32) is the run of the fixture above."""
     pytest.importorskip("torchao")
     out = str(tmp_path / "o")
     with torch.compiler.set_stance("force_eager"):
@@ -381,14 +384,15 @@ def test_each_optimizer_option_trains_the_tiny_model_on_cpu(tiny, dataset, tmp_p
 
 
 def test_revise_records_and_vicrit_train_become_hallucination_pairs(tiny, dataset, tmp_path):
-    """ReDiff's records with "revise" corrections never train as captions as written; ViCrit-Train pairs are kept
-    when both captions and both solutions have the same token count under the model's tokenizer."""
+    """ReDiff's records with "revise" corrections never train as captions as written; ViCrit-Train
+    pairs are kept when both captions and both solutions have the same token count under the model's
+    tokenizer."""
     data_json, _ = dataset
     root = os.path.dirname(data_json)
     records = json.load(open(data_json))
     wrong = dict(records[0], conversations=[records[0]["conversations"][0],
-                                            {"from": "gpt", "value": "a blue picture."}],
-                 revise=[{"org": "blue", "target": "red"}])
+                                            {"from": "gpt", "value": "a teal picture."}],
+                 revise=[{"org": "teal", "target": "red"}])
     json.dump(records + [wrong], open(tmp_path / "rediff.json", "w"))
     model, tokenizer = load_llada_v(tiny[0])
     same = lambda a, b: len(tokenizer.encode(a)) == len(tokenizer.encode(b))  # noqa: E731
@@ -401,10 +405,10 @@ def test_revise_records_and_vicrit_train_become_hallucination_pairs(tiny, datase
     cfg = ft.FinetuneConfig(hf_model=tiny[0], data_json=str(tmp_path / "rediff.json"), image_root=root,
                             vicrit_train_json=str(tmp_path / "vicrit_train.json"), answer_len=20)
     captions, pairs = ft.load_data(cfg)
-    assert len(captions) == len(records) and all("blue" not in c["caption"] for c in captions)
-    assert [(p["wrong"], p["caption"]) for p in pairs[:1]] == [("a blue picture.", "a red picture.")]
+    assert len(captions) == len(records) and all("teal" not in c["caption"] for c in captions)
+    assert [(p["wrong"], p["caption"]) for p in pairs[:1]] == [("a teal picture.", "a red picture.")]
     data = ft.CaptionData(captions, pairs, model, tokenizer, cfg)
-    assert [p["wrong"] for p in data.pairs] == ["a blue picture.", "the qkx box."]
+    assert [p["wrong"] for p in data.pairs] == ["a teal picture.", "the qkx box."]
     assert data.stats["pairs_dropped_token_counts_differ"] == 1
     masked, _ = ft.load_data(dataclasses.replace(cfg, objective="mask", vicrit_train_json=""))
     assert masked[-1]["caption"] == "a red picture." and "wrong" not in masked[-1]

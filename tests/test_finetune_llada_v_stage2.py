@@ -1,9 +1,9 @@
-"""tests/test_finetune_llada_v_stage2.py: finetune_llada_v_stage2.py (Stage II on LLaDA-V) on the tiny real-format
-folder of tests/test_llada_v.py, the caption set of tests/test_finetune_llada_v.py and a fake OpenAI endpoint: a known
-expert edit gives the hand-computed kept pair, mistake mask and Eq. 4 loss; batched drafts are llada_v.caption's; a
-2-round run trains and exports a folder that loads back; the same run stopped after round 1 in 2 processes (FSDP2,
-gloo: drafts from the gathered drafting replica) and resumed in 1 ends the same, with every expert answer from
-the cache."""
+"""tests/test_finetune_llada_v_stage2.py: finetune_llada_v_stage2.py (Stage II on LLaDA-V) on the
+tiny real-format folder of tests/test_llada_v.py, the caption set of tests/test_finetune_llada_v.py
+and a fake OpenAI endpoint: a known expert edit gives the hand-computed kept pair, mistake mask and
+Eq. 4 loss; batched drafts are llada_v.caption's; a 2-round run trains and exports a folder that
+loads back; the same run stopped after round 1 in 2 processes (FSDP2, gloo: drafts from the gathered
+drafting replica) and resumed in 1 ends the same, with every expert answer from the cache."""
 import base64
 import json
 import os
@@ -169,9 +169,10 @@ def args(folder, data_json, url, out, cache, *extra):
 
 @pytest.fixture(scope="module")
 def runs(wordy, dataset, tmp_path_factory):
-    """single: 2 rounds in this process, 2 micro-batches a step. resumed: round 1 in 2 processes of one
-    micro-batch (torchrun, FSDP2 on gloo: drafts from drafting_replica) with --stop-at 1, then round 2 in
-    this process with --resume; both on single's --cache, so every answer must come from it."""
+    """single: 2 rounds in this process, 2 micro-batches a step. resumed: round 1 in 2 processes of
+    one micro-batch (torchrun, FSDP2 on gloo: drafts from drafting_replica) with --stop-at 1, then
+    round 2 in this process with --resume; both on single's --cache, so every answer must come from
+    it."""
     d = tmp_path_factory.mktemp("stage2")
     p = lambda name: str(d / name)  # noqa: E731
     _, tokenizer = load_llada_v(wordy)

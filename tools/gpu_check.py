@@ -1,15 +1,16 @@
-"""tools/gpu_check.py: a prepared check of a LLaDA-V / ReDiff folder on one device: load, the prompt ids beside the
-template text, one forward pass with its peak memory, captions at 1 / 4 / 8 tokens per step with timings, and Stage I
-fine-tuning steps (finetune_llada_v.py --no-save) with the peak memory beside the printed memory plan.
+"""tools/gpu_check.py: a prepared check of a LLaDA-V / ReDiff folder on one device: load, the prompt
+ids beside the template text, one forward pass with its peak memory, captions at 1 / 4 / 8 tokens
+per step with timings, and Stage I fine-tuning steps (finetune_llada_v.py --no-save) with the peak
+memory beside the printed memory plan.
 
-    python tools/gpu_check.py --ckpt LLaDA-V --image photo.jpg                  # one 80 GB GPU: about 10 minutes
-    python tools/gpu_check.py --ckpt LLaDA-V --image photo.jpg --steps 0        # inference only
-    python tools/gpu_check.py --ckpt LLaDA-V --plan-only --device-memory-gib 80 # the plan alone (config.json only)
+    python tools/gpu_check.py --ckpt LLaDA-V --image photo.jpg             # everything
+    python tools/gpu_check.py --ckpt LLaDA-V --image photo.jpg --steps 0   # inference only
+    python tools/gpu_check.py --ckpt LLaDA-V --plan-only --device-memory-gib 80   # the plan alone
 
-The fine-tuning steps train on --records copies of the photo captioned with the model's own 1-token-per-step caption
-(a handful of records is all a memory and speed check needs), with the flags that fit one 80 GB GPU by default
-(--optimizer adamw8bit --master-dtype bfloat16 --activation-checkpointing). It runs on the CPU too (the tests run it
-on a tiny real-format folder).
+The fine-tuning steps train on --records copies of the photo captioned with the model's own
+1-token-per-step caption (a handful of records is all a memory and speed check needs), with the
+flags that fit one 80 GB GPU by default (--optimizer adamw8bit --master-dtype bfloat16
+--activation-checkpointing). It runs on the CPU too (the tests run it on a tiny real-format folder).
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+sys.path.insert(0, ROOT)
 
 import finetune_llada_v as ft  # noqa: E402
 from cli import option, parse_config, run_main  # noqa: E402
 from data.loaders import open_image  # noqa: E402
-from llada_v import (CAPTION_QUESTION, IMAGE_TOKEN_INDEX, MASK_ID, caption, chat_prompt,  # noqa: E402
-                     config_from_hf, load_llada_v, prompt_ids)
+from llada_v import (CAPTION_QUESTION, IMAGE_TOKEN_INDEX, MASK_ID, caption,  # noqa: E402
+                     chat_prompt, config_from_hf, load_llada_v, prompt_ids)
 from model import pick_device  # noqa: E402
 from sample import check_hf_folder  # noqa: E402
 
@@ -43,23 +45,25 @@ class GpuCheckConfig:
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
     gen_length: int = option(128, "caption length in tokens (the paper: 128)", at_least=8)
     steps: int = option(20, "Stage I fine-tuning steps (0: skip fine-tuning)", at_least=0)
-    records: int = option(8, "records to fine-tune on (copies of the photo with the model's own caption)",
-                          at_least=1)
+    records: int = option(8, "records to fine-tune on (copies of the photo with the model's own "
+                          "caption)", at_least=1)
     batch_size: int = option(4, "fine-tuning samples per step", at_least=1)
     grad_accum: int = option(4, "fine-tuning micro-batches per step", at_least=1)
     optimizer: str = option("adamw8bit", "fine-tuning optimizer (finetune_llada_v.py --optimizer)",
                             choices=["adamw", "adamw8bit"])
-    master_dtype: str = option("bfloat16", "fine-tuning weights (finetune_llada_v.py --master-dtype)",
-                               choices=["float32", "bfloat16"])
-    plan_only: bool = option(False, "print the fine-tuning memory plan from --ckpt's config.json (no weights, no "
-                             "image needed) and stop")
-    device_memory_gib: float = option(0.0, "--plan-only: the device's memory in GiB (0: this machine's device)",
-                                      at_least=0)
-    plan_image: str = option("640x480", "--plan-only: WIDTHxHEIGHT of the image a planned sample holds")
+    master_dtype: str = option("bfloat16", "fine-tuning weights (finetune_llada_v.py "
+                               "--master-dtype)", choices=["float32", "bfloat16"])
+    plan_only: bool = option(False, "print the fine-tuning memory plan from --ckpt's config.json "
+                             "(no weights, no image needed) and stop")
+    device_memory_gib: float = option(0.0, "--plan-only: the device's memory in GiB (0: this "
+                                      "machine's device)", at_least=0)
+    plan_image: str = option("640x480", "--plan-only: WIDTHxHEIGHT of the image a planned sample "
+                             "holds")
 
 
 def peak_bytes(device: torch.device) -> int:
-    """The peak memory of this process on `device`: allocated by torch on CUDA, the resident set elsewhere."""
+    """The peak memory of this process on `device`: allocated by torch on CUDA, the resident set
+    elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -72,21 +76,25 @@ def reset_peak(device: torch.device) -> None:
 
 
 def prompt_lines(tokenizer, ids: list[int]) -> list[str]:
-    """The prompt ids beside the text each one stands for; the run of image placeholders is one line."""
+    """The prompt ids beside the text each one stands for; the run of image placeholders is one
+    line."""
     lines, k = [], 0
     while k < len(ids):
         if ids[k] == IMAGE_TOKEN_INDEX:
             n = next((j for j in range(k, len(ids)) if ids[j] != IMAGE_TOKEN_INDEX), len(ids)) - k
-            lines.append(f"  {k:5d}  {IMAGE_TOKEN_INDEX:>7} x {n}  <image> (one placeholder per image token)")
+            lines.append(f"  {k:5d}  {IMAGE_TOKEN_INDEX:>7} x {n}  <image> (one placeholder per "
+                         f"image token)")
             k += n
             continue
-        lines.append(f"  {k:5d}  {ids[k]:>7}      {tokenizer.decode([ids[k]], skip_special=False)!r}")
+        text = tokenizer.decode([ids[k]], skip_special=False)
+        lines.append(f"  {k:5d}  {ids[k]:>7}      {text!r}")
         k += 1
     return lines
 
 
 def check_inference(cfg: GpuCheckConfig, device: torch.device):
-    """Load, show the prompt, one forward pass, captions at each speed -> (the 1-token-per-step caption, lines)."""
+    """Load, show the prompt, one forward pass, captions at each speed -> (the 1-token-per-step
+    caption, lines)."""
     start = time.perf_counter()
     reset_peak(device)
     model, tokenizer = load_llada_v(cfg.ckpt, device)
@@ -94,24 +102,27 @@ def check_inference(cfg: GpuCheckConfig, device: torch.device):
     print(f"loaded {cfg.ckpt} on {device} ({dtype}) in {time.perf_counter() - start:.1f} s; peak "
           f"{peak_bytes(device) / ft.GIB:.2f} GiB")
     if model.cfg.vision is None:
-        raise SystemExit(f"--ckpt {cfg.ckpt} is a text-only LLaDA checkpoint: captioning needs LLaDA-V")
+        raise SystemExit(f"--ckpt {cfg.ckpt} is a text-only LLaDA checkpoint: captioning needs "
+                         f"LLaDA-V")
     image = open_image(cfg.image)
     n_image = model.n_image_tokens(image.size)
     prompt = prompt_ids(tokenizer, n_image, CAPTION_QUESTION)
     print(f"template text:\n{chat_prompt(CAPTION_QUESTION)!r}")
-    print(f"prompt ids ({len(prompt)}: {n_image} image tokens for {image.size[0]}x{image.size[1]}):")
+    width, height = image.size
+    print(f"prompt ids ({len(prompt)}: {n_image} image tokens for {width}x{height}):")
     print("\n".join(prompt_lines(tokenizer, prompt)))
 
     reset_peak(device)
     ids = torch.tensor([prompt + [MASK_ID] * cfg.gen_length], device=device)            # (1, P + G)
     with torch.no_grad():
         start = time.perf_counter()
-        embeds = model.encode_image(image)                                                # (1, N, D)
-        logits = model(ids, embeds, logits_from=len(prompt))                              # (1, G, V)
+        embeds = model.encode_image(image)                                  # (1, N, D)
+        logits = model(ids, embeds, logits_from=len(prompt))                # (1, G, V)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    print(f"forward pass: {ids.shape[1]} tokens -> logits {tuple(logits.shape)} in {seconds:.3f} s; peak "
+    print(f"forward pass: {ids.shape[1]} tokens -> logits {tuple(logits.shape)} in {seconds:.3f} "
+          f"s; peak "
           f"{peak_bytes(device) / ft.GIB:.2f} GiB")
     del logits, embeds
 
@@ -121,7 +132,8 @@ def check_inference(cfg: GpuCheckConfig, device: torch.device):
         out = caption(cfg.ckpt, cfg.image, speed, gen_length=cfg.gen_length, device=device,
                       loaded=(model, tokenizer))
         texts[speed] = out["text"]
-        print(f"caption at {speed} token(s)/step: {out['forward_passes']} forward passes, {out['seconds']:.2f} s, "
+        print(f"caption at {speed} token(s)/step: {out['forward_passes']} forward passes, "
+              f"{out['seconds']:.2f} s, "
               f"peak {peak_bytes(device) / ft.GIB:.2f} GiB\n  {out['text']!r}")
     del model
     if device.type == "cuda":
@@ -130,7 +142,8 @@ def check_inference(cfg: GpuCheckConfig, device: torch.device):
 
 
 def check_finetuning(cfg: GpuCheckConfig, device: torch.device, text: str) -> None:
-    """--steps of Stage I on --records copies of the photo, nothing written; the peak beside the plan."""
+    """--steps of Stage I on --records copies of the photo, nothing written; the peak beside the
+    plan."""
     folder = tempfile.mkdtemp(prefix="gpu_check_")
     records = [{"id": str(k), "image": os.path.abspath(cfg.image), "conversations": [
         {"from": "human", "value": "<image>\n" + CAPTION_QUESTION},
@@ -144,23 +157,28 @@ def check_finetuning(cfg: GpuCheckConfig, device: torch.device, text: str) -> No
     start = time.perf_counter()
     ft.main(argv)  # prints the memory plan, then trains
     seconds = time.perf_counter() - start
-    print(f"fine-tuning: {cfg.steps} steps in {seconds:.1f} s ({seconds / max(1, cfg.steps):.2f} s a step, loading "
+    per_step = seconds / max(1, cfg.steps)
+    print(f"fine-tuning: {cfg.steps} steps in {seconds:.1f} s ({per_step:.2f} s a step, loading "
           f"included); peak {peak_bytes(device) / ft.GIB:.2f} GiB "
           f"({'allocated by torch' if device.type == 'cuda' else 'resident set of the process'})")
 
 
 def finetune_argv(cfg: GpuCheckConfig, device: torch.device, data_json: str, out: str) -> list[str]:
     """finetune_llada_v.py's flags for the fine-tuning check (nothing written)."""
-    argv = ["--hf-model", cfg.ckpt, "--data-json", data_json, "--image-root", "/", "--steps", str(cfg.steps),
-            "--batch-size", str(cfg.batch_size), "--grad-accum", str(cfg.grad_accum), "--optimizer", cfg.optimizer,
-            "--master-dtype", cfg.master_dtype, "--activation-checkpointing", "--answer-len", str(cfg.gen_length),
+    argv = ["--hf-model", cfg.ckpt, "--data-json", data_json, "--image-root", "/",
+            "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
+            "--grad-accum", str(cfg.grad_accum), "--optimizer", cfg.optimizer,
+            "--master-dtype", cfg.master_dtype, "--activation-checkpointing",
+            "--answer-len", str(cfg.gen_length),
             "--device", str(device.type), "--no-save", "--out", out, "--plan-image", cfg.plan_image]
-    return argv + (["--device-memory-gib", str(cfg.device_memory_gib)] if cfg.device_memory_gib else [])
+    memory = ["--device-memory-gib", str(cfg.device_memory_gib)] if cfg.device_memory_gib else []
+    return argv + memory
 
 
 def print_plan(cfg: GpuCheckConfig, device: torch.device) -> ft.MemoryPlan:
-    """--plan-only: the fine-tuning check's memory plan on one CUDA device (as finetune_llada_v.py prints it
-    there): computed anywhere, e.g. for an 80 GB GPU from a laptop with --device-memory-gib 80."""
+    """--plan-only: the fine-tuning check's memory plan on one CUDA device (as finetune_llada_v.py
+    prints it there): computed anywhere, e.g. for an 80 GB GPU from a laptop with
+    --device-memory-gib 80."""
     path = os.path.join(cfg.ckpt, "config.json")
     if not os.path.isfile(path):
         raise SystemExit(f"--ckpt {cfg.ckpt}: no config.json; give a LLaDA-V / ReDiff folder")
