@@ -30,7 +30,7 @@ def check_block_length(block_length: int, gen_length: int, what: str) -> None:
     blocks)."""
     if block_length and (block_length > gen_length or gen_length % block_length):
         divisors = ", ".join(str(n) for n in range(1, gen_length + 1) if gen_length % n == 0)
-        raise UsageError(f"--block-length {block_length} does not divide {what} length "
+        raise UsageError(f"--block-length {block_length} must divide {what} length "
                          f"{gen_length}; choose one of {divisors} (or 0: one block)")
 
 
