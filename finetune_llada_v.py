@@ -2,8 +2,9 @@
 the masked-diffusion objective (Eq. 1) or ReDiff's Stage I foundational revision (Eq. 2-3), in one
 process or under torchrun (DDP / FSDP2).
 
-    python finetune_llada_v.py --hf-model LLaDA-V --data-json captions.json --image-root images --out out/rediff-s1 \\
-        --optimizer adamw8bit --master-dtype bfloat16 --activation-checkpointing --grad-accum 8   # one 80 GB GPU
+    python finetune_llada_v.py --hf-model LLaDA-V --data-json captions.json --image-root images \\
+        --out out/rediff-s1 --optimizer adamw8bit --master-dtype bfloat16 --activation-checkpointing \\
+        --grad-accum 8                                                            # one 80 GB GPU
     torchrun --nproc_per_node 8 finetune_llada_v.py --parallel fsdp --activation-checkpointing --hf-model LLaDA-V \\
         --data-json captions.json --image-root images --vicrit-jsonl vicrit.jsonl --batch-size 32 --out out/rediff-s1
     python sample.py --ckpt out/rediff-s1 --image photo.jpg --tokens-per-step 4
@@ -52,9 +53,10 @@ from tqdm import tqdm
 import distributed
 import rediff
 from cli import UsageError, check_folder_out, option, parse_config, run_main, show_config
-from data.loaders import DataError, load_llava_json, load_vicrit_jsonl, load_vicrit_train, open_image
-from llada_v import (CAPTION_QUESTION, EOS_ID, EOT_ID, MASK_ID, LLaDAV, anyres_layout, checkpoint_names,
-                     config_from_hf, load_llada_v, prompt_ids)
+from data.loaders import (DataError, load_llava_json, load_vicrit_jsonl, load_vicrit_train,
+                          open_image)
+from llada_v import (CAPTION_QUESTION, EOS_ID, EOT_ID, MASK_ID, LLaDAV, anyres_layout,
+                     checkpoint_names, config_from_hf, load_llada_v, prompt_ids)
 from sample import check_hf_folder
 from train_stage1 import warmup_cosine
 
@@ -156,7 +158,7 @@ class Batch:
     same draws however the rows are padded, spread over processes or split into micro-batches)."""
     records: list               # B data records (image_path, prompt, caption ...)
     answers: torch.Tensor       # (B, A) caption, <|eot_id|>, <|endoftext|> padding
-    wrong: torch.Tensor         # (B, A) the hallucinated answer of ViCrit / revise rows, else the answer itself
+    wrong: torch.Tensor         # (B, A) the hallucinated answer of pair rows, else the answer
 
     @property
     def wrong_span(self) -> torch.Tensor:                                            # (B, A) bool
@@ -173,8 +175,8 @@ class Rows:
     sizes: list                 # their (width, height)
 
     def to(self, device):
-        return Rows(self.ids.to(device), self.answer_at.to(device), self.start, self.views.to(device),
-                    self.sizes)
+        return Rows(self.ids.to(device), self.answer_at.to(device), self.start,
+                    self.views.to(device), self.sizes)
 
 
 class CaptionData:
@@ -186,9 +188,9 @@ class CaptionData:
         self.captions, self.model, self.tokenizer, self.cfg = captions, model, tokenizer, cfg
         self.stats = {"captions_cut": 0, "pairs_dropped_token_counts_differ": 0}
         self.pairs = []
-        for record in pairs:  # tokenised once: a pair is usable when its captions have the same token count
+        for record in pairs:  # tokenised once: usable when both captions have the same token count
             right, wrong = tokenizer.encode(record["caption"]), tokenizer.encode(record["wrong"])
-            solutions = [tokenizer.encode(text) for text in record.get("solutions", [])]  # ViCrit-Train
+            solutions = [tokenizer.encode(text) for text in record.get("solutions", [])]  # ViCrit
             if len(right) == len(wrong) and len({len(ids) for ids in solutions}) <= 1:
                 self.pairs.append(dict(record, ids=right, wrong_ids=wrong))
             else:
@@ -234,8 +236,9 @@ class CaptionData:
         image-token counts from the file headers), padding to these rows' longest, and their images
         decoded."""
         records = batch.records[rows]
-        prompts = [prompt_ids(self.tokenizer, self.model.n_image_tokens(self.image_size(r["image_path"])),
-                              r.get("prompt") or CAPTION_QUESTION) for r in records]
+        counts = [self.model.n_image_tokens(self.image_size(r["image_path"])) for r in records]
+        prompts = [prompt_ids(self.tokenizer, n, r.get("prompt") or CAPTION_QUESTION)
+                   for n, r in zip(counts, records)]
         ids, answer_at, start = pack_rows(prompts, inputs[rows])
         views, sizes = image_views(self.model, [r["image_path"] for r in records])
         return Rows(ids, answer_at, start, views, sizes)
@@ -263,8 +266,9 @@ def micro_batches(n_rows: int, ctx, grad_accum: int) -> list[slice]:
     mine = ctx.rows(n_rows)
     m, rest = divmod(mine.stop - mine.start, grad_accum)
     if rest or not m:
-        raise SystemExit(f"--batch-size {n_rows} does not split into {ctx.world} process(es) x --grad-accum "
-                         f"{grad_accum} equal micro-batches; make it a multiple of {ctx.world * grad_accum}")
+        raise SystemExit(f"--batch-size {n_rows} does not split into {ctx.world} process(es) x "
+                         f"--grad-accum {grad_accum} equal micro-batches; make it a multiple of "
+                         f"{ctx.world * grad_accum}")
     return [slice(mine.start + j * m, mine.start + (j + 1) * m) for j in range(grad_accum)]
 
 
@@ -282,7 +286,9 @@ def load_data(cfg: FinetuneConfig) -> tuple[list, list]:
     args = (root, cfg.skip_missing, cfg.skip_bad)
     try:
         records, stats = load_llava_json(cfg.data_json, *args)
-        pairs, pair_stats = load_vicrit_jsonl(cfg.vicrit_jsonl, *args) if cfg.vicrit_jsonl else ([], {})
+        pairs, pair_stats = [], {}
+        if cfg.vicrit_jsonl:
+            pairs, pair_stats = load_vicrit_jsonl(cfg.vicrit_jsonl, *args)
         if cfg.vicrit_train_json:
             more, more_stats = load_vicrit_train(cfg.vicrit_train_json, *args)
             pairs += more
@@ -320,11 +326,12 @@ def corrupt(batch: Batch, cfg: FinetuneConfig, ordinary_ids, generator) -> dict:
     or "types" (revision): (B, A)}."""
     answer_mask = torch.ones_like(batch.answers, dtype=torch.bool)                  # (B, A)
     if cfg.objective == "mask":
-        inputs, is_masked, p = rediff.forward_mask(batch.answers, answer_mask, MASK_ID, generator=generator)
+        inputs, is_masked, p = rediff.forward_mask(batch.answers, answer_mask, MASK_ID,
+                                                   generator=generator)
         return {"inputs": inputs, "is_masked": is_masked, "p": p}
     inputs, _, types, p = rediff.corrupt_for_revision(
-        batch.answers, answer_mask, MASK_ID, ordinary_ids, cfg.replace_prob, cfg.t_dependent, batch.wrong,
-        batch.wrong_span, generator=generator)
+        batch.answers, answer_mask, MASK_ID, ordinary_ids, cfg.replace_prob, cfg.t_dependent,
+        batch.wrong, batch.wrong_span, generator=generator)
     return {"inputs": inputs, "types": types, "p": p}
 
 
@@ -333,11 +340,11 @@ def answer_logits(model, rows: Rows) -> torch.Tensor:
     on; a forward pre-hook on the final norm keeps just each row's A answer positions, so the norm
     and the LM head (V = 126k columns) never see the gap between a short prompt's start and a long
     one's, nor the right padding."""
-    lm = getattr(model, "module", model).lm                                         # DDP keeps it in .module
+    lm = getattr(model, "module", model).lm                          # DDP keeps it in .module
     index = rows.answer_at[..., None]                                               # (b, A, 1)
 
     def gather(module, args):
-        x = args[0]                                                                 # (b, L - start, D)
+        x = args[0]                                                  # (b, L - start, D)
         return (x.gather(1, index.expand(-1, -1, x.shape[-1])),)                    # (b, A, D)
     handle = lm.norm.register_forward_pre_hook(gather)
     try:
@@ -346,8 +353,8 @@ def answer_logits(model, rows: Rows) -> torch.Tensor:
         handle.remove()
 
 
-def training_loss(model, data: CaptionData, batch: Batch, noisy: dict, rows: slice, cfg: FinetuneConfig,
-                  device) -> tuple[torch.Tensor, dict]:
+def training_loss(model, data: CaptionData, batch: Batch, noisy: dict, rows: slice,
+                  cfg: FinetuneConfig, device) -> tuple[torch.Tensor, dict]:
     """The loss of rows `rows` of the global batch (a micro-batch of this process) -> (loss, {part:
     value}). Per-row means (Eq. 1: each sample's sum over its answer length; Eq. 2-3: each type's
     mean in each row), averaged over the rows: equal micro-batches average to the whole batch's
@@ -357,7 +364,8 @@ def training_loss(model, data: CaptionData, batch: Batch, noisy: dict, rows: sli
     targets, p = batch.answers[rows].to(device), noisy["p"][rows].to(device)
     if cfg.objective == "mask":
         is_masked = noisy["is_masked"][rows].to(device)
-        loss = rediff.masked_diffusion_loss(logits, targets, is_masked, p, torch.ones_like(is_masked))
+        everywhere = torch.ones_like(is_masked)                                     # (b, A)
+        loss = rediff.masked_diffusion_loss(logits, targets, is_masked, p, everywhere)
         return loss, {"mask": loss}
     return rediff.typed_losses(logits, targets, noisy["types"][rows].to(device), p)
 
@@ -367,7 +375,7 @@ def set_learning_rate(optimizer, step: int, cfg: FinetuneConfig) -> None:
     --vision-lr)."""
     for group in optimizer.param_groups:
         lr = learning_rate(step, cfg) * group.get("lr_scale", 1.0)
-        if isinstance(group["lr"], torch.Tensor):  # torchao keeps it in a tensor (its compiled step reads it)
+        if isinstance(group["lr"], torch.Tensor):  # torchao keeps it in a tensor (compiled step)
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
@@ -453,17 +461,18 @@ def check_resume(cfg: FinetuneConfig, meta: dict, world: int = 1) -> None:
 # is loaded
 
 GIB = 2 ** 30
-TEXT_TOKENS = 80             # the chat template around the image and a short question, in tokens (an estimate)
-OVERHEAD_BYTES = 2 * GIB     # CUDA context, allocator slack, temporary buffers (an estimate)
-BLOCK_8BIT = 256             # torchao's AdamW8bit: one float32 scale per 256 values, for each of its two states
-STORED_PER_TOKEN = (10, 4)   # a transformer block keeps about 10 D + 4 F values a token for its backward pass:
-# norms, q, k, v, attention output, residuals (D each); gate, up, SiLU, product (F each)
+TEXT_TOKENS = 80            # the chat template and a short question, in tokens (an estimate)
+OVERHEAD_BYTES = 2 * GIB    # CUDA context, allocator slack, temporary buffers (an estimate)
+BLOCK_8BIT = 256            # torchao's AdamW8bit: one float32 scale per 256 values of each state
+STORED_PER_TOKEN = (10, 4)  # a block keeps about 10 D + 4 F values a token for its backward pass:
+#                             norms, q, k, v, attention output, residuals (D each); gate, up, SiLU
+#                             and their product (F each)
 
 
 @dataclass
 class MemoryPlan:
     """Bytes one device holds during a training step, by part, and what they are made of."""
-    parts: dict                 # {name: bytes}: weights, compute copies, gradients, optimizer, activations, ...
+    parts: dict                 # {name: bytes}: weights, gradients, optimizer, activations, ...
     per_sample: int             # activation bytes of one sample (included in parts["activations"])
     micro_batch: int            # samples run at once on one device
     seq_len: int                # tokens of the planned sample: text, image, answer
@@ -511,7 +520,8 @@ def image_layout_counts(config, image_size: tuple[int, int]) -> tuple[int, int]:
     v = config.vision
     if config.image_aspect_ratio == "pad":
         return v.grid ** 2 + 1, 1
-    layout = anyres_layout(image_size, config.grid_pinpoints, v.image_size, v.grid, config.max_crops)
+    layout = anyres_layout(image_size, config.grid_pinpoints, v.image_size, v.grid,
+                           config.max_crops)
     return layout.tokens, 1 + layout.rows * layout.cols
 
 
@@ -528,13 +538,13 @@ def memory_plan(config, flags, device_bytes: int, world: int = 1, device_type: s
     mode = flags.parallel if flags.parallel != "auto" else ("ddp" if world > 1 else "none")
     shard = world if mode == "fsdp" else 1
     master = 2 if flags.master_dtype == "bfloat16" else 4
-    compute = 4 if flags.param_dtype == "float32" or (flags.param_dtype == "auto" and device_type != "cuda") \
-        else 2
+    fp32 = flags.param_dtype == "float32" or (flags.param_dtype == "auto" and device_type != "cuda")
+    compute = 4 if fp32 else 2
     lm, n_layers = config.lm, config.lm.n_layers
     parts = {"weights": n_all * master // shard}
-    if mode == "fsdp":  # gathered in the compute dtype: the root unit for the whole pass, two layers at a time
+    if mode == "fsdp":  # gathered in the compute dtype: the root unit, and two layers at a time
         parts["gathered weights"] = (n_root + 2 * (n_all - n_tower - n_root) // n_layers) * compute
-    elif compute < master:  # autocast keeps a compute-dtype copy of every weight for the backward pass
+    elif compute < master:  # autocast keeps a compute-dtype copy of every weight for backward
         parts["compute copies"] = n_all * compute
     parts["gradients"] = n_train * master // shard
     if mode == "ddp":
@@ -546,26 +556,29 @@ def memory_plan(config, flags, device_bytes: int, world: int = 1, device_type: s
     image_tokens, views = image_layout_counts(config, image_size)
     seq = TEXT_TOKENS + image_tokens + answer
     d, f = STORED_PER_TOKEN
-    block = (d * lm.d_model + f * lm.mlp_hidden) * compute                         # bytes a token, one layer
-    if flags.activation_checkpointing:  # block inputs, and one block's activations while it is recomputed
+    block = (d * lm.d_model + f * lm.mlp_hidden) * compute          # bytes a token, one layer
+    if flags.activation_checkpointing:  # block inputs, and one block while it is recomputed
         act = seq * n_layers * lm.d_model * compute + seq * block
     else:
         act = seq * n_layers * block
-    act += answer * lm.vocab_size * (compute + 8)  # answer logits, their float32 log-softmax and its gradient
+    act += answer * lm.vocab_size * (compute + 8)  # answer logits, float32 log-softmax, gradient
     v = config.vision
     tokens = views * v.grid ** 2
-    act += tokens * (v.width + 2 * lm.d_model) * compute                           # the projector's inputs
+    act += tokens * (v.width + 2 * lm.d_model) * compute            # the projector's inputs
     if flags.vision_lr > 0:
         v_block = (d * v.width + f * v.mlp_hidden) * compute
-        act += (tokens * v.used_layers * v.width * compute + tokens * v_block if flags.activation_checkpointing
-                else tokens * v.used_layers * v_block)
+        if flags.activation_checkpointing:
+            act += tokens * v.used_layers * v.width * compute + tokens * v_block
+        else:
+            act += tokens * v.used_layers * v_block
     micro = max(1, flags.batch_size // (world * flags.grad_accum))
     parts["activations"] = micro * act
     parts["overhead"] = OVERHEAD_BYTES
     notes = [f"{n_all / 1e9:.2f} B parameters ({n_train / 1e9:.2f} B trained), {mode} over {world} "
-             f"process(es), weights {flags.master_dtype}, compute {'bfloat16' if compute == 2 else 'float32'}, "
+             f"process(es), weights {flags.master_dtype}, "
+             f"compute {'bfloat16' if compute == 2 else 'float32'}, "
              f"optimizer {flags.optimizer}, image {image_size[0]}x{image_size[1]} ({views} views)"]
-    if hasattr(flags, "gen_length") and mode == "fsdp":  # Stage II drafts with a whole replica beside the shards
+    if hasattr(flags, "gen_length") and mode == "fsdp":  # Stage II drafts with a whole replica
         replica = n_all * compute
         drafting = sum(v for k, v in parts.items() if k != "activations") + replica
         if drafting > sum(parts.values()):
@@ -583,15 +596,16 @@ def fitting_flags(config, flags, device_bytes: int, world: int, device_type: str
               ("--optimizer adamw8bit", {"optimizer": "adamw8bit"}),
               ("--master-dtype bfloat16", {"master_dtype": "bfloat16"})]
     rows = flags.batch_size // world
-    trials += [(f"--grad-accum {k}", {"grad_accum": k}) for k in range(flags.grad_accum + 1, rows + 1)
-               if rows % k == 0]
+    trials += [(f"--grad-accum {k}", {"grad_accum": k})
+               for k in range(flags.grad_accum + 1, rows + 1) if rows % k == 0]
     trials.append(("--vision-lr 0", {"vision_lr": 0.0}))
     added, current = [], flags
     for flag, change in trials:
         if all(getattr(current, k) == v for k, v in change.items()):
             continue
         current = dataclasses.replace(current, **change)
-        added = [a for a in added if not (a.startswith("--grad-accum") and flag.startswith("--grad-accum"))]
+        if flag.startswith("--grad-accum"):  # a larger value replaces the last one tried
+            added = [a for a in added if not a.startswith("--grad-accum")]
         added.append(flag)
         if memory_plan(config, current, device_bytes, world, device_type, image_size).fits:
             return added
@@ -671,7 +685,8 @@ def make_optimizer(groups: list, cfg):
     try:  # imported here: an optional dependency whose import takes seconds
         from torchao.optim import AdamW8bit
     except ImportError:
-        raise SystemExit("--optimizer adamw8bit needs torchao: pip install -r requirements.txt") from None
+        raise SystemExit("--optimizer adamw8bit needs torchao: pip install -r requirements.txt") \
+            from None
     return AdamW8bit(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
                      bf16_stochastic_round=cfg.master_dtype == "bfloat16")
 
@@ -684,14 +699,15 @@ def prepare_training(model, ctx, cfg):
     model.requires_grad_(True)
     model.vision_tower.requires_grad_(tower_trains)
     model.train()
-    if cfg.activation_checkpointing and tower_trains:  # a trained tower keeps activations for 27 layers a crop
+    if cfg.activation_checkpointing and tower_trains:  # a trained tower stores 26 layers a crop
         distributed.checkpoint_blocks(model.vision_tower.trunk.blocks)
     train_model = distributed.wrap(model, ctx, cfg.param_dtype, cfg.activation_checkpointing)  # DDP / FSDP2 / model
-    tower = {id(p) for p in model.vision_tower.parameters()}  # after wrap: FSDP2 replaces them with shards
+    tower = {id(p) for p in model.vision_tower.parameters()}  # after wrap: FSDP2 shards them
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in tower], "lr_scale": 1.0}]
     if tower_trains:
-        groups.append({"params": [p for p in params if id(p) in tower], "lr_scale": cfg.vision_lr / cfg.lr})
+        groups.append({"params": [p for p in params if id(p) in tower],
+                       "lr_scale": cfg.vision_lr / cfg.lr})
     optimizer = make_optimizer(groups, cfg)
     count = lambda ps: sum(p.numel() for p in ps) / 1e9  # noqa: E731  (a DTensor shard counts as its whole tensor)
     print(f"model {count(model.parameters()):.3f} B parameters ({count(params):.3f} B trainable) on {ctx.device}, "
@@ -707,7 +723,7 @@ def load_state(cfg, model, optimizer) -> dict:
         distributed.load_dcp_optimizer(cfg.dcp, model, optimizer)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--resume: {err}. Fix: point --dcp (or --out) at a run of this script") from None
-    for group, was_tensor in zip(optimizer.param_groups, tensor_lr):  # saved as numbers (save_state)
+    for group, was_tensor in zip(optimizer.param_groups, tensor_lr):  # saved as numbers
         if was_tensor and not isinstance(group["lr"], torch.Tensor):
             group["lr"] = torch.tensor(float(group["lr"]))
     return meta
@@ -765,8 +781,9 @@ def report_peak_memory(plan: MemoryPlan, device) -> None:
     """On CUDA: the measured peak beside the plan's total."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-        print(f"peak memory allocated {peak / GIB:.2f} GiB (reserved {torch.cuda.max_memory_reserved(device) / GIB:.2f}"
-              f" GiB); the plan said {plan.total / GIB:.2f} GiB")
+        reserved = torch.cuda.max_memory_reserved(device)
+        print(f"peak memory allocated {peak / GIB:.2f} GiB (reserved {reserved / GIB:.2f} GiB); "
+              f"the plan said {plan.total / GIB:.2f} GiB")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -786,14 +803,14 @@ def main(argv=None):
     cfg.dcp = cfg.dcp or cfg.out.rstrip("/") + ".dcp"
     ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of a torchrun group (and its device)
     device = ctx.device
-    micro = micro_batches(cfg.batch_size, ctx, cfg.grad_accum)  # refuses a batch that does not split evenly
+    micro = micro_batches(cfg.batch_size, ctx, cfg.grad_accum)  # refuses an uneven batch
     plan = check_memory(cfg, ctx)  # before any weight is loaded
     captions, pairs = load_data(cfg)
     model, tokenizer = load_llada_v(cfg.hf_model, device, MASTER_DTYPES[cfg.master_dtype])
     data = CaptionData(captions, pairs, model, tokenizer, cfg)
     cfg.steps = cfg.steps or math.ceil(len(captions) / cfg.batch_size)
     print(show_config(cfg))
-    ordinary = ordinary_ids(model, tokenizer, "cpu")  # replacement tokens (the draws are made on the CPU)
+    ordinary = ordinary_ids(model, tokenizer, "cpu")  # replacement tokens (drawn on the CPU)
     train_model, params, optimizer = prepare_training(model, ctx, cfg)
     start_step, history = 0, []
     if cfg.resume:
@@ -812,11 +829,14 @@ def main(argv=None):
     for step in bar:
         set_learning_rate(optimizer, step, cfg)
         batch = data.batch(step, cfg.batch_size)
-        noisy = corrupt(batch, cfg, ordinary, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        noisy = corrupt(batch, cfg, ordinary, generator)
         optimizer.zero_grad(set_to_none=True)
+
+        def loss_of(rows):
+            return training_loss(train_model, data, batch, noisy, rows, cfg, device)
         try:
-            loss, parts = accumulate(train_model, ctx, micro, autocast,
-                                     lambda rows: training_loss(train_model, data, batch, noisy, rows, cfg, device))
+            loss, parts = accumulate(train_model, ctx, micro, autocast, loss_of)
         except DataError as err:
             raise SystemExit(f"step {step}: {err}") from None
         batch_loss, parts = ctx.mean(loss), ctx.mean(parts)  # the whole batch's values, as one process has them
