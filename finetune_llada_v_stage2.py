@@ -190,7 +190,7 @@ def in_context(review, draft: dict, tokenizer, counts: Counter):
 @dataclass
 class Eq4Batch:
     """A global batch of corrected drafts at the level of their answers (G tokens each)."""
-    samples: list               # B samples: image_path, prompt (ids), ids (the draft), refined, mistake
+    samples: list               # B samples: image_path, prompt, ids (the draft), refined, mistake
     drafts: torch.Tensor        # (B, G) the model's own drafts: the input (no masking)
     refined: torch.Tensor       # (B, G) the same with the expert's corrections applied
     mistake: torch.Tensor       # (B, G) bool: the corrected segments (Eq. 4 scores these only)
@@ -220,7 +220,8 @@ def eq4_loss(model, batch: Eq4Batch, rows: slice, device, image_model=None):
     unless `model` is a DDP wrapper)."""
     part = eq4_rows(batch, rows, image_model or model).to(device)
     logits = ft.answer_logits(model, part)                                          # (b, G, V)
-    return rediff.refinement_loss(logits, batch.refined[rows].to(device), batch.mistake[rows].to(device))
+    refined, mistake = batch.refined[rows].to(device), batch.mistake[rows].to(device)   # (b, G)
+    return rediff.refinement_loss(logits, refined, mistake)
 
 
 def finetune_round(model, train_model, optimizer, params, samples, data, ordinary, cfg: Stage2Config, r: int,
@@ -242,7 +243,8 @@ def finetune_round(model, train_model, optimizer, params, samples, data, ordinar
         batch = eq4_batch(samples, picks)
         if n_mix:
             mix = data.batch(step, n_mix)
-            noisy = ft.corrupt(mix, cfg, ordinary, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            noisy = ft.corrupt(mix, cfg, ordinary, generator)
 
         def loss_of(rows):
             own_rows, mix_rows = rows
@@ -251,10 +253,13 @@ def finetune_round(model, train_model, optimizer, params, samples, data, ordinar
                 return own, {"refine": own}
             stage1, _ = ft.training_loss(train_model, data, mix, noisy, mix_rows, cfg, device)
             # weighted by each part's share of the batch
-            return (n_own * own + n_mix * stage1) / cfg.batch_size, {"refine": own, "stage1": stage1}
+            total = (n_own * own + n_mix * stage1) / cfg.batch_size
+            return total, {"refine": own, "stage1": stage1}
         optimizer.zero_grad(set_to_none=True)
-        total, parts = ft.accumulate(train_model, ctx, list(zip(own_micro, mix_micro)), autocast, loss_of)
-        parts = {k: v.item() for k, v in ctx.mean({**parts, "total": total}).items()}  # the whole batch's values
+        micro = list(zip(own_micro, mix_micro))
+        total, parts = ft.accumulate(train_model, ctx, micro, autocast, loss_of)
+        # the whole batch's values
+        parts = {k: v.item() for k, v in ctx.mean({**parts, "total": total}).items()}
         if not math.isfinite(parts["total"]):
             raise SystemExit(f"round {r + 1}, step {i}: loss is {parts['total']}; stopping. The last saved state is "
                              f"{cfg.dcp} (try a lower --lr)")
@@ -273,11 +278,12 @@ def drafting_replica(model, ctx, cfg):
     if ctx.mode != "fsdp":
         return model
     dtype = distributed.resolve_dtype(cfg.param_dtype, ctx.device)
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses the model
+    # fully_shard subclasses the model: the replica is of the model's own class
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     with torch.device("meta"):
         replica = cls(model.cfg)
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor          # all-gather, one at a time
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # one at a time
         owner, _, attr = name.rpartition(".")
         module = replica.get_submodule(owner)
         value = full.detach().to(ctx.device, dtype if full.is_floating_point() else full.dtype)
@@ -337,7 +343,7 @@ def main(argv=None):
     ft.check_optimizer_flags(cfg)
     ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of a torchrun group (and its device)
     n_mix = round(cfg.batch_size * cfg.stage1_mix)
-    ft.micro_batches(cfg.batch_size - n_mix, ctx, cfg.grad_accum)  # refuses parts that do not split evenly
+    ft.micro_batches(cfg.batch_size - n_mix, ctx, cfg.grad_accum)  # refuses an uneven split
     if n_mix:
         ft.micro_batches(n_mix, ctx, cfg.grad_accum)
     ft.check_memory(cfg, ctx)  # before any weight is loaded
@@ -383,8 +389,9 @@ def main(argv=None):
         if not samples:
             print(f"round {r + 1}: no draft to train on (all right, or no valid pair): no fine-tuning")
         if (r + 1) % cfg.save_every == 0 or r + 1 in (cfg.stop_at, cfg.rounds):
-            ft.save_state(cfg, model, optimizer, {"stage": "finetune-stage2", "round": r + 1, "step": step,
-                                                  "train_config": asdict(cfg), "history": history}, ctx)
+            state = {"stage": "finetune-stage2", "round": r + 1, "step": step,
+                     "train_config": asdict(cfg), "history": history}
+            ft.save_state(cfg, model, optimizer, state, ctx)
         if r + 1 == cfg.stop_at:
             print(f"stopped after round {r + 1} (--stop-at); continue with --resume")
             return model
