@@ -1,15 +1,16 @@
-"""data/loaders.py: real-data loaders: images from disk, LLaVA / ShareGPT4V conversation JSON (with ReDiff's "revise"
-corrections), ViCrit-style pair JSONL and the ViCrit-Train JSON list.
+"""data/loaders.py: real-data loaders: images from disk, LLaVA / ShareGPT4V conversation JSON (with
+ReDiff's "revise" corrections), ViCrit-style pair JSONL and the ViCrit-Train JSON list.
 
-Every problem with the data raises DataError, whose message names the file, the record (index or line) and field,
-and the fix. The two dataset loaders return `(records, stats)`:
+Every problem with the data raises DataError, whose message names the file, the record (index or
+line) and field, and the fix. The two dataset loaders return `(records, stats)`:
 
     records   list of plain dicts, one per usable example (keys listed in each loader's docstring)
     stats     {"skipped_missing": n, "skipped_bad": n}: examples left out because skip_missing / skip_bad was set
 
-Image files are checked for existence here; they are decoded later, by open_image, when a batch needs them.
-Image paths in the data are resolved under `image_root`; a path that leads outside it ("../", an absolute path
-elsewhere, a symlink pointing out) is always a DataError (never skipped) unless allow_outside_root=True.
+Image files are checked for existence here; they are decoded later, by open_image, when a batch
+needs them. Image paths in the data are resolved under `image_root`; a path that leads outside it
+("../", an absolute path elsewhere, a symlink pointing out) is always a DataError (never skipped)
+unless allow_outside_root=True.
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_TAG = "<image>"               # LLaVA's placeholder for the image inside the human turn
 HUMAN_ROLES = ("human", "user")     # values of a turn's "from" field
 ASSISTANT_ROLES = ("gpt", "assistant")
-REVISE_FIELD = "revise"             # ReDiff's records: [{"org": wrong text in the answer, "target": its correction}]
-VICRIT_TRAIN_FIELDS = ("original_caption", "changed_caption", "solution_original", "solution_target")
+REVISE_FIELD = "revise"             # ReDiff's records: [{"org": wrong text, "target": correction}]
+VICRIT_TRAIN_FIELDS = ("original_caption", "changed_caption", "solution_original",
+                       "solution_target")
 WHITE = (255, 255, 255)             # transparent pixels are shown on white
 UINT16_TO_UINT8 = 257               # 65535 / 255: maps the 16-bit range exactly onto the 8-bit one
 FLOAT_TO_UINT8 = 255                # float images are taken to be in [0, 1]
@@ -166,16 +168,17 @@ def _first_turns(record: dict, where: str, path: Path) -> tuple[str, str]:
 
 def load_llava_json(json_path, image_root, skip_missing: bool = False, skip_bad: bool = False,
                     allow_outside_root: bool = False) -> tuple[list[dict], dict]:
-    """Read a LLaVA / ShareGPT4V conversation file: a JSON list of
-    {"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]}.
+    """Read a LLaVA / ShareGPT4V conversation file: a JSON list of {"id", "image", "conversations":
+    [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]}.
 
-    Returns (records, stats). Each record is {"id", "image_path", "prompt", "caption"}: the first human turn without
-    its "<image>" tag, and the first assistant turn after it ("id" defaults to the record's index). A record of
-    ReDiff's own data with a "revise" list of {"org", "target"} corrections holds a wrong answer (a hallucinated
-    caption or a model's draft): its record gets "wrong" (the assistant turn as written), "caption" (the turn with
-    the corrections applied) and "revise" (the pairs). A missing image is a DataError, or with skip_missing=True
-    skipped and counted; a malformed record likewise with skip_bad=True. A file that is not UTF-8, not valid JSON or
-    not a list is always a DataError."""
+    Returns (records, stats). Each record is {"id", "image_path", "prompt", "caption"}: the first
+    human turn without its "<image>" tag, and the first assistant turn after it ("id" defaults to
+    the record's index). A record of ReDiff's own data with a "revise" list of {"org", "target"}
+    corrections holds a wrong answer (a hallucinated caption or a model's draft): its record gets
+    "wrong" (the assistant turn as written), "caption" (the turn with the corrections applied) and
+    "revise" (the pairs). A missing image is a DataError, or with skip_missing=True skipped and
+    counted; a malformed record likewise with skip_bad=True. A file that is not UTF-8, not valid
+    JSON or not a list is always a DataError."""
     path, root = Path(json_path), Path(image_root)
     data = _json_list(path, "conversation records")
     skip = _Skipper(skip_missing, skip_bad)
@@ -185,8 +188,10 @@ def load_llava_json(json_path, image_root, skip_missing: bool = False, skip_bad:
         try:
             if isinstance(record, dict) and "conversations" not in record and all(
                     name in record for name in VICRIT_TRAIN_FIELDS):
-                raise DataError(f"{path}: {where}: a ViCrit-Train record (fields {', '.join(VICRIT_TRAIN_FIELDS)}), "
-                                f"not a conversation; read this file with load_vicrit_train (--vicrit-train-json)")
+                fields = ", ".join(VICRIT_TRAIN_FIELDS)
+                raise DataError(f"{path}: {where}: a ViCrit-Train record (fields {fields}), not a "
+                                f"conversation; read this file with load_vicrit_train "
+                                f"(--vicrit-train-json)")
             relative = _field(record, "image", where, path)
             prompt, caption = _first_turns(record, where, path)
             if REVISE_FIELD in record:
@@ -206,24 +211,27 @@ def load_llava_json(json_path, image_root, skip_missing: bool = False, skip_bad:
 
 
 def _revised(record: dict, answer: str, where: str, path: Path) -> tuple[str, list[dict]]:
-    """ReDiff's released records hold the hallucinated caption (Stage I) or the model's draft (Stage II) in the
-    assistant turn and the corrections in record["revise"], a list of {"org", "target"}: org is the wrong text as it
-    stands in the answer, target its replacement. -> (the corrected answer, the pairs). Each org must occur in the
-    answer; its first occurrence is replaced, one pair after the other."""
+    """ReDiff's released records hold the hallucinated caption (Stage I) or the model's draft (Stage
+    II) in the assistant turn and the corrections in record["revise"], a list of {"org", "target"}:
+    org is the wrong text as it stands in the answer, target its replacement. -> (the corrected
+    answer, the pairs). Each org must occur in the answer; its first occurrence is replaced, one
+    pair after the other."""
     pairs = record[REVISE_FIELD]
     if not isinstance(pairs, list) or not pairs:
-        raise DataError(f"{path}: {where}: field '{REVISE_FIELD}' must be a non-empty list of {{\"org\", \"target\"}} "
-                        f"objects, got {pairs!r:.60}; fix or remove this record")
+        raise DataError(f"{path}: {where}: field '{REVISE_FIELD}' must be a non-empty list of "
+                        f"{{\"org\", \"target\"}} objects, got {pairs!r:.60}; fix or remove this "
+                        f"record")
     corrected = answer.strip()
     for k, pair in enumerate(pairs):
         here = f"{where}, {REVISE_FIELD}[{k}]"
         org, target = _field(pair, "org", here, path), _field(pair, "target", here, path)
         if org == target:
-            raise DataError(f"{path}: {here}: 'org' equals 'target' ({org!r:.60}); a correction must change the "
-                            f"text; fix or remove this pair")
+            raise DataError(f"{path}: {here}: 'org' equals 'target' ({org!r:.60}); a correction "
+                            f"must change the text; fix or remove this pair")
         if org not in corrected:
-            raise DataError(f"{path}: {here}: 'org' {org!r:.60} does not occur in the assistant turn; the assistant "
-                            f"turn must hold the wrong text and 'revise' its corrections; fix or remove this record")
+            raise DataError(f"{path}: {here}: 'org' {org!r:.60} does not occur in the assistant "
+                            f"turn; the assistant turn must hold the wrong text and 'revise' its "
+                            f"corrections; fix or remove this record")
         corrected = corrected.replace(org, target, 1)
     return corrected, [{"org": p["org"], "target": p["target"]} for p in pairs]
 
@@ -306,21 +314,23 @@ def load_vicrit_jsonl(jsonl_path, image_root, skip_missing: bool = False, skip_b
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ViCrit-Train (the JSON list the ViCrit authors release; ReDiff's Stage I hallucination pairs come from it)
+# ViCrit-Train (the JSON list the ViCrit authors release; ReDiff's Stage I hallucination pairs come
+# from it)
 
 
 def load_vicrit_train(json_path, image_root, skip_missing: bool = False, skip_bad: bool = False,
                       allow_outside_root: bool = False) -> tuple[list[dict], dict]:
-    """Read ViCrit-Train as released: a JSON list of {"image" or "image_path", "problem" (the question),
-    "original_caption", "changed_caption" (one phrase replaced), "solution_original" (that phrase as it was),
-    "solution_target" (the phrase that replaced it)}.
+    """Read ViCrit-Train as released: a JSON list of {"image" or "image_path", "problem" (the
+    question), "original_caption", "changed_caption" (one phrase replaced), "solution_original"
+    (that phrase as it was), "solution_target" (the phrase that replaced it)}.
 
-    Returns (records, stats). Each record is {"id", "image_path", "prompt", "caption" (original_caption), "wrong"
-    (changed_caption), "solutions": [solution_original, solution_target]}; "id" is the record's index. The image
-    path is taken under image_root, and when no file is there, its last component under image_root (ReDiff keeps
-    the ViCrit images in one folder). Token counts are not checked here: the caller keeps a pair when both captions,
-    and both solutions, have the same number of tokens under the model's tokenizer (finetune_llada_v.CaptionData).
-    Errors and skipping as load_llava_json."""
+    Returns (records, stats). Each record is {"id", "image_path", "prompt", "caption"
+    (original_caption), "wrong" (changed_caption), "solutions": [solution_original,
+    solution_target]}; "id" is the record's index. The image path is taken under image_root, and
+    when no file is there, its last component under image_root (ReDiff keeps the ViCrit images in
+    one folder). Token counts are not checked here: the caller keeps a pair when both captions, and
+    both solutions, have the same number of tokens under the model's tokenizer
+    (finetune_llada_v.CaptionData). Errors and skipping as load_llava_json."""
     path, root = Path(json_path), Path(image_root)
     data = _json_list(path, "ViCrit-Train records")
     skip = _Skipper(skip_missing, skip_bad)
@@ -330,14 +340,15 @@ def load_vicrit_train(json_path, image_root, skip_missing: bool = False, skip_ba
         try:
             names = [n for n in ("image", "image_path") if isinstance(record, dict) and n in record]
             relative = _field(record, names[0] if names else "image", where, path)
-            original, changed, solution, target = (_field(record, n, where, path) for n in VICRIT_TRAIN_FIELDS)
+            original, changed, solution, target = (_field(record, n, where, path)
+                                                   for n in VICRIT_TRAIN_FIELDS)
             if original == changed:
-                raise DataError(f"{path}: {where}: 'changed_caption' equals 'original_caption'; a pair needs one "
-                                f"changed phrase; fix or remove this record")
+                raise DataError(f"{path}: {where}: 'changed_caption' equals 'original_caption'; a "
+                                f"pair needs one changed phrase; fix or remove this record")
             problem = record.get("problem") or ""
             if not isinstance(problem, str):
-                raise DataError(f"{path}: {where}: field 'problem' must be a string, got {problem!r:.60}; fix or "
-                                f"remove this record")
+                raise DataError(f"{path}: {where}: field 'problem' must be a string, got "
+                                f"{problem!r:.60}; fix or remove this record")
         except DataError as e:
             skip("skipped_bad", e)
             continue
@@ -348,6 +359,7 @@ def load_vicrit_train(json_path, image_root, skip_missing: bool = False, skip_ba
         if image is None:
             continue
         records.append({"id": str(index), "image_path": str(image),
-                        "prompt": problem.replace(IMAGE_TAG, "").strip(), "caption": original.strip(),
+                        "prompt": problem.replace(IMAGE_TAG, "").strip(),
+                        "caption": original.strip(),
                         "wrong": changed.strip(), "solutions": [solution.strip(), target.strip()]})
     return records, skip.stats

@@ -1,5 +1,5 @@
-"""tests/test_loaders.py: images of every kind, LLaVA conversation JSON (with ReDiff's "revise" corrections), ViCrit
-pair JSONL and the ViCrit-Train JSON list, good and bad."""
+"""tests/test_loaders.py: images of every kind, LLaVA conversation JSON (with ReDiff's "revise"
+corrections), ViCrit pair JSONL and the ViCrit-Train JSON list, good and bad."""
 import json
 import os
 
@@ -243,8 +243,8 @@ def test_vicrit_train_list_gives_pairs_with_their_solutions(root, tmp_path):
 
 
 def test_vicrit_train_path_fallback_and_errors(root, tmp_path):
-    """A path with folders that do not exist under the root falls back to its file name there (ReDiff keeps the
-    ViCrit images in one folder)."""
+    """A path with folders that do not exist under the root falls back to its file name there
+    (ReDiff keeps the ViCrit images in one folder)."""
     data = [vicrit_train(image="some/other/folder/grey.png"), vicrit_train(image="gone.png")]
     path = write_json(tmp_path / "vicrit_train.json", data)
     with pytest.raises(DataError, match=r"vicrit_train.json: record 1: image file .*gone.png not found"):
