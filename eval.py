@@ -53,8 +53,8 @@ def held_out_indices(n: int, seed: int) -> list[int]:
 def caption_steps(trace: list, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Per answer (B,): how many sampler steps committed at least one word of its final caption (the positions before
     its first end-of-text). Low-confidence decoding commits the end-of-text padding first (the surest tokens), so a
-    caption shorter than the answer is written in fewer steps than the sampler takes: README "How fast is 8 tokens
-    per step here?"."""
+    caption shorter than the answer is written in fewer steps than the sampler takes (at 8 tokens per step the toy's
+    ~20-word captions are written in about 4 of the 6 steps)."""
     is_eos = ids == eos_id                                                                # (B, G)
     length = torch.where(is_eos.any(1), is_eos.int().argmax(1), ids.shape[1])            # (B,) caption words
     words = torch.arange(ids.shape[1], device=ids.device) < length[:, None]               # (B, G)
