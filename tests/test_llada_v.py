@@ -86,10 +86,14 @@ def write_shards(folder, tensors, second_shard_keys):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    return build_tiny(str(tmp_path_factory.mktemp("llada_v_tiny")))
+
+
+def build_tiny(folder: str):
     """(folder, llama, siglip): a LLaDA-V folder whose LM is a transformers Llama and whose tower is a transformers
-    SigLIP, as LLaDA-V saves them (the tower's last layer and pooling head dropped, its post-layernorm kept)."""
+    SigLIP, as LLaDA-V saves them (the tower's last layer and pooling head dropped, its post-layernorm kept), written
+    into the existing `folder` (also used by workshop/ex6_scale.py)."""
     torch.manual_seed(0)
-    folder = str(tmp_path_factory.mktemp("llada_v_tiny"))
     t = TINY
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=t["hidden"], intermediate_size=t["mlp"], num_hidden_layers=t["layers"],

@@ -108,15 +108,9 @@ def build_tiny_folder(root: str) -> str:
     """Write the tests' tiny LLaDA-V folder (the `tiny` fixture of tests/test_llada_v.py, its own
     code) under root; returns the folder."""
     from tests import test_llada_v
-
-    class Folders:  # the one method of pytest's tmp_path_factory that the fixture uses
-        def mktemp(self, name):
-            path = pathlib.Path(root) / name
-            path.mkdir()
-            return path
-
-    write = getattr(test_llada_v.tiny, "__wrapped__", test_llada_v.tiny)  # the plain function
-    return str(write(Folders())[0])
+    folder = pathlib.Path(root) / "llada_v_tiny"
+    folder.mkdir()
+    return str(test_llada_v.build_tiny(str(folder))[0])
 
 
 def real_8b_counts() -> dict:
