@@ -128,10 +128,11 @@ def smallest_unique_span(words: list[str], start: int, end: int) -> tuple[int, i
     raise AssertionError("unreachable: the whole draft occurs once")
 
 
-def pairs_from_rewrite(words: list[str], fixed: list[str]) -> list[dict]:
+def pairs_from_rewrite(words: list[str], fixed: list[str], span=smallest_unique_span) -> list[dict]:
     """Turn an equal-length rewrite of a draft's words into {org, target} pairs: each run of changed words,
     widened only as far as needed for its org to occur exactly once in the draft (smallest_unique_span), so as
-    few unchanged words as the uniqueness rule allows enter Eq. 4; overlapping spans are merged."""
+    few unchanged words as the uniqueness rule allows enter Eq. 4; overlapping spans are merged. span: the
+    widening rule, (words, start, end) -> (start, end)."""
     assert len(words) == len(fixed), "an equal-length rewrite"
     changed = [i for i, (a, b) in enumerate(zip(words, fixed)) if a != b]
     runs = []
@@ -142,7 +143,7 @@ def pairs_from_rewrite(words: list[str], fixed: list[str]) -> list[dict]:
             runs.append([i, i + 1])
     spans = []
     for start, end in runs:
-        start, end = smallest_unique_span(words, start, end)
+        start, end = span(words, start, end)
         if spans and start < spans[-1][1]:  # overlaps the previous span: merge (a superset stays unique)
             spans[-1][1] = max(spans[-1][1], end)
         else:

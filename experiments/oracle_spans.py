@@ -60,9 +60,10 @@ def main():
             for rule, span in rules.items():
                 s = stats[(speed, rule)]
                 s["drafts"] += 1
-                for pair in pairs(words, fixed, span):
-                    s["corrected"] += len(pair[0])
-                    s["changed"] += sum(a != b for a, b in zip(*pair))
+                for pair in experts.pairs_from_rewrite(words, fixed, span):
+                    org, target = pair["org"].split(), pair["target"].split()
+                    s["corrected"] += len(org)
+                    s["changed"] += sum(a != b for a, b in zip(org, target))
     print("| tok/step | span rule | corrected tokens | changed by the oracle | corrected per draft |")
     print("|---|---|---|---|---|")
     for (speed, rule), s in stats.items():
@@ -82,24 +83,6 @@ def rewrite(draft: str, scene: dict) -> tuple[list[str], list[str]]:
         experts.pairs_from_rewrite = real
     words = experts.normalise(draft)
     return caught.get("words", words), caught.get("fixed", words)
-
-
-def pairs(words: list[str], fixed: list[str], span) -> list[tuple[list[str], list[str]]]:
-    """experts.pairs_from_rewrite's merging of runs, with `span` widening each run of changed words."""
-    runs = []
-    for i in (i for i, (a, b) in enumerate(zip(words, fixed)) if a != b):
-        if runs and runs[-1][1] == i:
-            runs[-1][1] = i + 1
-        else:
-            runs.append([i, i + 1])
-    spans = []
-    for start, end in runs:
-        start, end = span(words, start, end)
-        if spans and start < spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], end)
-        else:
-            spans.append([start, end])
-    return [(words[s:e], fixed[s:e]) for s, e in spans]
 
 
 if __name__ == "__main__":
