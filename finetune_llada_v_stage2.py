@@ -44,10 +44,9 @@ import distributed
 import finetune_llada_v as ft
 import rediff
 import train_stage2
-from cli import (UsageError, check_folder_out, check_writable,
-                 option, parse_config, run_main, show_config)
+from cli import UsageError, check_folder_out, option, parse_config, run_main, show_config
 from data.loaders import open_image
-from experts import check_endpoint, make_expert, merge_rank_caches, occurrences, rank_cache_path
+from experts import make_expert, merge_rank_caches, occurrences, rank_cache_path
 from llada_v import CAPTION_QUESTION, generate_answer, load_llada_v, prompt_ids
 from sample import check_hf_folder
 
@@ -333,12 +332,7 @@ def main(argv=None):
         raise SystemExit("--vicrit-jsonl feeds the hallucination term of the Stage I rows: use it with --objective "
                          "revision and --stage1-mix > 0")
     check_folder_out(cfg.out, "the Hugging Face export")
-    if cfg.batch_size - round(cfg.batch_size * cfg.stage1_mix) < 1:
-        raise UsageError(f"--batch-size {cfg.batch_size} with --stage1-mix {cfg.stage1_mix} leaves "
-                         f"no row for the model's own drafts; raise --batch-size or lower --stage1-mix")
-    if cfg.expert == "openai":
-        check_writable(cfg.cache, "--cache")
-        check_endpoint(cfg.expert_base_url, "--expert-base-url", cfg.cache)  # before any drafting
+    train_stage2.check_round_flags(cfg)
     cfg.dcp = cfg.dcp or cfg.out.rstrip("/") + ".dcp"
     ft.check_optimizer_flags(cfg)
     ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of a torchrun group (and its device)

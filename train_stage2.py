@@ -354,15 +354,21 @@ def round_report(r: int, cfg: Stage2Config, drafts, quality, counts: Counter, sa
     return lines
 
 
-def main(argv=None):
-    cfg = parse_config(Stage2Config, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
-    check_checkpoint_out(cfg.out, sharded=False)
+def check_round_flags(cfg) -> None:
+    """Refuse, before any drafting, a batch with no row left for own drafts and an unusable expert endpoint
+    (shared with finetune_llada_v_stage2.py)."""
     if cfg.batch_size - round(cfg.batch_size * cfg.stage1_mix) < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} with --stage1-mix {cfg.stage1_mix} leaves "
                          f"no row for the model's own drafts; raise --batch-size or lower --stage1-mix")
     if cfg.expert == "openai":
         check_writable(cfg.cache, "--cache")
         check_endpoint(cfg.expert_base_url, "--expert-base-url", cfg.cache)  # before any drafting
+
+
+def main(argv=None):
+    cfg = parse_config(Stage2Config, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
+    check_checkpoint_out(cfg.out, sharded=False)
+    check_round_flags(cfg)
     ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of a torchrun group (and its device)
     print(show_config(cfg))
     from data import shapes
