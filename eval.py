@@ -6,13 +6,12 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from cli import UsageError, check_writable, option, parse_config, run_main
+from data.pipeline import SCENE_POOL, held_out_indices
 
-SCENE_POOL = 100_000  # --seed draws --n distinct test-split indices from this many
 NEEDS = ("tokenizer", "world", "answer_len")  # checkpoint metadata read here (model.load_for names a missing one)
 
 
@@ -44,10 +43,6 @@ class EvalConfig:
                           "an object at another object's cell, wrong attributes, ...)")
     compile: bool = option(False, "torch.compile the model for captioning (about 30 s up front per checkpoint; same "
                            "outputs; 1.2-1.35x faster on 2 CPU cores, see the README's Speed section)")
-
-
-def held_out_indices(n: int, seed: int) -> list[int]:
-    return sorted(np.random.default_rng(seed).choice(SCENE_POOL, size=n, replace=False).tolist())
 
 
 def caption_steps(trace: list, ids: torch.Tensor, eos_id: int) -> torch.Tensor:

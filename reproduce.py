@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 from cli import check_folder_out, option, parse_config, run_main, show_config
 
-EVAL_SCENE_POOL = 100_000  # eval.SCENE_POOL: eval.py --n draws distinct held-out scenes from this many
+EVAL_SCENE_POOL = 100_000  # data.pipeline.SCENE_POOL (not imported: torch stays out of --help)
 
 
 @dataclass

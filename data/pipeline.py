@@ -9,6 +9,7 @@ import torch
 from data import shapes
 
 PROMPT = "describe the image ."  # the toy world's one instruction, after the image placeholders
+SCENE_POOL = 100_000  # held_out_indices draws distinct test-split scene indices from this many
 
 
 def image_to_tensor(images, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
@@ -16,6 +17,13 @@ def image_to_tensor(images, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.
     array = np.stack([np.asarray(im, dtype=np.uint8) for im in images]) if isinstance(images, list) else images
     x = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float() / 255.0   # (B, 3, S, S)
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def held_out_indices(n: int, seed: int) -> list[int]:
+    """Not in the paper: the toy world's held-out evaluation scenes, n distinct test-split indices
+    out of SCENE_POOL drawn by seed, sorted (the evaluation, sample.py and the experiments share them)."""
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(SCENE_POOL, size=n, replace=False).tolist())
 
 
 def prompt_ids(tokenizer, n_image_tokens: int, text: str = PROMPT) -> list[int]:

@@ -19,10 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from data import shapes  # noqa: E402
-from data.pipeline import image_to_tensor  # noqa: E402
+from data.pipeline import held_out_indices, image_to_tensor  # noqa: E402
 from data.score import score_caption, score_captions  # noqa: E402
 from data.tokenizer import tokenizer_from_dict  # noqa: E402
-from eval import held_out_indices  # noqa: E402
 from model import load_for  # noqa: E402
 from sample import caption_images, decode_answer, steps_for  # noqa: E402
 

@@ -17,10 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from data import shapes  # noqa: E402
-from data.pipeline import image_to_tensor  # noqa: E402
+from data.pipeline import held_out_indices, image_to_tensor  # noqa: E402
 from data.score import score_caption  # noqa: E402
 from data.tokenizer import tokenizer_from_dict  # noqa: E402
-from eval import held_out_indices  # noqa: E402
 from experiments.last_step import sentence_spans  # noqa: E402
 from model import load_for  # noqa: E402
 from sample import caption_images  # noqa: E402
