@@ -8,6 +8,9 @@ answer positions, the only ones that are ever masked, corrupted or scored.
 """
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -254,9 +257,141 @@ def commit_most_confident(confidence, candidates, counts):
     return commit
 
 
-class StopRule:
-    """The end-of-turn rule of the official LLaDA-V sampler (generate's eot_id), each row on its
-    own. With eot_id=None every method leaves the plain loop as it is.
+class Step(NamedTuple):
+    """What denoise_steps yields after each step."""
+    block: int              # the block's number
+    step: int               # the step's number within the block
+    start: int              # the block is x[:, start:end]
+    end: int
+    x: torch.Tensor         # (B, L) the sequence after the step: the live tensor, later steps update it
+    before: torch.Tensor    # (B, end - start) the block before the step
+    commit: torch.Tensor    # (B, end - start) the masked positions the step committed
+
+
+def denoise_steps(predict, x, prompt_len: int, num_blocks: int, steps_per_block: int, mask_id: int,
+                  refine: bool = False, threshold: float | None = None, stops=None, on_block=None):
+    """The reverse process (LLaDA's sampler; with refine=True ReDiff's, Section 3.4) as a generator:
+    x (B, L), the prompt then the answer (masks, or a draft's tokens), is updated in place and a Step
+    is yielded after every step.
+
+    The answer is cut into num_blocks blocks, decoded left to right. Each block takes steps_per_block
+    steps; step i commits transfer_schedule's i-th share of the block's masked positions, the most
+    confident ones (low-confidence remasking). predict(x, start, end) -> (x0, confidence), each
+    (B, end - start): the step's prediction of every block position and its confidence
+    (step_predictor). Frozen, a committed token never changes. Refining, every position of the block
+    that was visible before the step also takes the step's prediction (the same logits: no extra
+    forward pass); only masked positions are newly committed.
+
+    Extensions, off by default: threshold (Fast-dLLM: commit every masked position whose confidence
+    >= threshold, at least the most confident one, until the block holds no mask; steps_per_block is
+    then unused); stops (a stop rule: which rows run and which positions may be committed; NoStop:
+    every row, everywhere); on_block(start), called before a block's first step (a prefix cache
+    rebuilds there), not for a block that no row runs."""
+    stops = stops or NoStop(x, prompt_len, mask_id)
+    block_length = (x.shape[1] - prompt_len) // num_blocks
+    for block in range(num_blocks):
+        start, end = prompt_len + block * block_length, prompt_len + (block + 1) * block_length
+        schedule = transfer_schedule((x[:, start:end] == mask_id).sum(dim=1), steps_per_block)
+        running = stops.still_running(torch.ones_like(x[:, 0], dtype=torch.bool), x, start, end)
+        if not running.any():
+            continue  # every row stopped before this block
+        if on_block is not None:
+            on_block(start)
+        for step in itertools.count():
+            masked = x[:, start:end] == mask_id                                          # (B, Lb)
+            candidates = masked & stops.may_commit(start, end) & running[:, None]        # (B, Lb)
+            block_done = step == steps_per_block if threshold is None else not candidates.any()
+            if block_done or not running.any():
+                break
+            x0, confidence = predict(x, start, end)                                      # (B, Lb)
+            confidence = torch.where(candidates, confidence, -torch.inf)
+            if threshold is None:  # the schedule's count of the most confident masked positions
+                commit = commit_most_confident(confidence, candidates, schedule[:, step])
+            else:
+                commit = confident_or_best(confidence, candidates, threshold)
+            before = x[:, start:end].clone()                                             # (B, Lb)
+            if refine:  # Section 3.4: every token visible before this step takes its prediction
+                x[:, start:end] = torch.where(~masked & running[:, None], x0, before)
+            x[:, start:end] = torch.where(commit, x0, x[:, start:end])
+            stops.after_step(x)
+            yield Step(block, step, start, end, x, before, commit)
+            running = stops.still_running(running, x, start, end)
+
+
+def step_predictor(logits_fn, prompt_len: int, mask_id: int, banned_ids=None,
+                   temperature: float = 0.0, remasking: str = "low_confidence",
+                   cfg_scale: float = 0.0, generator=None):
+    """logits_fn -> denoise_steps' predict(x, start, end) = (x0, confidence), each (B, Lb): LLaDA's
+    prediction of each block position, its argmax x0 (after Gumbel noise at temperature > 0), and
+    its confidence (remasking "low_confidence": softmax(logits)[x0]; "random": uniform scores).
+
+    banned_ids, and always mask_id, get logit -inf (a trained model never predicts the mask; this
+    guarantees that no mask survives). cfg_scale > 0: classifier-free guidance, logits = un +
+    (cfg + 1) (cond - un), with the prompt masked for un (LLaDA)."""
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+
+    def predict(x, start: int, end: int):
+        logits = only_block(logits_fn(x), x, start, end)                                 # (B, Lb, V)
+        if cfg_scale > 0:
+            unprompted = x.clone()
+            unprompted[:, :prompt_len] = mask_id                                         # (B, L)
+            unconditional = only_block(logits_fn(unprompted), x, start, end)             # (B, Lb, V)
+            logits = unconditional + (cfg_scale + 1) * (logits - unconditional)
+        never = torch.tensor([*(banned_ids or []), mask_id], device=x.device)
+        logits = logits.index_fill(-1, never, -torch.inf)
+        x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)             # (B, Lb)
+        if remasking == "low_confidence":
+            return x0, chosen_probability(logits, x0)
+        return x0, torch.rand(x0.shape, generator=generator, device=x0.device)
+    return predict
+
+
+class NoStop:
+    """The paper's sampler has no stop rule: every row runs every block, and every masked position
+    of the block may be committed. A stop rule (EndOfText, StopRule) changes these answers."""
+
+    def __init__(self, x, prompt_len: int, mask_id: int):
+        self.prompt_len, self.mask_id, self.length = prompt_len, mask_id, x.shape[1]
+        self.rows, self.device = x.shape[0], x.device
+
+    def still_running(self, running, x, start: int, end: int):
+        """running (B,) before a step of the block start..end-1 -> the rows that go on."""
+        return running
+
+    def may_commit(self, start: int, end: int):
+        """(B, end - start) the positions of the block a step may commit."""
+        return torch.ones(self.rows, end - start, dtype=torch.bool, device=self.device)
+
+    def after_step(self, x):
+        """Told x (B, L) after every step."""
+
+    def answer(self, x):
+        """x (B, L) -> the returned answer (B, G)."""
+        return x[:, self.prompt_len:]
+
+
+class EndOfText(NoStop):
+    """generate's stop_id (this project's end-of-text): once every row's answer before a block holds
+    stop_id, that block and the later ones are skipped (they cost no forward pass), and the answer
+    holds stop_id from each row's first one on."""
+
+    def __init__(self, stop_id: int, x, prompt_len: int, mask_id: int):
+        super().__init__(x, prompt_len, mask_id)
+        self.stop_id = stop_id
+
+    def still_running(self, running, x, start: int, end: int):
+        every_row_ended = (x[:, self.prompt_len:start] == self.stop_id).any(dim=1).all()
+        return running & ~every_row_ended
+
+    def answer(self, x):
+        answer = x[:, self.prompt_len:]                                                  # (B, G)
+        after_stop = (answer == self.stop_id).long().cumsum(dim=1) > 0
+        return torch.where(after_stop, self.stop_id, answer)
+
+
+class StopRule(NoStop):
+    """The end-of-turn rule of the official LLaDA-V sampler (generate's eot_id), each row on its own.
 
     After every step, the first eot_id of a row's answer becomes its stop position when it has none
     or this one is earlier (never later, even when a revision replaces that eot_id). Only masked
@@ -264,36 +399,47 @@ class StopRule:
     no mask, or once it has a stop and no mask remains in its answer before it; a block that starts
     at or after the stop is skipped. The returned answer holds eot_id from the stop position on."""
 
-    def __init__(self, eot_id: int | None, x, prompt_len: int):
-        self.eot_id, self.prompt_len, self.length = eot_id, prompt_len, x.shape[1]
+    def __init__(self, eot_id: int, x, prompt_len: int, mask_id: int):
+        super().__init__(x, prompt_len, mask_id)
+        self.eot_id = eot_id
         self.stop = torch.full((x.shape[0],), self.length, device=x.device)  # (B,) L: no stop yet
 
     def before_stop(self):
         """(B, L) True at the positions before each row's stop position (everywhere without one)."""
         return torch.arange(self.length, device=self.stop.device)[None, :] < self.stop[:, None]
 
-    def still_running(self, running, x, start: int, end: int, mask_id: int):
-        """running (B,) at the start of a step of the block start..end-1 -> the rows that go on."""
-        if self.eot_id is None:
-            return running
-        is_masked = x == mask_id                                                 # (B, L)
+    def still_running(self, running, x, start: int, end: int):
+        is_masked = x == self.mask_id                                            # (B, L)
         block_has_mask = is_masked[:, start:end].any(dim=1)                      # (B,)
         # a mask before the stop (for a row without one: anywhere in the answer, e.g. in the block)
         answer_before_stop = self.before_stop()[:, self.prompt_len:]             # (B, G)
         mask_before_stop = (is_masked[:, self.prompt_len:] & answer_before_stop).any(dim=1)
         return running & block_has_mask & mask_before_stop & (start < self.stop)
 
+    def may_commit(self, start: int, end: int):
+        return self.before_stop()[:, start:end]
+
     def after_step(self, x):
         """The stop positions after a step: the first eot_id of each answer, if it is earlier."""
-        if self.eot_id is not None:
-            self.stop = torch.minimum(self.stop, first_eot(x, self.prompt_len, self.eot_id))
+        self.stop = torch.minimum(self.stop, first_eot(x, self.prompt_len, self.eot_id))
 
     def answer(self, x):
         """x (B, L) -> the returned answer (B, G): eot_id from each row's stop position on."""
         answer = x[:, self.prompt_len:]
-        if self.eot_id is None:
-            return answer
         return torch.where(self.before_stop()[:, self.prompt_len:], answer, self.eot_id)
+
+
+def trace_entry(step: Step, prompt_len: int, mask_id: int) -> dict:
+    """One step of the refinement trace (the paper's Figure 4), placed in the answer: block, step,
+    ids (B, G) after the step, new (B, G) the positions it committed, changed (B, G) the visible
+    tokens it revised."""
+    new = torch.zeros_like(step.x[:, prompt_len:], dtype=torch.bool)                    # (B, G)
+    changed = torch.zeros_like(new)
+    block = slice(step.start - prompt_len, step.end - prompt_len)
+    new[:, block] = step.commit
+    changed[:, block] = (step.before != mask_id) & (step.x[:, step.start:step.end] != step.before)
+    return {"block": step.block, "step": step.step, "ids": step.x[:, prompt_len:].clone(),
+            "new": new, "changed": changed}
 
 
 @torch.no_grad()
@@ -303,39 +449,27 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
              banned_ids=None, draft=None, return_trace: bool = False, generator=None,
              threshold: float | None = None, on_block=None, final_passes: int = 0,
              eot_id: int | None = None):
-    """The reverse process: start from an all-[MASK] answer and commit the most confident tokens, block by block.
+    """Caption by the reverse process: start from an all-[MASK] answer and commit the most confident
+    tokens, block by block (denoise_steps). Frozen (refine=False) it is LLaDA's `generate`, token
+    for token at T = 0 with the options below off; refining (refine=True) it is ReDiff's sampler.
 
-    logits_fn: any callable (B, L) ids -> (B, L, V) logits, or the logits of only the last L' positions (B, L', V)
-    with L' >= L - the current block's start (sample.ModelLogits skips the prompt). prompt: (B, P) ids. Returns the
-    answer ids (B, G), and with return_trace=True also a list with one dict per step: block, step, ids (B, G) after
-    the step, new (B, G) positions committed this step, changed (B, G) visible tokens that the step revised.
+    logits_fn: any callable (B, L) ids -> (B, L, V) logits, or the logits of only the last L'
+    positions (B, L', V) with L' >= L - the current block's start (sample.ModelLogits skips the
+    prompt). prompt: (B, P) ids. steps: over all blocks, a multiple of their number. Returns the
+    answer ids (B, G), and with return_trace=True also one trace_entry per step.
 
-    - Frozen (refine=False): LLaDA's `generate`; a committed token never changes. Each step commits the
-      `transfer_schedule` number of masked positions of the current block with the highest confidence
-      (remasking="low_confidence": the softmax probability of the argmax; "random": uniform scores).
-    - Refining (refine=True, Section 3.4): the same loop and schedule, plus: every position of the current block
-      that was visible before this step is overwritten with this step's argmax (the same logits: no extra forward
-      pass). Only masked positions can be newly committed.
-    - cfg_scale > 0: classifier-free guidance, logits = un + (cfg + 1) (cond - un), with the prompt masked for `un`.
-    - stop_id: once every row's finished blocks hold stop_id, the remaining blocks are filled with it and skipped;
-      everything after a row's first stop_id is set to stop_id. banned_ids get logit -inf everywhere, and so does
-      mask_id always (a trained model never predicts it; this guarantees that no mask survives).
-    - eot_id (the official LLaDA-V sampler; StopRule): each row stops at the first eot_id of its
-      answer: nothing is committed at or after it, a row leaves a block once it has no mask before its
-      stop (or none in the block), later blocks are skipped, and the answer holds eot_id from there on.
-      Refining revises every visible position of the block, after the stop too, while the row runs.
-      Not with stop_id or final_passes.
-    - draft (B, G) (Figure 6): an initial answer whose non-mask tokens start visible instead of masked.
-    - threshold P (Fast-dLLM's confidence-aware parallel decoding): instead of the fixed schedule, each step commits
-      every masked position of the block whose confidence >= P, and at least the most confident one; a block takes
-      as many steps as it needs until it holds no mask (`steps` is then unused, apart from its check).
-    - on_block(start): called before each block's first step with the block's first position (a prefix cache
-      rebuilds there); not for a block that every row skips (eot_id).
-    - final_passes N (not in the paper; refine=True only): N more forward passes after the last step, each
-      overwriting every position of the last block with its argmax and committing nothing, so the tokens of the
-      last step are re-predicted too (otherwise nothing comes after them). Recorded in the trace with step >= steps.
-    Off by default (stop_id, eot_id, banned_ids, draft), the frozen sampler matches LLaDA token for token at T = 0.
-    """
+    - temperature, remasking, cfg_scale, banned_ids: how a step predicts (step_predictor).
+    - threshold, on_block: denoise_steps'.
+    - stop_id: once every row's finished blocks hold stop_id, the remaining blocks are skipped and
+      the answer holds stop_id from each row's first one on (EndOfText).
+    - eot_id: the official LLaDA-V sampler's end of turn, each row on its own (StopRule). Refining
+      revises every visible position of the block, after the stop too, while the row runs. Not with
+      stop_id or final_passes.
+    - draft (B, G) (Figure 6): an initial answer whose non-mask tokens start visible, not masked.
+    - final_passes N (not in the paper; refine=True only): N more forward passes after the last
+      step, each overwriting every visible position of the last block run with its prediction and
+      committing nothing, so the last step's tokens are re-predicted too. In the trace with
+      step >= the block's steps."""
     B, P = prompt.shape
     if final_passes and not refine:
         raise ValueError("final_passes re-predict visible tokens: they need refine=True")
@@ -347,88 +481,34 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
     num_blocks = gen_length // block_length
     if steps % num_blocks:
         raise ValueError(f"steps {steps} is not a multiple of the number of blocks {num_blocks}")
-    steps_per_block = steps // num_blocks
 
     x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)  # (B, L)
     x[:, :P] = prompt
     if draft is not None:
         x[:, P:] = draft
-    is_prompt = torch.zeros_like(x, dtype=torch.bool)
-    is_prompt[:, :P] = True
-    trace = []
-    stops = StopRule(eot_id, x, P)
-
-    never = torch.tensor(list(banned_ids or []) + [mask_id], device=prompt.device)  # the mask is never a prediction
-
-    def record(step, new_in_block, changed_in_block):  # one trace entry: the block's flags placed in the answer
-        new = torch.zeros(B, gen_length, dtype=torch.bool, device=x.device)
-        changed = torch.zeros_like(new)
-        new[:, start - P:end - P] = new_in_block
-        changed[:, start - P:end - P] = changed_in_block
-        trace.append({"block": block, "step": step, "ids": x[:, P:].clone(), "new": new, "changed": changed})
-
-    def block_logits(ids, start, end):
-        logits = only_block(logits_fn(ids), ids, start, end)                                # (B, Lb, V)
-        if cfg_scale > 0:
-            unconditional = only_block(logits_fn(torch.where(is_prompt, torch.full_like(ids, mask_id), ids)), ids,
-                                       start, end)
-            logits = unconditional + (cfg_scale + 1) * (logits - unconditional)
-        return logits.index_fill(-1, never, -torch.inf)
-
-    for block in range(num_blocks):
-        start, end = P + block * block_length, P + (block + 1) * block_length
-        schedule = transfer_schedule((x[:, start:end] == mask_id).sum(dim=1), steps_per_block)  # (B, steps)
-        running = torch.ones(B, dtype=torch.bool, device=x.device)                       # (B,)
-        running = stops.still_running(running, x, start, end, mask_id)
-        if not running.any():
-            continue  # every row stopped before this block
-        if on_block is not None:
-            on_block(start)
-        i = 0  # the schedule takes steps_per_block steps; with a threshold, steps go on until no mask is left
-        while True:
-            running = stops.still_running(running, x, start, end, mask_id)               # (B,)
-            is_masked = x == mask_id                                                      # (B, L)
-            block_masked = is_masked[:, start:end]                                        # (B, Lb)
-            candidates = block_masked & stops.before_stop()[:, start:end] & running[:, None]
-            if threshold is None and (i == steps_per_block or not running.any()):
-                break  # the schedule's steps are done, or every row has left the block
-            if threshold is not None and not candidates.any():
-                break  # no mask left that a running row may commit
-            logits = block_logits(x, start, end)                                          # (B, Lb, V)
-            x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)          # (B, Lb)
-            if remasking == "low_confidence":
-                confidence = chosen_probability(logits, x0)                               # (B, Lb)
-            elif remasking == "random":
-                confidence = torch.rand(x0.shape, generator=generator, device=x0.device)
-            else:
-                raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
-            confidence = torch.where(candidates, confidence, -torch.inf)  # only these can be committed
-            if threshold is not None:
-                commit = confident_or_best(confidence, candidates, threshold)             # (B, Lb)
-            else:
-                commit = commit_most_confident(confidence, candidates, schedule[:, i])    # (B, Lb)
-            before = x[:, start:end].clone() if return_trace else None
-            if refine:  # Section 3.4: re-predict every token that was visible before this step
-                revisable = ~block_masked & running[:, None]
-                x[:, start:end] = torch.where(revisable, x0, x[:, start:end])
-            x[:, start:end] = torch.where(commit, x0, x[:, start:end])
-            stops.after_step(x)
-            if return_trace:
-                record(i, commit, ~block_masked & (x[:, start:end] != before))
-            i += 1
-        if stop_id is not None and block < num_blocks - 1 and bool((x[:, P:end] == stop_id).any(dim=1).all()):
-            x[:, end:] = stop_id  # every row has ended: the remaining blocks cost no forward pass
-            break
-
-    for extra in range(final_passes):  # re-predict the last block once more (start, end: the last block run)
-        before = x[:, start:end].clone()
-        x0 = add_gumbel_noise(block_logits(x, start, end), temperature, generator).argmax(dim=-1)  # (B, Lb)
-        x[:, start:end] = torch.where(before != mask_id, x0, before)  # visible tokens only: nothing new is committed
+    if eot_id is not None:
+        stops = StopRule(eot_id, x, P, mask_id)
+    elif stop_id is not None:
+        stops = EndOfText(stop_id, x, P, mask_id)
+    else:
+        stops = NoStop(x, P, mask_id)
+    predict = step_predictor(logits_fn, P, mask_id, banned_ids, temperature, remasking, cfg_scale,
+                             generator)
+    trace, last = [], None
+    for last in denoise_steps(predict, x, P, num_blocks, steps // num_blocks, mask_id, refine,
+                              threshold, stops, on_block):
         if return_trace:
-            record(i + extra, torch.zeros_like(before, dtype=torch.bool), x[:, start:end] != before)
+            trace.append(trace_entry(last, P, mask_id))
+
+    for extra in range(final_passes if last is not None else 0):  # the last block run, once more
+        start, end = last.start, last.end
+        before = x[:, start:end].clone()                                                 # (B, Lb)
+        x0, _ = predict(x, start, end)
+        x[:, start:end] = torch.where(before != mask_id, x0, before)  # nothing new is committed
+        if return_trace:
+            passed = Step(last.block, last.step + 1 + extra, start, end, x, before,
+                          torch.zeros_like(before, dtype=torch.bool))
+            trace.append(trace_entry(passed, P, mask_id))
 
     answer = stops.answer(x)
-    if stop_id is not None:  # output stops at the first stop token
-        after_stop = (answer == stop_id).long().cumsum(dim=1) > 0
-        answer = torch.where(after_stop, torch.full_like(answer, stop_id), answer)
     return (answer, trace) if return_trace else answer
