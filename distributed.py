@@ -8,13 +8,14 @@ through torch.distributed.checkpoint (DCP). Every helper also works in one proce
 The rules the training scripts follow (README, "Multi-GPU training"):
 - --batch-size is the GLOBAL batch. Every rank builds the whole batch from (seed, step) as one process would, draws
   the masks and corruptions for all of it (the single-process random draws), and runs the model on its own rows only.
-- Each rank's loss is normalised so that the MEAN over ranks is the whole batch's single-process loss: a per-sample
-  mean (Eq. 1) over equal shards as it is; a loss divided by a token count (Eq. 2-4) divides the rank's sum by the
-  whole batch's count / world size (Context.count). DDP and FSDP average gradients over ranks, so every step's
-  gradient is the single-process one, up to the order of float summation.
+- Each rank's loss is normalised so that the MEAN over ranks is the whole batch's single-process loss: the
+  per-sample means of Eq. 1-4 over equal shards as they are; a loss divided by a token count pooled over the
+  batch (the shapes world's word-class loss, shapes_aids.py) divides the rank's sum by the whole batch's count /
+  world size (Context.count). DDP and FSDP average gradients over ranks, so every step's gradient is the
+  single-process one, up to the order of float summation.
 - A checkpoint path ending in .safetensors is one file (model.save_checkpoint); NAME.dcp is a DCP folder: one
   safetensors shard per writing rank plus meta.json, readable by any number of processes (the training scripts
-  refuse an --out with another ending).
+  refuse an --out with another ending); model.load_checkpoint reads both.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from cli import UsageError, check_writable, option, parse_config, run_main
+from model import (DCP_FORMAT, META_FILE, load_dcp, load_dcp_state, pick_device, read_dcp_meta,
+                   save_checkpoint)
 
-DCP_FORMAT = "rediff-dcp-v1"
-META_FILE = "meta.json"
 MODES = ["auto", "none", "ddp", "fsdp"]
 
 
@@ -106,7 +107,6 @@ def launched() -> bool:
 def setup(mode: str = "auto", device: str = "auto") -> Context:
     """Join the process group (once per process) and pick this rank's device. auto: ddp under torchrun, none
     otherwise. ddp / fsdp without torchrun run as a group of one process (handy for debugging)."""
-    from model import pick_device
     if mode not in MODES:
         raise SystemExit(f"--parallel {mode!r}: choose one of {', '.join(MODES)}")
     if mode == "auto":
@@ -220,7 +220,6 @@ def is_dcp(path: str) -> bool:
 
 def save_file(path: str, model: nn.Module, meta: dict, ctx: Context) -> None:
     """model.save_checkpoint (weights only) from any parallel mode: rank 0 writes the gathered weights."""
-    from model import save_checkpoint
     whole = full_copy(model, ctx)
     if ctx.is_main:
         save_checkpoint(path, whole, meta)
@@ -266,50 +265,13 @@ def swap_in_folder(tmp: str, path: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_dcp_meta(path: str) -> dict:
-    """meta.json of a DCP folder, with clear errors for a missing, half-written or foreign folder."""
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.isdir(path):
-        hint = f" (an interrupted save left {path}.old: rename it to {path})" if os.path.isdir(path + ".old") else ""
-        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{hint}")
-    if not os.path.isfile(meta_path):
-        raise ValueError(f"{path!r} has no {META_FILE}: it is not a DCP checkpoint written by distributed.py")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != DCP_FORMAT:
-        raise ValueError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {DCP_FORMAT!r}")
-    return meta
-
-
-def _load(path: str, state: dict) -> None:
-    """Fill `state` in place from the folder's shards, resharded to however this run holds the tensors."""
-    import torch.distributed.checkpoint as dcp
-    try:
-        with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": as meant
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path), no_dist=not dist.is_initialized())
-    except Exception as err:  # DCP reports missing or mis-shaped tensors with its own exception types
-        raise ValueError(f"DCP checkpoint {path!r} does not fit this model or optimizer ({str(err)[:500]})") from None
-
-
-def load_dcp(path: str, device="cpu"):
-    """model.load_checkpoint for a DCP folder (it calls this): (model rebuilt from the saved config, meta)."""
-    from model import VLM, VLMConfig
-    meta = read_dcp_meta(path)
-    model = VLM(VLMConfig.from_dict(meta["model_config"]))
-    state = {"model": model.state_dict()}
-    _load(path, state)  # in place, into the model's own tensors
-    meta["extra_tensors"] = {}
-    return model.to(device), meta
-
-
 def load_dcp_weights(path: str, model: nn.Module) -> dict:
     """Load a DCP folder's model weights into `model` as it is (plain or sharded by wrap(): any model class, e.g.
     llada_v.LLaDAV), resharded to this run's processes; returns the folder's meta.json."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     meta = read_dcp_meta(path)
     state = {"model": get_model_state_dict(model)}
-    _load(path, state)
+    load_dcp_state(path, state)
     set_model_state_dict(model, state["model"])
     return meta
 
@@ -320,7 +282,7 @@ def load_dcp_optimizer(path: str, model: nn.Module, optimizer) -> None:
     meta = read_dcp_meta(path)
     _, fresh = get_state_dict(model, optimizer)  # the tensors to load into, keyed by parameter name
     state = {"optim": fresh["state"]}
-    _load(path, state)
+    load_dcp_state(path, state)
     set_optimizer_state_dict(model, optimizer, {"state": state["optim"],
                                                 "param_groups": meta["optimizer_param_groups"]})
 
@@ -340,7 +302,6 @@ def main(argv=None):
     if not cfg.dcp or not cfg.out.endswith(".safetensors"):
         raise UsageError("give --dcp FOLDER and --out FILE.safetensors")
     check_writable(cfg.out, "--out")
-    from model import save_checkpoint
     try:
         model, meta = load_dcp(cfg.dcp)
     except (FileNotFoundError, ValueError) as err:

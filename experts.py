@@ -184,14 +184,8 @@ class OracleExpert(Expert):
     one) that, first, makes no claim already made elsewhere in the draft (when every rewrite does, a false sentence
     still becomes a true one) and, second, changes the fewest words. Right sentences are never touched: the ground
     truth's wording and order never leak in. A sentence with no true rewrite of its length is left alone and
-    counted (unrepairable_sentences); so is a repeated sentence whose only rewrites are repeats too.
-    max_change < 1 (an experiment, not the paper's expert): a rewrite that changes more than this fraction of the
-    sentence's words is not made either (counted as edits_over_limit): only local edits are kept."""
+    counted (unrepairable_sentences); so is a repeated sentence whose only rewrites are repeats too."""
     name = "oracle"
-
-    def __init__(self, max_change: float = 1.0):
-        super().__init__()
-        self.max_change = max_change
 
     def review_one(self, item: Item):
         if item.scene is None:
@@ -217,9 +211,6 @@ class OracleExpert(Expert):
             best = self.repair(words[start:end], truths, stated, unterminated=end == len(words))
             if best is None or (is_repeat and best[0] & stated):
                 self.counts["unrepairable_sentences"] += 1
-                continue
-            if sum(a != b for a, b in zip(words[start:end], best[1])) > self.max_change * (end - start):
-                self.counts["edits_over_limit"] += 1
                 continue
             claims, new_words = best
             fixed[start:end] = new_words
@@ -554,10 +545,11 @@ def check_endpoint(base_url: str | None, flag: str, cache_path: str | None = Non
                           f"({err.strerror or err}); start the server or fix {flag}") from None
 
 
-def make_expert(kind: str, model: str = "o4-mini", base_url: str | None = None, cache_path: str | None = None,
-                max_in_flight: int = 8, max_change: float = 1.0) -> Expert:
+def make_expert(kind: str, model: str = "o4-mini", base_url: str | None = None,
+                cache_path: str | None = None, max_in_flight: int = 8) -> Expert:
+    """The expert of Section 3.3 by name: oracle, align or openai."""
     if kind == "oracle":
-        return OracleExpert(max_change)
+        return OracleExpert()
     if kind == "align":
         return AlignExpert()
     if kind == "openai":

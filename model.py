@@ -1,5 +1,6 @@
 """model.py: the vision-language model: a LLaDA-style bidirectional transformer, an open_clip vision tower,
-the mlp2x_gelu projector, and self-describing safetensors checkpoints.
+the mlp2x_gelu projector, and self-describing checkpoints (one safetensors file; sharded DCP folders are read
+here and written by distributed.py).
 
 Shape legend used in the comments:
     B batch, L sequence length, D language-model width, H attention heads, Hkv key/value heads,
@@ -11,11 +12,15 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from shapes_aids import attribute_features
 
 # ----------------------------------------------------------------------------------------------------------------
 # Language model (LLaDA): RMSNorm in float32, RoPE (rotate-half), full bidirectional attention, SwiGLU, no biases.
@@ -250,9 +255,9 @@ class VLMConfig:
     # What the language model sees of the image. "patches": LLaVA's mlp2x_gelu projector on the tower's patch tokens
     # (the paper's set-up). "attributes": the tower's per-patch attribute classifier (trained with the tower, frozen
     # with it) gives class probabilities, and a linear projector (LLaVA-1's) maps them plus the patch's one-hot
-    # position, scaled by its occupancy (occupied_cells), to image tokens: an information bottleneck a tiny LM learns
-    # to read in minutes, where raw patch tokens stayed at chance (README "How the toy model learned to read the
-    # image").
+    # position, scaled by its occupancy (shapes_aids.attribute_features), to image tokens: an information
+    # bottleneck a tiny LM learns to read in minutes, where raw patch tokens stayed at chance (README "How the toy
+    # model learned to read the image").
     image_features: str = "patches"
     attribute_classes: list = field(default_factory=list)  # "attributes": classes per attribute group, 0 = empty
     # 0: fully bidirectional, as LLaDA-V. P > 0: the first P positions (image + prompt) never attend to the answer
@@ -312,35 +317,13 @@ class VLM(nn.Module):
     def n_image_tokens(self) -> int:
         return self.cfg.vision.grid ** 2
 
-    def attribute_probs(self, feats: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (B, N, Dv) -> per-group class probabilities, concatenated (B, N, sum(attribute_classes))."""
-        logits = self.attribute_head(feats)                                               # (B, N, A)
-        return torch.cat([g.softmax(-1) for g in logits.split(self.cfg.attribute_classes, -1)], dim=-1)
-
-    def occupied_cells(self, probs: torch.Tensor) -> torch.Tensor:
-        """A one-hot cell per image token, scaled by the probability that the cell holds an object (1 - P(empty),
-        averaged over the attribute groups): (B, N, A) -> (B, N, N). An empty cell's token carries no position, so
-        the plain average of the image tokens (what attention computes before it has learned to pick one) already
-        holds which cells are occupied and how many; with an unscaled one-hot its cell part is the same for every
-        image (README "How the toy model learned to read the image")."""
-        empty = probs[..., self.empty_class_index].mean(-1, keepdim=True)                 # (B, N, 1)
-        cells = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)         # (N, N)
-        return cells * (1 - empty)                                                        # (B, N, N)
-
-    @property
-    def empty_class_index(self) -> list[int]:
-        """Column of class 0 (= empty cell) of each attribute group in attribute_probs' output."""
-        starts = [0]
-        for n in self.cfg.attribute_classes[:-1]:
-            starts.append(starts[-1] + n)
-        return starts
-
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) -> projected image tokens (B, N, D), computed once per caption, not per step."""
         feats = self.vision_tower(images)                                                 # (B, N, Dv)
-        if self.cfg.image_features == "attributes":
-            probs = self.attribute_probs(feats)                                           # (B, N, A)
-            return self.mm_projector(torch.cat([probs, self.occupied_cells(probs)], dim=-1))  # (B, N, D)
+        if self.cfg.image_features == "attributes":  # the toy tower's attribute head (shapes_aids.py)
+            head_logits = self.attribute_head(feats)                                      # (B, N, A)
+            features = attribute_features(head_logits, self.cfg.attribute_classes)        # (B, N, A + N)
+            return self.mm_projector(features)                                            # (B, N, D)
         if self.cfg.image_pos_embed:
             # Added before the projector, where the tower's layer-normed features have the same scale as the table
             # (added after it, the fixed table would be ~20x larger than the small-init projected content).
@@ -481,12 +464,55 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
     return tensors, description
 
 
+# Sharded checkpoints: a DCP folder (written by distributed.save_dcp) is read here, so that every script loads
+# both kinds through load_checkpoint.
+
+DCP_FORMAT = "rediff-dcp-v1"
+META_FILE = "meta.json"
+
+
+def read_dcp_meta(path: str) -> dict:
+    """meta.json of a DCP folder, with clear errors for a missing, half-written or foreign folder."""
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isdir(path):
+        hint = f" (an interrupted save left {path}.old: rename it to {path})" if os.path.isdir(path + ".old") else ""
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{hint}")
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"{path!r} has no {META_FILE}: it is not a DCP checkpoint written by distributed.py")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != DCP_FORMAT:
+        raise ValueError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {DCP_FORMAT!r}")
+    return meta
+
+
+def load_dcp_state(path: str, state: dict) -> None:
+    """Fill `state` in place from the folder's shards, resharded to however this run holds the tensors."""
+    import torch.distributed.checkpoint as dcp  # imported here: it loads slowly and only DCP folders need it
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": as meant
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path), no_dist=not dist.is_initialized())
+    except Exception as err:  # DCP reports missing or mis-shaped tensors with its own exception types
+        raise ValueError(f"DCP checkpoint {path!r} does not fit this model or optimizer ({str(err)[:500]})") from None
+
+
+def load_dcp(path: str, device="cpu"):
+    """load_checkpoint for a DCP folder (it calls this): (model rebuilt from the saved config, meta)."""
+    meta = read_dcp_meta(path)
+    model = VLM(VLMConfig.from_dict(meta["model_config"]))
+    state = {"model": model.state_dict()}
+    load_dcp_state(path, state)  # in place, into the model's own tensors
+    meta["extra_tensors"] = {}
+    return model.to(device), meta
+
+
 def load_checkpoint(path: str, device="cpu", optimizer=None) -> tuple[VLM, dict]:
     """Rebuild the model from the saved config (never from defaults), load its weights (and the optimizer's)."""
-    if os.path.isfile(os.path.join(path, "meta.json")):  # a sharded DCP folder (distributed.py); its optimizer state:
-        from distributed import load_dcp                  # distributed.load_dcp_optimizer
+    if os.path.isfile(os.path.join(path, META_FILE)):  # a sharded DCP folder
         if optimizer is not None:
-            raise ValueError(f"{path!r} is a DCP folder: load its optimizer state with distributed.load_dcp_optimizer")
+            raise ValueError(f"{path!r} is a DCP folder: load its optimizer state with "
+                             f"distributed.load_dcp_optimizer")
         return load_dcp(path, device)
     tensors, description = read_checkpoint(path)
     try:

@@ -53,44 +53,6 @@ def masked_diffusion_loss(logits, targets, is_masked, p, answer_mask):
     return (weighted.sum(dim=1) / answer_len).mean()
 
 
-def mask_words(ids, answer_mask, word_ids, mask_id: int, generator=None):
-    """Not in the paper: an alignment warm-up for a language model trained from scratch (the paper starts from a
-    pretrained LLaDA-V). Like Eq. 1's forward process, but only answer tokens in `word_ids` (e.g. attribute words)
-    can be masked, each with a per-sample probability p ~ U(0, 1); every other word stays visible, so each masked
-    word can be recovered from the image and its visible context (which object the sentence is about).
-
-    Returns (noisy ids (B, L), is_masked (B, L) bool, p (B,)); score it with masked_token_loss."""
-    p = torch.rand(ids.shape[0], generator=generator, device=ids.device)               # (B,)
-    draws = torch.rand(ids.shape, generator=generator, device=ids.device)              # (B, L)
-    candidates = torch.isin(ids, torch.as_tensor(word_ids, device=ids.device)) & answer_mask
-    is_masked = (draws < p[:, None]) & candidates
-    return torch.where(is_masked, torch.full_like(ids, mask_id), ids), is_masked, p
-
-
-def masked_token_loss(logits, targets, chosen, count=None):
-    """Cross-entropy on the `chosen` positions only, normalised by their number pooled over the batch (0 when there
-    are none): the loss of mask_words. count: divide by this instead (one rank's rows of a global batch: the whole
-    batch's count over the number of ranks, distributed.Context.count)."""
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)  # (B, L)
-    return (ce * chosen).sum() / (chosen.sum().clamp(min=1) if count is None else count)
-
-
-def word_class_loss(logits, targets, is_masked, word_class, n_classes: int, counts: list | None = None):
-    """Not in the paper: a variant of Eq. 1 for a language model trained from scratch in the toy world. The masks are
-    Eq. 1's (forward_mask), but instead of one 1/t-weighted sum over all masked tokens, the masked answer tokens are
-    split by word class (`word_class` (B, L) in 0 .. n_classes - 1, e.g. content words / other words / end-of-text)
-    and each class gets one plain cross-entropy mean over its own count, like Eq. 2-3's one mean per token type;
-    the means are summed, an empty class contributes 0. Why (README "How the toy model learned to read the image"):
-    with Eq. 1 the end-of-text padding and the template words outweigh the few words that only the image can tell,
-    and the toy model never learned to read the image; with the 1/t weights kept, its greedy captions were worse.
-
-    counts: per-class divisors instead of this batch's counts (one rank's rows of a global batch, as masked_token_loss).
-    Returns (total, [one part per class])."""
-    parts = [masked_token_loss(logits, targets, is_masked & (word_class == k), None if counts is None else counts[k])
-             for k in range(n_classes)]
-    return sum(parts), parts
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Stage I: foundational revision (Section 3.2, Eq. 2-3)
 

@@ -1,37 +1,48 @@
-"""train_stage1.py: train the VLM on the shapes world, with the masked-diffusion objective (Eq. 1, the base model and
-the mask-trained baseline) or ReDiff's Stage I foundational revision (Eq. 2-3, the default)."""
+"""train_stage1.py: train the VLM on the shapes world: the base model with the masked-diffusion
+objective (Eq. 1, Section 3.1) and ReDiff's Stage I foundational revision from it (Eq. 2-3,
+Section 3.2).
+
+    python train_stage1.py --tiny                   # the CPU recipe: the base, then Stage I from it
+    python train_stage1.py --tiny --objective mask  # the base model only
+    python train_stage1.py --init-from out/base.safetensors  # Stage I only, from a base model
+"""
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
 import rediff
+import shapes_aids
 from cli import (UsageError, check_checkpoint_out, option, parse_config, run_main,
                  show_config)
+from data import shapes
+from data.pipeline import ShapesData, prompt_ids
+from data.tokenizer import WordTokenizer, tokenizer_from_dict
+from model import (LMConfig, VLM, VisionConfig, VLMConfig, load_for, read_checkpoint,
+                   read_dcp_meta, save_checkpoint)
+from sample import caption_images, decode_answer
 
 
 @dataclass
 class TrainConfig:
-    objective: str = option("revision", "revision: Stage I typed losses (Eq. 2-3), meant to start from a base model "
-                            "(--init-from); mask: masked diffusion (Eq. 1, or --mask-loss balanced), the base model",
+    objective: str = option("revision", "revision: Stage I (Eq. 2-3) from a base model "
+                            "(--init-from; --tiny trains the base first); mask: the base (Eq. 1)",
                             choices=["revision", "mask"])
-    out: str = option("out/stage1.safetensors", "checkpoint to write (atomically, every --eval-every steps and at the "
-                      "end): NAME.safetensors is one file, NAME.dcp a sharded DCP folder (distributed.py; needed "
-                      "for --parallel fsdp)")
-    init_from: str = option("", "start from this checkpoint's weights (e.g. a base model); the optimizer starts fresh; "
-                            "the model's shape is the checkpoint's (shape flags that contradict it are refused)")
-    stop_at: int = option(0, "stop (with a checkpoint) after this step, as an interruption would; 0: run to --steps",
-                          at_least=0)
-    resume: bool = option(False, "continue the run saved at --out: weights, optimizer, schedule and data position")
+    out: str = option("out/stage1.safetensors", "checkpoint to write (every --eval-every steps "
+                      "and at the end): NAME.safetensors one file, NAME.dcp a sharded folder")
+    init_from: str = option("", "start from this checkpoint's weights (e.g. a base model) with a "
+                            "fresh optimizer; the model's shape is the checkpoint's")
+    stop_at: int = option(0, "stop (with a checkpoint) after this step, as an interruption "
+                          "would; 0: run to --steps", at_least=0)
+    resume: bool = option(False, "continue the run saved at --out: weights, optimizer, "
+                          "schedule and data position")
     steps: int = option(6000, "optimizer steps", at_least=1)
     batch_size: int = option(64, "samples per step (with several processes: all of them together)",
                              at_least=1)
@@ -41,24 +52,20 @@ class TrainConfig:
     warmup: int = option(100, "linear warm-up steps", at_least=0)
     weight_decay: float = option(0.01, "AdamW weight decay", at_least=0)
     grad_clip: float = option(1.0, "gradient-norm clip", more_than=0)
-    mask_loss: str = option("eq1", "--objective mask: eq1 (the paper's Eq. 1, 1/t-weighted) or balanced (not in the "
-                            "paper: Eq. 1's masks, one plain cross-entropy mean per word class: content words, other "
-                            "words, end-of-text; rediff.word_class_loss; README \"How the toy model learned to read "
-                            "the image\"; --tiny sets it)",
+    mask_loss: str = option("eq1", "--objective mask: eq1 (the paper's Eq. 1) or balanced (not "
+                            "in the paper: one mean per word class; --tiny sets it)",
                             choices=["eq1", "balanced"])
-    replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced by a random one (paper 0.1, official code 0.05)",
+    replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced "
+                                 "by a random one (paper 0.1, official code 0.05)",
                                  at_least=0, at_most=1)
-    t_dependent: bool = option(False, "Stage I: replacement rate min(t, replace_prob) instead of fixed (Table 5 ablation)")
-    align_steps: int = option(0, "first steps of an alignment warm-up (not in the paper; an experiment toward "
-                              "grounding in the toy world, see the README's Results): only attribute words (colour, "
-                              "shape, size) are masked and scored, position words stay visible; counted in --steps",
-                              at_least=0)
-    hallucination_frac: float = option(0.25, "Stage I: share of each batch drawn as hallucination pairs (0 = syntax errors only)",
+    t_dependent: bool = option(False, "Stage I: replacement rate min(t, replace_prob) instead "
+                               "of fixed (Table 5 ablation)")
+    hallucination_frac: float = option(0.25, "Stage I: share of each batch drawn as "
+                                       "hallucination pairs (0 = syntax errors only)",
                                        at_least=0, at_most=1)
-    hallucination_form: str = option("rows", "Stage I: rows (the official code: a pair is a row of its own, the "
-                                     "whole altered caption visible, loss on the altered span only) or visible "
-                                     "(the paper's text: the pair is put on the tokens left visible after "
-                                     "masking)", choices=["rows", "visible"])
+    hallucination_form: str = option("rows", "Stage I: rows (the official code: a pair is a row "
+                                     "of its own) or visible (the paper's text)",
+                                     choices=["rows", "visible"])
     d_model: int = option(256, "language-model width", at_least=1)
     n_layers: int = option(6, "language-model layers", at_least=1)
     n_heads: int = option(8, "attention heads", at_least=1)
@@ -67,105 +74,55 @@ class TrainConfig:
     patch_size: int = option(16, "vision-tower patch size in px", at_least=1)
     vision_width: int = option(128, "vision-tower width", at_least=1)
     vision_layers: int = option(2, "vision-tower layers", at_least=1)
-    image_features: str = option("patches", "what the LM sees of the image: patches (LLaVA's mlp2x_gelu projector "
-                                 "on the tower's patch tokens, as the paper) or attributes (the pretrained tower's "
-                                 "per-cell attribute probabilities and occupancy-scaled cells through a linear "
-                                 "projector; README \"How the toy model learned to read the image\"; --tiny sets it)",
+    image_features: str = option("patches", "what the LM sees of the image: patches (LLaVA's "
+                                 "mlp2x_gelu projector, as the paper) or attributes (the toy "
+                                 "tower's attribute probabilities; --tiny sets it)",
                                  choices=["patches", "attributes"])
-    prefix_dlm: bool = option(False, "not LLaDA-V: the image and prompt never attend to the answer (LaViDa's "
-                              "Prefix-DLM mask), so the sampler's --prefix-cache is exact (README \"Speed\")")
-    vision_pretrain_steps: int = option(400, "steps of per-cell attribute pretraining of a fresh vision tower (0: none)",
-                                        at_least=0)
+    prefix_dlm: bool = option(False, "not LLaDA-V: the image and prompt never attend to the "
+                              "answer (Prefix-DLM), so the sampler's --prefix-cache is exact")
+    vision_pretrain_steps: int = option(400, "steps of per-cell attribute pretraining of a "
+                                        "fresh vision tower (0: none)", at_least=0)
     answer_len: int = option(64, "answer length in tokens (captions padded with end-of-text)",
                              at_least=2)
     n_scenes: int = option(20000, "training scenes pre-rendered (each draw gets a fresh caption)",
                            at_least=1)
-    eval_every: int = option(500, "steps between validation loss, a sample caption and a checkpoint",
-                             at_least=1)
+    eval_every: int = option(500, "steps between validation loss, a sample caption and a "
+                             "checkpoint", at_least=1)
     seed: int = option(0, "seed for initialisation, data order and masking", at_least=0)
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
-    compile: bool = option(False, "torch.compile the model (about a minute up front; off by default)")
-    parallel: str = option("auto", "several processes (torchrun --nproc_per_node N): ddp (a full replica per rank) or "
-                           "fsdp (FSDP2: parameters, gradients and Adam states sharded; needs a DCP --out folder); "
-                           "auto: ddp under torchrun, none otherwise", choices=["auto", "none", "ddp", "fsdp"])
-    param_dtype: str = option("auto", "--parallel fsdp: dtype of the gathered parameters for compute (master weights, "
-                              "Adam and gradient reduction stay float32); auto: bfloat16 on CUDA, float32 elsewhere",
+    compile: bool = option(False, "torch.compile the model (about a minute up front)")
+    parallel: str = option("auto", "several processes (torchrun): ddp, fsdp (sharded; needs a "
+                           "NAME.dcp --out); auto: ddp under torchrun, none otherwise",
+                           choices=["auto", "none", "ddp", "fsdp"])
+    param_dtype: str = option("auto", "--parallel fsdp: dtype of the gathered parameters for "
+                              "compute; auto: bfloat16 on CUDA, float32 elsewhere",
                               choices=["auto", "bfloat16", "float32"])
-    activation_checkpointing: bool = option(False, "recompute each transformer block's activations in the backward "
-                                            "pass (less memory, about 1/3 more compute)")
+    activation_checkpointing: bool = option(False, "recompute each transformer block's "
+                                            "activations in the backward pass (less memory)")
 
 
-PRESETS = {"tiny": {"help": "the 5-minute CPU preset of the README (small model, fewer steps)",
-                    "values": dict(d_model=96, n_layers=4, n_heads=4, steps=3000, batch_size=32, answer_len=48,
-                                   image_features="attributes", vision_pretrain_steps=500, n_scenes=10000,
-                                   mask_loss="balanced", eval_every=1000)}}
+# The --tiny recipe, both phases in one place. `python train_stage1.py --tiny` trains the base
+# model with "values" and --objective mask (Eq. 1's masks: the phase the from-scratch toy model
+# needs to read the image), then Stage I from the base's weights with "values" and "stage1",
+# each phase exactly as its own command would (flags given on the command line win in both).
+# With --init-from only Stage I runs, and "stage1" is not applied.
+PRESETS = {"tiny": {"help": "the CPU recipe: a base model (Eq. 1 masks), then Stage I from it; "
+                            "with --init-from Stage I only, with --objective mask the base only",
+                    "values": dict(d_model=96, n_layers=4, n_heads=4, steps=3000, batch_size=32,
+                                   answer_len=48, image_features="attributes",
+                                   vision_pretrain_steps=500, n_scenes=10000,
+                                   mask_loss="balanced", eval_every=1000),
+                    "stage1": dict(steps=600, lr=1e-3, warmup=20, n_scenes=3000)}}
+TINY_BASE = "base"  # the recipe's base model: base.safetensors (or base.dcp) in --out's folder
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Vision pretraining: the paper starts from a pretrained SigLIP; the toy tower learns per-cell attributes first.
-
-
-def attribute_classes() -> list[int]:
-    """Classes per attribute group of the shapes world (shape, colour, size), each with 0 = empty cell."""
-    from data import shapes
-    return [len(shapes.SHAPES) + 1, len(shapes.COLOURS) + 1, len(shapes.SIZES) + 1]
-
-
-def cell_labels(scenes, grid: int, device) -> torch.Tensor:
-    """Per patch (shape, colour, size) class ids, 0 = empty cell, (B, grid * grid, 3)."""
-    from data import shapes
-    labels = torch.zeros(len(scenes), grid * grid, 3, dtype=torch.long)
-    for b, scene in enumerate(scenes):
-        for obj in scene["objects"]:
-            for r in range(grid):
-                for c in range(grid):
-                    if r * 3 // grid == obj["row"] and c * 3 // grid == obj["col"]:
-                        labels[b, r * grid + c] = torch.tensor([shapes.SHAPES.index(obj["shape"]) + 1,
-                                                                shapes.COLOURS.index(obj["colour"]) + 1,
-                                                                shapes.SIZES.index(obj["size"]) + 1])
-    return labels.to(device)
-
-
-VISION_LR = 2e-3
-
-
-def pretrain_vision(model, data, steps: int, batch_size: int, device, seed: int) -> float:
-    """Per-cell attribute classification on patch tokens; returns the final accuracy (all three attributes right)."""
-    grid = model.cfg.vision.grid
-    if grid % 3:
-        raise ValueError(f"vision pretraining needs the patch grid ({grid}) to be a multiple of the 3 x 3 scene grid")
-    sizes = attribute_classes()
-    # With image_features "attributes" the classifier is the model's own attribute head (kept and frozen afterwards);
-    # otherwise a throwaway head that only shapes the tower's patch tokens.
-    head = model.attribute_head if hasattr(model, "attribute_head") else nn.Linear(model.cfg.vision.width, sum(sizes))
-    head = head.to(device)
-    if head.out_features != sum(sizes):
-        raise ValueError(f"the attribute head has {head.out_features} classes, the shapes world {sum(sizes)}")
-    params = list(model.vision_tower.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=VISION_LR, weight_decay=0.0)
-    rng = np.random.default_rng([seed, 10**6])
-    bar = tqdm(range(steps), desc="vision pretraining", dynamic_ncols=True)
-    for step in bar:
-        for group in optimizer.param_groups:  # a short warm-up, then a cosine to 0: sharper final classes
-            group["lr"] = warmup_cosine(step, steps, min(20, steps // 10 + 1), VISION_LR, 0.0)
-        index = rng.integers(len(data), size=batch_size)
-        tokens = model.vision_tower(data.images(index).to(device))                      # (B, N, Dv)
-        labels = cell_labels([data.scenes[i] for i in index], grid, device)            # (B, N, 3)
-        logits = head(tokens).split(sizes, dim=-1)                                      # 3 x (B, N, classes)
-        loss = sum(F.cross_entropy(lg.flatten(0, 1), labels[..., k].flatten()) for k, lg in enumerate(logits))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        correct = torch.stack([lg.argmax(-1) == labels[..., k] for k, lg in enumerate(logits)]).all(0)
-        bar.set_postfix(loss=f"{loss.item():.3f}", cell_acc=f"{correct.float().mean().item():.3f}")
-    return correct.float().mean().item()
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# One training step's pieces
 
 
 def warmup_cosine(step: int, steps: int, warmup: int, lr: float, min_lr_frac: float) -> float:
-    """Linear warm-up over `warmup` steps, then a cosine from lr down to lr * min_lr_frac at `steps`."""
+    """Linear warm-up over `warmup` steps, then a cosine from lr down to lr * min_lr_frac at
+    `steps` (the paper's fine-tuning schedule: cosine with warm-up)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, steps - warmup))
@@ -173,60 +130,37 @@ def warmup_cosine(step: int, steps: int, warmup: int, lr: float, min_lr_frac: fl
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of `step` under cfg's warm-up and cosine schedule."""
     return warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr_frac)
 
 
-def attribute_ids(tokenizer) -> list[int]:
-    """Token ids of the shapes world's attribute words: what the alignment warm-up masks."""
-    from data import shapes
-    return [tokenizer.encode(word)[0] for word in shapes.COLOURS + shapes.SHAPES + shapes.SIZES]
+def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=None):
+    """One batch's loss for cfg.objective -> (loss, {part: value}). mask: Eq. 1 on Section 3.1's
+    masks (--mask-loss balanced: the shapes world's word-class loss on the same masks); revision:
+    Eq. 2-3 on Section 3.2's corruption.
 
-
-WORD_CLASSES = ["content", "other", "eos"]  # --mask-loss balanced: one loss mean per class
-
-
-def word_classes(ids, tokenizer) -> torch.Tensor:
-    """Per position (B, L): 0 = a content word only the image can tell (attribute or position), 1 = any other word,
-    2 = end-of-text."""
-    from data import shapes
-    content = attribute_ids(tokenizer) + [tokenizer.encode(word)[0] for word in shapes.POSITIONS]  # one token each
-    classes = torch.ones_like(ids)
-    classes[torch.isin(ids, torch.tensor(content, device=ids.device))] = 0
-    classes[ids == tokenizer.eos_id] = 2
-    return classes
-
-
-def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=None, objective: str | None = None):
-    """One batch's loss for the configured objective -> (loss, {part: value}).
-
-    shard (distributed.Context): `batch` is the global batch; masks and corruptions are drawn for all of it (the
-    single-process draws), the model runs on this rank's rows, and the loss is normalised so that its mean over
-    ranks is the whole batch's loss (Eq. 1-3: per-sample means over equal shards; the balanced and align losses:
-    global counts).
-    objective: "align" for the warm-up steps (--align-steps), otherwise cfg.objective."""
-    objective = objective or cfg.objective
-    rows = slice(None) if shard is None else shard.rows(len(batch.ids))                  # this rank's rows
-    images = batch.images[rows]                                                           # (b, 3, S, S)
-    if objective == "align":  # the warm-up: attribute words masked, all else visible (rediff.mask_words)
-        noisy, is_masked, _ = rediff.mask_words(batch.ids, batch.answer_mask, attribute_ids(tokenizer),
-                                                tokenizer.mask_id, generator=generator)
-        logits = model(noisy[rows], images=images)                                        # (b, L, V)
-        count = None if shard is None else shard.count(is_masked)                         # global count / ranks
-        loss = rediff.masked_token_loss(logits, batch.ids[rows], is_masked[rows], count)
-        return loss, {"align": loss}
-    if objective == "mask":
-        noisy, is_masked, p = rediff.forward_mask(batch.ids, batch.answer_mask, tokenizer.mask_id, generator=generator)
-        logits = model(noisy[rows], images=images)                                        # (b, L, V)
+    shard (distributed.Context): `batch` is the global batch; masks and corruptions are drawn for
+    all of it (the single-process draws), the model runs on this rank's rows, and the loss is
+    normalised so that its mean over ranks is the whole batch's loss (Eq. 1-3: per-sample means
+    over equal shards; the word-class loss: global counts)."""
+    rows = slice(None) if shard is None else shard.rows(len(batch.ids))    # this rank's rows
+    images = batch.images[rows]                                             # (b, 3, S, S)
+    if cfg.objective == "mask":
+        noisy, is_masked, p = rediff.forward_mask(batch.ids, batch.answer_mask, tokenizer.mask_id,
+                                                  generator=generator)
+        logits = model(noisy[rows], images=images)                          # (b, L, V)
         if cfg.mask_loss == "balanced":
-            classes = word_classes(batch.ids, tokenizer)                                  # (B, L)
+            classes = shapes_aids.word_classes(batch.ids, tokenizer)        # (B, L)
+            n_classes = len(shapes_aids.WORD_CLASSES)
             counts = None if shard is None else [shard.count(is_masked & (classes == k))
-                                                 for k in range(len(WORD_CLASSES))]
-            loss, parts = rediff.word_class_loss(logits, batch.ids[rows], is_masked[rows], classes[rows],
-                                                 len(WORD_CLASSES), counts)
-            return loss, dict(zip(WORD_CLASSES, parts))
-        loss = rediff.masked_diffusion_loss(logits, batch.ids[rows], is_masked[rows], p[rows], batch.answer_mask[rows])
+                                                 for k in range(n_classes)]
+            loss, parts = shapes_aids.word_class_loss(logits, batch.ids[rows], is_masked[rows],
+                                                      classes[rows], n_classes, counts)
+            return loss, dict(zip(shapes_aids.WORD_CLASSES, parts))
+        loss = rediff.masked_diffusion_loss(logits, batch.ids[rows], is_masked[rows], p[rows],
+                                            batch.answer_mask[rows])
         return loss, {"mask": loss}
-    visible_pairs = cfg.hallucination_form == "visible"  # the paper's text; "rows": the official code
+    visible_pairs = cfg.hallucination_form == "visible"  # the paper's text; rows: the official code
     inputs, labels, types, p = rediff.corrupt_for_revision(
         batch.ids, batch.answer_mask, tokenizer.mask_id, tokenizer.ordinary_ids, cfg.replace_prob,
         cfg.t_dependent, batch.wrong_ids if visible_pairs else None,
@@ -234,7 +168,8 @@ def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=No
     if not visible_pairs:
         inputs, types, p = rediff.hallucination_rows(batch.ids, batch.answer_mask, batch.wrong_ids,
                                                      batch.wrong_span, inputs, types, p)
-    return rediff.typed_losses(model(inputs[rows], images=images), labels[rows], types[rows], p[rows])
+    logits = model(inputs[rows], images=images)                             # (b, L, V)
+    return rediff.typed_losses(logits, labels[rows], types[rows], p[rows])
 
 
 @torch.no_grad()
@@ -245,15 +180,19 @@ def validation_loss(model, val_data, tokenizer, device, n_batches: int = 4) -> f
     for k in range(n_batches):
         batch = val_data.batch(k, 64).to(device)
         generator = torch.Generator(device=device).manual_seed(k)
-        noisy, is_masked, p = rediff.forward_mask(batch.ids, batch.answer_mask, tokenizer.mask_id, generator=generator)
-        logits = model(noisy, model.encode_images(batch.images))
-        losses.append(rediff.masked_diffusion_loss(logits, batch.ids, is_masked, p, batch.answer_mask).item())
+        noisy, is_masked, p = rediff.forward_mask(batch.ids, batch.answer_mask, tokenizer.mask_id,
+                                                  generator=generator)
+        logits = model(noisy, model.encode_images(batch.images))            # (B, L, V)
+        loss = rediff.masked_diffusion_loss(logits, batch.ids, is_masked, p, batch.answer_mask)
+        losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)
 
 
 def freeze_vision(model) -> None:
-    """The pretrained vision side (tower, and with image_features "attributes" its classifier head) stays fixed."""
+    """The pretrained vision side (tower, and with image_features "attributes" its classifier
+    head) stays fixed in both stages, like a pretrained encoder (the toy tower:
+    shapes_aids.pretrain_vision)."""
     for part in (model.vision_tower, getattr(model, "attribute_head", None)):
         if part is not None:
             part.requires_grad_(False)
@@ -261,55 +200,66 @@ def freeze_vision(model) -> None:
 
 
 def build_model(cfg: TrainConfig, tokenizer):
-    from data.pipeline import prompt_ids
-    from model import LMConfig, VisionConfig, VLM, VLMConfig
-    lm = LMConfig(vocab_size=tokenizer.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                  mlp_hidden=int(cfg.d_model * 8 / 3) // 16 * 16)
-    vision = VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
-                          layers=cfg.vision_layers, heads=max(1, cfg.vision_width // 32))
-    classes = attribute_classes() if cfg.image_features == "attributes" else []
-    prefix = len(prompt_ids(tokenizer, vision.grid ** 2)) if cfg.prefix_dlm else 0  # image + prompt positions
-    return VLM(VLMConfig(lm=lm, vision=vision, image_token_id=tokenizer.image_id, image_features=cfg.image_features,
-                         attribute_classes=classes, prefix_dlm_len=prefix))
+    """A fresh VLM of cfg's shape: LLaDA-V's architecture (vision tower, projector, LLaDA),
+    scaled down."""
+    lm = LMConfig(vocab_size=tokenizer.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
+                  n_heads=cfg.n_heads, mlp_hidden=int(cfg.d_model * 8 / 3) // 16 * 16)
+    vision = VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size,
+                          width=cfg.vision_width, layers=cfg.vision_layers,
+                          heads=max(1, cfg.vision_width // 32))
+    classes = shapes_aids.attribute_classes() if cfg.image_features == "attributes" else []
+    # the image and prompt positions, under the Prefix-DLM mask
+    prefix = len(prompt_ids(tokenizer, vision.grid ** 2)) if cfg.prefix_dlm else 0
+    return VLM(VLMConfig(lm=lm, vision=vision, image_token_id=tokenizer.image_id,
+                         image_features=cfg.image_features, attribute_classes=classes,
+                         prefix_dlm_len=prefix))
 
 
-# --init-from / --resume: the checkpoint decides the model's shape, so these flags are only checked against it.
-SHAPE_FLAGS = {"d_model": ("lm", "d_model"), "n_layers": ("lm", "n_layers"), "n_heads": ("lm", "n_heads"),
-               "image_size": ("vision", "image_size"), "patch_size": ("vision", "patch_size"),
-               "vision_width": ("vision", "width"), "vision_layers": ("vision", "layers"),
-               "image_features": ("", "image_features")}
-RESUME_FREE = {"resume", "stop_at", "init_from", "out", "eval_every", "device", "compile", "parallel",
-               "activation_checkpointing"}  # may change on --resume
+# --init-from / --resume: the checkpoint decides the model's shape, so these flags are only checked
+# against it.
+SHAPE_FLAGS = {"d_model": ("lm", "d_model"), "n_layers": ("lm", "n_layers"),
+               "n_heads": ("lm", "n_heads"), "image_size": ("vision", "image_size"),
+               "patch_size": ("vision", "patch_size"), "vision_width": ("vision", "width"),
+               "vision_layers": ("vision", "layers"), "image_features": ("", "image_features")}
+RESUME_FREE = {"resume", "stop_at", "init_from", "out", "eval_every", "device", "compile",
+               "parallel", "activation_checkpointing"}  # may change on --resume
 
 
 def check_start(cfg: TrainConfig, model, meta: dict, source: str) -> None:
-    """Refuse what --init-from / --resume cannot honour, with the fix: a shape flag asked for (on the command line or
-    by a preset, i.e. not its default) that differs from the checkpoint, and on --resume another --objective.
-    Other settings that differ from the resumed run's are listed (the continuation then differs from one run)."""
+    """Refuse what --init-from / --resume cannot honour, with the fix: a shape flag asked for (on
+    the command line or by a preset, i.e. not its default) that differs from the checkpoint, and
+    on --resume another --objective. Other settings that differ from the resumed run's are listed
+    (the continuation then differs from one run)."""
     defaults, flag = TrainConfig(), lambda name: "--" + name.replace("_", "-")  # noqa: E731
     saved = {name: getattr(getattr(model.cfg, part) if part else model.cfg, key)
              for name, (part, key) in SHAPE_FLAGS.items()}
     saved["answer_len"] = meta["answer_len"]
     saved["prefix_dlm"] = model.cfg.prefix_dlm_len > 0
-    conflicts = [f"{flag(name)} {getattr(cfg, name)} but the checkpoint has {value}" for name, value in saved.items()
+    conflicts = [f"{flag(name)} {getattr(cfg, name)} but the checkpoint has {value}"
+                 for name, value in saved.items()
                  if getattr(cfg, name) not in (getattr(defaults, name), value)]
     run = meta.get("train_config") or {}
     if cfg.resume and run.get("objective", cfg.objective) != cfg.objective:
-        conflicts.append(f"--objective {cfg.objective} but the run was trained with --objective {run['objective']}")
+        conflicts.append(f"--objective {cfg.objective} but the run was trained with --objective "
+                         f"{run['objective']}")
     if conflicts:
-        how = ("repeat the run's own flags (e.g. --objective, --tiny), or start a new run from it with --init-from"
-               if cfg.resume else "leave these flags out (or give the checkpoint's values): the model comes from it")
-        raise SystemExit(f"{'--resume' if cfg.resume else '--init-from'} {source}: {'; '.join(conflicts)}. Fix: {how}")
+        how = ("repeat the run's own flags (e.g. --objective, --tiny), or start a new run from it "
+               "with --init-from" if cfg.resume else
+               "leave these flags out (or give the checkpoint's values): the model comes from it")
+        raise SystemExit(f"{'--resume' if cfg.resume else '--init-from'} {source}: "
+                         f"{'; '.join(conflicts)}. Fix: {how}")
     if cfg.resume:
         changed = [f"{flag(k)} {getattr(cfg, k)} (was {v})" for k, v in run.items()
-                   if k not in RESUME_FREE | set(saved) and hasattr(cfg, k) and getattr(cfg, k) != v]
+                   if k not in RESUME_FREE | set(saved) and hasattr(cfg, k)
+                   and getattr(cfg, k) != v]
         if changed:
-            print(f"note: resuming {source} with other settings than the run's: {', '.join(changed)}; the "
-                  f"continuation will not match an uninterrupted run")
+            print(f"note: resuming {source} with other settings than the run's: "
+                  f"{', '.join(changed)}; the continuation will not match an uninterrupted run")
 
 
 def check_shape_flags(cfg: TrainConfig) -> None:
-    """A fresh run's model shape flags must build a model (with --init-from the checkpoint decides)."""
+    """A fresh run's model shape flags must build a model (with --init-from the checkpoint
+    decides)."""
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
         raise UsageError(f"--d-model {cfg.d_model} / --n-heads {cfg.n_heads}: each head needs an "
                          f"even width (RoPE); choose --d-model a multiple of 2 x --n-heads")
@@ -323,21 +273,24 @@ def check_shape_flags(cfg: TrainConfig) -> None:
                          f"attention heads (width // 32), e.g. {cfg.vision_width // heads * heads}")
 
 
-def main(argv=None):
-    cfg = parse_config(TrainConfig, argv, description=__doc__, presets=PRESETS)
+def check_flags(cfg: TrainConfig) -> None:
+    """Refuse, before any work, an --out or model shape that the run cannot use (one line, with the
+    fix)."""
     check_checkpoint_out(cfg.out, sharded=True)
     if not (cfg.resume or cfg.init_from):
         check_shape_flags(cfg)
     if cfg.parallel == "fsdp" and not distributed.is_dcp(cfg.out):
-        raise SystemExit(f"--parallel fsdp writes sharded checkpoints: give --out a folder name, e.g. "
-                         f"{cfg.out.removesuffix('.safetensors')}.dcp (python distributed.py makes one file of it)")
-    ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of a torchrun group (and its device)
+        raise SystemExit(f"--parallel fsdp writes sharded checkpoints: give --out a folder name, "
+                         f"e.g. {cfg.out.removesuffix('.safetensors')}.dcp (python distributed.py "
+                         f"makes one file of it)")
+
+
+def train(cfg: TrainConfig, label: str = ""):
+    """One training run of cfg.objective (training_loss: Eq. 1 or Eq. 2-3), from scratch,
+    --init-from or --resume, with a checkpoint every --eval-every steps and at the end.
+    label: names the progress bars (a phase of the --tiny recipe). Returns the model."""
+    ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of torchrun's
     print(show_config(cfg))
-    from data import shapes
-    from data.pipeline import ShapesData
-    from data.tokenizer import WordTokenizer, tokenizer_from_dict
-    from model import load_for, save_checkpoint
-    from sample import caption_images, decode_answer
     torch.manual_seed(cfg.seed)
     device = ctx.device
     try:
@@ -349,13 +302,16 @@ def main(argv=None):
         source = cfg.out if cfg.resume else cfg.init_from
         needs = ("tokenizer", "world", "answer_len", "step")
         if cfg.resume:
-            model, meta = load_for(source, "--resume", ("stage1-mask", "stage1-revision"), needs, device=device,
-                                   fix="--resume continues the Stage I run saved at --out: point --out at one, or drop "
-                                   "--resume to start a new run (--init-from FILE to start from other weights; "
-                                   "train_stage2.py --resume continues Stage II runs)")
+            model, meta = load_for(
+                source, "--resume", ("stage1-mask", "stage1-revision"), needs, device=device,
+                fix="--resume continues the Stage I run saved at --out: point --out at one, or "
+                "drop --resume to start a new run (--init-from FILE to start from other weights; "
+                "train_stage2.py --resume continues Stage II runs)")
         else:
-            model, meta = load_for(source, "--init-from", ("stage1-mask", "stage1-revision", "stage2"), needs,
-                                   device=device, fix="pass a checkpoint written by train_stage1.py or train_stage2.py")
+            model, meta = load_for(
+                source, "--init-from", ("stage1-mask", "stage1-revision", "stage2"), needs,
+                device=device,
+                fix="pass a checkpoint written by train_stage1.py or train_stage2.py")
         check_start(cfg, model, meta, source)
         tokenizer = tokenizer_from_dict(meta["tokenizer"])
         world = shapes.WorldConfig(**meta["world"])
@@ -368,78 +324,202 @@ def main(argv=None):
         tokenizer = WordTokenizer.for_shapes_world()
         model = build_model(cfg, tokenizer).to(device)
         if cfg.objective == "revision":
-            print("note: Stage I from scratch. In the shapes world the from-scratch model learned to read the image "
-                  "only with --objective mask (README \"Results\"): train a base with it, then Stage I with "
-                  "--init-from BASE")
+            print("note: Stage I from scratch. In the shapes world the from-scratch model learned "
+                  "to read the image only with --objective mask: train a base with it, then Stage "
+                  "I with --init-from BASE (python train_stage1.py --tiny does both)")
     vision = model.cfg.vision
     t0 = time.perf_counter()
-    data = ShapesData(tokenizer, world, "train", cfg.n_scenes, model.n_image_tokens, cfg.answer_len, cfg.seed,
-                      vision.mean, vision.std)
-    val_data = ShapesData(tokenizer, world, "val", 256, model.n_image_tokens, cfg.answer_len, cfg.seed,
-                          vision.mean, vision.std)
-    print(f"rendered {len(data)} train + {len(val_data)} val scenes in {time.perf_counter() - t0:.1f} s; "
-          f"model {model.num_params() / 1e6:.2f} M parameters on {device}")
+    data = ShapesData(tokenizer, world, "train", cfg.n_scenes, model.n_image_tokens,
+                      cfg.answer_len, cfg.seed, vision.mean, vision.std)
+    val_data = ShapesData(tokenizer, world, "val", 256, model.n_image_tokens, cfg.answer_len,
+                          cfg.seed, vision.mean, vision.std)
+    print(f"rendered {len(data)} train + {len(val_data)} val scenes in "
+          f"{time.perf_counter() - t0:.1f} s; model {model.num_params() / 1e6:.2f} M parameters "
+          f"on {device}")
     if not (cfg.resume or cfg.init_from) and cfg.vision_pretrain_steps > 0:
-        pretrain_vision(model, data, cfg.vision_pretrain_steps, 128, device, cfg.seed)
-    freeze_vision(model)  # the tower (and its attribute head) stays frozen, like a pretrained encoder
-    train_model = distributed.wrap(model, ctx, cfg.param_dtype, cfg.activation_checkpointing)  # DDP / FSDP2 / model
-    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2 replaces them with shards
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    if optimizer_state and os.path.isdir(optimizer_state):
-        distributed.load_dcp_optimizer(optimizer_state, model, optimizer)  # resharded to this run's processes
+        shapes_aids.pretrain_vision(model, data, cfg.vision_pretrain_steps, 128, device, cfg.seed,
+                                    label=label + ": " if label else "")
+    freeze_vision(model)  # the tower (and its attribute head) stays frozen
+    train_model = distributed.wrap(model, ctx, cfg.param_dtype,
+                                   cfg.activation_checkpointing)  # DDP / FSDP2 / the model
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2's shards
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay)
+    if optimizer_state and os.path.isdir(optimizer_state):  # resharded to this run's processes
+        distributed.load_dcp_optimizer(optimizer_state, model, optimizer)
     elif optimizer_state:
         load_for(optimizer_state, "--resume", device=device, optimizer=optimizer)
     step_model = torch.compile(train_model) if cfg.compile else train_model
 
     def save(step):
         meta = {"stage": "stage1-" + cfg.objective, "step": step, "train_config": asdict(cfg),
-                "tokenizer": tokenizer.to_dict(), "world": asdict(world), "answer_len": cfg.answer_len,
-                "history": history}
+                "tokenizer": tokenizer.to_dict(), "world": asdict(world),
+                "answer_len": cfg.answer_len, "history": history}
         if distributed.is_dcp(cfg.out):
-            distributed.save_dcp(cfg.out, model, optimizer, meta, ctx)  # every rank writes its shard
+            distributed.save_dcp(cfg.out, model, optimizer, meta, ctx)  # each rank its shard
         elif ctx.is_main:
             save_checkpoint(cfg.out, model, meta, optimizer)
 
     model.train()
     model.vision_tower.eval()
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=cfg.objective, dynamic_ncols=True)
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
+               desc=label or cfg.objective, dynamic_ncols=True)
+    frac = cfg.hallucination_frac if cfg.objective == "revision" else 0.0  # hallucination pairs
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        frac = cfg.hallucination_frac if cfg.objective == "revision" and step >= cfg.align_steps else 0.0
         batch = data.batch(step, cfg.batch_size, frac).to(device)
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-        objective = "align" if step < cfg.align_steps else cfg.objective
-        loss, parts = training_loss(step_model, batch, cfg, tokenizer, generator, ctx, objective)  # this rank's rows
-        batch_loss, parts = ctx.mean(loss), ctx.mean(parts)  # the whole batch's values, as one process has them
+        loss, parts = training_loss(step_model, batch, cfg, tokenizer, generator, ctx)  # my rows
+        batch_loss, parts = ctx.mean(loss), ctx.mean(parts)  # the whole batch's, as in one process
         if not torch.isfinite(batch_loss):
-            raise SystemExit(f"step {step}: loss is {batch_loss.item()}; stopping. The last good checkpoint is "
-                             f"{cfg.out} (try a lower --lr)")
+            raise SystemExit(f"step {step}: loss is {batch_loss.item()}; stopping. The last good "
+                             f"checkpoint is {cfg.out} (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in parts.items()})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            whole = distributed.full_copy(model, ctx)  # FSDP: a gathered replica; otherwise the model itself
+            whole = distributed.full_copy(model, ctx)  # FSDP: a gathered replica, else the model
             val = validation_loss(whole, val_data, tokenizer, device)
             history.append({"step": step + 1, "train_loss": batch_loss.item(), "val_loss": val})
-            ids, _ = caption_images(whole, tokenizer, val_data.images([0]).to(device), cfg.answer_len, 1)
+            images = val_data.images([0]).to(device)                        # (1, 3, S, S)
+            ids, _ = caption_images(whole, tokenizer, images, cfg.answer_len, 1)
             model.train()
             model.vision_tower.eval()
-            tqdm.write(f"step {step + 1}: train loss {batch_loss.item():.4f}, val loss (Eq. 1) {val:.4f}\n"
-                       f"  sample (val scene 0, 1 token/step): {decode_answer(tokenizer, ids[0])}")
+            tqdm.write(f"step {step + 1}: train loss {batch_loss.item():.4f}, val loss (Eq. 1) "
+                       f"{val:.4f}\n  sample (val scene 0, 1 token/step): "
+                       f"{decode_answer(tokenizer, ids[0])}")
             save(step + 1)
         if step + 1 == cfg.stop_at:
             save(step + 1)
             print(f"stopped at step {step + 1} (--stop-at); continue with --resume")
             break
-    names = {"truncated": "captions truncated to --answer-len", "unknown": "unknown words (mapped to <unk>)"}
-    for what, count in sorted(data.stats.items()):  # never silent, though the built-in world has neither
-        if count:
+    bar.close()
+    names = {"truncated": "captions truncated to --answer-len",
+             "unknown": "unknown words (mapped to <unk>)"}
+    for what, count in sorted(data.stats.items()):  # never silent, though the built-in world has
+        if count:                                   # neither
             print(f"warning: {count} {names.get(what, what)} in the training batches")
     print(f"done in {time.perf_counter() - t0:.0f} s; checkpoint {cfg.out}")
+    ctx.barrier()  # the checkpoint is whole before any rank reads it
     return model
+
+
+# ------------------------------------------------------------------------------------------------
+# The --tiny recipe in one command: the base model, then Stage I from it
+
+
+def flag_args(values: dict) -> list[str]:
+    """{"n_scenes": 3000} -> ["--n-scenes", "3000"]: preset values as the command line that gives
+    them."""
+    return [item for key, value in values.items()
+            for item in ("--" + key.replace("_", "-"), str(value))]
+
+
+def saved_run(path: str) -> dict | None:
+    """The description of the checkpoint at `path` (a file or a DCP folder); None when there is
+    none."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return read_dcp_meta(path) if os.path.isdir(path) else read_checkpoint(path)[1]
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"{path}: {err}. Fix: move it away; --tiny writes there") from None
+
+
+def finished(meta: dict | None) -> bool:
+    """Whether a saved training run reached its --steps."""
+    steps = (meta or {}).get("train_config", {}).get("steps", math.inf)
+    return meta is not None and meta.get("step", 0) >= steps
+
+
+def other_settings(meta: dict, cfg: TrainConfig) -> list[str]:
+    """The settings of cfg (those that change the numbers) that a saved run was trained without."""
+    saved = meta.get("train_config") or {}
+    return [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in asdict(cfg).items()
+            if k not in RESUME_FREE and k in saved and saved[k] != v]
+
+
+def duration(seconds: float) -> str:
+    """130.4 -> '2 min 10 s'."""
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def train_tiny_recipe(cfg: TrainConfig, argv: list[str]):
+    """`--tiny` without --init-from and --objective mask: the recipe's two phases, each exactly as
+    its own command. The base model (Eq. 1's masks, Section 3.1: the phase the from-scratch toy
+    model needs), written to base.safetensors in --out's folder, then Stage I from its weights
+    (Eq. 2-3, Section 3.2), written to --out. A finished base is reused; --resume continues
+    whichever phase was interrupted. Returns the Stage I model (None when a phase stopped early,
+    --stop-at)."""
+    folder = os.path.dirname(cfg.out.rstrip("/"))
+    kind = ".dcp" if distributed.is_dcp(cfg.out) else ".safetensors"
+    base = os.path.join(folder, TINY_BASE + kind)
+    if os.path.abspath(base) == os.path.abspath(cfg.out.rstrip("/")):
+        raise UsageError(f"--out {cfg.out}: --tiny writes its base model there; name Stage I's "
+                         f"checkpoint otherwise, e.g. {os.path.join(folder, 'stage1' + kind)}")
+    base_args = [*argv, "--objective", "mask", "--out", base]
+    stage1_args = [*flag_args(PRESETS["tiny"]["stage1"]), *argv, "--init-from", base]
+    base_cfg = parse_config(TrainConfig, base_args, presets=PRESETS)
+    check_flags(base_cfg)
+    check_flags(parse_config(TrainConfig, stage1_args, presets=PRESETS))
+    ctx = distributed.setup(cfg.parallel, cfg.device)  # before any print: other ranks stay quiet
+    trained = []  # (what, checkpoint, steps, seconds; None: reused)
+
+    def run_phase(label: str, what: str, args: list[str], resume: bool):
+        args = args + ["--resume"] if resume else args
+        print(f"phase {label}: {what}: python train_stage1.py {' '.join(args)}")
+        start = time.perf_counter()
+        phase_cfg = parse_config(TrainConfig, args + ([] if resume else ["--no-resume"]),
+                                 presets=PRESETS)
+        model = train(phase_cfg, label)
+        saved = saved_run(phase_cfg.out)
+        if not finished(saved):
+            return None  # stopped early (--stop-at): the phase said how to continue
+        trained.append((what, phase_cfg.out, saved["step"], time.perf_counter() - start))
+        return model
+
+    saved = saved_run(base)
+    if finished(saved):
+        changed = other_settings(saved, base_cfg)
+        if changed:
+            raise SystemExit(f"{base} is a base model trained with other settings "
+                             f"({', '.join(changed)}). Fix: delete it to train it again, or start "
+                             f"Stage I from it with --init-from {base}")
+        print(f"phase 1/2: the finished base model {base} (step {saved['step']}) is reused; "
+              f"delete it to train it again")
+        trained.append(("the base model (Eq. 1 masks)", base, saved["step"], None))
+    elif saved is not None and not cfg.resume:
+        raise SystemExit(f"{base} holds an interrupted base model (step {saved['step']}). Fix: "
+                         f"continue it with --resume, or delete it to start over")
+    elif run_phase("1/2 base", "the base model (Eq. 1 masks)", base_args,
+                   resume=saved is not None) is None:
+        return None
+    ctx.barrier()
+    model = run_phase("2/2 Stage I", "Stage I from the base (Eq. 2-3)", stage1_args,
+                      resume=cfg.resume and os.path.exists(cfg.out))
+    if model is None:
+        return None
+    print("\nthe --tiny recipe trained:")
+    for what, path, steps, seconds in trained:
+        took = "reused" if seconds is None else duration(seconds)
+        print(f"  {what}: {path}, {steps} steps, {took}")
+    ckpt = "" if cfg.out == TrainConfig().out else f" --ckpt {cfg.out}"
+    print(f"next: python sample.py --tokens-per-step 8{ckpt}")
+    return model
+
+
+def main(argv=None):
+    """The command line: the --tiny recipe's two phases, or one training run."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_config(TrainConfig, argv, description=__doc__, presets=PRESETS)
+    if "--tiny" in argv and cfg.objective == "revision" and not cfg.init_from:
+        return train_tiny_recipe(cfg, argv)
+    check_flags(cfg)
+    return train(cfg)
 
 
 if __name__ == "__main__":

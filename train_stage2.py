@@ -34,7 +34,15 @@ import distributed
 import rediff
 from cli import (UsageError, check_checkpoint_out, check_writable,
                  option, parse_config, run_main, show_config)
-from experts import check_endpoint
+from data import shapes
+from data.pipeline import ShapesData, image_to_tensor, prompt_ids
+from data.score import score_captions
+from data.tokenizer import tokenizer_from_dict
+from experts import (RIGHT, Item, check_endpoint, make_expert, merge_rank_caches, rank_cache_path,
+                     validate_pairs)
+from model import load_checkpoint
+from sample import caption_images, decode_answer
+from train_stage1 import TrainConfig, freeze_vision, learning_rate, training_loss
 
 DRAFT_OFFSET = 1_000_000  # drafts use train-split scenes from this index on: never in a Stage I bank (from 0)
 MIX_STEP_OFFSET = 10_000_000  # Stage I mix batches are ShapesData.batch(offset + step): not Stage I's own batches
@@ -43,67 +51,58 @@ INIT_STAGES = ("stage1-revision", "stage1-mask", "stage2")
 
 @dataclass
 class Stage2Config:
-    init_from: str = option("", "required: the Stage I checkpoint (or a base model, --objective mask) to start from")
+    init_from: str = option("", "required: the Stage I checkpoint (or a base model, --objective "
+                            "mask) to start from")
     out: str = option("out/stage2.safetensors", "checkpoint to write (atomically) after every "
-                      "round: NAME.safetensors, one file (weights only; a sharded NAME.dcp folder "
-                      "is train_stage1.py's)")
+                      "round: NAME.safetensors, one file (weights only)")
     resume: bool = option(False, "continue the run saved at --out after its last finished round")
-    rounds: int = option(1, "rounds of draft -> expert -> fine-tune (the paper: one round gives most of the gain)",
-                         at_least=1)
-    drafts_per_round: int = option(1536, "drafts per round, on fresh training scenes (the paper: about 10k)",
-                                   at_least=1)
-    tokens_per_step: list = option([1, 4, 8], "drafting speeds; the scenes of a round are spread over them",
-                                   nargs="+", type=int, at_least=1)
+    rounds: int = option(1, "rounds of draft -> expert -> fine-tune (the paper: one round gives "
+                         "most of the gain)", at_least=1)
+    drafts_per_round: int = option(1536, "drafts per round, on fresh training scenes (the paper: "
+                                   "about 10k)", at_least=1)
+    tokens_per_step: list = option([1, 4, 8], "drafting speeds; the scenes of a round are spread "
+                                   "over them", nargs="+", type=int, at_least=1)
     draft_batch: int = option(128, "captions drafted together", at_least=1)
-    draft_final_passes: int = option(0, "not in the paper, an experiment: draft with rediff.generate's final_passes "
-                                     "(forward passes after the last step that re-predict every token)",
-                                     at_least=0)
-    expert: str = option("oracle", "who reviews the drafts: oracle (knows the scene), openai (an LLM), align "
-                         "(word alignment with the ground truth)", choices=["oracle", "openai", "align"])
-    oracle_max_change: float = option(1.0, "--expert oracle, an experiment: skip rewrites that change more than "
-                                      "this fraction of a sentence's words (1 = the full oracle; README Results)",
-                                      more_than=0, at_most=1)
+    expert: str = option("oracle", "who reviews the drafts: oracle (knows the scene), openai (an "
+                         "LLM), align (word alignment with the ground truth)",
+                         choices=["oracle", "openai", "align"])
     expert_model: str = option("o4-mini", "--expert openai: the chat model")
-    expert_base_url: str = option("", "--expert openai: an OpenAI-compatible endpoint (empty: api.openai.com); "
-                                  "the key is read from OPENAI_API_KEY only")
+    expert_base_url: str = option("", "--expert openai: an OpenAI-compatible endpoint (empty: "
+                                  "api.openai.com); the key is read from OPENAI_API_KEY only")
     max_in_flight: int = option(8, "--expert openai: most requests at once (per process)",
                                 at_least=1)
-    cache: str = option("out/expert_cache.jsonl", "--expert openai: append-only answer cache (empty: none)")
-    stage1_mix: float = option(0.25, "fraction of every batch that is Stage I data (0 = none)",
-                               at_least=0, less_than=1)
-    keep_weight: float = option(0.0, "not in the paper: also train the draft's uncorrected answer tokens to stay as "
-                                "they are, with this weight (a mean over them); 0 = Eq. 4 exactly",
-                                at_least=0)
-    stage1_objective: str = option("auto", "objective of the Stage I mix; auto: the one the initial checkpoint "
-                                   "was trained with", choices=["auto", "revision", "mask"])
+    cache: str = option("out/expert_cache.jsonl", "--expert openai: append-only answer cache "
+                        "(empty: none)")
+    stage1_mix: float = option(0.25, "fraction of every batch that is Stage I data (0 = none), "
+                               "with the initial checkpoint's objective", at_least=0, less_than=1)
     n_scenes: int = option(4000, "scenes pre-rendered for the Stage I mix", at_least=1)
     steps: int = option(300, "optimizer steps per round", at_least=1)
-    batch_size: int = option(64, "samples per step (own drafts + Stage I mix; with several processes: all of them)",
-                             at_least=1)
-    lr: float = option(3e-4, "peak learning rate (AdamW; cosine to lr * min_lr_frac, restarted every round)",
-                       more_than=0)
+    batch_size: int = option(64, "samples per step (own drafts + Stage I mix; with several "
+                             "processes: all of them)", at_least=1)
+    lr: float = option(3e-4, "peak learning rate (AdamW; cosine to lr * min_lr_frac, restarted "
+                       "every round)", more_than=0)
     min_lr_frac: float = option(0.1, "the cosine schedule ends at lr * min_lr_frac",
                                 at_least=0, at_most=1)
-    warmup: int = option(10, "linear warm-up steps (the paper: 3 percent of the steps)", at_least=0)
+    warmup: int = option(10, "linear warm-up steps (the paper: 3 percent of the steps)",
+                         at_least=0)
     weight_decay: float = option(0.01, "AdamW weight decay", at_least=0)
     grad_clip: float = option(1.0, "gradient-norm clip", more_than=0)
     seed: int = option(0, "seed for batches and the Stage I mix", at_least=0)
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
-    parallel: str = option("auto", "several processes (torchrun --nproc_per_node N): ddp or fsdp (FSDP2); drafts and "
-                           "expert calls are split over the ranks; auto: ddp under torchrun, none otherwise",
+    parallel: str = option("auto", "several processes (torchrun): ddp or fsdp, drafts and expert "
+                           "calls split over the ranks; auto: ddp under torchrun, none otherwise",
                            choices=["auto", "none", "ddp", "fsdp"])
-    param_dtype: str = option("auto", "--parallel fsdp: dtype of the gathered parameters for compute (master weights, "
-                              "Adam and gradient reduction stay float32); auto: bfloat16 on CUDA, float32 elsewhere",
+    param_dtype: str = option("auto", "--parallel fsdp: dtype of the gathered parameters for "
+                              "compute; auto: bfloat16 on CUDA, float32 elsewhere",
                               choices=["auto", "bfloat16", "float32"])
-    activation_checkpointing: bool = option(False, "recompute each transformer block's activations in the backward "
-                                            "pass (less memory, about 1/3 more compute)")
+    activation_checkpointing: bool = option(False, "recompute each transformer block's "
+                                            "activations in the backward pass (less memory)")
 
 
-PRESETS = {"tiny": {"help": "a CPU-sized run, the reproduction's recipe: 3072 drafts, 120 steps x 32 at 1e-4, "
-                            "a tenth of Stage I's continuation rate (measured better than the official scripts' "
-                            "one rate for both stages; about one epoch over the drafts; about 2 min on 2 CPU cores)",
-                    "values": dict(drafts_per_round=3072, draft_batch=64, steps=120, batch_size=32, n_scenes=1000,
-                                   lr=1e-4)}}
+PRESETS = {"tiny": {"help": "a CPU-sized run, the reproduction's recipe: 3072 drafts, 120 steps x "
+                            "32 at 1e-4 (about 2 min on 2 CPU cores)",
+                    "values": dict(drafts_per_round=3072, draft_batch=64, steps=120,
+                                   batch_size=32, n_scenes=1000, lr=1e-4)}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,13 +110,12 @@ PRESETS = {"tiny": {"help": "a CPU-sized run, the reproduction's recipe: 3072 dr
 
 
 @torch.no_grad()
-def make_drafts(model, tokenizer, world, answer_len: int, cfg: Stage2Config, round_index: int, ctx=None) -> list[dict]:
-    """Caption round `round_index`'s fresh scenes with the refining sampler; scene k at tokens_per_step[k % n].
-    ctx (distributed.Context): with N processes, rank r captions chunks r, r + N, ... of --draft-batch captions and
-    every rank gets all the ids; the chunks, hence the drafts, are those of one process."""
-    from data import shapes
-    from data.pipeline import image_to_tensor
-    from sample import caption_images, decode_answer
+def make_drafts(model, tokenizer, world, answer_len: int, cfg: Stage2Config, round_index: int,
+                ctx=None) -> list[dict]:
+    """Section 3.3's drafts: caption round `round_index`'s fresh scenes with the refining sampler;
+    scene k at tokens_per_step[k % n]. ctx (distributed.Context): with N processes, rank r
+    captions chunks r, r + N, ... of --draft-batch captions and every rank gets all the ids; the
+    chunks, hence the drafts, are those of one process."""
     first = DRAFT_OFFSET + round_index * cfg.drafts_per_round
     samples = [shapes.sample("train", first + k, world) for k in range(cfg.drafts_per_round)]
     speeds = [cfg.tokens_per_step[k % len(cfg.tokens_per_step)] for k in range(len(samples))]
@@ -132,15 +130,17 @@ def make_drafts(model, tokenizer, world, answer_len: int, cfg: Stage2Config, rou
             n_chunks += 1
             if (n_chunks - 1) % n_ranks != rank:  # another rank's chunk
                 continue
-            images = image_to_tensor([samples[k]["image"] for k in chunk], vision.mean, vision.std)
-            out, _ = caption_images(model, tokenizer, images, answer_len, speed, refine=True,
-                                    final_passes=cfg.draft_final_passes)                     # (b, G)
+            images = image_to_tensor([samples[k]["image"] for k in chunk], vision.mean,
+                                     vision.std)                                      # (b, 3, S, S)
+            out, _ = caption_images(model, tokenizer, images, answer_len, speed,
+                                    refine=True)                                      # (b, G)
             for k, row in zip(chunk, out.cpu()):
                 ids[k] = row
             bar.update(len(chunk))
     bar.close()
     if n_ranks > 1:  # every rank gets every draft
-        for share in ctx.gather({k: row.tolist() for k, row in enumerate(ids) if row is not None}):
+        mine = {k: row.tolist() for k, row in enumerate(ids) if row is not None}
+        for share in ctx.gather(mine):
             for k, row in share.items():
                 ids[int(k)] = torch.tensor(row)
     return [{"scene_index": first + k, "tokens_per_step": speeds[k], "ids": ids[k],
@@ -154,7 +154,6 @@ def make_drafts(model, tokenizer, world, answer_len: int, cfg: Stage2Config, rou
 def review_drafts(expert, drafts: list[dict], ctx=None) -> tuple[list, Counter]:
     """(the expert's review of every draft, the expert's statistics for them). ctx (distributed.Context): each rank
     reviews its own contiguous share (its own API calls) and every rank gets all reviews, in draft order."""
-    from experts import Item
     share = ctx.part(len(drafts)) if ctx else range(len(drafts))
     before = Counter(expert.counts)
     mine = drafts[share.start:share.stop]
@@ -182,7 +181,6 @@ def apply_corrections(draft_ids: torch.Tensor, kept) -> tuple[torch.Tensor, torc
 def align(drafts: list[dict], reviews: list, tokenizer, counts: Counter) -> list[dict]:
     """Turn reviews into training samples: validated pairs -> refined target + mistake mask. Drafts that are
     "right", unanswered, or left with no valid pair are dropped (and counted)."""
-    from experts import RIGHT, validate_pairs
     samples = []
     for draft, review in zip(drafts, reviews):
         if review is None:
@@ -204,39 +202,28 @@ def align(drafts: list[dict], reviews: list, tokenizer, counts: Counter) -> list
 # 4. Fine-tuning with Eq. 4 (+ Stage I data)
 
 
-def own_draft_loss(logits, labels, mistake, keep, keep_weight: float, keep_count=None):
-    """The loss on the model's own drafts: Eq. 4 (rediff.refinement_loss) on the corrected positions, plus, when
-    keep_weight > 0 (not in the paper), keep_weight x the mean cross-entropy on the answer's uncorrected positions
-    `keep`, whose label is their own input token: "leave right tokens alone". Returns (loss, parts)."""
-    refine = rediff.refinement_loss(logits, labels, mistake)  # per draft: equal shards average to the batch
-    if keep_weight <= 0:
-        return refine, {"refine": refine}
-    kept = rediff.masked_token_loss(logits, labels, keep, keep_count)
-    return refine + keep_weight * kept, {"refine": refine, "keep": kept}
-
-
-def finetune(model, samples, mix_data, stage1_cfg, tokenizer, cfg: Stage2Config, round_index: int, device,
-             ctx=None, train_model=None) -> dict:
-    """--steps of AdamW on the round's samples; returns the last step's losses (of the whole batch).
-    ctx, train_model (distributed.py): this rank's rows of every global batch go through the DDP / FSDP module."""
-    from data.pipeline import image_to_tensor, prompt_ids
-    from train_stage1 import learning_rate, training_loss
+def finetune(model, samples, mix_data, stage1_cfg, tokenizer, cfg: Stage2Config,
+             round_index: int, device, ctx=None, train_model=None) -> dict:
+    """Eq. 4 (plus the Stage I mix): --steps of AdamW on the round's samples; returns the last
+    step's losses (of the whole batch). ctx, train_model (distributed.py): this rank's rows of
+    every global batch go through the DDP / FSDP module."""
     ctx, step_model = ctx or distributed.Context(), train_model or model
     vision = model.cfg.vision
-    prompt = torch.tensor(prompt_ids(tokenizer, model.n_image_tokens))                     # (P,)
+    prompt = torch.tensor(prompt_ids(tokenizer, model.n_image_tokens))                 # (P,)
     E, P = len(samples), len(prompt)
-    stack = lambda key: torch.stack([s[key] for s in samples])                             # noqa: E731  (E, G)
-    inputs = torch.cat([prompt.expand(E, -1), stack("ids")], dim=1)                        # (E, L): the drafts
-    labels = torch.cat([prompt.expand(E, -1), stack("refined")], dim=1)                    # (E, L)
-    mistake = torch.cat([torch.zeros(E, P, dtype=torch.bool), stack("mistake")], dim=1)    # (E, L)
-    keep = ~mistake & (torch.arange(inputs.shape[1]) >= P)  # (E, L) uncorrected answer tokens (--keep-weight)
-    images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)       # (E, 3, S, S)
+    stack = lambda key: torch.stack([s[key] for s in samples])  # noqa: E731           (E, G)
+    inputs = torch.cat([prompt.expand(E, -1), stack("ids")], dim=1)        # (E, L): the drafts
+    labels = torch.cat([prompt.expand(E, -1), stack("refined")], dim=1)                # (E, L)
+    mistake = torch.cat([torch.zeros(E, P, dtype=torch.bool), stack("mistake")], dim=1)  # (E, L)
+    images = image_to_tensor([s["image"] for s in samples], vision.mean,
+                             vision.std)                                               # (E, 3, S, S)
     n_mix = round(cfg.batch_size * cfg.stage1_mix) if mix_data is not None else 0
     n_own = cfg.batch_size - n_mix
     mix_frac = stage1_cfg.hallucination_frac if stage1_cfg.objective == "revision" else 0.0
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay)
     model.train()
     model.vision_tower.eval()
     parts = {}
@@ -244,24 +231,26 @@ def finetune(model, samples, mix_data, stage1_cfg, tokenizer, cfg: Stage2Config,
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        pick = torch.from_numpy(np.random.default_rng([cfg.seed, round_index, step]).integers(E, size=n_own))
-        own = pick[ctx.rows(n_own)]                                                         # this rank's rows
-        logits = step_model(inputs[own].to(device), images=images[own].to(device))          # (b, L, V)
-        loss_own, parts = own_draft_loss(logits, labels[own].to(device), mistake[own].to(device),
-                                         keep[own].to(device), cfg.keep_weight,
-                                         ctx.count(keep[pick]) if cfg.keep_weight > 0 else None)
-        loss = loss_own
+        rng = np.random.default_rng([cfg.seed, round_index, step])
+        pick = torch.from_numpy(rng.integers(E, size=n_own))                          # (n_own,)
+        own = pick[ctx.rows(n_own)]                                                 # this rank's
+        logits = step_model(inputs[own].to(device), images=images[own].to(device))  # (b, L, V)
+        loss_own = rediff.refinement_loss(logits, labels[own].to(device),
+                                          mistake[own].to(device))  # Eq. 4, per draft
+        loss, parts = loss_own, {"refine": loss_own}
         if n_mix:
             global_step = MIX_STEP_OFFSET + round_index * cfg.steps + step
             batch = mix_data.batch(global_step, n_mix, mix_frac).to(device)
-            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + global_step)
+            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003
+                                                                   + global_step)
             loss_mix, _ = training_loss(step_model, batch, stage1_cfg, tokenizer, generator, ctx)
-            loss = (n_own * loss_own + n_mix * loss_mix) / cfg.batch_size  # weighted by share of the batch
+            loss = (n_own * loss_own + n_mix * loss_mix) / cfg.batch_size  # by share of the batch
             parts["stage1"] = loss_mix
-        parts = {k: v.item() for k, v in ctx.mean({**parts, "total": loss}).items()}  # the whole batch's values
+        parts = {k: v.item() for k, v in ctx.mean({**parts, "total": loss}).items()}  # whole batch
         if not math.isfinite(parts["total"]):
-            raise SystemExit(f"round {round_index + 1}, step {step}: loss is {parts['total']}; stopping. The last good "
-                             f"checkpoint is {cfg.out if round_index else cfg.init_from} (try a lower --lr)")
+            raise SystemExit(f"round {round_index + 1}, step {step}: loss is {parts['total']}; "
+                             f"stopping. The last good checkpoint is "
+                             f"{cfg.out if round_index else cfg.init_from} (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -276,7 +265,6 @@ def finetune(model, samples, mix_data, stage1_cfg, tokenizer, cfg: Stage2Config,
 
 def load_start(cfg: Stage2Config, device):
     """(model, meta, first round) from --init-from, or from --out with --resume; a clear message for anything else."""
-    from model import load_checkpoint
     if cfg.resume:
         path, wanted = cfg.out, ("stage2",)
         if not os.path.exists(path):
@@ -308,20 +296,17 @@ def load_start(cfg: Stage2Config, device):
     return model, meta, first_round
 
 
-def stage1_config(meta: dict, cfg: Stage2Config):
-    """The Stage I TrainConfig of the initial checkpoint (for the mix), with --stage1-objective applied."""
-    from train_stage1 import TrainConfig
-    saved = meta.get("stage1_config") or (meta.get("train_config") if meta["stage"].startswith("stage1") else None)
+def stage1_config(meta: dict):
+    """The Stage I TrainConfig of the initial checkpoint, for the mix (Section 3.3: Stage II keeps
+    training on Stage I data too)."""
+    saved = meta.get("stage1_config") or (meta.get("train_config")
+                                          if meta["stage"].startswith("stage1") else None)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    s1 = TrainConfig(**{k: v for k, v in (saved or {}).items() if k in known})
-    if cfg.stage1_objective != "auto":
-        s1.objective = cfg.stage1_objective
-    return s1
+    return TrainConfig(**{k: v for k, v in (saved or {}).items() if k in known})
 
 
 def draft_quality(drafts: list[dict]) -> dict:
     """Mean headline score (data/score.py) of the round's drafts per drafting speed."""
-    from data.score import score_captions
     quality = {}
     for speed in sorted({d["tokens_per_step"] for d in drafts}):
         chosen = [d for d in drafts if d["tokens_per_step"] == speed]
@@ -366,70 +351,73 @@ def check_round_flags(cfg) -> None:
 
 
 def main(argv=None):
+    """Section 3.3's rounds: draft, expert review, alignment, fine-tuning (Eq. 4), checkpoint."""
     cfg = parse_config(Stage2Config, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
     check_checkpoint_out(cfg.out, sharded=False)
     check_round_flags(cfg)
-    ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of a torchrun group (and its device)
+    ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of torchrun's
     print(show_config(cfg))
-    from data import shapes
-    from data.pipeline import ShapesData
-    from data.tokenizer import tokenizer_from_dict
-    from experts import make_expert, merge_rank_caches, rank_cache_path
-    from train_stage1 import freeze_vision
     torch.manual_seed(cfg.seed)
     device = ctx.device
     model, meta, first_round = load_start(cfg, device)
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     world, answer_len = shapes.WorldConfig(**meta["world"]), meta["answer_len"]
-    s1 = stage1_config(meta, cfg)
+    s1 = stage1_config(meta)
     shared_cache = cfg.expert == "openai" and cfg.cache
     if shared_cache and ctx.is_main:
-        merge_rank_caches(cfg.cache)  # answers that an interrupted multi-process run left in per-rank files
+        merge_rank_caches(cfg.cache)  # answers an interrupted multi-process run left per rank
     ctx.barrier()
-    expert = make_expert(cfg.expert, cfg.expert_model, cfg.expert_base_url or None, cfg.cache or None,
-                         cfg.max_in_flight, cfg.oracle_max_change)
-    if shared_cache and not ctx.is_main:  # every rank reads the shared cache; only rank 0 appends to it
+    expert = make_expert(cfg.expert, cfg.expert_model, cfg.expert_base_url or None,
+                         cfg.cache or None, cfg.max_in_flight)
+    if shared_cache and not ctx.is_main:  # every rank reads the shared cache; rank 0 appends
         expert.cache.path = rank_cache_path(cfg.cache, ctx.rank)
     history = meta.get("history", []) if cfg.resume else []
     step = meta.get("step", 0) if cfg.resume else 0
     t0 = time.perf_counter()
     if first_round >= cfg.rounds:
-        print(f"{cfg.out} has finished {first_round} rounds already (--rounds {cfg.rounds}): nothing to do")
+        print(f"{cfg.out} has finished {first_round} rounds already (--rounds {cfg.rounds}): "
+              f"nothing to do")
         return model
     mix_data = None
     if cfg.stage1_mix > 0:
-        mix_data = ShapesData(tokenizer, world, "train", cfg.n_scenes, model.n_image_tokens, answer_len, cfg.seed,
-                              model.cfg.vision.mean, model.cfg.vision.std)
-        print(f"Stage I mix: {cfg.stage1_mix:.0%} of each batch, objective {s1.objective}, {cfg.n_scenes} scenes")
+        mix_data = ShapesData(tokenizer, world, "train", cfg.n_scenes, model.n_image_tokens,
+                              answer_len, cfg.seed, model.cfg.vision.mean, model.cfg.vision.std)
+        print(f"Stage I mix: {cfg.stage1_mix:.0%} of each batch, objective {s1.objective}, "
+              f"{cfg.n_scenes} scenes")
     freeze_vision(model)  # frozen, as in Stage I
-    train_model = distributed.wrap(model, ctx, cfg.param_dtype, cfg.activation_checkpointing)  # DDP / FSDP2 / model
+    train_model = distributed.wrap(model, ctx, cfg.param_dtype,
+                                   cfg.activation_checkpointing)  # DDP / FSDP2 / the model
     for r in range(first_round, cfg.rounds):
-        drafts = make_drafts(distributed.full_copy(model, ctx), tokenizer, world, answer_len, cfg, r, ctx)
+        drafts = make_drafts(distributed.full_copy(model, ctx), tokenizer, world, answer_len, cfg,
+                             r, ctx)
         quality = draft_quality(drafts)
         reviews, counts = review_drafts(expert, drafts, ctx)  # and this round's expert statistics
         if shared_cache and ctx.is_main:
-            merge_rank_caches(cfg.cache)  # the other ranks' new answers (they have all answered: gathered)
+            merge_rank_caches(cfg.cache)  # the other ranks' new answers (all gathered)
         samples = align(drafts, reviews, tokenizer, counts)
         for line in round_report(r, cfg, drafts, quality, counts, samples, expert.name):
             tqdm.write(line)
         if samples:
-            parts = finetune(model, samples, mix_data, s1, tokenizer, cfg, r, device, ctx, train_model)
+            parts = finetune(model, samples, mix_data, s1, tokenizer, cfg, r, device, ctx,
+                             train_model)
             step += cfg.steps
         else:
             parts = {}
-            tqdm.write(f"round {r + 1}: no training samples (nothing to correct, or no valid pair); no fine-tuning")
-        history.append({"round": r + 1, "step": step, "drafts": len(drafts), "samples": len(samples),
+            tqdm.write(f"round {r + 1}: no training samples (nothing to correct, or no valid "
+                       f"pair); no fine-tuning")
+        history.append({"round": r + 1, "step": step, "drafts": len(drafts),
+                        "samples": len(samples),
                         "draft_headline": {str(k): v for k, v in quality.items()},
                         "expert": dict(counts), **{f"{k}_loss": v for k, v in parts.items()}})
         distributed.save_file(cfg.out, model, {  # weights only; rank 0 writes them
             "stage": "stage2", "round": r + 1, "step": step, "train_config": asdict(cfg),
             "stage1_config": asdict(s1), "init_from": cfg.init_from or meta.get("init_from", ""),
-            "init_stage": meta.get("init_stage", meta["stage"]),  # stage1-mask: Stage II alone, not ReDiff
+            "init_stage": meta.get("init_stage", meta["stage"]),  # stage1-mask: Stage II alone
             "tokenizer": tokenizer.to_dict(), "world": asdict(world), "answer_len": answer_len,
             "expert_stats": dict(counts), "history": history}, ctx)
         losses = ", ".join(f"{k} {v:.4f}" for k, v in parts.items())
-        tqdm.write(f"round {r + 1}/{cfg.rounds} | step {step} | {losses or 'no loss'} | checkpoint {cfg.out} | "
-                   f"{time.perf_counter() - t0:.0f} s")
+        tqdm.write(f"round {r + 1}/{cfg.rounds} | step {step} | {losses or 'no loss'} | "
+                   f"checkpoint {cfg.out} | {time.perf_counter() - t0:.0f} s")
     return model
 
 

@@ -12,6 +12,7 @@ import torch
 
 import distributed
 import rediff
+import shapes_aids
 from distributed import Context
 from model import load_checkpoint, read_checkpoint
 
@@ -44,10 +45,11 @@ def test_word_class_loss_of_shards_averages_to_the_whole_batch_loss():
     masked = torch.rand(B, L, generator=g) < 0.5
     classes = torch.randint(3, (B, L), generator=g)
     classes[:4] = 1                    # class 0 and 2 tokens only on the last ranks' rows
-    whole, _ = rediff.word_class_loss(logits, labels, masked, classes, 3)
+    whole, _ = shapes_aids.word_class_loss(logits, labels, masked, classes, 3)
 
-    def shard_loss(ctx, lg, lb, mk, cl):  # counts of the WHOLE batch, as train_stage1.training_loss passes them
-        return rediff.word_class_loss(lg, lb, mk, cl, 3, [ctx.count(masked & (classes == k)) for k in range(3)])[0]
+    def shard_loss(ctx, lg, lb, mk, cl):  # the WHOLE batch's counts, as training_loss passes them
+        counts = [ctx.count(masked & (classes == k)) for k in range(3)]
+        return shapes_aids.word_class_loss(lg, lb, mk, cl, 3, counts)[0]
     torch.testing.assert_close(shard_mean(shard_loss, world, logits, labels, masked, classes), whole)
 
 

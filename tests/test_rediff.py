@@ -57,19 +57,6 @@ def test_masked_diffusion_loss_hand_example():
     assert rediff.masked_diffusion_loss(logits, targets, masked, p, answer).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_word_class_loss_hand_example_one_plain_mean_per_class():
-    logits = torch.zeros(1, 5, 3)                                  # uniform: every CE is log 3
-    logits[0, 1] = torch.tensor([math.log(4.0), 0.0, 0.0])       # p(target 0) = 4/6 at position 1
-    targets = torch.zeros(1, 5, dtype=torch.long)
-    masked = torch.tensor([[False, True, True, True, False]])
-    classes = torch.tensor([[0, 0, 0, 2, 0]])                     # position 4 is class 0 but visible; class 1 empty
-    total, parts = rediff.word_class_loss(logits, targets, masked, classes, 3)
-    assert parts[0].item() == pytest.approx((-math.log(4 / 6) + math.log(3)) / 2, rel=1e-6)  # no 1/t weight
-    assert parts[1].item() == 0.0                                   # an empty class contributes 0
-    assert parts[2].item() == pytest.approx(math.log(3), rel=1e-6)  # normalised by its own count (1), not by 3
-    assert total.item() == pytest.approx(sum(p.item() for p in parts), rel=1e-6)
-
-
 # ---------------------------------------------------------------------------------------------------- Stage I
 
 def test_typed_losses_hand_example_with_empty_type():
@@ -160,23 +147,6 @@ def test_t_dependent_rate_and_hallucination_span():
     assert hall.any() and hall[:, 3].sum() == hall.sum(), "only the span can be hallucinated"
     assert (inputs[hall] == 7).all() and (labels[hall] == 4).all(), "input holds the wrong token, label the right one"
     assert torch.equal(hall[:, 3], types[:, 3] != rediff.MASK)
-
-
-def test_mask_words_masks_only_the_chosen_words_of_the_answer():
-    g = torch.Generator().manual_seed(0)
-    words = torch.tensor([2, 3, 4])
-    ids = torch.randint(0, MASK, (3000, 30), generator=g)         # about a quarter of the tokens are chosen words
-    answer = torch.zeros_like(ids, dtype=torch.bool)
-    answer[:, 6:] = True
-    noisy, masked, p = rediff.mask_words(ids, answer, [2, 3, 4], MASK, generator=g)
-    chosen = torch.isin(ids, words) & answer
-    assert not (masked & ~chosen).any(), "other words and the prompt stay visible"
-    assert torch.equal(noisy == MASK, masked) and torch.equal(noisy[~masked], ids[~masked])
-    assert abs(p.mean().item() - 0.5) < 0.02                       # p ~ U(0, 1) per sample
-    assert abs(masked.sum().item() / chosen.sum().item() - 0.5) < 0.02
-    for rows in (p < 0.25, p > 0.75):                              # the per-sample rate follows that sample's p
-        rate = masked[rows].sum().item() / chosen[rows].sum().item()
-        assert abs(rate - p[rows].mean().item()) < 0.03
 
 
 def test_refinement_loss_eq4():
@@ -326,9 +296,10 @@ def test_chosen_probability_equals_float64_softmax():
 
 
 def test_caption_steps_counts_the_steps_that_wrote_the_caption():
-    """eval.caption_steps on a real sampler run: end-of-text is the surest token, so low-confidence decoding commits
-    the padding first and a 3-word caption in an 8-token answer is written in the last 2 of 4 steps."""
-    from eval import caption_steps
+    """tools.eval.caption_steps on a real sampler run: end-of-text is the surest token, so
+    low-confidence decoding commits the padding first and a 3-word caption in an 8-token answer is
+    written in the last 2 of 4 steps."""
+    from tools.eval import caption_steps
     EOS, G = 1, 8
     where = torch.arange(G, dtype=torch.float)                                      # (G,) answer positions
 

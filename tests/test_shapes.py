@@ -1,6 +1,12 @@
-"""tests/test_shapes.py: determinism, splits, vocabulary, caption variety, rendering and hallucination pairs."""
-import numpy as np
+"""tests/test_shapes.py: determinism, splits, vocabulary, caption variety, rendering and hallucination
+pairs; the shapes world's training aids (shapes_aids.py)."""
+import math
 
+import numpy as np
+import pytest
+import torch
+
+import shapes_aids
 from data.score import score_caption
 from data.shapes import (COLOURS, GRID, PALETTE, POSITIONS, VOCAB, WorldConfig, caption_for,
                          hallucination_pair, make_scene, render, sample, scene_rng)
@@ -106,3 +112,41 @@ def test_position_swap_is_another_position():
             assert wrong[8] in POSITIONS and wrong[8] != "top-left" and len(wrong) == len(caption.split())
     assert swapped > 0
     assert hallucination_pair(scene, "there is one object .", np.random.default_rng(0)) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes_aids.py
+
+
+def test_word_class_loss_hand_example_one_plain_mean_per_class():
+    logits = torch.zeros(1, 5, 3)                                # uniform: every CE is log 3
+    logits[0, 1] = torch.tensor([math.log(4.0), 0.0, 0.0])       # p(target 0) = 4/6 at position 1
+    targets = torch.zeros(1, 5, dtype=torch.long)
+    masked = torch.tensor([[False, True, True, True, False]])
+    classes = torch.tensor([[0, 0, 0, 2, 0]])  # position 4: class 0 but visible; class 1 empty
+    total, parts = shapes_aids.word_class_loss(logits, targets, masked, classes, 3)
+    assert parts[0].item() == pytest.approx((-math.log(4 / 6) + math.log(3)) / 2)  # no 1/t
+    assert parts[1].item() == 0.0                                  # an empty class contributes 0
+    assert parts[2].item() == pytest.approx(math.log(3))  # by its own count (1), not by 3
+    assert total.item() == pytest.approx(sum(p.item() for p in parts))
+
+
+def test_word_classes_content_other_and_end_of_text():
+    from data.tokenizer import WordTokenizer
+    tok = WordTokenizer.for_shapes_world()
+    words = "there is a large red circle at the top-left".split()
+    ids = torch.tensor([[tok.encode(w)[0] for w in words] + [tok.eos_id]])       # (1, 10)
+    classes = shapes_aids.word_classes(ids, tok)[0].tolist()
+    assert classes == [1, 1, 1, 0, 0, 0, 1, 1, 0, 2]
+
+
+def test_attribute_features_hand_example():
+    classes = [2, 3]                                     # two groups; class 0 of each = empty
+    head_logits = torch.zeros(1, 2, 5)                   # (B, N, A): two cells
+    head_logits[0, 0, 0] = math.log(3.0)                 # cell 0: P(empty) = 3/4 in group 1
+    features = shapes_aids.attribute_features(head_logits, classes)               # (1, 2, 7)
+    assert features.shape == (1, 2, 5 + 2)
+    torch.testing.assert_close(features[0, :, :5].sum(-1), torch.tensor([2.0, 2.0]))  # 2 groups
+    empty = (3 / 4 + 1 / 3) / 2                          # cell 0's P(empty), averaged over groups
+    torch.testing.assert_close(features[0, :, 5:], torch.tensor([[1 - empty, 0.0],
+                                                                  [0.0, 1 - (1 / 2 + 1 / 3) / 2]]))
