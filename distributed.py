@@ -5,7 +5,7 @@ through torch.distributed.checkpoint (DCP). Every helper also works in one proce
     torchrun --nproc_per_node 8 train_stage1.py --parallel fsdp --out out/stage1.dcp ...
     python distributed.py --dcp out/stage1.dcp --out out/stage1.safetensors     # one file (weights), to share
 
-The rules the training scripts follow (README, "Multi-GPU training"):
+The rules the training scripts follow (docs/parallel.md):
 - --batch-size is the GLOBAL batch. Every rank builds the whole batch from (seed, step) as one process would, draws
   the masks and corruptions for all of it (the single-process random draws), and runs the model on its own rows only.
 - Each rank's loss is normalised so that the MEAN over ranks is the whole batch's single-process loss: the

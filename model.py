@@ -256,8 +256,8 @@ class VLMConfig:
     # (the paper's set-up). "attributes": the tower's per-patch attribute classifier (trained with the tower, frozen
     # with it) gives class probabilities, and a linear projector (LLaVA-1's) maps them plus the patch's one-hot
     # position, scaled by its occupancy (shapes_aids.attribute_features), to image tokens: an information
-    # bottleneck a tiny LM learns to read in minutes, where raw patch tokens stayed at chance (README "How the toy
-    # model learned to read the image").
+    # bottleneck a tiny LM learns to read in minutes, where raw patch tokens stayed at chance
+    # (docs/toy_world.md).
     image_features: str = "patches"
     attribute_classes: list = field(default_factory=list)  # "attributes": classes per attribute group, 0 = empty
     # 0: fully bidirectional, as LLaDA-V. P > 0: the first P positions (image + prompt) never attend to the answer
@@ -305,7 +305,7 @@ class VLM(nn.Module):
         # Small token embeddings: PyTorch's default N(0, 1) drowns the other inputs (toy-world calibration notes).
         # Linear layers N(0, 1 / fan_in): unit-scale activations at any width. GPT-2's fixed std 0.02 is that scale
         # at width ~2,500; at the toy width 96 it is 5x too small, attention starts uniform and the toy LM learned to
-        # pick out image tokens more slowly (README "How the toy model learned to read the image").
+        # pick out image tokens more slowly (docs/toy_world.md).
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
         elif isinstance(module, nn.Linear):

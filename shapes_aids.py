@@ -3,8 +3,7 @@
 Why they exist: the toy model's vision tower and language model start from scratch and need help
 to ground the image, which LLaDA-V's pretrained SigLIP tower and 8B language model do not: per-cell
 attribute pretraining of the tower, attribute image features, and one loss mean per word class
-(train_stage1.py --mask-loss balanced). README "How the toy model learned to read the image"
-measures each of them.
+(train_stage1.py --mask-loss balanced). docs/toy_world.md measures each of them.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ SHAPES = ["circle", "square", "triangle", "star", "cross"]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SIZES = ["small", "large"]
 # One word per position: a caption's position is then one token the model can match to an image cell (with two-word
-# names like "top left" the toy model did not learn to bind words to cells in 1000 steps; README "Grounding").
+# names like "top left" the toy model did not learn to bind words to cells in 1000 steps).
 POSITIONS = ["top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right"]
 NUMBERS = ["one", "two", "three", "four"]
 RELATIONS = ["left of", "right of", "above", "below"]

@@ -4,12 +4,12 @@ model, its initialisation and its loss are tested. Prints the loss and a probe (
 held-out captions masked, argmax accuracy) every --probe-every steps, and scores 1-token/step captions (frozen
 sampler, --blocks block lengths, 0 = one block) at --eval-at steps and at the end.
 
-The README's table "How the toy model learned to read the image" came from these runs (1 thread each, two at a time
-on the 2-core machine, about 0.12 s per step):
+The tables of docs/toy_world.md ("What made the difference") came from these runs (1 thread each,
+two at a time on the 2-core machine, about 0.12 s per step):
     PYTHONPATH=. python experiments/lm_grounding.py --feat gated --d 96 --answer-len 48 --steps 3000 --stop 1500 \\
         --blocks 0 --seed S                       # init std 0.02 (GPT-2's); seeds 0 and 1
     ... the same with --lininit fanin             # N(0, 1 / fan_in), what model.py now does
-    ... --lininit fanin --lr 3e-3 | --templates B | --posclass 1 | --embinit 0.3     # no better (README)
+    ... --lininit fanin --lr 3e-3 | --templates B | --posclass 1 | --embinit 0.3     # no better
     ... --feat gated --d 96 --answer-len 48 --steps 3000 --eval-at 1500 2000 2500 --blocks 0 [--seed 1]
     ... --feat gated --steps 4000 --eval-at 1000 2000 3000      # d 128, 64-token answers: the ceiling at 4000 steps
 """
