@@ -25,13 +25,16 @@ import math
 import os
 import re
 import time
+import shutil
 from dataclasses import dataclass, field
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import distributed
 import rediff
 from data.loaders import open_image
 from model import LLaDA, LMConfig, pick_device
@@ -336,6 +339,23 @@ class SiglipTower(nn.Module):
         return self.trunk.forward_features(images)                             # (B, g^2, Dv)
 
 
+class AnyresImages(NamedTuple):
+    """A batch's images as LLaDAV takes them (its `images`, as model.VLM takes an image tensor):
+    every image's views, concatenated (sum n, 3, S, S), and each image's (width, height)."""
+    views: torch.Tensor
+    sizes: list
+
+    def to(self, device) -> AnyresImages:
+        return AnyresImages(self.views.to(device), self.sizes)
+
+
+def anyres_images(model: LLaDAV, paths: list) -> AnyresImages:
+    """Decode image files -> their anyres views (on the CPU: a data loader's part) and sizes."""
+    images = [open_image(path) for path in paths]
+    return AnyresImages(torch.cat([model.image_views(im) for im in images]),
+                        [im.size for im in images])
+
+
 class LLaDAV(nn.Module):
     """Vision tower + mlp2x_gelu projector + image_newline + model.py's LLaDA (a text-only config: the LLaDA only)."""
 
@@ -399,7 +419,7 @@ class LLaDAV(nn.Module):
 
     def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
                 past_kv: list | None = None, keep_kv: int = 0, logits_from: int = 0,
-                views: torch.Tensor | None = None, image_sizes: list | None = None) -> torch.Tensor:
+                images: AnyresImages | None = None) -> torch.Tensor:
         """ids (B, L), image placeholders = IMAGE_TOKEN_INDEX -> logits (B, L - logits_from, V); the k-th placeholder of
         a row gets the k-th image token of that row (or of the one image_embeds row, for every row).
 
@@ -407,11 +427,11 @@ class LLaDAV(nn.Module):
         (LLaDA.forward): the same call as model.VLM's, so sample.ModelLogits drives both;
         logits_from = the answer's start skips the LM head (and the last layer's queries) on the
         ~3,800 image and prompt positions, exactly.
-        views + image_sizes (embed_views' arguments, one image per row) instead of image_embeds:
-        encoded here, so that a training step is one call of the module (DDP and FSDP act around
-        forward calls; distributed.py)."""
-        if views is not None:
-            image_embeds = self.embed_views(views, image_sizes)               # (B, N, D)
+        images (one image per row) instead of image_embeds: encoded here, so that a training
+        step is one call of the module, as model.VLM's `images` (DDP and FSDP act around forward
+        calls; distributed.py)."""
+        if images is not None:
+            image_embeds = self.embed_views(*images)                          # (B, N, D)
         x = self.lm.embed_tokens(ids.clamp(min=0))                             # (B, L, D); placeholders replaced below
         if image_embeds is not None:
             is_image = ids == IMAGE_TOKEN_INDEX                                # (B, L)
@@ -419,6 +439,25 @@ class LLaDAV(nn.Module):
             spliced = image_embeds.expand(ids.shape[0], -1, -1).gather(1, slot[..., None].expand(-1, -1, x.shape[-1]))
             x = torch.where(is_image[..., None], spliced.to(x.dtype), x)
         return self.lm(x, past_kv, keep_kv, logits_from)
+
+
+def answer_logits(model, rows) -> torch.Tensor:
+    """The logits of the answer positions only, (b, A, V), of rows (data.captions.Rows: ids,
+    images, start, answer_at). The model computes logits from rows.start on; a forward pre-hook on
+    the final norm keeps just each row's A answer positions, so the norm and the LM head (V = 126k
+    columns) never see the gap between a short prompt's start and a long one's, nor the right
+    padding. `model`: LLaDAV, or its DDP / FSDP module."""
+    lm = getattr(model, "module", model).lm                          # DDP keeps it in .module
+    index = rows.answer_at[..., None]                                               # (b, A, 1)
+
+    def gather(module, args):
+        x = args[0]                                                  # (b, L - start, D)
+        return (x.gather(1, index.expand(-1, -1, x.shape[-1])),)                    # (b, A, D)
+    handle = lm.norm.register_forward_pre_hook(gather)
+    try:
+        return model(rows.ids, images=rows.images, logits_from=rows.start)
+    finally:
+        handle.remove()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -577,6 +616,70 @@ def load_llada_v(model_dir: str, device="cpu", dtype: torch.dtype | None = None)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     assert not left, f"parameters never loaded: {left}"
     return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing a folder: the inverse of load_llada_v
+
+STATE_FILE = "train_state.json"  # in an exported folder: step, settings, loss history (meta.json marks DCP)
+
+
+def export_hf(path: str, model: LLaDAV, ctx, source: str, dtype: torch.dtype, shard_gb: float,
+              state: dict) -> None:
+    """Write the weights as a Hugging Face LLaDA-V folder that load_llada_v and sample.py --ckpt
+    read: LLaMA-style key names (checkpoint_names; timm's fused qkv split back into q, k, v),
+    shards of at most shard_gb and their index, the source folder's small files (config.json,
+    tokenizer.json, ...) and STATE_FILE (`state`). Every rank calls this (FSDP gathers the weights
+    to rank 0's CPU); rank 0 writes PATH.tmp and swaps it in."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if ctx.mode == "fsdp":
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=options)
+    else:
+        weights = model.state_dict()
+    if ctx.is_main:
+        tensors = {}
+        for ours, keys in checkpoint_names(model.cfg, "llama").items():
+            t = weights[ours].detach().to("cpu", dtype)
+            t = t[0] if ours.endswith("pos_embed") else t           # timm (1, g^2, Dv) -> (g^2, Dv)
+            tensors.update({key: part.contiguous() for key, part in zip(keys, t.chunk(len(keys)))})
+        shards, size = [[]], 0
+        for key, t in tensors.items():                                   # fill shards in key order
+            if shards[-1] and size + t.nbytes > shard_gb * 1e9:
+                shards, size = shards + [[]], 0
+            shards[-1].append(key)
+            size += t.nbytes
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name in sorted(os.listdir(source)):                    # config.json, tokenizer.json, ...
+            src = os.path.join(source, name)
+            if os.path.isfile(src) and not name.endswith(".safetensors") and name not in (
+                    "model.safetensors.index.json", distributed.META_FILE, STATE_FILE):
+                shutil.copy(src, tmp)
+        weight_map = {}
+        for i, keys in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: tensors[k] for k in keys}, os.path.join(tmp, name),
+                      metadata={"format": "pt"})
+            weight_map.update({k: name for k in keys})
+        total = sum(t.nbytes for t in tensors.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump({"source": os.path.abspath(source), **state}, f)
+        distributed.swap_in_folder(tmp, path)
+    ctx.barrier()
+
+
+def read_state(path: str) -> dict:
+    """STATE_FILE of a folder this repository exported ({} for a downloaded one)."""
+    file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------------------------

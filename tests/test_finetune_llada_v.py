@@ -19,9 +19,12 @@ from safetensors.torch import load_file
 
 import distributed
 import finetune_llada_v as ft
-from cli import parse_config
+import llada_v_train as lt
+import memory_plan as mp
 import rediff
-from llada_v import EOS_ID, EOT_ID, IMAGE_TOKEN_INDEX, load_llada_v
+from cli import parse_config
+from data.captions import CaptionData, load_captions
+from llada_v import EOS_ID, EOT_ID, IMAGE_TOKEN_INDEX, STATE_FILE, answer_logits, load_llada_v
 from tests.test_llada_v import tiny  # noqa: F401  (module-scoped fixture: the tiny checkpoint folder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,40 +58,40 @@ def dataset(tmp_path_factory):
 
 def args(tiny, dataset, out, *extra):
     data_json, pairs = dataset
-    return ["--hf-model", tiny[0], "--data-json", data_json, "--vicrit-jsonl", pairs, "--answer-len", "20",
-            "--batch-size", "4", "--steps", "4", "--lr", "1e-2", "--warmup-frac", "0", "--save-dtype", "float32",
+    return ["--init-from", tiny[0], "--data-json", data_json, "--vicrit-jsonl", pairs, "--answer-len", "20",
+            "--batch-size", "4", "--steps", "4", "--lr", "1e-2", "--warmup", "1", "--save-dtype", "float32",
+            "--eval-every", "1",
             "--shard-gb", "0.01", "--hallucination-frac", "0.25", "--device", "cpu", "--out", out,
             "--vision-lr", "1e-5", *extra]
 
 
 def eq1_loss(model, data, step=0):
     """Eq. 1 on a fixed batch with fixed masks: comparable between models."""
-    batch = data.batch(step, 8)
-    cfg = ft.FinetuneConfig(objective="mask", answer_len=20)
-    noisy = ft.corrupt(batch, cfg, None, torch.Generator().manual_seed(123))
+    batch = data.batch(step, 8, 0.25)
+    cfg = lt.Stage1Config(objective="mask", answer_len=20)
+    noisy = lt.corrupt(batch, cfg, None, torch.Generator().manual_seed(123))
     with torch.no_grad():
-        return ft.training_loss(model, data, batch, noisy, slice(None), cfg, "cpu")[0].item()
+        return lt.rows_loss(model, data, batch, noisy, slice(None), cfg, "cpu")[0].item()
 
 
-def caption_data(tiny, dataset, model, tokenizer, **overrides):
-    cfg = ft.FinetuneConfig(hf_model=tiny[0], data_json=dataset[0], vicrit_jsonl=dataset[1], answer_len=20,
-                            **overrides)
-    captions, pairs = ft.load_data(cfg)
-    return ft.CaptionData(captions, pairs, model, tokenizer, cfg)
+def caption_data(tiny, dataset, model, tokenizer):
+    cfg = lt.Stage1Config(init_from=tiny[0], data_json=dataset[0], vicrit_jsonl=dataset[1], answer_len=20)
+    captions, pairs = load_captions(cfg)
+    return CaptionData(captions, pairs, model, tokenizer, 20, 0)
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def test_micro_batches_pad_their_own_rows_and_mark_the_answer(tiny, dataset):
     model, tokenizer = load_llada_v(tiny[0])
-    data = caption_data(tiny, dataset, model, tokenizer, hallucination_frac=0.25)
+    data = caption_data(tiny, dataset, model, tokenizer)
     assert len(data.pairs) == 1 and data.stats["pairs_dropped_token_counts_differ"] == 1
-    batch = data.batch(0, 8)
-    records = data.records(0, 8)
+    batch = data.batch(0, 8, 0.25)
+    records = data.records(0, 8, 0.25)
     assert batch.answers.shape == batch.wrong.shape == (8, 20)
     counts = [model.n_image_tokens(Image.open(r["image_path"]).size) for r in records]
     assert len(set(counts[4:])) > 1, "the rows must differ in image-token count for this test to mean anything"
-    rows = data.rows(batch, batch.answers, slice(4, 8))  # a second rank's half of a global batch of 8
+    rows = data.batch_rows(batch, batch.answers, slice(4, 8))  # a second rank's half of a global batch of 8
     starts = []
     for b, r in enumerate(records[4:]):
         row, at = rows.ids[b], rows.start + rows.answer_at[b]
@@ -104,37 +107,37 @@ def test_micro_batches_pad_their_own_rows_and_mark_the_answer(tiny, dataset):
         assert row[start:start + len(caption)].tolist() == caption
         assert row[start + len(caption)] == EOT_ID and (row[start + len(caption) + 1:start + 20] == EOS_ID).all()
     assert rows.start == min(starts) and rows.ids.shape[1] == max(starts) + 20  # padded to these rows' longest
-    whole = data.rows(batch, batch.answers, slice(None))
+    whole = data.batch_rows(batch, batch.answers, slice(None))
     assert whole.ids.shape[1] >= rows.ids.shape[1]
     cut = sum(len(tokenizer.encode(r["caption"])) >= 20 for r in records[:6])
     assert data.stats["captions_cut"] == cut
     assert data.answer(list(range(25))) == list(range(20)) and data.stats["captions_cut"] == cut + 1
     assert 8 - round(0.25 * 8) == sum(not r.get("wrong_ids") for r in records), "2 of 8 rows are ViCrit pairs"
     assert batch.wrong_span.any() and batch.wrong_span[:6].sum() == 0
-    assert rows.sizes == [Image.open(r["image_path"]).size for r in records[4:]]  # these rows' images only
-    assert rows.views.shape[0] == sum(1 + model.image_layout(s).rows * model.image_layout(s).cols
-                                      for s in rows.sizes)
+    assert rows.images.sizes == [Image.open(r["image_path"]).size for r in records[4:]]  # these rows' images only
+    assert rows.images.views.shape[0] == sum(1 + model.image_layout(s).rows * model.image_layout(s).cols
+                                             for s in rows.images.sizes)
 
 
 def test_micro_batches_of_one_process_are_those_of_several():
     """Rank r's micro-batch j holds the same rows as micro-batch r * grad_accum + j of one process.
     """
-    one = ft.micro_batches(8, distributed.Context(), 4)
+    one = lt.micro_batches(8, distributed.Context(), 4)
     for world, accum in ((2, 2), (4, 1)):
-        ranks = [ft.micro_batches(8, distributed.Context("ddp", rank, world), accum) for rank in range(world)]
+        ranks = [lt.micro_batches(8, distributed.Context("ddp", rank, world), accum) for rank in range(world)]
         assert [m for r in ranks for m in r] == one
     with pytest.raises(SystemExit, match="--batch-size 8 does not split into 1 process.*--grad-accum 3"):
-        ft.micro_batches(8, distributed.Context(), 3)
+        lt.micro_batches(8, distributed.Context(), 3)
 
 
 def test_answer_logits_are_the_full_logits_at_the_answer_positions(tiny, dataset):
     model, tokenizer = load_llada_v(tiny[0])
     data = caption_data(tiny, dataset, model, tokenizer)
-    batch = data.batch(0, 4)
-    rows = data.rows(batch, batch.answers, slice(None))
+    batch = data.batch(0, 4, 0.25)
+    rows = data.batch_rows(batch, batch.answers, slice(None))
     with torch.no_grad():
-        ours = ft.answer_logits(model, rows)                                             # (b, A, V)
-        full = model(rows.ids, views=rows.views, image_sizes=rows.sizes)                 # (b, L, V)
+        ours = answer_logits(model, rows)                                                # (b, A, V)
+        full = model(rows.ids, images=rows.images)                                       # (b, L, V)
     assert ours.shape == (4, 20, full.shape[-1])
     torch.testing.assert_close(ours, full.gather(1, (rows.start + rows.answer_at)[..., None].expand_as(ours)),
                                rtol=1e-4, atol=1e-4)
@@ -145,12 +148,12 @@ def test_gradients_reach_projector_language_model_and_the_tower_only_when_it_tra
     model, tokenizer = load_llada_v(tiny[0])
     data = caption_data(tiny, dataset, model, tokenizer)
     for vision_lr in (0.0, 1e-6):
-        cfg = ft.FinetuneConfig(answer_len=20, vision_lr=vision_lr, lr=1e-4)
-        _, _, optimizer = ft.prepare_training(model, distributed.Context(), cfg)
+        cfg = lt.Stage1Config(answer_len=20, vision_lr=vision_lr, lr=1e-4)
+        _, _, optimizer = lt.prepare_training(model, distributed.Context(), cfg)
         model.zero_grad(set_to_none=True)
-        batch = data.batch(0, 4)
-        noisy = ft.corrupt(batch, cfg, torch.arange(300), torch.Generator().manual_seed(0))
-        loss, parts = ft.training_loss(model, data, batch, noisy, slice(None), cfg, "cpu")
+        batch = data.batch(0, 4, 0.25)
+        noisy = lt.corrupt(batch, cfg, torch.arange(300), torch.Generator().manual_seed(0))
+        loss, parts = lt.rows_loss(model, data, batch, noisy, slice(None), cfg, "cpu")
         loss.backward()
         assert set(parts) == set(rediff.TYPE_NAMES.values()) and parts["mask"] > 0
         for p in (model.mm_projector[0].weight, model.mm_projector[2].bias, model.image_newline,
@@ -160,15 +163,15 @@ def test_gradients_reach_projector_language_model_and_the_tower_only_when_it_tra
         if vision_lr:
             assert all(p.grad is not None for p in tower)
             assert [g["lr_scale"] for g in optimizer.param_groups] == [1.0, pytest.approx(0.01)]
-            ft.set_learning_rate(optimizer, 0, dataclasses.replace(cfg, steps=10, warmup_frac=0))
+            ft.set_learning_rate(optimizer, 1e-4)
             assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(1e-4), pytest.approx(1e-6)]
         else:
             assert all(p.grad is None for p in tower) and len(optimizer.param_groups) == 1
     # the batched, differentiable encode gives encode_image's tokens, image by image
-    rows = data.rows(batch, batch.answers, slice(None))
-    tokens = model.embed_views(rows.views, rows.sizes)                                  # (B, N, D)
-    for b in range(len(rows.sizes)):
-        image = Image.open(data.records(0, 4)[b]["image_path"]).convert("RGB")
+    rows = data.batch_rows(batch, batch.answers, slice(None))
+    tokens = model.embed_views(*rows.images)                                            # (B, N, D)
+    for b in range(len(rows.images.sizes)):
+        image = Image.open(data.records(0, 4, 0.25)[b]["image_path"]).convert("RGB")
         alone = model.encode_image(image)[0]
         torch.testing.assert_close(tokens[b, :len(alone)], alone)
 
@@ -199,7 +202,7 @@ def runs(tiny, dataset, tmp_path_factory):
 
 
 def history(folder):
-    with open(os.path.join(folder, ft.STATE_FILE)) as f:
+    with open(os.path.join(folder, STATE_FILE)) as f:
         return json.load(f)["history"]
 
 
@@ -223,17 +226,17 @@ def test_export_loads_back_with_the_in_memory_logits_and_captions(runs, tiny, da
     p, single, _, _ = runs
     folder = p("single")
     files = set(os.listdir(folder))
-    assert {"config.json", "tokenizer.json", "model.safetensors.index.json", ft.STATE_FILE} <= files
+    assert {"config.json", "tokenizer.json", "model.safetensors.index.json", STATE_FILE} <= files
     assert "meta.json" not in files and len([f for f in files if f.endswith(".safetensors")]) > 1
     with open(os.path.join(tiny[0], "config.json")) as f, open(os.path.join(folder, "config.json")) as g:
         assert json.load(f) == json.load(g)
     loaded, tokenizer = load_llada_v(folder)
     source, _ = load_llada_v(tiny[0])
     data = caption_data(tiny, dataset, loaded, tokenizer)
-    batch = data.batch(0, 4)
-    rows = data.rows(batch, batch.answers, slice(None))
+    batch = data.batch(0, 4, 0.25)
+    rows = data.batch_rows(batch, batch.answers, slice(None))
     with torch.no_grad():
-        ours, theirs, before = (m(rows.ids, views=rows.views, image_sizes=rows.sizes, logits_from=rows.start)
+        ours, theirs, before = (m(rows.ids, images=rows.images, logits_from=rows.start)
                                 for m in (single, loaded, source))
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert (theirs - before).abs().max() > 1e-2, "the export holds the trained weights, not the source's"
@@ -284,16 +287,16 @@ def test_missing_image_and_bad_field_name_the_file_record_and_fix(tiny, dataset,
     broken = tmp_path / "broken.json"
     root = os.path.dirname(data_json)
     json.dump(records[:2] + [dict(records[2], image="images/gone.png")], open(broken, "w"))
-    base = ["--hf-model", tiny[0], "--data-json", str(broken), "--image-root", root, "--out", str(tmp_path / "o")]
+    base = ["--init-from", tiny[0], "--data-json", str(broken), "--image-root", root, "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match=r"broken.json: record 2: image file .*gone.png not found.*--skip-missing"):
         ft.main(base)
     json.dump(records[:1] + [{"image": "images/1.png", "conversation": []}], open(broken, "w"))
     with pytest.raises(SystemExit, match=r"broken.json: record 1: field 'conversations' is missing"):
         ft.main(base)
-    with pytest.raises(SystemExit, match=r"--hf-model .*: no config.json"):
-        ft.main(["--hf-model", str(tmp_path), "--data-json", str(broken)])
-    cfg = ft.FinetuneConfig(data_json=str(broken), image_root=root, skip_bad=True)
-    captions, _ = ft.load_data(cfg)
+    with pytest.raises(SystemExit, match=r"--init-from .*: no config.json"):
+        ft.main(["--init-from", str(tmp_path), "--data-json", str(broken)])
+    cfg = lt.Stage1Config(data_json=str(broken), image_root=root, skip_bad=True)
+    captions, _ = load_captions(cfg)
     assert len(captions) == 1
     with pytest.raises(SystemExit, match="--vicrit-jsonl / --vicrit-train-json feed Stage I"):
         ft.main(base + ["--objective", "mask", "--vicrit-jsonl", dataset[1]])
@@ -317,47 +320,47 @@ def test_memory_plan_of_the_real_8b_config_on_the_meta_device():
     n_tower = (3 * 14 * 14 * Dv + Dv) + 729 * Dv + used * (4 * Dv * Dv + 4 * Dv + 2 * Dv * Fv + Fv + Dv + 4 * Dv)
     n_rest = (Dv * D + D) + (D * D + D) + D  # projector, image_newline
     n_all = n_lm + n_tower + n_rest
-    assert ft.parameter_counts(config) == (n_all, n_tower, 2 * V * D + D + n_rest)
+    assert mp.parameter_counts(config) == (n_all, n_tower, 2 * V * D + D + n_rest)
     assert 8.4e9 < n_all < 8.5e9
-    base = ft.FinetuneConfig(batch_size=8, answer_len=128, vision_lr=1e-6, param_dtype="auto")
-    plan = ft.memory_plan(config, base, 80 * ft.GIB)
+    base = lt.Stage1Config(batch_size=8, answer_len=128, vision_lr=1e-6, param_dtype="auto")
+    plan = mp.memory_plan(config, base, 80 * mp.GIB)
     assert plan.parts["weights"] == 4 * n_all and plan.parts["compute copies"] == 2 * n_all
     assert plan.parts["gradients"] == 4 * n_all and plan.parts["optimizer states"] == 8 * n_all
-    assert plan.seq_len == ft.TEXT_TOKENS + (729 + 40 * 55) + 128  # 640x480: 2 x 2 crops, 40 x 54 features kept
+    assert plan.seq_len == mp.TEXT_TOKENS + (729 + 40 * 55) + 128  # 640x480: 2 x 2 crops, 40 x 54 features kept
     assert plan.micro_batch == 8 and plan.parts["activations"] == 8 * plan.per_sample
     assert not plan.fits and plan.total > 18 * n_all  # float32 weights, gradients and Adam: 8.4 B x 18 bytes
-    small = ft.memory_plan(config, dataclasses.replace(base, optimizer="adamw8bit", master_dtype="bfloat16",
-                                                       activation_checkpointing=True, grad_accum=8), 80 * ft.GIB)
+    small = mp.memory_plan(config, dataclasses.replace(base, optimizer="adamw8bit", master_dtype="bfloat16",
+                                                       activation_checkpointing=True, grad_accum=8), 80 * mp.GIB)
     assert small.parts["weights"] == small.parts["gradients"] == 2 * n_all and "compute copies" not in small.parts
     assert small.parts["optimizer states"] == int(n_all * (2 + 8 / 256))
     assert small.micro_batch == 1 and small.per_sample < plan.per_sample / 5  # checkpointing keeps block inputs
     assert small.fits, small.text()
-    frozen = ft.memory_plan(config, dataclasses.replace(base, vision_lr=0.0), 80 * ft.GIB)
+    frozen = mp.memory_plan(config, dataclasses.replace(base, vision_lr=0.0), 80 * mp.GIB)
     assert frozen.parts["gradients"] == 4 * (n_all - n_tower) and frozen.per_sample < plan.per_sample
-    sharded = ft.memory_plan(config, dataclasses.replace(base, parallel="fsdp"), 80 * ft.GIB, world=8)
+    sharded = mp.memory_plan(config, dataclasses.replace(base, parallel="fsdp"), 80 * mp.GIB, world=8)
     assert sharded.parts["weights"] == 4 * n_all // 8 and sharded.parts["optimizer states"] == 8 * n_all // 8
     assert sharded.micro_batch == 1 and "compute copies" not in sharded.parts
-    fix = ft.fitting_flags(config, base, 80 * ft.GIB, 1)
+    fix = mp.fitting_flags(config, base, 80 * mp.GIB, 1)
     assert fix[:3] == ["--activation-checkpointing", "--optimizer adamw8bit", "--master-dtype bfloat16"]
-    assert ft.fitting_flags(config, base, 10 * ft.GIB, 1) is None
+    assert mp.fitting_flags(config, base, 10 * mp.GIB, 1) is None
 
 
 def test_a_plan_that_does_not_fit_is_refused_before_loading_naming_the_flags(tiny, dataset, tmp_path):
     from llada_v import config_from_hf
     config = config_from_hf(json.load(open(os.path.join(tiny[0], "config.json"))))
-    cfg = ft.FinetuneConfig(batch_size=4, answer_len=20, param_dtype="float32")
-    need = ft.memory_plan(config, cfg, 0, device_type="cpu").total
+    cfg = lt.Stage1Config(batch_size=4, answer_len=20, param_dtype="float32")
+    need = mp.memory_plan(config, cfg, 0, device_type="cpu").total
     lean = dataclasses.replace(cfg, activation_checkpointing=True, optimizer="adamw8bit", master_dtype="bfloat16")
-    assert ft.memory_plan(config, lean, 0, device_type="cpu").total < need
-    gib = (need + ft.memory_plan(config, lean, 0, device_type="cpu").total) / 2 / ft.GIB
+    assert mp.memory_plan(config, lean, 0, device_type="cpu").total < need
+    gib = (need + mp.memory_plan(config, lean, 0, device_type="cpu").total) / 2 / mp.GIB
     base = args(tiny, dataset, str(tmp_path / "o"), "--param-dtype", "float32", "--vision-lr", "1e-6",
                 "--device-memory-gib", str(gib))
     with pytest.raises(SystemExit, match=r"memory plan: .* GiB per device, but cpu has .* GiB; add "
                                          r"--activation-checkpointing.*--ignore-memory-plan") as err:
         ft.main(base)
     flags = str(err.value).split("; add ")[1].split(" (or")[0].split()
-    fixed = parse_config(ft.FinetuneConfig, base + flags)
-    assert ft.memory_plan(config, fixed, gib * ft.GIB, device_type="cpu").fits
+    fixed = parse_config(lt.Stage1Config, base + flags)
+    assert mp.memory_plan(config, fixed, gib * mp.GIB, device_type="cpu").fits
     with pytest.raises(SystemExit, match="--master-dtype bfloat16 needs --optimizer adamw8bit"):
         ft.main(base + ["--master-dtype", "bfloat16"])
 
@@ -373,7 +376,7 @@ def test_each_optimizer_option_trains_the_tiny_model_on_cpu(tiny, dataset, tmp_p
     with torch.compiler.set_stance("force_eager"):
         model = ft.main(args(tiny, dataset, out, "--steps", "2", "--batch-size", "2", *flags))
     steps = history(out)
-    assert [h["step"] for h in steps] == [1, 2] and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
+    assert [h["step"] for h in steps] == [1, 2] and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in steps)
     dtype = torch.bfloat16 if "bfloat16" in flags else torch.float32
     assert model.lm.lm_head.weight.dtype == dtype
     source, _ = load_llada_v(tiny[0])
@@ -402,13 +405,13 @@ def test_revise_records_and_vicrit_train_become_hallucination_pairs(tiny, datase
               for o, c, so, st in (("the xkq box.", "the qkx box.", "xkq", "qkx"),
                                    ("the red box.", "the xkqzvj box.", "red", "xkqzvj"))]
     json.dump(vicrit, open(tmp_path / "vicrit_train.json", "w"))
-    cfg = ft.FinetuneConfig(hf_model=tiny[0], data_json=str(tmp_path / "rediff.json"), image_root=root,
-                            vicrit_train_json=str(tmp_path / "vicrit_train.json"), answer_len=20)
-    captions, pairs = ft.load_data(cfg)
+    cfg = lt.Stage1Config(init_from=tiny[0], data_json=str(tmp_path / "rediff.json"), image_root=root,
+                          vicrit_train_json=str(tmp_path / "vicrit_train.json"), answer_len=20)
+    captions, pairs = load_captions(cfg)
     assert len(captions) == len(records) and all("teal" not in c["caption"] for c in captions)
     assert [(p["wrong"], p["caption"]) for p in pairs[:1]] == [("a teal picture.", "a red picture.")]
-    data = ft.CaptionData(captions, pairs, model, tokenizer, cfg)
+    data = CaptionData(captions, pairs, model, tokenizer, 20, 0)
     assert [p["wrong"] for p in data.pairs] == ["a teal picture.", "the qkx box."]
     assert data.stats["pairs_dropped_token_counts_differ"] == 1
-    masked, _ = ft.load_data(dataclasses.replace(cfg, objective="mask", vicrit_train_json=""))
+    masked, _ = load_captions(dataclasses.replace(cfg, objective="mask", vicrit_train_json=""))
     assert masked[-1]["caption"] == "a red picture." and "wrong" not in masked[-1]

@@ -19,11 +19,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import distributed
-import finetune_llada_v as ft
 import finetune_llada_v_stage2 as s2
+import llada_v_train as lt
 import train_stage2
+from cli import parse_config
+from data.captions import CaptionData
 from experts import OpenAIExpert, occurrences, validate_pairs
-from llada_v import CAPTION_QUESTION, EOS_ID, EOT_ID, caption, load_llada_v, prompt_ids
+from llada_v import (CAPTION_QUESTION, EOS_ID, EOT_ID, STATE_FILE, anyres_images, caption, load_llada_v,
+                     prompt_ids)
 from tests.fake_openai import FakeOpenAI, local_only, prompt_text
 from tests.test_finetune_llada_v import dataset  # noqa: F401  (module-scoped fixture: 8 captioned images)
 from tests.test_llada_v import tiny  # noqa: F401  (module-scoped fixture: the tiny checkpoint folder)
@@ -75,12 +78,14 @@ def test_known_edit_gives_the_kept_pair_mistake_mask_and_eq4_loss(tiny, dataset,
     local_only(monkeypatch, SECRET)
     with FakeOpenAI(draft_of, lambda item, n: (200, json.dumps(edits))) as fake:
         expert = OpenAIExpert(base_url=fake.url)
-        reviews, counts = s2.review(expert, drafts, distributed.Context())
+        for draft in drafts:
+            draft["image"] = lt.expert_image(draft["image_path"])
+        reviews, counts = train_stage2.review_drafts(expert, drafts, distributed.Context())
     assert fake.requests == Counter({text: 2}), "one request per draft (two images)"
     sent = {body["messages"][0]["content"][1]["image_url"]["url"] for body in fake.bodies}
     assert sent == {"data:image/png;base64," + base64.b64encode(open(path, "rb").read()).decode() for path in paths}
     assert validate_pairs(reviews[0][:1], answer, tokenizer, Counter()) == [], "without in_context: not found"
-    reviews = [s2.in_context(rv, d, tokenizer, counts) for rv, d in zip(reviews, drafts)]
+    reviews = [lt.in_context(rv, d, tokenizer, counts) for rv, d in zip(reviews, drafts)]
     samples = train_stage2.align(drafts, reviews, tokenizer, counts)
     assert {k: v for k, v in counts.items() if k.startswith(("pairs_", "rejected_"))} == {
         "pairs_proposed": 12, "pairs_kept": 4, "rejected_repeated": 2, "rejected_length_mismatch": 2,
@@ -98,10 +103,11 @@ def test_known_edit_gives_the_kept_pair_mistake_mask_and_eq4_loss(tiny, dataset,
         assert torch.equal(sample["mistake"], mistake) and torch.equal(sample["refined"], refined)
         assert sample["pairs"][:2] == [{"org": " cat", "target": " at"}, edits[1]]
 
-    batch = s2.eq4_batch(samples, [0, 1])
-    rows = s2.eq4_rows(batch, slice(None), model)
+    data = CaptionData([], [], model, tokenizer, 20, 0)
+    batch = lt.eq4_batch(samples, [0, 1])
+    rows = data.rows(batch.samples, [s["prompt"] for s in batch.samples], batch.drafts)
     with torch.no_grad():
-        loss = s2.eq4_loss(model, batch, slice(None), "cpu")
+        loss = lt.eq4_loss(model, data, batch, slice(None), "cpu")
     terms = []  # by hand: each row alone; -log p(corrected token) at each row's 7 mistake positions
     L = max(len(q) for q in prompts) + len(draft_ids)
     for sample, b in zip(samples, range(2)):
@@ -110,21 +116,23 @@ def test_known_edit_gives_the_kept_pair_mistake_mask_and_eq4_loss(tiny, dataset,
         assert torch.equal(rows.ids[b], row) and (rows.start + rows.answer_at[b]).tolist() == list(range(P, P + G))
         assert torch.equal(batch.refined[b], refined) and torch.equal(batch.mistake[b], mistake)
         assert batch.mistake[b].sum() == 7
-        views, sizes = ft.image_views(model, [sample["image_path"]])
+        images = anyres_images(model, [sample["image_path"]])
         with torch.no_grad():
-            logits = model(row[None], views=views, image_sizes=sizes)[0]                     # (L, V)
+            logits = model(row[None], images=images)[0]                                      # (L, V)
         for j in mistake.nonzero()[:, 0].tolist():
             terms.append(-F.log_softmax(logits[P + j], dim=-1)[refined[j]])
     assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-4)
 
 
-def test_batched_drafts_are_llada_v_caption_image_by_image(tiny, dataset):
-    model, tokenizer = load_llada_v(tiny[0])
-    cfg = s2.Stage2Config(hf_model=tiny[0], data_json=dataset[0], gen_length=8, tokens_per_step=[1, 4], draft_batch=2)
-    captions, pairs = ft.load_data(cfg)
-    data = ft.CaptionData(captions, pairs, model, tokenizer, cfg)
-    records = [captions[i] for i in (0, 1, 4, 7)]  # speeds 1, 4, 1, 4
-    drafts = s2.make_drafts(model, tokenizer, data, records, cfg, distributed.Context())
+def test_batched_drafts_are_llada_v_caption_image_by_image(tiny, dataset, tmp_path):
+    cfg = parse_config(lt.Stage2Config, ["--init-from", tiny[0], "--data-json", dataset[0], "--gen-length", "8",
+                                         "--tokens-per-step", "1", "4", "--draft-batch", "2", "--drafts-per-round",
+                                         "4", "--device", "cpu", "--out", str(tmp_path / "o")])
+    run = lt.Stage2Run(cfg, distributed.Context())
+    model, tokenizer = run.model, run.tokenizer
+    records = [run.captions[i] for i in (0, 1, 4, 7)]  # speeds 1, 4, 1, 4
+    run.draft_items = lambda r, n: [dict(c, prompt_ids=run.data.prompt(c)) for c in records]
+    drafts = s2.make_drafts(model, run, cfg, 0, distributed.Context())
     lengths = [len(d["prompt"]) for d in drafts]  # 40 x 30 and 50 x 50 share a layout, so do 30 x 60 and 45 x 60:
     assert lengths[0] == lengths[2] != lengths[1] == lengths[3]  # each pair is drafted in one batch
     for draft, record in zip(drafts, records):
@@ -160,10 +168,10 @@ def edit_answer(tokenizer):
 
 
 def args(folder, data_json, url, out, cache, *extra):
-    return ["--hf-model", folder, "--data-json", data_json, "--rounds", "2", "--drafts-per-round", "4",
+    return ["--init-from", folder, "--data-json", data_json, "--rounds", "2", "--drafts-per-round", "4",
             "--gen-length", "12", "--tokens-per-step", "1", "4", "8", "--draft-batch", "2", "--expert-base-url", url,
             "--cache", cache, "--batch-size", "4", "--stage1-mix", "0.5", "--answer-len", "12", "--steps", "2",
-            "--lr", "1e-3", "--warmup-frac", "0", "--save-every", "2", "--save-dtype", "float32", "--shard-gb", "0.01",
+            "--lr", "1e-3", "--warmup", "1", "--save-dtype", "float32", "--shard-gb", "0.01",
             "--device", "cpu", "--out", out, *extra]
 
 
@@ -196,7 +204,7 @@ def runs(wordy, dataset, tmp_path_factory):
 
 
 def history(folder):
-    with open(os.path.join(folder, ft.STATE_FILE)) as f:
+    with open(os.path.join(folder, STATE_FILE)) as f:
         return json.load(f)["history"]
 
 
@@ -247,10 +255,11 @@ def test_two_processes_then_one_resumed_end_as_the_single_run_from_the_expert_ca
 
 
 def test_clear_errors(tiny, dataset, tmp_path):
-    base = ["--hf-model", tiny[0], "--data-json", dataset[0], "--out", str(tmp_path / "o")]
-    with pytest.raises(SystemExit, match="--stage1-mix must be in"):
+    base = ["--init-from", tiny[0], "--data-json", dataset[0], "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as err:
         s2.main(base + ["--stage1-mix", "1"])
-    with pytest.raises(SystemExit, match="--vicrit-jsonl feeds"):
+    assert err.value.code == 2  # argparse: must be less than 1
+    with pytest.raises(SystemExit, match="--vicrit-jsonl / --vicrit-train-json feed"):
         s2.main(base + ["--vicrit-jsonl", dataset[1], "--stage1-mix", "0"])
     with pytest.raises(SystemExit, match="--data-json is required"):
-        s2.main(["--hf-model", tiny[0]])
+        s2.main(["--init-from", tiny[0]])

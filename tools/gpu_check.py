@@ -27,11 +27,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 sys.path.insert(0, ROOT)
 
-import finetune_llada_v as ft  # noqa: E402
+import finetune_llada_v  # noqa: E402
+import memory_plan as mp  # noqa: E402
 from cli import option, parse_config, run_main  # noqa: E402
 from data.loaders import open_image  # noqa: E402
 from llada_v import (CAPTION_QUESTION, IMAGE_TOKEN_INDEX, MASK_ID, caption,  # noqa: E402
                      chat_prompt, config_from_hf, load_llada_v, prompt_ids)
+from llada_v_train import Stage1Config  # noqa: E402
 from model import pick_device  # noqa: E402
 from sample import check_hf_folder  # noqa: E402
 
@@ -100,7 +102,7 @@ def check_inference(cfg: GpuCheckConfig, device: torch.device):
     model, tokenizer = load_llada_v(cfg.ckpt, device)
     dtype = next(model.parameters()).dtype
     print(f"loaded {cfg.ckpt} on {device} ({dtype}) in {time.perf_counter() - start:.1f} s; peak "
-          f"{peak_bytes(device) / ft.GIB:.2f} GiB")
+          f"{peak_bytes(device) / mp.GIB:.2f} GiB")
     if model.cfg.vision is None:
         raise SystemExit(f"--ckpt {cfg.ckpt} is a text-only LLaDA checkpoint: captioning needs "
                          f"LLaDA-V")
@@ -123,7 +125,7 @@ def check_inference(cfg: GpuCheckConfig, device: torch.device):
         seconds = time.perf_counter() - start
     print(f"forward pass: {ids.shape[1]} tokens -> logits {tuple(logits.shape)} in {seconds:.3f} "
           f"s; peak "
-          f"{peak_bytes(device) / ft.GIB:.2f} GiB")
+          f"{peak_bytes(device) / mp.GIB:.2f} GiB")
     del logits, embeds
 
     texts = {}
@@ -134,7 +136,7 @@ def check_inference(cfg: GpuCheckConfig, device: torch.device):
         texts[speed] = out["text"]
         print(f"caption at {speed} token(s)/step: {out['forward_passes']} forward passes, "
               f"{out['seconds']:.2f} s, "
-              f"peak {peak_bytes(device) / ft.GIB:.2f} GiB\n  {out['text']!r}")
+              f"peak {peak_bytes(device) / mp.GIB:.2f} GiB\n  {out['text']!r}")
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -155,17 +157,17 @@ def check_finetuning(cfg: GpuCheckConfig, device: torch.device, text: str) -> No
     print("fine-tuning: python finetune_llada_v.py " + " ".join(argv))
     reset_peak(device)
     start = time.perf_counter()
-    ft.main(argv)  # prints the memory plan, then trains
+    finetune_llada_v.main(argv)  # prints the memory plan, then trains
     seconds = time.perf_counter() - start
     per_step = seconds / max(1, cfg.steps)
     print(f"fine-tuning: {cfg.steps} steps in {seconds:.1f} s ({per_step:.2f} s a step, loading "
-          f"included); peak {peak_bytes(device) / ft.GIB:.2f} GiB "
+          f"included); peak {peak_bytes(device) / mp.GIB:.2f} GiB "
           f"({'allocated by torch' if device.type == 'cuda' else 'resident set of the process'})")
 
 
 def finetune_argv(cfg: GpuCheckConfig, device: torch.device, data_json: str, out: str) -> list[str]:
     """finetune_llada_v.py's flags for the fine-tuning check (nothing written)."""
-    argv = ["--hf-model", cfg.ckpt, "--data-json", data_json, "--image-root", "/",
+    argv = ["--init-from", cfg.ckpt, "--data-json", data_json, "--image-root", "/",
             "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
             "--grad-accum", str(cfg.grad_accum), "--optimizer", cfg.optimizer,
             "--master-dtype", cfg.master_dtype, "--activation-checkpointing",
@@ -175,7 +177,7 @@ def finetune_argv(cfg: GpuCheckConfig, device: torch.device, data_json: str, out
     return argv + memory
 
 
-def print_plan(cfg: GpuCheckConfig, device: torch.device) -> ft.MemoryPlan:
+def print_plan(cfg: GpuCheckConfig, device: torch.device) -> mp.MemoryPlan:
     """--plan-only: the fine-tuning check's memory plan on one CUDA device (as finetune_llada_v.py
     prints it there): computed anywhere, e.g. for an 80 GB GPU from a laptop with
     --device-memory-gib 80."""
@@ -184,14 +186,14 @@ def print_plan(cfg: GpuCheckConfig, device: torch.device) -> ft.MemoryPlan:
         raise SystemExit(f"--ckpt {cfg.ckpt}: no config.json; give a LLaDA-V / ReDiff folder")
     with open(path) as f:
         config = config_from_hf(json.load(f), path)
-    flags = parse_config(ft.FinetuneConfig, finetune_argv(cfg, device, "", ""))
-    memory = ft.device_memory(device, flags)
-    image = ft.parse_size(cfg.plan_image, "--plan-image")
-    plan = ft.memory_plan(config, flags, memory, 1, "cuda", image)
+    flags = parse_config(Stage1Config, finetune_argv(cfg, device, "", ""))
+    memory = mp.device_memory(device, flags)
+    image = mp.parse_size(cfg.plan_image, "--plan-image")
+    plan = mp.memory_plan(config, flags, memory, 1, "cuda", image)
     print(f"python finetune_llada_v.py {' '.join(finetune_argv(cfg, device, 'DATA.json', 'OUT'))}")
     print(plan.text())
     if not plan.fits:
-        fix = ft.fitting_flags(config, flags, memory, 1, "cuda", image)
+        fix = mp.fitting_flags(config, flags, memory, 1, "cuda", image)
         print(f"fits with: {' '.join(fix)}" if fix else "no flag makes it fit on one device")
     return plan
 
@@ -208,7 +210,7 @@ def main(argv=None):
     device = pick_device(cfg.device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        print(f"device: {props.name}, {props.total_memory / ft.GIB:.1f} GiB")
+        print(f"device: {props.name}, {props.total_memory / mp.GIB:.1f} GiB")
     text = check_inference(cfg, device)
     if cfg.steps:
         check_finetuning(cfg, device, text)

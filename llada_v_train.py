@@ -1,0 +1,697 @@
+"""llada_v_train.py: what train_stage1.py and train_stage2.py need beyond their shared loops to
+train a Hugging Face LLaDA-V / ReDiff folder (--init-from FOLDER): its flags and defaults, the
+memory plan check, caption batches, the optimizer options, micro-batches, the training state and
+the export.
+
+Stage I, as train_stage1.py runs it on the real model:
+
+    python train_stage1.py --init-from LLaDA-V --data-json captions.json --image-root images \\
+        --out out/rediff-s1 --optimizer adamw8bit --master-dtype bfloat16 \\
+        --activation-checkpointing --grad-accum 8                               # one 80 GB GPU
+    torchrun --nproc_per_node 8 train_stage1.py --init-from LLaDA-V --parallel fsdp \\
+        --activation-checkpointing --data-json captions.json --image-root images \\
+        --vicrit-jsonl vicrit.jsonl --batch-size 32 --out out/rediff-s1
+
+What a run writes:
+  --out      a Hugging Face folder in LLaDA-V's own layout (llada_v.export_hf), which
+             llada_v.load_llada_v and sample.py --ckpt read. Written at the end.
+  OUT.dcp    the resumable training state (weights, Adam, step, loss history): a sharded DCP folder
+             (distributed.py), every --eval-every steps, at --stop-at and at the end. --resume
+             continues it with any number of processes.
+
+A step: the global batch's masks and corruptions are drawn on its answers alone (one process's
+draws, whatever the padding); each process takes its rows (distributed.py), in --grad-accum
+micro-batches of batch_size / (processes x grad_accum) rows, each padded to its own longest row;
+gradients add up over the micro-batches. One process with --grad-accum 2 and two with
+--grad-accum 1 run the same micro-batches, so they train the same weights. Everything trains: the
+language model, projector and image_newline at --lr, the vision tower at its own --vision-lr (the
+official scripts: 1e-6 against 5e-6; --vision-lr 0 freezes it).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+import distributed
+import rediff
+from cli import UsageError, check_folder_out, option, show_config
+from data.captions import CaptionData, load_captions, pack_rows, take
+from data.loaders import open_image
+from experts import occurrences
+from llada_v import (CAPTION_QUESTION, MASK_ID, AnyresImages, STATE_FILE, answer_logits,
+                     anyres_images, export_hf, generate_answer, load_llada_v, prompt_ids)
+from memory_plan import GIB, check_memory
+
+MASTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+WARMUP_FRAC = 0.03    # --warmup -1: the paper's 3 percent of the steps
+
+
+def selected(argv=None) -> bool:
+    """Whether the command line's --init-from names a folder that is not a DCP checkpoint: a Hugging
+    Face LLaDA-V / ReDiff folder, which the training scripts train with this module's flags."""
+    argv = sys.argv[1:] if argv is None else argv
+    for k, arg in enumerate(argv):
+        path = (argv[k + 1] if arg == "--init-from" and k + 1 < len(argv)
+                else arg.partition("=")[2] if arg.startswith("--init-from=") else "")
+        if path and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.json")):
+            return True
+    return False
+
+
+@dataclass
+class Stage1Config:
+    init_from: str = option("", "required: a Hugging Face LLaDA-V / ReDiff folder (config.json, "
+                            "tokenizer.json, safetensors shards)")
+    data_json: str = option("", "required: LLaVA / ShareGPT4V conversation JSON; the first human "
+                            "turn is the question, the first assistant turn after it the caption")
+    image_root: str = option("", "folder the data's image paths are relative to (empty: the "
+                             "folder of --data-json)")
+    vicrit_train_json: str = option("", "--objective revision: ViCrit-Train as released (a JSON "
+                                    "list with original_caption, changed_caption, solution_*)")
+    vicrit_jsonl: str = option("", "--objective revision: hallucination pairs (JSONL with image, "
+                               "caption, hallucinated)")
+    skip_missing: bool = option(False, "skip (and count) records whose image file is missing")
+    skip_bad: bool = option(False, "skip (and count) malformed records instead of stopping")
+    objective: str = option("revision", "revision: Stage I typed losses (Eq. 2-3); mask: masked "
+                            "diffusion (Eq. 1)", choices=["revision", "mask"])
+    replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced "
+                                 "by a random one (paper 0.1, official code 0.05)",
+                                 at_least=0, at_most=1)
+    t_dependent: bool = option(False, "Stage I: replacement rate min(t, replace_prob) (Table 5)")
+    hallucination_frac: float = option(0.25, "Stage I: share of each batch that is hallucination "
+                                       "pairs (when there are any)", at_least=0, at_most=1)
+    answer_len: int = option(128, "answer tokens per row: caption, <|eot_id|>, <|endoftext|> "
+                             "padding (longer captions are cut and counted)", at_least=2)
+    out: str = option("out/llada-v-stage1", "Hugging Face folder written at the end; the "
+                      "training state goes to OUT.dcp")
+    eval_every: int = option(500, "steps between saves of the training state", at_least=1)
+    stop_at: int = option(0, "stop (with a saved state) after this step, as an interruption "
+                          "would; 0: run to --steps", at_least=0)
+    resume: bool = option(False, "continue the run saved at OUT.dcp")
+    steps: int = option(0, "optimizer steps; 0: one pass over the captions (the paper: 1 epoch)",
+                        at_least=0)
+    batch_size: int = option(32, "samples per step, all processes together", at_least=1)
+    lr: float = option(5e-6, "peak learning rate (AdamW; the paper's 5e-6)", more_than=0)
+    min_lr_frac: float = option(0.0, "the cosine schedule ends at lr * min_lr_frac",
+                                at_least=0, at_most=1)
+    warmup: int = option(-1, "linear warm-up steps; -1: 3 percent of the steps (the paper)",
+                         at_least=-1)
+    weight_decay: float = option(0.0, "AdamW weight decay", at_least=0)
+    grad_clip: float = option(1.0, "gradient-norm clip", more_than=0)
+    seed: int = option(0, "seed for the data order, masks and corruptions", at_least=0)
+    device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
+    parallel: str = option("auto", "several processes (torchrun): ddp or fsdp (FSDP2); auto: ddp "
+                           "under torchrun, none otherwise",
+                           choices=["auto", "none", "ddp", "fsdp"])
+    param_dtype: str = option("auto", "compute dtype: auto = bfloat16 on CUDA (fsdp: gathered "
+                              "parameters; none / ddp: autocast), float32 elsewhere",
+                              choices=["auto", "bfloat16", "float32"])
+    activation_checkpointing: bool = option(False, "recompute each block's activations in the "
+                                            "backward pass (less memory, about 1/3 more compute)")
+    save_dtype: str = option("bfloat16", "dtype of the --out shards (float32: exactly the trained "
+                             "weights)", choices=["bfloat16", "float32"])
+    shard_gb: float = option(5.0, "largest --out shard in GB", more_than=0)
+    vision_lr: float = option(1e-6, "peak learning rate of the vision tower (the official "
+                              "scripts: 1e-6); 0 freezes the tower", at_least=0)
+    optimizer: str = option("adamw", "adamw: torch AdamW (8 bytes a parameter in float32); "
+                            "adamw8bit: torchao's AdamW8bit (about 2 bytes a parameter)",
+                            choices=["adamw", "adamw8bit"])
+    master_dtype: str = option("float32", "dtype of the trained weights and their gradients "
+                               "(bfloat16 needs --optimizer adamw8bit)",
+                               choices=["float32", "bfloat16"])
+    grad_accum: int = option(1, "micro-batches per step in each process, their gradients added "
+                             "up", at_least=1)
+    device_memory_gib: float = option(0.0, "memory of one device in GiB for the memory plan; 0: "
+                                      "the device's own", at_least=0)
+    plan_image: str = option("640x480", "WIDTHxHEIGHT of the image a planned sample holds")
+    ignore_memory_plan: bool = option(False, "go on when the memory plan does not fit")
+    save: bool = option(True, "write OUT.dcp and --out; --no-save writes nothing (a smoke test)")
+
+
+@dataclass
+class Stage2Config(Stage1Config):
+    """Stage1Config's flags (data, the Stage I rows of the mix, optimizer, parallelism, export),
+    some with Stage II's meaning, then Stage II's own."""
+    objective: str = option("revision", "objective of the --stage1-mix rows: revision (Eq. 2-3) "
+                            "or mask (Eq. 1)", choices=["revision", "mask"])
+    hallucination_frac: float = option(0.25, "share of the --stage1-mix rows that are "
+                                       "hallucination pairs", at_least=0, at_most=1)
+    answer_len: int = option(128, "--stage1-mix rows: answer tokens per row", at_least=2)
+    out: str = option("out/llada-v-stage2", "Hugging Face folder written at the end; the "
+                      "training state goes to OUT.dcp after every round")
+    stop_at: int = option(0, "stop (with a saved state) after this round; 0: all --rounds",
+                          at_least=0)
+    resume: bool = option(False, "continue the run saved at OUT.dcp after its last round")
+    steps: int = option(0, "optimizer steps per round; 0: one pass over the round's corrected "
+                        "drafts; the cosine schedule restarts every round", at_least=0)
+    rounds: int = option(1, "rounds of draft -> expert -> fine-tune", at_least=1)
+    drafts_per_round: int = option(10000, "drafts per round, each of a fresh --data-json image "
+                                   "(the paper: about 10k)", at_least=1)
+    tokens_per_step: list = option([1, 4, 8], "drafting speeds; the images of a round are spread "
+                                   "over them", nargs="+", type=int, at_least=1)
+    gen_length: int = option(128, "draft length in tokens, one block (the paper: 128)",
+                             at_least=1)
+    draft_batch: int = option(16, "images drafted together (same speed and prompt length)",
+                              at_least=1)
+    expert: str = option("openai", "who reviews the drafts: openai (an LLM) or align (word "
+                         "alignment with the reference caption: no LLM, weak)",
+                         choices=["openai", "align"])
+    expert_model: str = option("o4-mini", "--expert openai: the chat model")
+    expert_base_url: str = option("", "--expert openai: an OpenAI-compatible endpoint (empty: "
+                                  "api.openai.com); the key is read from OPENAI_API_KEY only")
+    max_in_flight: int = option(8, "--expert openai: most requests at once (per process)",
+                                at_least=1)
+    cache: str = option("out/expert_cache_llada_v.jsonl", "--expert openai: append-only answer "
+                        "cache (empty: none)")
+    stage1_mix: float = option(0.25, "fraction of every batch that is Stage I rows of "
+                               "--data-json (0 = none)", at_least=0, less_than=1)
+
+
+def check_flags(cfg) -> None:
+    """Refuse, before any work, what a run cannot do: a missing --init-from folder or --data-json,
+    bfloat16 weights without the stochastic rounding of --optimizer adamw8bit (with plain rounding
+    a step of lr 5e-6 is below half of bf16's spacing for most weights and is lost), hallucination
+    pairs with Eq. 1, an export --out that is not a folder."""
+    from sample import check_hf_folder
+    if not cfg.data_json:
+        raise SystemExit("--data-json is required with --init-from FOLDER (--help lists the flags)")
+    for name in ("config.json", "tokenizer.json"):
+        if not os.path.isfile(os.path.join(cfg.init_from, name)):
+            raise SystemExit(f"--init-from {cfg.init_from}: no {name}; give a downloaded LLaDA-V / "
+                             f"ReDiff folder (huggingface-cli download GSAI-ML/LLaDA-V --local-dir "
+                             f"DIR)")
+    check_hf_folder(cfg.init_from, "--init-from")
+    check_folder_out(cfg.out, "the Hugging Face export")
+    if cfg.master_dtype == "bfloat16" and cfg.optimizer != "adamw8bit":
+        raise UsageError("--master-dtype bfloat16 needs --optimizer adamw8bit (its bf16 stochastic "
+                         "rounding keeps the small updates that plain rounding to bf16 would drop)")
+    pairs = cfg.vicrit_jsonl or cfg.vicrit_train_json
+    if pairs and (cfg.objective != "revision" or not getattr(cfg, "stage1_mix", 1)):
+        raise SystemExit("--vicrit-jsonl / --vicrit-train-json feed Stage I's hallucination term: "
+                         "use them with --objective revision (and, in Stage II, --stage1-mix > 0)")
+
+# --------------------------------------------------------------------------------------------------
+# Training pieces: optimizer options, micro-batches, mixed precision, the state on disk
+
+
+def ordinary_ids(model, tokenizer) -> torch.Tensor:
+    """Every id of the vocabulary that is not special: Stage I's random replacement tokens."""
+    special = set(tokenizer.special_ids)
+    vocab = min(tokenizer.tok.get_vocab_size(), model.cfg.lm.vocab_size)
+    return torch.tensor([i for i in range(vocab) if i not in special])
+
+
+def make_optimizer(groups: list, cfg):
+    """AdamW over the parameter groups: torch's (states in the weights' dtype), or torchao's
+    AdamW8bit (block-wise 8-bit states; with bfloat16 weights it rounds each update stochastically,
+    so that a step of lr 5e-6 is not lost to bf16's 8-bit mantissa)."""
+    betas = (0.9, 0.999)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+    try:  # imported here: an optional dependency whose import takes seconds
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        raise SystemExit("--optimizer adamw8bit needs torchao: pip install -r requirements.txt") \
+            from None
+    return AdamW8bit(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
+                     bf16_stochastic_round=cfg.master_dtype == "bfloat16")
+
+
+def prepare_training(model, ctx, cfg):
+    """Set what trains (everything; the vision tower only with --vision-lr > 0), wrap (DDP / FSDP2 /
+    the model itself, with activation checkpointing), build the optimizer with the tower in a group
+    of its own (lr_scale: the loop's learning rate times it) -> (train_model, params, optimizer)."""
+    tower_trains = cfg.vision_lr > 0
+    model.requires_grad_(True)
+    model.vision_tower.requires_grad_(tower_trains)
+    model.train()
+    if cfg.activation_checkpointing and tower_trains:  # a trained tower stores 26 layers a crop
+        distributed.checkpoint_blocks(model.vision_tower.trunk.blocks)
+    train_model = distributed.wrap(model, ctx, cfg.param_dtype, cfg.activation_checkpointing)
+    tower = {id(p) for p in model.vision_tower.parameters()}  # after wrap: FSDP2 shards them
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in tower], "lr_scale": 1.0}]
+    if tower_trains:
+        groups.append({"params": [p for p in params if id(p) in tower],
+                       "lr_scale": cfg.vision_lr / cfg.lr})
+    optimizer = make_optimizer(groups, cfg)
+    count = lambda ps: sum(p.numel() for p in ps) / 1e9  # noqa: E731  (a DTensor counts whole)
+    print(f"model {count(model.parameters()):.3f} B parameters ({count(params):.3f} B trainable) "
+          f"on {ctx.device}, {ctx.world} process(es), parallel {ctx.mode}, optimizer "
+          f"{cfg.optimizer}, weights {cfg.master_dtype}")
+    return train_model, params, optimizer
+
+
+def micro_batches(n_rows: int, ctx, grad_accum: int) -> list[slice]:
+    """This process's rows of a global batch of n_rows, in grad_accum consecutive micro-batches of
+    equal size: micro-batch j of rank r holds global rows (r grad_accum + j) m .. + m - 1, m =
+    n_rows / (world grad_accum)."""
+    mine = ctx.rows(n_rows)
+    m, rest = divmod(mine.stop - mine.start, grad_accum)
+    if rest or not m:
+        raise SystemExit(f"--batch-size {n_rows} does not split into {ctx.world} process(es) x "
+                         f"--grad-accum {grad_accum} equal micro-batches; make it a multiple of "
+                         f"{ctx.world * grad_accum}")
+    return [slice(mine.start + j * m, mine.start + (j + 1) * m) for j in range(grad_accum)]
+
+
+def autocast_for(cfg, ctx):
+    """bf16 autocast on CUDA without FSDP (FSDP2 casts through its MixedPrecisionPolicy instead);
+    else nothing."""
+    dtype = distributed.resolve_dtype(cfg.param_dtype, ctx.device)
+    return (torch.autocast(ctx.device.type, dtype=dtype)
+            if dtype != torch.float32 and ctx.mode != "fsdp" else nullcontext())
+
+
+def accumulate(train_model, ctx, micro: list, autocast, loss_of) -> tuple[torch.Tensor, dict]:
+    """Gradient accumulation: loss_of(rows) -> (loss, parts) for each micro-batch, each backward
+    scaled by 1/len(micro) so that the gradients add up to the mean's; DDP synchronises on the last
+    micro-batch only. Returns this process's mean loss and parts over its micro-batches (detached).
+    """
+    total, sums = 0.0, {}
+    for j, rows in enumerate(micro):
+        last = j == len(micro) - 1
+        sync = train_model.no_sync() if ctx.mode == "ddp" and not last else nullcontext()
+        with sync:
+            with autocast:
+                loss, parts = loss_of(rows)
+            (loss / len(micro)).backward()
+        total = total + loss.detach() / len(micro)
+        sums = {k: sums.get(k, 0.0) + v.detach() / len(micro) for k, v in parts.items()}
+    return total, sums
+
+
+def load_state(path: str, model, optimizer) -> dict:
+    """--resume: weights and Adam state from the DCP folder (resharded to this run's processes);
+    returns its meta.json. torchao keeps learning rates in tensors; they are saved as numbers."""
+    tensor_lr = [isinstance(group["lr"], torch.Tensor) for group in optimizer.param_groups]
+    try:
+        meta = distributed.load_dcp_weights(path, model)
+        distributed.load_dcp_optimizer(path, model, optimizer)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--resume: {err}. Fix: point --out at a run of this script") from None
+    for group, was_tensor in zip(optimizer.param_groups, tensor_lr):
+        if was_tensor and not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]))
+    return meta
+
+
+def save_state(path: str, model, optimizer, meta: dict, ctx) -> None:
+    """distributed.save_dcp, with learning rates that torchao keeps in tensors written as numbers
+    (meta.json)."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = float(group["lr"])
+    try:
+        distributed.save_dcp(path, model, optimizer, meta, ctx)
+    finally:
+        for group, lr in zip(optimizer.param_groups, rates):
+            group["lr"] = lr
+
+
+RESUME_FREE = {"resume", "stop_at", "out", "eval_every", "device", "parallel", "save",
+               "activation_checkpointing", "param_dtype", "save_dtype", "shard_gb", "init_from",
+               "grad_accum", "device_memory_gib", "plan_image", "ignore_memory_plan"}
+
+
+def check_resume(cfg, meta: dict, world: int = 1) -> None:
+    """Refuse a resume that cannot continue the run; note settings that make it differ from an
+    uninterrupted one. --grad-accum may change with the number of processes: the micro-batches stay
+    the same while processes x grad_accum does."""
+    run, flag = meta.get("train_config", {}), lambda k: "--" + k.replace("_", "-")  # noqa: E731
+    conflicts = [f"{flag(k)} {getattr(cfg, k)} but the run used {run[k]}"
+                 for k in ("objective", "answer_len", "optimizer", "master_dtype")
+                 if k in run and run[k] != getattr(cfg, k)]
+    if conflicts:
+        raise SystemExit(f"--resume {cfg.out}.dcp: {'; '.join(conflicts)}. Fix: repeat the run's "
+                         f"own flags")
+    changed = [f"{flag(k)} {getattr(cfg, k)} (was {v})" for k, v in run.items()
+               if k not in RESUME_FREE and hasattr(cfg, k) and getattr(cfg, k) != v]
+    before = meta.get("written_by_processes", 1) * run.get("grad_accum", 1)
+    if world * cfg.grad_accum != before:
+        changed.append(f"processes x --grad-accum {world} x {cfg.grad_accum} (was {before} in all: "
+                       f"other micro-batches, other padding)")
+    if changed:
+        print(f"note: resuming with other settings than the run's: {', '.join(changed)}; the "
+              f"continuation will not match an uninterrupted run")
+
+
+def report_peak_memory(plan, device) -> None:
+    """On CUDA: the measured peak beside the memory plan's total."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        reserved = torch.cuda.max_memory_reserved(device)
+        print(f"peak memory allocated {peak / GIB:.2f} GiB (reserved {reserved / GIB:.2f} GiB); "
+              f"the plan said {plan.total / GIB:.2f} GiB")
+
+# --------------------------------------------------------------------------------------------------
+# The losses on caption batches: Eq. 1 and Eq. 2-3 on the answers
+
+
+def corrupt(batch, cfg, ordinary, generator) -> dict:
+    """Eq. 1's masks (--objective mask) or Section 3.2's masks, syntax errors and hallucinations
+    (revision; a pair's wrong span on visible tokens), drawn on the whole global batch's answers
+    (B, A) on the CPU: the same draws in any number of processes, with any padding. -> {"inputs":
+    (B, A), "p": (B,), and "is_masked" (mask) or "types" (revision): (B, A)}."""
+    answer_mask = torch.ones_like(batch.answers, dtype=torch.bool)                  # (B, A)
+    if cfg.objective == "mask":
+        inputs, is_masked, p = rediff.forward_mask(batch.answers, answer_mask, MASK_ID,
+                                                   generator=generator)
+        return {"inputs": inputs, "is_masked": is_masked, "p": p}
+    inputs, _, types, p = rediff.corrupt_for_revision(
+        batch.answers, answer_mask, MASK_ID, ordinary, cfg.replace_prob, cfg.t_dependent,
+        batch.wrong, batch.wrong_span, generator=generator)
+    return {"inputs": inputs, "types": types, "p": p}
+
+
+def rows_loss(model, data: CaptionData, batch, noisy: dict, rows: slice, cfg,
+              device) -> tuple[torch.Tensor, dict]:
+    """The loss of rows `rows` of the global batch (a micro-batch of this process) -> (loss, {part:
+    value}). Per-row means (Eq. 1: each sample's sum over its answer length; Eq. 2-3: each type's
+    mean in each row), averaged over the rows: equal micro-batches average to the whole batch's
+    loss."""
+    part = data.batch_rows(batch, noisy["inputs"], rows).to(device)
+    logits = answer_logits(model, part)                                             # (b, A, V)
+    targets, p = batch.answers[rows].to(device), noisy["p"][rows].to(device)
+    if cfg.objective == "mask":
+        is_masked = noisy["is_masked"][rows].to(device)
+        everywhere = torch.ones_like(is_masked)                                     # (b, A)
+        loss = rediff.masked_diffusion_loss(logits, targets, is_masked, p, everywhere)
+        return loss, {"mask": loss}
+    return rediff.typed_losses(logits, targets, noisy["types"][rows].to(device), p)
+
+# --------------------------------------------------------------------------------------------------
+# Stage I: the pieces train_stage1.py's loop calls
+
+
+class Stage1Run:
+    """A Stage I run on a LLaDA-V / ReDiff folder (check_flags passed), set up before the loop: the
+    memory plan printed (before any weight is loaded), captions read, the folder loaded, the optimizer
+    built, and with --resume the state of OUT.dcp loaded. The loop calls batch, backward, evaluate,
+    save and finish."""
+    draw_device = "cpu"  # masks and corruptions are drawn on the CPU (any padding, any processes)
+
+    def __init__(self, cfg: Stage1Config, ctx):
+        self.cfg, self.ctx, self.state = cfg, ctx, cfg.out.rstrip("/") + ".dcp"
+        self.micro = micro_batches(cfg.batch_size, ctx, cfg.grad_accum)  # refuses an uneven batch
+        self.plan = check_memory(cfg, ctx)  # before any weight is loaded
+        captions, pairs = load_captions(cfg)
+        dtype = MASTER_DTYPES[cfg.master_dtype]
+        model, tokenizer = load_llada_v(cfg.init_from, ctx.device, dtype)
+        self.model, self.tokenizer = model, tokenizer
+        self.data = CaptionData(captions, pairs, model, tokenizer, cfg.answer_len, cfg.seed)
+        cfg.steps = cfg.steps or math.ceil(len(captions) / cfg.batch_size)
+        cfg.warmup = cfg.warmup if cfg.warmup >= 0 else max(1, round(WARMUP_FRAC * cfg.steps))
+        print(show_config(cfg))
+        self.ordinary = ordinary_ids(model, tokenizer)  # replacement tokens (drawn on the CPU)
+        self.train_model, self.params, self.optimizer = prepare_training(model, ctx, cfg)
+        self.autocast = autocast_for(cfg, ctx)
+        self.start_step, self.history = 0, []
+        if cfg.resume:
+            meta = load_state(self.state, model, self.optimizer)
+            check_resume(cfg, meta, ctx.world)
+            self.start_step, self.history = meta["step"], meta["history"]
+            print(f"resumed {self.state} at step {self.start_step}")
+
+    def batch(self, step: int):
+        """The global batch of `step` (data.captions.Batch)."""
+        frac = self.cfg.hallucination_frac if self.cfg.objective == "revision" else 0.0
+        return self.data.batch(step, self.cfg.batch_size, frac)
+
+    def backward(self, batch, generator) -> tuple[torch.Tensor, dict]:
+        """Draw the batch's corruptions, run this process's micro-batches forward and backward ->
+        (this process's loss, parts)."""
+        noisy = corrupt(batch, self.cfg, self.ordinary, generator)
+
+        def loss_of(rows):
+            return rows_loss(self.train_model, self.data, batch, noisy, rows, self.cfg,
+                             self.ctx.device)
+        return accumulate(self.train_model, self.ctx, self.micro, self.autocast, loss_of)
+
+    def evaluate(self, step: int, loss: torch.Tensor, parts: dict) -> dict:
+        """The history entry of `step`: the whole batch's loss and its parts."""
+        entry = {"step": step, "train_loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
+                                                   if k != "step"))
+        return entry
+
+    def save(self, step: int) -> None:
+        """The training state at OUT.dcp (--no-save: nothing)."""
+        if self.cfg.save:
+            meta = {"stage": "llada-v-stage1-" + self.cfg.objective, "step": step,
+                    "train_config": asdict(self.cfg), "history": self.history}
+            save_state(self.state, self.model, self.optimizer, meta, self.ctx)
+
+    def finish(self, step: int) -> None:
+        """Say what the data cut, the peak memory, and (when the run is done) export --out."""
+        self.data.warn()
+        report_peak_memory(self.plan, self.ctx.device)
+        last = self.history[-1]["train_loss"] if self.history else float("nan")
+        if step < self.cfg.steps or not self.cfg.save:
+            print(f"done: {step} steps, last loss {last:.4f}; "
+                  + ("nothing written (--no-save)" if not self.cfg.save else
+                     f"training state {self.state}"))
+            return
+        dtype = MASTER_DTYPES[self.cfg.save_dtype]
+        state = {"stage": "llada-v-stage1-" + self.cfg.objective, "step": step,
+                 "train_config": asdict(self.cfg), "history": self.history}
+        export_hf(self.cfg.out, self.model, self.ctx, self.cfg.init_from, dtype,
+                  self.cfg.shard_gb, state)
+        print(f"done: {step} steps, last loss {last:.4f}; Hugging Face folder {self.cfg.out} "
+              f"(sample.py --ckpt {self.cfg.out} --image PHOTO), training state {self.state}")
+
+# --------------------------------------------------------------------------------------------------
+# Stage II: the pieces train_stage2.py's rounds call
+
+DRAFT_STREAM = 2      # take() streams: 0 and 1 are the Stage I captions and pairs (the mix), 2 the
+PICK_STREAM = 1000    # drafts, PICK_STREAM + round the order a round's corrected drafts train in
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """Answer ids -> the caption's text, cut at the first end of turn / end of text (as
+    llada_v.caption)."""
+    cut = min([ids.index(s) for s in tokenizer.stop_ids if s in ids] + [len(ids)])
+    return tokenizer.decode(ids[:cut]).strip()
+
+
+def expert_image(path: str):
+    """What the expert is sent: a JPEG or PNG file's own bytes; any other format decoded (then sent
+    as PNG)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return (data if data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"
+            else open_image(path))
+
+
+def in_context(review, draft: dict, tokenizer, counts: Counter):
+    """The expert's rules that need the draft's text, before experts.validate_pairs checks the rest
+    on token ids:
+    - org must occur exactly once in the draft's text (else counted as rejected_absent /
+      rejected_repeated, dropped);
+    - a byte-level BPE spells a word after a space (" red") differently from one at the start
+      ("red"): when only the spaced spelling occurs in the draft's ids, org and target get the
+      leading space the text had."""
+    if not isinstance(review, list):
+        return review
+    ids, kept = draft["ids"].tolist(), []
+    for pair in review:
+        if isinstance(pair, dict) and isinstance(pair.get("org"), str) \
+                and isinstance(pair.get("target"), str) and pair["org"].strip():
+            org, target, n = pair["org"], pair["target"], draft["text"].count(pair["org"])
+            if n != 1:
+                counts["pairs_proposed"] += 1
+                counts["rejected_" + ("absent" if n == 0 else "repeated")] += 1
+                continue
+            if (not org.startswith(" ") and not occurrences(ids, tokenizer.encode(org))
+                    and occurrences(ids, tokenizer.encode(" " + org))):
+                pair = {"org": " " + org,
+                        "target": target if target.startswith(" ") else " " + target}
+        kept.append(pair)
+    return kept
+
+
+@dataclass
+class Eq4Batch:
+    """A global batch of corrected drafts at the level of their answers (G tokens each)."""
+    samples: list               # B samples: image_path, prompt, ids (the draft), refined, mistake
+    drafts: torch.Tensor        # (B, G) the model's own drafts: the input (no masking)
+    refined: torch.Tensor       # (B, G) the same with the expert's corrections applied
+    mistake: torch.Tensor       # (B, G) bool: the corrected segments (Eq. 4 scores these only)
+
+
+def eq4_batch(samples: list[dict], picks: list[int]) -> Eq4Batch:
+    """Samples `picks` as one global batch."""
+    chosen = [samples[k] for k in picks]
+    stack = lambda key: torch.stack([torch.as_tensor(s[key]) for s in chosen])  # noqa: E731 (B, G)
+    return Eq4Batch(chosen, stack("ids"), stack("refined"), stack("mistake"))
+
+
+def eq4_loss(model, data: CaptionData, batch: Eq4Batch, rows: slice, device):
+    """Eq. 4 on rows `rows` of the global batch (a micro-batch of this process): a mean over drafts,
+    each its own mean over its corrected positions (every draft here has a correction), so equal
+    micro-batches average to the whole batch's loss. The input is the draft itself after its
+    prompt; logits at the draft's positions only (llada_v.answer_logits)."""
+    chosen = batch.samples[rows]
+    part = data.rows(chosen, [s["prompt"] for s in chosen], batch.drafts[rows]).to(device)
+    logits = answer_logits(model, part)                                             # (b, G, V)
+    refined, mistake = batch.refined[rows].to(device), batch.mistake[rows].to(device)  # (b, G)
+    return rediff.refinement_loss(logits, refined, mistake)
+
+
+def drafting_replica(model, ctx, cfg):
+    """The module that drafts. Without FSDP: the model itself (autocast casts on the fly). Under
+    FSDP2: one replica in the compute dtype (bfloat16 on CUDA), built parameter by parameter from
+    the gathered shards: the peak is that replica and one gathered tensor, never a whole float32
+    state dict beside a float32 replica (about 67 GB for 8B). Every rank must call it (the gathers
+    are collectives)."""
+    if ctx.mode != "fsdp":
+        return model
+    dtype = distributed.resolve_dtype(cfg.param_dtype, ctx.device)
+    # fully_shard subclasses the model: the replica is of the model's own class
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        replica = cls(model.cfg)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # one at a time
+        owner, _, attr = name.rpartition(".")
+        module = replica.get_submodule(owner)
+        value = full.detach().to(ctx.device, dtype if full.is_floating_point() else full.dtype)
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[attr] = value
+        del full
+    return replica.eval()
+
+
+class Stage2Run:
+    """A Stage II run on a LLaDA-V / ReDiff folder, set up before the rounds (flags, memory plan,
+    captions, the folder, the optimizer kept over all rounds, --resume's state), and the pieces a
+    round calls: the drafting source of make_drafts (draft_items, draft_group, caption, draft), the
+    images the expert sees (image_of), the text rules of the expert's answers (in_context), the
+    fine-tuning steps (round_steps, backward), save and finish."""
+    draw_device = "cpu"
+
+    def __init__(self, cfg: Stage2Config, ctx):
+        self.cfg, self.ctx, self.state = cfg, ctx, cfg.out.rstrip("/") + ".dcp"
+        self.n_mix = round(cfg.batch_size * cfg.stage1_mix)
+        self.n_own = cfg.batch_size - self.n_mix
+        self.own_micro = micro_batches(self.n_own, ctx, cfg.grad_accum)  # refuses an uneven split
+        self.mix_micro = (micro_batches(self.n_mix, ctx, cfg.grad_accum) if self.n_mix
+                          else [None] * cfg.grad_accum)
+        self.plan = check_memory(cfg, ctx)  # before any weight is loaded
+        self.captions, pairs = load_captions(cfg)
+        dtype = MASTER_DTYPES[cfg.master_dtype]
+        model, tokenizer = load_llada_v(cfg.init_from, ctx.device, dtype)
+        self.model, self.tokenizer = model, tokenizer
+        self.data = CaptionData(self.captions, pairs, model, tokenizer, cfg.answer_len, cfg.seed)
+        print(show_config(cfg))
+        self.ordinary = ordinary_ids(model, tokenizer)
+        self.train_model, self.params, self.optimizer = prepare_training(model, ctx, cfg)
+        self.autocast = autocast_for(cfg, ctx)
+        self.first_round, self.step, self.history = 0, 0, []
+        if cfg.resume:
+            meta = load_state(self.state, model, self.optimizer)
+            if "round" not in meta:
+                raise SystemExit(f"--resume: {self.state} holds a {meta.get('stage')!r} run, not "
+                                 f"Stage II; start Stage II from its export with --init-from")
+            check_resume(cfg, meta, ctx.world)
+            self.first_round, self.step, self.history = meta["round"], meta["step"], meta["history"]
+            print(f"resumed {self.state} after round {self.first_round}")
+
+    # drafting: make_drafts captions draft_items, those of one speed and draft_group together
+    def drafting_model(self):
+        return drafting_replica(self.model, self.ctx, self.cfg)
+
+    def draft_items(self, round_index: int, n: int) -> list[dict]:
+        """The next n records of a shuffled pass over the captions, with their prompts."""
+        records = take(self.captions, self.cfg.seed, DRAFT_STREAM, round_index * n, n)
+        return [dict(r, prompt_ids=self.data.prompt(r)) for r in records]
+
+    def draft_group(self, item: dict) -> int:
+        return len(item["prompt_ids"])  # rows of one prompt length line their placeholders up
+
+    def caption(self, model, items: list[dict], speed: int) -> torch.Tensor:
+        """Draft answers (b, G) of items with one prompt length: the refining sampler, one block,
+        greedy, with the official sampler's rules (llada_v.generate_answer)."""
+        images = anyres_images(model, [item["image_path"] for item in items])
+        prompt = torch.tensor([item["prompt_ids"] for item in items], device=self.ctx.device)
+        dtype = distributed.resolve_dtype(self.cfg.param_dtype, self.ctx.device)
+        cast = (torch.autocast(self.ctx.device.type, dtype=dtype) if dtype != torch.float32
+                else nullcontext())
+        with cast:
+            embeds = model.embed_views(*images)                                     # (b, N, D)
+            steps = math.ceil(self.cfg.gen_length / speed)
+            out, _ = generate_answer(model, embeds, prompt, self.cfg.gen_length, steps)  # (b, G)
+        return out
+
+    def draft(self, item: dict, ids: torch.Tensor, speed: int) -> dict:
+        return {"image_path": item["image_path"], "truth": item["caption"],
+                "prompt": item["prompt_ids"], "tokens_per_step": speed, "ids": ids,
+                "text": answer_text(self.tokenizer, ids.tolist()), "scene": None, "image": None}
+
+    # review
+    def image_of(self, draft: dict):
+        """The image an LLM expert sees, read from disk when its review is asked for."""
+        return expert_image(draft["image_path"]) if self.cfg.expert == "openai" else None
+
+    def in_context(self, reviews: list, drafts: list, counts: Counter) -> list:
+        return [in_context(rv, d, self.tokenizer, counts) for rv, d in zip(reviews, drafts)]
+
+    # fine-tuning
+    def round_steps(self, samples: list) -> tuple[int, int]:
+        """(steps, warm-up steps) of a round: --steps, or one pass over its corrected drafts."""
+        steps = self.cfg.steps or math.ceil(len(samples) / self.n_own)
+        warmup = self.cfg.warmup if self.cfg.warmup >= 0 else max(1, round(WARMUP_FRAC * steps))
+        return steps, warmup
+
+    def backward(self, samples: list, round_index: int, i: int) -> tuple[torch.Tensor, dict]:
+        """Step i of a round: the own-draft rows (Eq. 4) and the Stage I rows of the mix (Eq. 2-3
+        or Eq. 1), this process's rows of each in --grad-accum micro-batches, forward and backward
+        -> (this process's loss, parts): each part weighted by its share of the batch."""
+        cfg, step = self.cfg, self.step + i
+        picks = take(list(range(len(samples))), cfg.seed, PICK_STREAM + round_index,
+                     i * self.n_own, self.n_own)  # passes over them
+        batch = eq4_batch(samples, picks)
+        if self.n_mix:
+            mix = self.data.batch(step, self.n_mix, cfg.hallucination_frac)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            noisy = corrupt(mix, cfg, self.ordinary, generator)
+
+        def loss_of(rows):
+            own_rows, mix_rows = rows
+            own = eq4_loss(self.train_model, self.data, batch, own_rows, self.ctx.device)
+            if not self.n_mix:
+                return own, {"refine": own}
+            stage1, _ = rows_loss(self.train_model, self.data, mix, noisy, mix_rows, cfg,
+                                  self.ctx.device)
+            total = (self.n_own * own + self.n_mix * stage1) / cfg.batch_size
+            return total, {"refine": own, "stage1": stage1}
+        micro = list(zip(self.own_micro, self.mix_micro))
+        return accumulate(self.train_model, self.ctx, micro, self.autocast, loss_of)
+
+    def save(self, round_index: int) -> None:
+        meta = {"stage": "llada-v-stage2", "round": round_index, "step": self.step,
+                "train_config": asdict(self.cfg), "history": self.history}
+        save_state(self.state, self.model, self.optimizer, meta, self.ctx)
+
+    def finish(self) -> None:
+        """Export --out (the run is done)."""
+        self.data.warn()
+        report_peak_memory(self.plan, self.ctx.device)
+        state = {"stage": "llada-v-stage2", "round": self.cfg.rounds, "step": self.step,
+                 "train_config": asdict(self.cfg), "history": self.history}
+        export_hf(self.cfg.out, self.model, self.ctx, self.cfg.init_from,
+                  MASTER_DTYPES[self.cfg.save_dtype], self.cfg.shard_gb, state)
+        print(f"done: {self.cfg.rounds} round(s), {self.step} steps; Hugging Face folder "
+              f"{self.cfg.out} (sample.py --ckpt {self.cfg.out} --image PHOTO), training state "
+              f"{self.state}")
