@@ -1,21 +1,25 @@
-"""distributed.py: multi-process training on PyTorch's own engine: torchrun start-up, DDP or FSDP2 (bf16 mixed
-precision, activation checkpointing), each rank's rows of the global batch, collectives, and sharded checkpoints
-through torch.distributed.checkpoint (DCP). Every helper also works in one process, without torchrun.
+"""distributed.py: multi-process training on PyTorch's own engine: torchrun start-up, DDP or FSDP2
+(bf16 mixed precision, activation checkpointing), each rank's rows of the global batch,
+collectives, and sharded checkpoints through torch.distributed.checkpoint (DCP). Every helper also
+works in one process, without torchrun.
 
     torchrun --nproc_per_node 8 train_stage1.py --parallel fsdp --out out/stage1.dcp ...
-    python distributed.py --dcp out/stage1.dcp --out out/stage1.safetensors     # one file (weights), to share
+    python distributed.py --dcp out/stage1.dcp --out out/stage1.safetensors  # one file, to share
 
-The rules the training scripts follow (docs/parallel.md):
-- --batch-size is the GLOBAL batch. Every rank builds the whole batch from (seed, step) as one process would, draws
-  the masks and corruptions for all of it (the single-process random draws), and runs the model on its own rows only.
-- Each rank's loss is normalised so that the MEAN over ranks is the whole batch's single-process loss: the
-  per-sample means of Eq. 1-4 over equal shards as they are; a loss divided by a token count pooled over the
-  batch (the shapes world's word-class loss, shapes_aids.py) divides the rank's sum by the whole batch's count /
-  world size (Context.count). DDP and FSDP average gradients over ranks, so every step's gradient is the
-  single-process one, up to the order of float summation.
-- A checkpoint path ending in .safetensors is one file (model.save_checkpoint); NAME.dcp is a DCP folder: one
-  safetensors shard per writing rank plus meta.json, readable by any number of processes (the training scripts
-  refuse an --out with another ending); model.load_checkpoint reads both.
+The rules the training scripts follow (README, "Multi-GPU training"):
+- --batch-size is the GLOBAL batch. Every rank builds the whole batch from (seed, step) as one
+  process would, draws the masks and corruptions for all of it (the single-process random draws),
+  and runs the model on its own rows only.
+- Each rank's loss is normalised so that the MEAN over ranks is the whole batch's single-process
+  loss: the per-sample means of Eq. 1-4 over equal shards as they are; a loss divided by a token
+  count pooled over the batch (the shapes world's word-class loss, shapes_aids.py) divides the
+  rank's sum by the whole batch's count / world size (Context.count). DDP and FSDP average
+  gradients over ranks, so every step's gradient is the single-process one, up to the order of
+  float summation.
+- A checkpoint path ending in .safetensors is one file (model.save_checkpoint); NAME.dcp is a DCP
+  folder: one safetensors shard per writing rank plus meta.json, readable by any number of
+  processes (the training scripts refuse an --out with another ending); model.load_checkpoint
+  reads both.
 """
 from __future__ import annotations
 
@@ -105,20 +109,22 @@ def launched() -> bool:
 
 
 def setup(mode: str = "auto", device: str = "auto") -> Context:
-    """Join the process group (once per process) and pick this rank's device. auto: ddp under torchrun, none
-    otherwise. ddp / fsdp without torchrun run as a group of one process (handy for debugging)."""
+    """Join the process group (once per process) and pick this rank's device. auto: ddp under
+    torchrun, none otherwise. ddp / fsdp without torchrun run as a group of one process (handy for
+    debugging)."""
     if mode not in MODES:
         raise SystemExit(f"--parallel {mode!r}: choose one of {', '.join(MODES)}")
     if mode == "auto":
         mode = "ddp" if launched() else "none"
     if mode == "none":
         if launched() and int(os.environ["WORLD_SIZE"]) > 1:
-            raise SystemExit("--parallel none under torchrun with several processes: each would train its own copy "
-                             "on the whole batch; use --parallel ddp or fsdp")
+            raise SystemExit("--parallel none under torchrun with several processes: each would "
+                             "train its own copy on the whole batch; use --parallel ddp or fsdp")
         return Context("none", device=pick_device(device))
     where = pick_device(device)
     if where.type == "mps":
-        raise SystemExit(f"--parallel {mode}: torch.distributed has no MPS backend; use --device cpu or cuda")
+        raise SystemExit(f"--parallel {mode}: torch.distributed has no MPS backend; use --device "
+                         f"cpu or cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if where.type == "cuda":
         where = torch.device("cuda", local_rank)
@@ -219,7 +225,8 @@ def is_dcp(path: str) -> bool:
 
 
 def save_file(path: str, model: nn.Module, meta: dict, ctx: Context) -> None:
-    """model.save_checkpoint (weights only) from any parallel mode: rank 0 writes the gathered weights."""
+    """model.save_checkpoint (weights only) from any parallel mode: rank 0 writes the gathered
+    weights."""
     whole = full_copy(model, ctx)
     if ctx.is_main:
         save_checkpoint(path, whole, meta)
@@ -266,8 +273,9 @@ def swap_in_folder(tmp: str, path: str) -> None:
 
 
 def load_dcp_weights(path: str, model: nn.Module) -> dict:
-    """Load a DCP folder's model weights into `model` as it is (plain or sharded by wrap(): any model class, e.g.
-    llada_v.LLaDAV), resharded to this run's processes; returns the folder's meta.json."""
+    """Load a DCP folder's model weights into `model` as it is (plain or sharded by wrap(): any
+    model class, e.g. llada_v.LLaDAV), resharded to this run's processes; returns the folder's
+    meta.json."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     meta = read_dcp_meta(path)
     state = {"model": get_model_state_dict(model)}
@@ -277,7 +285,8 @@ def load_dcp_weights(path: str, model: nn.Module) -> dict:
 
 
 def load_dcp_optimizer(path: str, model: nn.Module, optimizer) -> None:
-    """Load a DCP folder's optimizer state into `optimizer` (built over `model`, wrapped or not, after wrap())."""
+    """Load a DCP folder's optimizer state into `optimizer` (built over `model`, wrapped or not,
+    after wrap())."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict
     meta = read_dcp_meta(path)
     _, fresh = get_state_dict(model, optimizer)  # the tensors to load into, keyed by parameter name
@@ -294,7 +303,7 @@ def load_dcp_optimizer(path: str, model: nn.Module, optimizer) -> None:
 class ConsolidateConfig:
     dcp: str = option("", "a DCP checkpoint folder (train_stage1.py --out NAME.dcp)")
     out: str = option("", "the one-file checkpoint to write (weights and description, no optimizer state); "
-                      "sample.py, eval.py and --init-from also read the folder itself")
+                      "sample.py, tools/eval.py and --init-from also read the folder itself")
 
 
 def main(argv=None):

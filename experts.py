@@ -176,15 +176,18 @@ def true_sentences(scene: dict) -> list[tuple[tuple, list[str]]]:
 
 
 class OracleExpert(Expert):
-    """Knows the scene; makes each sentence of the draft true and grammatical with minimal equal-length edits.
+    """Knows the scene; makes each sentence of the draft true and grammatical with minimal
+    equal-length edits (Section 3.3's expert, for the shapes world).
 
-    A sentence (the words between two ".") is right when it parses (data/shapes.py templates), its claim holds in
-    the scene, and no earlier sentence made the same claim. A wrong sentence of n words is replaced by the true
-    sentence of n words (or two true sentences joined by ".", for a lost "."; a last sentence without "." may gain
-    one) that, first, makes no claim already made elsewhere in the draft (when every rewrite does, a false sentence
-    still becomes a true one) and, second, changes the fewest words. Right sentences are never touched: the ground
-    truth's wording and order never leak in. A sentence with no true rewrite of its length is left alone and
-    counted (unrepairable_sentences); so is a repeated sentence whose only rewrites are repeats too."""
+    A sentence (the words between two ".") is right when it parses (data/shapes.py templates), its
+    claim holds in the scene, and no earlier sentence made the same claim. A wrong sentence of n
+    words is replaced by the true sentence of n words (or two true sentences joined by ".", for a
+    lost "."; a last sentence without "." may gain one) that, first, makes no claim already made
+    elsewhere in the draft (when every rewrite does, a false sentence still becomes a true one)
+    and, second, changes the fewest words. Right sentences are never touched: the ground truth's
+    wording and order never leak in. A sentence with no true rewrite of its length is left alone
+    and counted (unrepairable_sentences); so is a repeated sentence whose only rewrites are
+    repeats too."""
     name = "oracle"
 
     def review_one(self, item: Item):
@@ -195,7 +198,7 @@ class OracleExpert(Expert):
         if not spans:
             self.counts["empty_drafts"] += 1
             return []
-        stated, wrong = set(), []  # claims of right sentences; (start, end, is_true_repeat) of wrong ones
+        stated, wrong = set(), []  # right sentences' claims; wrong ones' (start, end, is_true_repeat)
         for start, end in spans:
             parsed = shapes.parse_sentence(words[start:end])
             true = parsed is not None and shapes.claim_holds(parsed[0], item.scene)
@@ -405,7 +408,7 @@ class OpenAIExpert(Expert):
     401/403/404, which stop the run. Malformed answers are counted and skipped. At most `max_in_flight` requests
     run at once. Answers are cached by sha256(model, prompt, image, draft, ground truth): a rerun pays nothing."""
     name = "openai"
-    parse = staticmethod(parse_review)  # answer text -> review, or None if malformed (judge.py swaps in its own)
+    parse = staticmethod(parse_review)  # answer text -> review, or None if malformed (tools/judge.py swaps in its own)
 
     def __init__(self, model: str = "o4-mini", base_url: str | None = None, cache_path: str | None = None,
                  max_in_flight: int = 8, max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0,
@@ -461,7 +464,7 @@ class OpenAIExpert(Expert):
                     raise ExpertError(f"the expert endpoint refused the key (HTTP {status}): check OPENAI_API_KEY") from None
                 if status == 404:
                     raise ExpertError(f"the expert endpoint knows no model {self.model!r} or no chat API (HTTP 404): "
-                                      f"check --expert-model and --expert-base-url (judge.py: --model and "
+                                      f"check --expert-model and --expert-base-url (tools/judge.py: --model and "
                                       f"--base-url)") from None
                 if status not in RETRY_STATUS and status < 500:
                     self._count(f"http_{status}")

@@ -1,6 +1,6 @@
-"""model.py: the vision-language model: a LLaDA-style bidirectional transformer, an open_clip vision tower,
-the mlp2x_gelu projector, and self-describing checkpoints (one safetensors file; sharded DCP folders are read
-here and written by distributed.py).
+"""model.py: the vision-language model: a LLaDA-style bidirectional transformer, an open_clip
+vision tower, the mlp2x_gelu projector, and self-describing checkpoints (one safetensors file;
+sharded DCP folders are read here and written by distributed.py).
 
 Shape legend used in the comments:
     B batch, L sequence length, D language-model width, H attention heads, Hkv key/value heads,
@@ -318,17 +318,19 @@ class VLM(nn.Module):
         return self.cfg.vision.grid ** 2
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, S, S) -> projected image tokens (B, N, D), computed once per caption, not per step."""
-        feats = self.vision_tower(images)                                                 # (B, N, Dv)
-        if self.cfg.image_features == "attributes":  # the toy tower's attribute head (shapes_aids.py)
-            head_logits = self.attribute_head(feats)                                      # (B, N, A)
-            features = attribute_features(head_logits, self.cfg.attribute_classes)        # (B, N, A + N)
-            return self.mm_projector(features)                                            # (B, N, D)
+        """Images (B, 3, S, S) -> projected image tokens (B, N, D), computed once per caption, not
+        per step (LLaVA's vision tower and projector, as LLaDA-V)."""
+        feats = self.vision_tower(images)                                         # (B, N, Dv)
+        if self.cfg.image_features == "attributes":  # the toy tower's head (shapes_aids.py)
+            head_logits = self.attribute_head(feats)                              # (B, N, A)
+            features = attribute_features(head_logits, self.cfg.attribute_classes)  # (B, N, A + N)
+            return self.mm_projector(features)                                    # (B, N, D)
         if self.cfg.image_pos_embed:
-            # Added before the projector, where the tower's layer-normed features have the same scale as the table
-            # (added after it, the fixed table would be ~20x larger than the small-init projected content).
+            # Added before the projector, where the tower's layer-normed features have the same
+            # scale as the table (added after it, the fixed table would be ~20x larger than the
+            # small-init projected content).
             feats = feats + self.image_pos.to(feats.dtype)
-        return self.mm_projector(feats)                                                   # (B, N, D)
+        return self.mm_projector(feats)                                           # (B, N, D)
 
     def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None, past_kv: list | None = None,
                 keep_kv: int = 0, logits_from: int = 0, images: torch.Tensor | None = None):
@@ -464,41 +466,49 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
     return tensors, description
 
 
-# Sharded checkpoints: a DCP folder (written by distributed.save_dcp) is read here, so that every script loads
-# both kinds through load_checkpoint.
+# Sharded checkpoints: a DCP folder (written by distributed.save_dcp) is read here, so that every
+# script loads both kinds through load_checkpoint.
 
 DCP_FORMAT = "rediff-dcp-v1"
 META_FILE = "meta.json"
 
 
 def read_dcp_meta(path: str) -> dict:
-    """meta.json of a DCP folder, with clear errors for a missing, half-written or foreign folder."""
+    """meta.json of a DCP folder, with clear errors for a missing, half-written or foreign
+    folder."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isdir(path):
-        hint = f" (an interrupted save left {path}.old: rename it to {path})" if os.path.isdir(path + ".old") else ""
+        hint = (f" (an interrupted save left {path}.old: rename it to {path})"
+                if os.path.isdir(path + ".old") else "")
         raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{hint}")
     if not os.path.isfile(meta_path):
-        raise ValueError(f"{path!r} has no {META_FILE}: it is not a DCP checkpoint written by distributed.py")
+        raise ValueError(f"{path!r} has no {META_FILE}: it is not a DCP checkpoint written by "
+                         f"distributed.py")
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format") != DCP_FORMAT:
-        raise ValueError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {DCP_FORMAT!r}")
+        raise ValueError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected "
+                         f"{DCP_FORMAT!r}")
     return meta
 
 
 def load_dcp_state(path: str, state: dict) -> None:
-    """Fill `state` in place from the folder's shards, resharded to however this run holds the tensors."""
-    import torch.distributed.checkpoint as dcp  # imported here: it loads slowly and only DCP folders need it
+    """Fill `state` in place from the folder's shards, resharded to however this run holds the
+    tensors."""
+    import torch.distributed.checkpoint as dcp  # here: it loads slowly, only DCP folders need it
     try:
-        with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": as meant
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path), no_dist=not dist.is_initialized())
-    except Exception as err:  # DCP reports missing or mis-shaped tensors with its own exception types
-        raise ValueError(f"DCP checkpoint {path!r} does not fit this model or optimizer ({str(err)[:500]})") from None
+        with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single
+            warnings.simplefilter("ignore", UserWarning)  # process": as meant
+            dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path),
+                     no_dist=not dist.is_initialized())
+    except Exception as err:  # DCP reports missing or mis-shaped tensors with its own exceptions
+        raise ValueError(f"DCP checkpoint {path!r} does not fit this model or optimizer "
+                         f"({str(err)[:500]})") from None
 
 
 def load_dcp(path: str, device="cpu"):
-    """load_checkpoint for a DCP folder (it calls this): (model rebuilt from the saved config, meta)."""
+    """load_checkpoint for a DCP folder (it calls this): (model rebuilt from the saved config,
+    meta)."""
     meta = read_dcp_meta(path)
     model = VLM(VLMConfig.from_dict(meta["model_config"]))
     state = {"model": model.state_dict()}
@@ -508,7 +518,8 @@ def load_dcp(path: str, device="cpu"):
 
 
 def load_checkpoint(path: str, device="cpu", optimizer=None) -> tuple[VLM, dict]:
-    """Rebuild the model from the saved config (never from defaults), load its weights (and the optimizer's)."""
+    """Rebuild the model from the saved config (never from defaults), load its weights (and the
+    optimizer's); a file or a DCP folder."""
     if os.path.isfile(os.path.join(path, META_FILE)):  # a sharded DCP folder
         if optimizer is not None:
             raise ValueError(f"{path!r} is a DCP folder: load its optimizer state with "
@@ -518,25 +529,32 @@ def load_checkpoint(path: str, device="cpu", optimizer=None) -> tuple[VLM, dict]
     try:
         model = VLM(VLMConfig.from_dict(description["model_config"]))
     except (KeyError, TypeError, ValueError, AssertionError) as err:
-        raise ValueError(f"checkpoint {path!r}: field 'model_config' is missing or not understood ({err!r}); it was "
-                         f"written by another version of this project: re-train it") from None
+        raise ValueError(f"checkpoint {path!r}: field 'model_config' is missing or not understood "
+                         f"({err!r}); it was written by another version of this project: "
+                         f"re-train it") from None
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # mis-shaped tensors
-        raise ValueError(f"checkpoint {path!r}: its weights do not fit its own model_config ({err})") from None
+        raise ValueError(f"checkpoint {path!r}: its weights do not fit its own model_config "
+                         f"({err})") from None
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path!r} does not fit its own model_config: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"checkpoint {path!r} does not fit its own model_config: missing "
+                         f"{missing}, unexpected {unexpected}")
     if optimizer is not None:
         if "optimizer" not in description:
-            raise ValueError(f"checkpoint {path!r} holds no optimizer state, so it cannot be resumed; use --init-from")
+            raise ValueError(f"checkpoint {path!r} holds no optimizer state, so it cannot be "
+                             f"resumed; use --init-from")
         optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         try:
-            optimizer.load_state_dict(_unflatten_optimizer(optim_tensors, description["optimizer"]))
+            optimizer.load_state_dict(_unflatten_optimizer(optim_tensors,
+                                                           description["optimizer"]))
         except (KeyError, ValueError, RuntimeError) as err:
-            raise ValueError(f"checkpoint {path!r}: its optimizer state does not fit this run's trainable parameters "
-                             f"({err}); start a new run from its weights with --init-from") from None
-    description["extra_tensors"] = {k: v for k, v in tensors.items() if not k.startswith(("model.", "optim."))}
+            raise ValueError(f"checkpoint {path!r}: its optimizer state does not fit this run's "
+                             f"trainable parameters ({err}); start a new run from its weights "
+                             f"with --init-from") from None
+    description["extra_tensors"] = {k: v for k, v in tensors.items()
+                                    if not k.startswith(("model.", "optim."))}
     return model.to(device), description
 
 
