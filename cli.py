@@ -78,10 +78,17 @@ def _bounded(kind, bounds: dict):
     return parse
 
 
+def _prog() -> str:
+    """The running script as its path from the repository root (tools/eval.py, also under
+    python -m tools.eval), or argparse's default, the file's name, for a script outside it."""
+    path = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(os.path.abspath(__file__)))
+    return os.path.basename(sys.argv[0]) if path.startswith(".") else path
+
+
 def parse_config(cls, argv=None, description: str = "", presets: dict | None = None):
     """Build `cls` from the command line. A preset (e.g. --tiny) sets many defaults at once;
     explicit flags win."""
-    parser = _Parser(description=description, formatter_class=_HelpFormatter)
+    parser = _Parser(prog=_prog(), description=description, formatter_class=_HelpFormatter)
     for name, preset in (presets or {}).items():
         parser.add_argument(f"--{name}", action="store_true", help=preset["help"])
     for f in dataclasses.fields(cls):

@@ -18,7 +18,7 @@ Ground-truth captions score factuality 1, coverage 1, syntax 1, repetition 0 and
 raises on any string: garbage simply scores 0.
 
 false_object_claims sorts the false object claims by what went wrong, object_claims_by_template counts them per
-sentence template (the model's binding errors; eval.py --errors).
+sentence template (the model's binding errors; experiments/errors.py).
 """
 from __future__ import annotations
 

@@ -1,18 +1,19 @@
 """experiments/fidelity.py: the choices between the paper's text and the official code, measured. Exploratory.
 
-Each comparison trains variants beside reproduce.py's models (same --out folder, same shared base, same budgets),
-evaluates them on the same held-out scenes and prints a table of headline means ± half-range over the seeds:
+Each comparison trains variants beside tools/reproduce.py's models (same --out folder, same shared
+base, same budgets), evaluates them on the same held-out scenes and prints a table of headline
+means ± half-range over the seeds:
 
     form       Stage I hallucination pairs as rows of their own (the official code) or put on the tokens left
                visible after masking (the paper's text): stage1-rows-s{seed} vs stage1-visible-s{seed}
     baseline   the mask-trained baseline's continuation with the toy's word-class loss (--mask-loss balanced, the
                base's own loss) or with Eq. 1 proper: baseline-balanced-s{seed} vs baseline-eq1-s{seed}
-    lr         Stage II at a tenth of Stage I's continuation rate (reproduce.py --stage2-lr, the default) or at
-               Stage I's own rate, as the official scripts train both stages
+    lr         Stage II at a tenth of Stage I's continuation rate (tools/reproduce.py --stage2-lr,
+               the default) or at Stage I's own rate, as the official scripts train both stages
     drafts     Stage II from drafts at 1 and 2 tokens per step only, against the default 1 / 4 / 8 (are the fast
                drafts too garbled for the expert to teach from?)
 
-    python reproduce.py                       # first: the shared base and the default models
+    python tools/reproduce.py                 # first: the shared base and the default models
     python experiments/fidelity.py form baseline lr drafts
 """
 import argparse
@@ -20,8 +21,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import reproduce  # noqa: E402
-from reproduce import ReproConfig, evaluate, mean_spread, pick, run  # noqa: E402
+from tools import reproduce  # noqa: E402
+from tools.reproduce import ReproConfig, evaluate, mean_spread, pick, run  # noqa: E402
 
 
 def variants(cfg: ReproConfig, which: str, seed: int) -> list[tuple[str, str, bool]]:
@@ -63,7 +64,8 @@ def compare(cfg: ReproConfig, which: str) -> list[str]:
     rows = {}
     for seed in cfg.seeds:
         for i, (label, ckpt, refine) in enumerate(variants(cfg, which, seed)):
-            both = i == 0 and seed == cfg.seeds[0] and which in ("lr", "drafts")  # reproduce.py's evaluation
+            # tools/reproduce.py's evaluation
+            both = i == 0 and seed == cfg.seeds[0] and which in ("lr", "drafts")
             results = pick(evaluate(cfg, ckpt, "both" if both else "refine" if refine else "frozen"), refine)
             rows.setdefault((label, refine), []).append(results)
     tps = sorted(cfg.tokens_per_step)
@@ -79,11 +81,13 @@ def compare(cfg: ReproConfig, which: str) -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("which", nargs="+", choices=["form", "baseline", "lr", "drafts"])
-    parser.add_argument("--out", default=ReproConfig.out, help="reproduce.py's folder (its base is reused)")
+    parser.add_argument("--out", default=ReproConfig.out,
+                        help="tools/reproduce.py's folder (its base is reused)")
     args = parser.parse_args()
     cfg = ReproConfig(out=args.out)
     if not os.path.exists(os.path.join(cfg.out, "base.safetensors.done")):
-        raise SystemExit(f"{cfg.out} has no finished base model: run python reproduce.py first")
+        raise SystemExit(f"{cfg.out} has no finished base model: "
+                         f"run python tools/reproduce.py first")
     for sub in ("logs", "eval"):
         os.makedirs(os.path.join(cfg.out, sub), exist_ok=True)
     for which in args.which:

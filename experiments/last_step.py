@@ -3,7 +3,7 @@
 With the refining sampler (Section 3.4) every visible token is re-predicted at every step, except the tokens committed
 at the last step: nothing comes after them. At 8 tokens per step a 48-token answer takes 6 steps, so 8 of its 48
 positions (17 %) are committed unrevised; the paper's 128-token answers at 16 steps leave 6 %. For each checkpoint this
-captions held-out test scenes (eval.py's scenes), splits every caption into sentences, and reports, for sentences that
+captions held-out test scenes (tools/eval.py's), splits every caption into sentences, and reports, for sentences that
 parse and sentences that do not (data/score.py), the share holding a token committed at the last step. Then it asks
 what revising those tokens would be worth: the headline (data/score.py) of the captions as they are (S steps), after
 one extra forward pass that re-predicts every answer token and commits nothing (rediff.generate's final_passes=1:
@@ -47,7 +47,8 @@ def main():
     ap.add_argument("--ckpt", nargs="+", required=True, help="checkpoints to caption with")
     ap.add_argument("--tokens-per-step", type=int, default=8, help="tokens committed per step")
     ap.add_argument("--n", type=int, default=200, help="held-out test scenes")
-    ap.add_argument("--seed", type=int, default=0, help="which held-out scenes (eval.py --seed)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="which held-out scenes (tools/eval.py --seed)")
     args = ap.parse_args()
     for path in args.ckpt:
         model, meta = load_for(path, "last_step.py --ckpt", needs=("tokenizer", "world", "answer_len"))

@@ -61,7 +61,8 @@ def main():
     ap.add_argument("--ckpt", nargs="+", required=True, help="checkpoints to caption with")
     ap.add_argument("--tokens-per-step", type=int, default=8, help="tokens committed per step")
     ap.add_argument("--n", type=int, default=200, help="held-out test scenes")
-    ap.add_argument("--seed", type=int, default=0, help="which held-out scenes (eval.py --seed)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="which held-out scenes (tools/eval.py --seed)")
     args = ap.parse_args()
     print(f"| checkpoint | sentences | n | revisions per step | revisions per sentence | tokens changed >= 2x |")
     print("|---|---|---|---|---|---|")

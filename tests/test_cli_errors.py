@@ -90,11 +90,11 @@ CASES = [
     ("sample", "--ckpt {missing}", 1, ["--ckpt", "missing.safetensors", "does not exist"]),
     ("sample", "--ckpt {hf_missing_shard} --image {red}", 1,
      ["hf_missing_shard", "model-00002-of-00002"]),
-    ("eval", "--ckpt {s1} --n 0", 2, ["--n", "at least 1"]),
-    ("eval", "--ckpt {s1} --n 2 --block-length 5", 2, ["--block-length 5", "s1.safetensors"]),
-    ("eval", "--ckpt {s1} --threshold 1.5", 2, ["--threshold", "at most 1"]),
-    ("eval", "--ckpt {s1} --json {a_file}/eval.json", 2, ["--json"]),
-    ("eval", "--ckpt {notes} --n 2", 1, ["--ckpt", "notes.safetensors"]),
+    ("tools.eval", "--ckpt {s1} --n 0", 2, ["--n", "at least 1"]),
+    ("tools.eval", "--ckpt {s1} --n 2 --block-length 5", 2, ["--block-length 5", "s1.safetensors"]),
+    ("tools.eval", "--ckpt {s1} --threshold 1.5", 2, ["--threshold", "at most 1"]),
+    ("tools.eval", "--ckpt {s1} --json {a_file}/eval.json", 2, ["--json"]),
+    ("tools.eval", "--ckpt {notes} --n 2", 1, ["--ckpt", "notes.safetensors"]),
     ("train_stage1", "--steps -5 --out {dir}/x.safetensors", 2, ["--steps", "-5"]),
     ("train_stage1", "--batch-size 0 --out {dir}/x.safetensors", 2, ["--batch-size"]),
     ("train_stage1", "--lr 0 --out {dir}/x.safetensors", 2, ["--lr", "more than 0"]),
@@ -113,15 +113,16 @@ CASES = [
     ("distributed", "--dcp {dir}/none.dcp --out {dir}/x.safetensors", 1,
      ["--dcp", "none.dcp", "does not exist"]),
     ("distributed", "--dcp {dir}/none.dcp --out {dir}/x", 2, ["--out FILE.safetensors"]),
-    ("judge", "--captions {dir}/none.jsonl", 1, ["none.jsonl", "not found"]),
-    ("judge", "--captions {captions} --no-judge", 1, ["captions.jsonl", "line 2"]),
-    ("judge", "--captions {good_captions} --references {refs} --base-url "
+    ("tools.judge", "--captions {dir}/none.jsonl", 1, ["none.jsonl", "not found"]),
+    ("tools.judge", "--captions {captions} --no-judge", 1, ["captions.jsonl", "line 2"]),
+    ("tools.judge", "--captions {good_captions} --references {refs} --base-url "
      "http://127.0.0.1:{port}/v1 --cache {cache}", 1, ["--base-url", "127.0.0.1:{port}"]),
-    ("judge", "--captions {good_captions} --max-in-flight 0", 2, ["--max-in-flight"]),
-    ("bench", "--repeats 0", 2, ["--repeats"]),
-    ("bench", "--ckpt {torn} --quick", 1, ["--ckpt", "truncated.safetensors"]),
-    ("reproduce", "--out {a_file}", 2, ["--out", "a_file", "folder"]),
-    ("reproduce", "--n 0", 2, ["--n"]),
+    ("tools.judge", "--captions {good_captions} --max-in-flight 0", 2, ["--max-in-flight"]),
+    ("tools.bench", "--repeats 0", 2, ["--repeats"]),
+    ("tools.bench", "--ckpt {torn} --quick", 1, ["--ckpt", "truncated.safetensors"]),
+    ("tools.reproduce", "--out {a_file}", 2, ["--out", "a_file", "folder"]),
+    ("tools.reproduce", "--n 0", 2, ["--n"]),
+    ("tools.reproduce", "--results-page {a_file}/results.md", 2, ["--results-page", "a_file"]),
     ("finetune_llada_v", "--hf-model {hf_missing_shard} --data-json {refs}", 1,
      ["--hf-model", "model-00002-of-00002"]),
     ("finetune_llada_v", "--hf-model {hf_missing_shard} --data-json {refs} --lr -1", 2, ["--lr"]),
@@ -170,7 +171,7 @@ def test_a_missing_key_stops_before_any_work(files, capsys, monkeypatch):
 # A few cases as real subprocesses, started together: the interpreter's own exit is tested too.
 SUBPROCESS_CASES = [c for c in CASES if c[:2] in {
     ("sample", "--ckpt {s1} --image {broken}"), ("sample", "--ckpt {s1} --tokens-per-step 0"),
-    ("eval", "--ckpt {s1} --n 0"), ("train_stage1", "--steps -5 --out {dir}/x.safetensors"),
+    ("tools.eval", "--ckpt {s1} --n 0"), ("train_stage1", "--steps -5 --out {dir}/x.safetensors"),
     ("train_stage2", NO_EXPERT)}]
 
 
@@ -178,7 +179,8 @@ def test_bad_input_as_real_subprocesses(files):
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
     env.update(TQDM_DISABLE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", OPENAI_API_KEY="sk-x",
                NO_PROXY="127.0.0.1,localhost")
-    runs = [subprocess.Popen([sys.executable, f"{script}.py", *fill(argv, files).split()], cwd=ROOT,
+    runs = [subprocess.Popen([sys.executable, script.replace(".", "/") + ".py",
+                              *fill(argv, files).split()], cwd=ROOT,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for script, argv, _, _ in SUBPROCESS_CASES]
     assert len(runs) == 5

@@ -1,10 +1,11 @@
-"""tests/test_judge.py: judge.py: CLAIR answers parsed, retried and cached against a local fake endpoint, the key
-never written, reference-free statistics on hand-computed examples, and clear errors for bad input."""
+"""tests/test_judge.py: tools/judge.py: CLAIR answers parsed, retried and cached against a local
+fake endpoint, the key never written, reference-free statistics on hand-computed examples, and
+clear errors for bad input."""
 import json
 
 import pytest
 
-import judge
+from tools import judge
 from data.loaders import DataError
 from tests.fake_openai import FakeOpenAI, local_only, prompt_text
 

@@ -145,14 +145,14 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         read_checkpoint(str(tmp_path / "foreign.safetensors"))
 
 
-SCRIPTS = ["train_stage1.py", "sample.py", "eval.py"]
+SCRIPTS = ["train_stage1.py", "sample.py", "tools/eval.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_of_every_script(script):
     out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "--device" in out.stdout or script == "eval.py"
+    assert "--device" in out.stdout or script == "tools/eval.py"
 
 
 def run(args, **kw):
@@ -163,7 +163,8 @@ def run(args, **kw):
 
 
 def test_tiny_smoke_run_train_sample_eval(tmp_path):
-    """A few steps of each objective, then sample.py (trace, draft, HTML) and eval.py (JSON contract)."""
+    """A few steps of each objective, then sample.py (trace, draft, HTML), tools/eval.py (JSON
+    contract) and experiments/errors.py (the grounding probe, false claims by kind)."""
     base, stage1 = str(tmp_path / "base.safetensors"), str(tmp_path / "stage1.safetensors")
     small = ["--tiny", "--steps", "4", "--eval-every", "2", "--n-scenes", "64", "--vision-pretrain-steps", "2",
              "--batch-size", "8"]
@@ -179,9 +180,8 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
     assert "caption" in out and "forward passes" in out and "score" in out
     assert open(html).read().startswith("<!doctype html>")
     report = str(tmp_path / "eval.json")
-    out = run(["eval.py", "--ckpt", stage1, "--tokens-per-step", "1", "8", "--both", "--n", "6", "--json", report,
-               "--errors"])
-    assert "false object claims" in out and "misplaced" in out and "object sentences per template" in out
+    run(["tools/eval.py", "--ckpt", stage1, "--tokens-per-step", "1", "8", "--both", "--n", "6",
+         "--json", report])
     results = json.load(open(report))["results"]
     assert len(results) == 4
     for r in results:
@@ -194,21 +194,24 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
     assert all(0 <= r["caption_steps"] <= r["forward_passes"] for r in results)
     assert os.path.exists(str(tmp_path / "eval.png")) and os.path.exists(str(tmp_path / "eval.md"))
     blocks = str(tmp_path / "blocks.json")
-    run(["eval.py", "--ckpt", stage1, "--tokens-per-step", "8", "--block-length", "16", "--n", "6", "--json", blocks])
+    run(["tools/eval.py", "--ckpt", stage1, "--tokens-per-step", "8", "--block-length", "16",
+         "--n", "6", "--json", blocks])
     (row,) = json.load(open(blocks))["results"]
     # answer_len / 16 blocks of 2 steps; end-of-text stopping may end the batch after any whole block
     assert row["block_length"] == 16 and row["forward_passes"] in range(2, answer_len // 8 + 1, 2)
     assert 0 <= row["words"] <= answer_len
     final = str(tmp_path / "final.json")
-    run(["eval.py", "--ckpt", stage1, "--tokens-per-step", "8", "--both", "--final-passes", "1", "--n", "6", "--json",
-         final])
+    run(["tools/eval.py", "--ckpt", stage1, "--tokens-per-step", "8", "--both", "--final-passes",
+         "1", "--n", "6", "--json", final])
     rows = {r["refine"]: r for r in json.load(open(final))["results"]}
     assert rows[True]["final_passes"] == 1 and rows[True]["forward_passes"] == answer_len / 8 + 1
     assert rows[False]["final_passes"] == 0 and rows[False]["forward_passes"] == answer_len / 8, "frozen: no pass"
-    bad = subprocess.run([sys.executable, "eval.py", "--ckpt", stage1, "--block-length", "10", "--n", "2"], cwd=ROOT,
-                         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1"))
+    bad = subprocess.run([sys.executable, "tools/eval.py", "--ckpt", stage1, "--block-length", "10",
+                          "--n", "2"], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1"))
     assert bad.returncode != 0 and "--block-length 10 must divide" in bad.stderr
-    out = run(["eval.py", "--ckpt", stage1, "--probe", "--n", "6"])
+    out = run(["experiments/errors.py", "--ckpt", stage1, "--tokens-per-step", "8", "--n", "6"])
+    assert "false object claims" in out and "misplaced" in out and "object sentences per template" in out
     assert "colour (own image)" in out and "shape (next scene's image)" in out and "position (chance) 0.111" in out
 
 

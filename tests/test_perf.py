@@ -1,7 +1,7 @@
 """tests/test_perf.py: the fast paths give the same answers as the plain ones: partial logits, the prefix cache
 (exact when rebuilt every step, or always with the Prefix-DLM mask), confidence-threshold decoding (Fast-dLLM), and
-bench.py --quick end to end.
-Nothing here is timed: speed is bench.py's job."""
+tools/bench.py --quick end to end.
+Nothing here is timed: speed is tools/bench.py's job."""
 import pytest
 import torch
 
@@ -199,10 +199,10 @@ def test_right_aligned_logits_must_cover_the_block():
         rediff.generate(too_short, prompt, 4, 4, mask_id=MASK)
 
 
-# ---------------------------------------------------------------------------------------------------- bench.py
+# ---------------------------------------------------------------------------------------------- tools/bench.py
 
 def test_bench_quick_prints_the_table(capsys):
-    import bench
+    from tools import bench
     rows = bench.main(["--quick", "--batch-sizes", "1", "--tokens-per-step", "1", "4", "--gen-length", "8",
                        "--train-batch", "2", "--train-steps", "1"])
     out = capsys.readouterr().out
@@ -230,5 +230,5 @@ def test_prefix_dlm_flag_sets_the_prefix_length_and_old_configs_load_without_it(
 
 
 def bench_tiny_config(**changes):
-    from bench import tiny_train_config
+    from tools.bench import tiny_train_config
     return tiny_train_config(**changes)

@@ -292,7 +292,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 def test_sample_and_eval_name_a_bad_checkpoint_without_a_traceback(tmp_path):
-    import eval as eval_script
+    from tools import eval as eval_script
     import sample
     missing = str(tmp_path / "missing.safetensors")
     with pytest.raises(SystemExit, match="^--ckpt: checkpoint .* does not exist"):

@@ -15,7 +15,7 @@ Paper
 Where the project implements it (read it afterwards)
     llada_v.py: load_llada_v, config_from_hf, anyres_layout, caption; model.py: LLaDA, LMConfig;
     sample.py: steps_for; tests/test_llada_v.py: the tiny folder and the 8B parameter count;
-    bench.py: training_flops (the same FLOP conventions, for training).
+    tools/bench.py: training_flops (the same FLOP conventions, for training).
 
 Your task
     Fill in the TODO lines of lm_parameters (3) and forward_flops (2). The language model of the

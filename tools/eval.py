@@ -1,16 +1,25 @@
-"""eval.py: score checkpoints on held-out shapes-world scenes at several tokens per step, frozen and refining."""
+"""tools/eval.py: score checkpoints on held-out shapes-world scenes at several tokens per step,
+frozen and refining.
+
+    python tools/eval.py --ckpt out/stage1.safetensors --both --json out/eval.json
+    python -m tools.eval --ckpt out/base.safetensors --tokens-per-step 1 8 --no-refine
+"""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from cli import UsageError, check_writable, option, parse_config, run_main
-from data.pipeline import SCENE_POOL, held_out_indices
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+sys.path.insert(0, ROOT)
+
+from cli import UsageError, check_writable, option, parse_config, run_main  # noqa: E402
+from data.pipeline import SCENE_POOL, held_out_indices  # noqa: E402
 
 NEEDS = ("tokenizer", "world", "answer_len")  # checkpoint metadata read here (model.load_for names a missing one)
 
@@ -37,12 +46,8 @@ class EvalConfig:
     final_passes: int = option(0, "not in the paper: forward passes after the last step that re-predict every "
                                "answer token (refining sampler only; frozen rows ignore it)",
                                at_least=0)
-    probe: bool = option(False, "instead of captioning: the grounding probe (attribute or position words of true "
-                         "captions masked)")
-    errors: bool = option(False, "also print what the false object claims got wrong (data.score.FALSE_OBJECT_KINDS: "
-                          "an object at another object's cell, wrong attributes, ...)")
-    compile: bool = option(False, "torch.compile the model for captioning (about 30 s up front per checkpoint; same "
-                           "outputs; 1.2-1.35x faster on 2 CPU cores, see the README's Speed section)")
+    compile: bool = option(False, "torch.compile the model for captioning (about 30 s up front per "
+                           "checkpoint; same outputs; 1.2-1.35x faster on 2 CPU cores)")
 
 
 def caption_steps(trace: list, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -93,37 +98,6 @@ def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step:
     return scores
 
 
-@torch.no_grad()
-def grounding_probe(model, tokenizer, world, answer_len: int, indices) -> dict:
-    """Does the model read the image? In a true caption of each held-out scene, mask only the words of one attribute
-    (colour, shape, size or position; everything else stays visible) and measure argmax accuracy, with the scene's
-    own image tokens and with the next scene's. Equal accuracies mean the model ignores the image for that attribute.
-    A group whose words are not one token each (e.g. two-word positions of older worlds) is left out."""
-    from data import shapes
-    from data.pipeline import answer_ids, image_to_tensor, prompt_ids
-    vision = model.cfg.vision
-    samples = [shapes.sample("test", i, world) for i in indices]
-    images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)
-    device = next(model.parameters()).device
-    prompt = prompt_ids(tokenizer, model.n_image_tokens)
-    ids = torch.tensor([prompt + answer_ids(tokenizer, s["caption"], answer_len) for s in samples], device=device)
-    own = model.encode_images(images.to(device))                                       # (B, N, D)
-    result = {}
-    for name, words in (("colour", shapes.COLOURS), ("shape", shapes.SHAPES), ("size", shapes.SIZES),
-                        ("position", shapes.POSITIONS)):
-        if any(len(tokenizer.encode(w)) != 1 for w in words):
-            continue
-        targets = torch.tensor([tokenizer.encode(w)[0] for w in words], device=device)
-        hidden = torch.isin(ids, targets)
-        hidden[:, :len(prompt)] = False
-        masked = ids.masked_fill(hidden, tokenizer.mask_id)
-        for which, embeds in (("own image", own), ("next scene's image", own.roll(1, dims=0))):
-            guess = model(masked, embeds).argmax(-1)                                    # (B, L)
-            result[f"{name} ({which})"] = (guess[hidden] == ids[hidden]).float().mean().item()
-        result[f"{name} (chance)"] = 1 / len(words)
-    return result
-
-
 def markdown_table(results: list[dict]) -> str:
     lines = ["| ckpt | tokens/step | sampler | headline | factuality | coverage | syntax | repetition | passes "
              "| words | revisions | caption steps |",
@@ -170,7 +144,7 @@ def plot_png(results: list[dict], path: str) -> None:
 def main(argv=None):
     cfg = parse_config(EvalConfig, argv, description=__doc__)
     if not cfg.ckpt:
-        raise UsageError("eval.py: give at least one checkpoint with --ckpt")
+        raise UsageError("tools/eval.py: give at least one checkpoint with --ckpt")
     check_writable(cfg.json, "--json")
     from data import shapes
     from data.tokenizer import tokenizer_from_dict
@@ -178,13 +152,6 @@ def main(argv=None):
     from sample import check_block_length
     device = pick_device(cfg.device)
     indices = held_out_indices(cfg.n, cfg.seed)
-    if cfg.probe:
-        for ckpt in cfg.ckpt:
-            model, meta = load_for(ckpt, "--ckpt", needs=NEEDS, device=device)
-            probe = grounding_probe(model.eval(), tokenizer_from_dict(meta["tokenizer"]),
-                                    shapes.WorldConfig(**meta["world"]), meta["answer_len"], indices)
-            print(f"{ckpt}: " + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()))
-        return
     if cfg.block_length:  # every checkpoint's answer length, before any evaluation starts
         for ckpt in cfg.ckpt:
             _, meta = load_for(ckpt, "--ckpt", needs=NEEDS)
@@ -202,28 +169,17 @@ def main(argv=None):
         sampler = {"prefix_cache": cfg.prefix_cache, "cache_refresh": cfg.cache_refresh,
                    "threshold": cfg.threshold or None, "block_length": cfg.block_length or None,
                    "final_passes": cfg.final_passes if refine else 0}
-        scores = evaluate(model, tokenizer_from_dict(meta["tokenizer"]), shapes.WorldConfig(**meta["world"]),
-                          meta["answer_len"], indices, n, refine, cfg.batch_size, **sampler)
+        world = shapes.WorldConfig(**meta["world"])
+        scores = evaluate(model, tokenizer_from_dict(meta["tokenizer"]), world, meta["answer_len"],
+                          indices, n, refine, cfg.batch_size, **sampler)
         results.append({"ckpt": ckpt, "tokens_per_step": n, "refine": refine, **sampler, **scores})
     table = markdown_table(results)
     print(table)
     if cfg.prefix_cache or cfg.threshold or cfg.block_length or cfg.final_passes:
         print(f"sampler options: prefix cache {cfg.prefix_cache} (refresh {cfg.cache_refresh}), "
-              f"threshold {cfg.threshold or 'none'}, block length {cfg.block_length or 'one block'}, "
+              f"threshold {cfg.threshold or 'none'}, "
+              f"block length {cfg.block_length or 'one block'}, "
               f"final passes {cfg.final_passes} (refining rows)")
-    if cfg.errors:
-        from data.score import FALSE_OBJECT_KINDS
-        print("false object claims (total over the captions):")
-        for r in results:
-            counts = ", ".join(f"{k} {v}" for k, v in r["false_objects"].items())
-            print(f"  {os.path.basename(r['ckpt'])}, {r['tokens_per_step']} tok/step, "
-                  f"{'refine' if r['refine'] else 'frozen'}: {counts}")
-        print("  where " + "; ".join(f"{k} = {v}" for k, v in FALSE_OBJECT_KINDS.items()))
-        print("object sentences per template, false / written:")
-        for r in results:
-            counts = "; ".join(f"{t.replace('{size} {colour} {shape}', '...')} {bad}/{n}"
-                               for t, (n, bad) in r["object_templates"].items())
-            print(f"  {os.path.basename(r['ckpt'])}, {r['tokens_per_step']} tok/step: {counts}")
     print(f"{len(jobs)} evaluations of {cfg.n} scenes in {time.perf_counter() - start:.0f} s")
     if cfg.json:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)

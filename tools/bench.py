@@ -1,13 +1,14 @@
-"""bench.py: how fast are the sampler and the training step? Everything is measured in one process and compared with
-something measured in the same run: the sampler with a plain LLaDA-style loop on the same model, the prefix cache
-and the confidence threshold with the ordinary sampler, the training step with this machine's matrix-multiply rate.
+"""tools/bench.py: how fast are the sampler and the training step? Everything is measured in one
+process and compared with something measured in the same run: the sampler with a plain LLaDA-style
+loop on the same model, the prefix cache and the confidence threshold with the ordinary sampler,
+the training step with this machine's matrix-multiply rate.
 
 The model is a randomly initialised VLM of the --tiny shape (speed needs no training); --ckpt benches a trained tiny
 checkpoint on shapes-world scenes instead, which also scores the captions. Timings on a shared machine move; the
 ratios are what to read, and each compared pair is timed in alternation (best of --repeats).
 
-    python bench.py              # the README's table (about a minute on 2 CPU cores)
-    python bench.py --quick      # a smoke run of every row, in seconds
+    python tools/bench.py              # the speed table (about a minute on 2 CPU cores)
+    python tools/bench.py --quick      # a smoke run of every row, in seconds
 """
 from __future__ import annotations
 
@@ -15,15 +16,19 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-import rediff
-from cli import UsageError, check_writable, option, parse_config, run_main
-from data.pipeline import prompt_ids
-from sample import banned_ids, caption_images, decode_answer, steps_for
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+sys.path.insert(0, ROOT)
+
+import rediff  # noqa: E402
+from cli import UsageError, check_writable, option, parse_config, run_main  # noqa: E402
+from data.pipeline import prompt_ids  # noqa: E402
+from sample import banned_ids, caption_images, decode_answer, steps_for  # noqa: E402
 
 
 @dataclass

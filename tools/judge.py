@@ -1,7 +1,9 @@
-"""judge.py: score captions of real images against LLaVA-format references: a CLAIR LLM-judge score and free statistics.
+"""tools/judge.py: score captions of real images against LLaVA-format references: a CLAIR
+LLM-judge score and free statistics.
 
-    python judge.py --captions captions.jsonl --references llava.json [--model o4-mini] [--base-url URL]
-                    [--cache judge_cache.jsonl] [--max-in-flight 8] [--json out.json] [--no-judge]
+    python tools/judge.py --captions captions.jsonl --references llava.json [--model o4-mini]
+                          [--base-url URL] [--cache judge_cache.jsonl] [--max-in-flight 8]
+                          [--json out.json] [--no-judge]
 
 captions.jsonl holds one {"id": ..., "caption": ...} per line; each id must be the "id" of a record in the LLaVA /
 ShareGPT4V JSON, whose first assistant ("gpt") turn is a reference caption (several records with one id give
@@ -27,14 +29,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import check_writable, option, parse_config, run_main
-from data.loaders import DataError, _decode_utf8, _first_turns
-from experts import ExpertError, Item, OpenAIExpert, check_endpoint
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+sys.path.insert(0, ROOT)
+
+from cli import check_writable, option, parse_config, run_main  # noqa: E402
+from data.loaders import DataError, _decode_utf8, _first_turns  # noqa: E402
+from experts import ExpertError, Item, OpenAIExpert, check_endpoint  # noqa: E402
 
 # The prompt of CLAIR (Chan et al. 2023), for one candidate caption and a set of references.
 CLAIR_PROMPT = """You are trying to tell if a candidate set of captions is describing the same image as a \
@@ -206,13 +212,14 @@ class JudgeConfig:
 
 def run(cfg: JudgeConfig) -> dict:
     if not cfg.captions:
-        raise DataError("judge.py: give --captions FILE.jsonl")
+        raise DataError("tools/judge.py: give --captions FILE.jsonl")
     rows = load_captions(cfg.captions)
     captions = [caption for _, caption, _ in rows]
     result = {"n_captions": len(rows), "statistics": statistics(captions)}
     if cfg.judge:
         if not cfg.references:
-            raise DataError("judge.py: the judge needs --references LLAVA.json (or pass --no-judge)")
+            raise DataError("tools/judge.py: the judge needs --references LLAVA.json "
+                            "(or pass --no-judge)")
         references = load_references(cfg.references)
         for key, _, number in rows:
             if key not in references:
