@@ -386,6 +386,25 @@ def test_each_optimizer_option_trains_the_tiny_model_on_cpu(tiny, dataset, tmp_p
     assert meta["train_config"]["optimizer"] == "adamw8bit" and meta["step"] == 2
 
 
+def test_a_saved_adamw8bit_state_loads_back_on_resume(tiny, dataset, tmp_path):
+    """--optimizer adamw8bit: a run stopped after step 1 and resumed ends as the uninterrupted one,
+    which it only can with torchao's 8-bit Adam states (and tensor learning rates) read back from
+    OUT.dcp: a fresh optimizer would take other steps."""
+    pytest.importorskip("torchao")
+    flags = ["--steps", "2", "--batch-size", "2", "--optimizer", "adamw8bit"]
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    with torch.compiler.set_stance("force_eager"):
+        uninterrupted = ft.main(args(tiny, dataset, whole, *flags))
+        ft.main(args(tiny, dataset, part, *flags, "--stop-at", "1"))
+        resumed = ft.main(args(tiny, dataset, part, *flags, "--resume"))
+    a, b = history(whole), history(part)
+    assert [h["step"] for h in b] == [1, 2]
+    for ha, hb in zip(a, b):
+        assert ha == pytest.approx(hb, rel=1e-5), (ha, hb)
+    for name, weight in uninterrupted.named_parameters():
+        torch.testing.assert_close(dict(resumed.named_parameters())[name], weight)
+
+
 def test_revise_records_and_vicrit_train_become_hallucination_pairs(tiny, dataset, tmp_path):
     """ReDiff's records with "revise" corrections never train as captions as written; ViCrit-Train
     pairs are kept when both captions and both solutions have the same token count under the model's
