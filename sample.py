@@ -1,4 +1,13 @@
-"""sample.py: caption an image (or a rendered shapes-world scene) with the frozen or the refining sampler."""
+"""sample.py: caption a held-out scene with the refining and the frozen sampler, and score both.
+
+    python train_stage1.py --tiny          # the base model, then Stage I: out/stage1.safetensors
+    python sample.py --tokens-per-step 8   # a held-out scene: ground truth, refinement trace,
+                                           # caption and score with each sampler, mean scores
+
+The sampler the checkpoint was trained for runs first (refining, unless it is mask-trained), then
+the other one for comparison. --image captions an image file instead; --ckpt DIR with --image
+captions a photo with a Hugging Face LLaDA-V / ReDiff folder.
+"""
 from __future__ import annotations
 
 import json
@@ -11,8 +20,13 @@ from dataclasses import dataclass
 import torch
 
 import rediff
-from cli import UsageError, check_writable, option, parse_config, run_main
-from data.pipeline import image_to_tensor, prompt_ids
+from cli import DCP_META, UsageError, check_writable, option, parse_config, run_main
+from data import shapes
+from data.loaders import open_image
+from data.pipeline import held_out_indices, image_to_tensor, prompt_ids
+from data.score import score_caption, score_captions
+from data.tokenizer import split_words, tokenizer_from_dict
+from model import load_for, pick_device
 
 
 def steps_for(gen_length: int, tokens_per_step: int, num_blocks: int = 1) -> int:
@@ -53,7 +67,6 @@ def schedule_text(gen_length: int, tokens_per_step: int, block_length: int = 0) 
 def draft_ids(tokenizer, text: str, gen_length: int) -> list[int]:
     """--draft -> its answer ids, at most gen_length. Words the vocabulary lacks (they become <unk>)
     and tokens cut off at gen_length are named in a warning on stderr, never dropped silently."""
-    from data.tokenizer import split_words
     words = dict.fromkeys(split_words(text))
     unknown = ", ".join(repr(w) for w in words if tokenizer.unk_id in tokenizer.encode(w))
     if unknown:
@@ -218,53 +231,159 @@ def trace_html(tokenizer, trace, row: int = 0) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The demo: one held-out scene with both samplers, then both samplers' mean score
+
+DEMO_CKPT = "out/stage1.safetensors"          # what the demo's training command writes
+DEMO_TRAIN = "python train_stage1.py --tiny"  # the demo's training command
+MASK_TRAINED = "stage1-mask"  # train_stage1.py --objective mask: Eq. 1 only, never trained to revise
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str = option("out/stage1.safetensors", "checkpoint written by train_stage1.py / train_stage2.py, or a Hugging Face LLaDA-V / ReDiff folder")
-    image: str = option("", "caption this image file instead of a shapes-world scene")
-    scene_seed: int = option(0, "render shapes-world test scene N (its ground truth is printed and scored)",
+    ckpt: str = option(DEMO_CKPT, "checkpoint written by train_stage1.py / train_stage2.py, or a "
+                       "Hugging Face LLaDA-V / ReDiff folder")
+    image: str = option("", "caption this image file instead of a held-out shapes-world scene")
+    scene_seed: int = option(0, "which held-out scene to caption: the one the evaluation's held-out "
+                             "pool draws with this seed (its ground truth is printed and scored)",
                              at_least=0)
-    tokens_per_step: int = option(8, "tokens committed per step; steps = ceil(gen_length / tokens_per_step)",
-                                  at_least=1)
-    gen_length: int = option(0, "answer length in tokens (0: the checkpoint's training answer length)",
-                             at_least=0)
+    tokens_per_step: int = option(8, "tokens committed per step; steps = ceil(gen_length / "
+                                  "tokens_per_step)", at_least=1)
+    gen_length: int = option(0, "answer length in tokens (0: the checkpoint's training answer "
+                             "length)", at_least=0)
     block_length: int = option(0, "semi-autoregressive block length, dividing the answer length "
                                "(0: one block, as in the paper)", at_least=0)
     temperature: float = option(0.0, "Gumbel-noise temperature (0: greedy)", at_least=0)
-    refine: bool = option(True, "re-predict visible tokens at every step (ReDiff, Section 3.4); --no-refine freezes them")
-    draft: str = option("", "a caption (with errors) to start from as visible tokens; the model refines and completes it")
-    trace: bool = option(False, "print the refinement step by step (new tokens green, revised tokens yellow)")
+    # "auto" until pick_sampler reads the checkpoint; --refine / --no-refine set True / False
+    refine: bool = option("auto", "re-predict visible tokens at every step (ReDiff, Section 3.4) "
+                          "or, --no-refine, freeze them; auto: refine unless the checkpoint is "
+                          "mask-trained")
+    draft: str = option("", "a caption (with errors) to start from as visible tokens; the model "
+                        "refines and completes it")
+    trace: bool = option(True, "print the refinement step by step (new tokens green, revised "
+                         "tokens yellow)")
     trace_out: str = option("", "write the trace as an HTML page to this file")
+    n_mean: int = option(48, "then the mean score of both samplers over this many held-out "
+                         "scenes (0: off)", at_least=0)
     device: str = option("auto", "auto, cpu, cuda or mps")
     seed: int = option(0, "random seed (only matters with --temperature > 0)", at_least=0)
-    prefix_cache: bool = option(False, "reuse the image + prompt keys/values within a block (Fast-dLLM's approximate "
-                                "KV cache): faster, approximate")
-    cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: once per block)",
-                                at_least=0)
-    threshold: float = option(0.0, "commit every masked token with confidence >= P, at least one a step (Fast-dLLM); "
-                              "0: the fixed --tokens-per-step schedule", at_least=0, at_most=1)
-    final_passes: int = option(0, "not in the paper: forward passes after the last step that re-predict every answer "
-                               "token, so the last step's tokens are revised too (refining sampler only)",
+    prefix_cache: bool = option(False, "reuse the image + prompt keys/values within a block "
+                                "(Fast-dLLM's approximate KV cache): faster, approximate")
+    cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: "
+                                "once per block)", at_least=0)
+    threshold: float = option(0.0, "commit every masked token with confidence >= P, at least one "
+                              "a step (Fast-dLLM); 0: the fixed --tokens-per-step schedule",
+                              at_least=0, at_most=1)
+    final_passes: int = option(0, "not in the paper: forward passes after the last step that "
+                               "re-predict every answer token (refining sampler only)",
                                at_least=0)
 
 
-def caption_real_weights(cfg: "SampleConfig") -> str:
-    """--ckpt is a Hugging Face LLaDA-V / ReDiff folder: load it with llada_v.py and caption --image."""
-    from llada_v import caption, load_llada_v
-    from model import pick_device
+def pick_sampler(refine, meta: dict, ckpt: str) -> tuple[bool, str]:
+    """--refine / --no-refine, or by default ("auto") what the checkpoint was trained for: a model
+    trained to revise (Stage I revision, Section 3.2; Stage II, Section 3.3) refines (Section 3.4);
+    a mask-trained model (Eq. 1 only) decodes frozen, since refinement hurts a model that never
+    learned to revise. Returns (refine, why)."""
+    if refine != "auto":
+        return refine, "--refine" if refine else "--no-refine"
+    stage = meta.get("stage")
+    if stage == MASK_TRAINED:
+        return False, (f"{ckpt} is mask-trained ({stage}), never trained to revise: refinement "
+                       f"would hurt it (--refine to try)")
+    return True, f"{ckpt} ({stage}) was trained to revise (--no-refine to freeze)"
+
+
+def sampler_name(refine: bool) -> str:
+    return "refining" if refine else "frozen"
+
+
+def score_text(scores: dict) -> str:
+    """data/score.py's metrics on one line."""
+    return (f"headline {scores['headline']:.1f} | factuality {scores['factuality']:.2f} | "
+            f"coverage {scores['coverage']:.2f} | syntax {scores['syntax']:.2f} | "
+            f"repetition {scores['repetition']:.2f}")
+
+
+def sampler_options(cfg: SampleConfig, refine: bool) -> dict:
+    """The speed-ups and extensions of --block-length ... --final-passes, as caption_images takes
+    them."""
+    return dict(block_length=cfg.block_length or None, temperature=cfg.temperature,
+                prefix_cache=cfg.prefix_cache, cache_refresh=cfg.cache_refresh,
+                threshold=cfg.threshold or None, final_passes=cfg.final_passes if refine else 0)
+
+
+def speed_text(cfg: SampleConfig, gen_length: int) -> str:
+    """How fast the sampler was asked to decode, in words."""
+    text = (f"threshold {cfg.threshold}" if cfg.threshold
+            else schedule_text(gen_length, cfg.tokens_per_step, cfg.block_length))
+    if cfg.prefix_cache:
+        text += f", prefix cache (refresh {cfg.cache_refresh or 'once per block'})"
+    return text
+
+
+def caption_and_show(model, tokenizer, images, drafts, scene, gen_length: int, refine: bool,
+                     cfg: SampleConfig, show_trace: bool) -> str:
+    """Caption one image with one sampler and print the trace (on request), the caption, its
+    score (a shapes-world scene) and the decoding's cost."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    want_trace = show_trace and bool(cfg.trace or cfg.trace_out)
+    start = time.perf_counter()
+    out, passes = caption_images(model, tokenizer, images, gen_length, cfg.tokens_per_step, refine,
+                                 drafts=drafts, return_trace=want_trace, generator=generator,
+                                 **sampler_options(cfg, refine))
+    seconds = time.perf_counter() - start
+    ids, trace = out if want_trace else (out, None)
+    text = decode_answer(tokenizer, ids[0])
+    if want_trace and cfg.trace:
+        print("\n".join(trace_lines(tokenizer, trace)))
+    if want_trace and cfg.trace_out:
+        with open(cfg.trace_out, "w", encoding="utf-8") as f:
+            f.write(trace_html(tokenizer, trace))
+        print(f"trace written to {cfg.trace_out}")
+    print(f"caption      : {text}")
+    if scene is not None:
+        print(f"score        : {score_text(score_caption(text, scene))}")
+    passes_done = f", {cfg.final_passes} final pass(es)" if refine and cfg.final_passes else ""
+    print(f"decoding     : {sampler_name(refine)}, {speed_text(cfg, gen_length)}{passes_done}, "
+          f"{passes} forward passes, {gen_length / seconds:.0f} tokens/s ({seconds:.2f} s)")
+    return text
+
+
+@torch.no_grad()
+def mean_scores(model, tokenizer, world, gen_length: int, refine: bool, cfg: SampleConfig,
+                batch_size: int = 64) -> dict:
+    """data/score.py's mean metrics of one sampler over the evaluation's held-out scenes
+    held_out_indices(cfg.n_mean, 0), at the chosen speed."""
+    vision, texts, scenes = model.cfg.vision, [], []
+    indices = held_out_indices(cfg.n_mean, 0)
+    for lo in range(0, len(indices), batch_size):
+        samples = [shapes.sample("test", i, world) for i in indices[lo:lo + batch_size]]
+        images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+        ids, _ = caption_images(model, tokenizer, images, gen_length, cfg.tokens_per_step, refine,
+                                generator=generator, **sampler_options(cfg, refine))
+        texts += [decode_answer(tokenizer, row) for row in ids]
+        scenes += [s["scene"] for s in samples]
+    return score_captions(texts, scenes)
+
+
+def caption_real_weights(cfg: SampleConfig) -> str:
+    """--ckpt is a Hugging Face LLaDA-V / ReDiff folder: load it with llada_v.py and caption
+    --image (the refining sampler unless --no-refine)."""
+    from llada_v import caption, load_llada_v  # llada_v imports this file
     if not cfg.image:
-        raise SystemExit(f"{cfg.ckpt} is a LLaDA-V / ReDiff folder: give the photo to caption with --image PATH")
+        raise SystemExit(f"{cfg.ckpt} is a LLaDA-V / ReDiff folder: give the photo to caption "
+                         f"with --image PATH")
     if cfg.final_passes or cfg.draft:
         raise SystemExit("--final-passes and --draft work with this project's checkpoints only, "
                          "not with a LLaDA-V / ReDiff folder: drop them")
+    refine = cfg.refine is not False  # auto: refine, as ReDiff does
     gen_length = cfg.gen_length or 128
     check_block_length(cfg.block_length, gen_length, "the answer")
     loaded = load_llada_v(cfg.ckpt, pick_device(cfg.device))
     want_trace = bool(cfg.trace or cfg.trace_out)
     # the official LLaDA-V sampler's rules (banned ids, stop at <|eot_id|>), logits for the answer
-    out = caption(cfg.ckpt, cfg.image, cfg.tokens_per_step, cfg.refine, gen_length,
+    out = caption(cfg.ckpt, cfg.image, cfg.tokens_per_step, refine, gen_length,
                   temperature=cfg.temperature, device=cfg.device, seed=cfg.seed,
                   return_trace=want_trace, loaded=loaded,
                   block_length=cfg.block_length or None, prefix_cache=cfg.prefix_cache,
@@ -278,73 +397,65 @@ def caption_real_weights(cfg: "SampleConfig") -> str:
     speed = f"threshold {cfg.threshold}" if cfg.threshold else f"{cfg.tokens_per_step} tokens/step"
     if cfg.prefix_cache:
         speed += f", prefix cache (refresh {cfg.cache_refresh or 'once per block'})"
-    print(f"sampler      : {'refining' if cfg.refine else 'frozen'}, {speed}, "
+    print(f"sampler      : {sampler_name(refine)}, {speed}, "
           f"{out['forward_passes']} forward passes ({out['seconds']:.2f} s)")
     return out["text"]
 
 
 def main(argv=None):
+    """The demo: caption a held-out scene (or --image) with the sampler the checkpoint was trained
+    for, the same input with the other sampler, then both samplers' mean score."""
     cfg = parse_config(SampleConfig, argv, description=__doc__)
-    if os.path.isdir(cfg.ckpt) and not os.path.isfile(os.path.join(cfg.ckpt, "meta.json")):  # meta.json: DCP
+    if os.path.isdir(cfg.ckpt) and not os.path.isfile(os.path.join(cfg.ckpt, DCP_META)):
         check_hf_folder(cfg.ckpt, "--ckpt")
         return caption_real_weights(cfg)
-    from data import shapes
-    from data.loaders import open_image
-    from data.score import score_caption
-    from data.tokenizer import tokenizer_from_dict
-    from model import load_for, pick_device
-    if cfg.final_passes and not cfg.refine:
-        raise UsageError("--final-passes re-predicts visible tokens: it needs the refining sampler "
-                         "(drop --no-refine)")
+    if not os.path.exists(cfg.ckpt):
+        make = DEMO_TRAIN if cfg.ckpt == DEMO_CKPT else f"{DEMO_TRAIN} --out {cfg.ckpt}"
+        raise SystemExit(f"--ckpt: checkpoint {cfg.ckpt} does not exist; make it with: {make}")
     check_writable(cfg.trace_out, "--trace-out")
     device = pick_device(cfg.device)
-    model, meta = load_for(cfg.ckpt, "--ckpt", needs=("tokenizer", "world", "answer_len"), device=device)
+    model, meta = load_for(cfg.ckpt, "--ckpt", needs=("tokenizer", "world", "answer_len"),
+                           device=device)
     model.eval()
+    refine, why = pick_sampler(cfg.refine, meta, cfg.ckpt)
+    if cfg.final_passes and not refine:
+        raise UsageError("--final-passes re-predicts visible tokens: it needs the refining sampler "
+                         "(drop --no-refine)")
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     gen_length = cfg.gen_length or meta["answer_len"]
     what = "--gen-length" if cfg.gen_length else f"{cfg.ckpt}'s answer"
     check_block_length(cfg.block_length, gen_length, what)
-    vision = model.cfg.vision
+    world, vision = shapes.WorldConfig(**meta["world"]), model.cfg.vision
+    print(f"sampler      : {sampler_name(refine)}: {why}")
     scene = None
     if cfg.image:
         picture = open_image(cfg.image).resize((vision.image_size, vision.image_size))
     else:
-        world = shapes.WorldConfig(**meta["world"])
-        sample = shapes.sample("test", cfg.scene_seed, world)
+        index = held_out_indices(1, cfg.scene_seed)[0]
+        sample = shapes.sample("test", index, world)
         picture, scene = sample["image"], sample["scene"]
+        print(f"scene        : held-out test scene {index} (--scene-seed {cfg.scene_seed})")
         print(f"ground truth : {sample['caption']}")
     images = image_to_tensor([picture], vision.mean, vision.std)
     drafts = None
     if cfg.draft:
         words = draft_ids(tokenizer, cfg.draft, gen_length)
-        drafts = torch.tensor([words + [tokenizer.mask_id] * (gen_length - len(words))], device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    start = time.perf_counter()
-    out, passes = caption_images(model, tokenizer, images, gen_length, cfg.tokens_per_step, cfg.refine,
-                                 cfg.block_length or None, cfg.temperature, drafts,
-                                 return_trace=bool(cfg.trace or cfg.trace_out), generator=generator,
-                                 prefix_cache=cfg.prefix_cache, cache_refresh=cfg.cache_refresh,
-                                 threshold=cfg.threshold or None, final_passes=cfg.final_passes)
-    seconds = time.perf_counter() - start
-    ids, trace = out if isinstance(out, tuple) else (out, None)
-    text = decode_answer(tokenizer, ids[0])
-    if cfg.trace:
-        print("\n".join(trace_lines(tokenizer, trace)))
-    if cfg.trace_out:
-        with open(cfg.trace_out, "w", encoding="utf-8") as f:
-            f.write(trace_html(tokenizer, trace))
-        print(f"trace written to {cfg.trace_out}")
-    print(f"caption      : {text}")
-    if scene is not None:
-        s = score_caption(text, scene)
-        print(f"score        : headline {s['headline']:.1f} | factuality {s['factuality']:.2f} | coverage "
-              f"{s['coverage']:.2f} | syntax {s['syntax']:.2f} | repetition {s['repetition']:.2f}")
-    speed = (f"threshold {cfg.threshold}" if cfg.threshold
-             else schedule_text(gen_length, cfg.tokens_per_step, cfg.block_length))
-    cache = f", prefix cache (refresh {cfg.cache_refresh or 'once per block'})" if cfg.prefix_cache else ""
-    cache += f", {cfg.final_passes} final pass(es)" if cfg.final_passes else ""
-    print(f"sampler      : {'refining' if cfg.refine else 'frozen'}, {speed}{cache}, "
-          f"{passes} forward passes, {gen_length / seconds:.0f} tokens/s ({seconds:.2f} s)")
+        drafts = torch.tensor([words + [tokenizer.mask_id] * (gen_length - len(words))],
+                              device=device)
+    text = caption_and_show(model, tokenizer, images, drafts, scene, gen_length, refine, cfg,
+                            show_trace=True)
+    print(f"\nfor comparison, the {sampler_name(not refine)} sampler on the same input:")
+    caption_and_show(model, tokenizer, images, drafts, scene, gen_length, not refine, cfg,
+                     show_trace=False)
+    if cfg.n_mean:
+        print(f"\nmean over {cfg.n_mean} held-out scenes (the evaluation's, seed 0), "
+              f"{speed_text(cfg, gen_length)}:")
+        means = {r: mean_scores(model, tokenizer, world, gen_length, r, cfg)
+                 for r in (refine, not refine)}
+        for r, scores in means.items():
+            print(f"{sampler_name(r):12s} : {score_text(scores)}")
+        gap = means[True]["headline"] - means[False]["headline"]
+        print(f"verdict      : refining - frozen = {gap:+.1f} headline points")
     return text
 
 
