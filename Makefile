@@ -1,5 +1,5 @@
-# The two commands of the README: `make demo` (set up, train the --tiny base and Stage I, caption a scene at 8 tokens/step)
-# and `make test`.
+# The README's two commands: `make demo` (set up, train the --tiny base and Stage I, caption
+# held-out scenes at 8 tokens per step) and `make test`.
 PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 
@@ -12,13 +12,11 @@ setup: .venv/.installed
 	.venv/bin/pip install -q -r requirements.txt
 	touch .venv/.installed
 
-# The base model (Eq. 1's masks, --tiny) learns to caption; Stage I (Eq. 2-3) then teaches it to revise.
+# The design card's two commands: the base (Eq. 1's masks) and Stage I (Eq. 2-3) from it, then a
+# held-out scene at 8 tokens per step with the refining and the frozen sampler.
 demo: setup
-	$(PY) train_stage1.py --tiny --objective mask --out out/base.safetensors
-	$(PY) train_stage1.py --tiny --init-from out/base.safetensors --steps 600 --lr 1e-3 --warmup 20 --n-scenes 3000 \
-		--out out/stage1.safetensors
-	$(PY) sample.py --ckpt out/stage1.safetensors --scene-seed 0 --tokens-per-step 8 --trace --trace-out out/trace.html
-	$(PY) sample.py --ckpt out/stage1.safetensors --scene-seed 0 --tokens-per-step 8 --no-refine
+	$(PY) train_stage1.py --tiny
+	$(PY) sample.py --tokens-per-step 8
 
 test: setup
 	$(PY) -m pytest -q tests
