@@ -690,15 +690,15 @@ def read_state(path: str) -> dict:
 def generate_answer(model: LLaDAV, image_embeds: torch.Tensor, prompt: torch.Tensor,
                     gen_length: int, steps: int, refine: bool = True,
                     block_length: int | None = None, temperature: float = 0.0, generator=None,
-                    return_trace: bool = False, prefix_cache: bool = False, cache_refresh: int = 0,
+                    return_trace: bool = False, prefix_cache: bool = False,
                     threshold: float | None = None):
     """rediff.generate with the official LLaDA-V sampler's rules: SAMPLER_BANNED_IDS (and the
     mask) at logit -inf, each row stopped at its first <|eot_id|> (rediff.StopRule).
     prompt (B, P) with the image placeholders, image_embeds (B or 1, N, D). The model computes
     logits from the current block's start only (sample.ModelLogits), never for the image and
-    prompt. prefix_cache, cache_refresh, threshold: see sample.ModelLogits and rediff.generate.
+    prompt. prefix_cache, threshold: see sample.ModelLogits and rediff.generate.
     Returns (rediff.generate's output, forward passes)."""
-    logits_fn = ModelLogits(model, image_embeds, prompt.shape[1], prefix_cache, cache_refresh)
+    logits_fn = ModelLogits(model, image_embeds, prompt.shape[1], prefix_cache)
     out = rediff.generate(logits_fn, prompt, gen_length, steps, block_length=block_length,
                           temperature=temperature, refine=refine, mask_id=MASK_ID, eot_id=EOT_ID,
                           banned_ids=SAMPLER_BANNED_IDS, return_trace=return_trace,
@@ -710,14 +710,14 @@ def generate_answer(model: LLaDAV, image_embeds: torch.Tensor, prompt: torch.Ten
 def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: bool = True, gen_length: int = 128,
             question: str = CAPTION_QUESTION, temperature: float = 0.0, device="auto", dtype=None, seed: int = 0,
             return_trace: bool = False, loaded: tuple | None = None,
-            block_length: int | None = None, prefix_cache: bool = False, cache_refresh: int = 0,
+            block_length: int | None = None, prefix_cache: bool = False,
             threshold: float | None = None) -> dict:
     """Caption one image file with a LLaDA-V / ReDiff checkpoint folder, as the paper evaluates: one block of
     gen_length tokens, steps = ceil(gen_length / tokens_per_step), greedy, refining (ReDiff) or frozen (LLaDA-V),
     with the official sampler's banned ids and end-of-turn stop (generate_answer).
 
     loaded: a (model, tokenizer) pair from load_llada_v to caption many images without reloading.
-    block_length, prefix_cache, cache_refresh, threshold: sample.py's options (off: the paper's).
+    block_length, prefix_cache, threshold: sample.py's options (off: the paper's).
     Returns {"text", "ids" (G,), "image_tokens", "prompt_tokens", "forward_passes", "seconds", "trace"}."""
     if not image_path:
         raise ValueError("captioning with a checkpoint folder needs an image file (--image photo.jpg)")
@@ -733,7 +733,7 @@ def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: b
     steps = steps_for(gen_length, tokens_per_step, gen_length // (block_length or gen_length))
     out, forward_passes = generate_answer(model, image_embeds, prompt, gen_length, steps, refine,
                                           block_length, temperature, generator, return_trace,
-                                          prefix_cache, cache_refresh, threshold)
+                                          prefix_cache, threshold)
     ids, trace = out if return_trace else (out, None)
     answer = ids[0].tolist()
     cut = min([answer.index(s) for s in tokenizer.stop_ids if s in answer] + [len(answer)])

@@ -155,16 +155,18 @@ def refinement_loss(logits, refined, mistake_mask):
 
 
 def transfer_schedule(mask_count, steps: int):
-    """How many masked tokens to commit at each step of a block, (B, steps): n // steps each, and the first
-    n % steps steps one more (100 masks over 32 steps -> 4, 4, 4, 4, 3, 3, ...), as in LLaDA."""
-    base = mask_count // steps                                                          # (B,)
-    extra = mask_count % steps                                                          # (B,)
-    step = torch.arange(steps, device=mask_count.device)                                # (steps,)
-    return base[:, None] + (step[None, :] < extra[:, None]).long()                      # (B, steps)
+    """How many masked tokens to commit at each step of a block, (B, steps): n // steps each, and
+    the first n % steps steps one more (100 masks over 32 steps -> 4, 4, 4, 4, 3, 3, ...), as in
+    LLaDA."""
+    base = mask_count // steps                                                      # (B,)
+    extra = mask_count % steps                                                      # (B,)
+    step = torch.arange(steps, device=mask_count.device)                            # (steps,)
+    return base[:, None] + (step[None, :] < extra[:, None]).long()                  # (B, steps)
 
 
 def add_gumbel_noise(logits, temperature: float, generator=None):
-    """Sampling as an argmax: exp(l) / (-log u)^T, in float64 (low precision makes Gumbel sampling worse; LLaDA)."""
+    """Sampling as an argmax: exp(l) / (-log u)^T, in float64 (low precision makes Gumbel sampling
+    worse; LLaDA)."""
     if temperature == 0:
         return logits
     logits = logits.double()
@@ -173,29 +175,32 @@ def add_gumbel_noise(logits, temperature: float, generator=None):
 
 
 def chosen_probability(logits, chosen):
-    """softmax(logits)[chosen] via log-sum-exp: no softmax tensor is built, only one number per position, (B, G).
+    """softmax(logits)[chosen] via log-sum-exp: no softmax tensor is built, only one number per
+    position, (B, G).
 
-    In float64, like the reference's softmax: confidences that differ by less than float32 can resolve (common in
-    an untrained model) would otherwise tie, and top-k would break the tie differently from LLaDA."""
+    In float64, like the reference's softmax: confidences that differ by less than float32 can
+    resolve (common in an untrained model) would otherwise tie, and top-k would break the tie
+    differently from LLaDA."""
     logits = logits.double()
     return (logits.gather(-1, chosen[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)).exp()
 
 
 def only_block(logits, ids, start: int, end: int):
-    """The logits (B, end - start, V) of positions start..end-1 of ids (B, L), from logits that cover all L positions
-    or only the last ones (right-aligned: a logits_fn may skip the prompt)."""
-    offset = ids.shape[1] - logits.shape[1]                 # positions the logits_fn left out at the front
+    """The logits (B, end - start, V) of positions start..end-1 of ids (B, L), from logits that
+    cover all L positions or only the last ones (right-aligned: a logits_fn may skip the prompt)."""
+    offset = ids.shape[1] - logits.shape[1]     # positions the logits_fn left out at the front
     if offset > start:
-        raise ValueError(f"logits_fn returned logits for the last {logits.shape[1]} positions only, but the block "
-                         f"starts at position {start} of {ids.shape[1]}")
+        raise ValueError(f"logits_fn returned logits for the last {logits.shape[1]} positions "
+                         f"only, but the block starts at position {start} of {ids.shape[1]}")
     return logits[:, start - offset:end - offset]
 
 
 def confident_or_best(confidence, candidates, threshold: float):
-    """Fast-dLLM's rule: commit every candidate whose confidence >= threshold, and in each row that still has a
-    candidate at least the most confident one (so every step makes progress). confidence, candidates: (B, Lb)."""
-    commit = candidates & (confidence >= threshold)                                      # (B, Lb)
-    best = F.one_hot(confidence.argmax(dim=1), confidence.shape[1]).bool()               # (B, Lb)
+    """Fast-dLLM's rule: commit every candidate whose confidence >= threshold, and in each row that
+    still has a candidate at least the most confident one (so every step makes progress).
+    confidence, candidates: (B, Lb)."""
+    commit = candidates & (confidence >= threshold)                                 # (B, Lb)
+    best = F.one_hot(confidence.argmax(dim=1), confidence.shape[1]).bool()          # (B, Lb)
     return commit | (best & candidates.any(dim=1, keepdim=True))
 
 
@@ -225,7 +230,7 @@ class Step(NamedTuple):
     step: int               # the step's number within the block
     start: int              # the block is x[:, start:end]
     end: int
-    x: torch.Tensor         # (B, L) the sequence after the step: the live tensor, later steps update it
+    x: torch.Tensor         # (B, L) the sequence after the step (live: later steps update it)
     before: torch.Tensor    # (B, end - start) the block before the step
     commit: torch.Tensor    # (B, end - start) the masked positions the step committed
 
@@ -233,16 +238,16 @@ class Step(NamedTuple):
 def denoise_steps(predict, x, prompt_len: int, num_blocks: int, steps_per_block: int, mask_id: int,
                   refine: bool = False, threshold: float | None = None, stops=None, on_block=None):
     """The reverse process (LLaDA's sampler; with refine=True ReDiff's, Section 3.4) as a generator:
-    x (B, L), the prompt then the answer (masks, or a draft's tokens), is updated in place and a Step
-    is yielded after every step.
+    x (B, L), the prompt then the answer (masks, or a draft's tokens), is updated in place and a
+    Step is yielded after every step.
 
-    The answer is cut into num_blocks blocks, decoded left to right. Each block takes steps_per_block
-    steps; step i commits transfer_schedule's i-th share of the block's masked positions, the most
-    confident ones (low-confidence remasking). predict(x, start, end) -> (x0, confidence), each
-    (B, end - start): the step's prediction of every block position and its confidence
-    (step_predictor). Frozen, a committed token never changes. Refining, every position of the block
-    that was visible before the step also takes the step's prediction (the same logits: no extra
-    forward pass); only masked positions are newly committed.
+    The answer is cut into num_blocks blocks, decoded left to right. Each block takes
+    steps_per_block steps; step i commits transfer_schedule's i-th share of the block's masked
+    positions, the most confident ones (low-confidence remasking). predict(x, start, end) ->
+    (x0, confidence), each (B, end - start): the step's prediction of every block position and its
+    confidence (step_predictor). Frozen, a committed token never changes. Refining, every position
+    of the block that was visible before the step also takes the step's prediction (the same
+    logits: no extra forward pass); only masked positions are newly committed.
 
     Extensions, off by default: threshold (Fast-dLLM: commit every masked position whose confidence
     >= threshold, at least the most confident one, until the block holds no mask; steps_per_block is
@@ -253,7 +258,8 @@ def denoise_steps(predict, x, prompt_len: int, num_blocks: int, steps_per_block:
     block_length = (x.shape[1] - prompt_len) // num_blocks
     for block in range(num_blocks):
         start, end = prompt_len + block * block_length, prompt_len + (block + 1) * block_length
-        schedule = transfer_schedule((x[:, start:end] == mask_id).sum(dim=1), steps_per_block)
+        masks_in_block = (x[:, start:end] == mask_id).sum(dim=1)                         # (B,)
+        schedule = transfer_schedule(masks_in_block, steps_per_block)               # (B, steps)
         running = stops.still_running(torch.ones_like(x[:, 0], dtype=torch.bool), x, start, end)
         if not running.any():
             continue  # every row stopped before this block
@@ -294,11 +300,11 @@ def step_predictor(logits_fn, prompt_len: int, mask_id: int, banned_ids=None,
         raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
 
     def predict(x, start: int, end: int):
-        logits = only_block(logits_fn(x), x, start, end)                                 # (B, Lb, V)
+        logits = only_block(logits_fn(x), x, start, end)                            # (B, Lb, V)
         if cfg_scale > 0:
             unprompted = x.clone()
             unprompted[:, :prompt_len] = mask_id                                         # (B, L)
-            unconditional = only_block(logits_fn(unprompted), x, start, end)             # (B, Lb, V)
+            unconditional = only_block(logits_fn(unprompted), x, start, end)        # (B, Lb, V)
             logits = unconditional + (cfg_scale + 1) * (logits - unconditional)
         never = torch.tensor([*(banned_ids or []), mask_id], device=x.device)
         logits = logits.index_fill(-1, never, -torch.inf)
@@ -353,7 +359,8 @@ class EndOfText(NoStop):
 
 
 class StopRule(NoStop):
-    """The end-of-turn rule of the official LLaDA-V sampler (generate's eot_id), each row on its own.
+    """The end-of-turn rule of the official LLaDA-V sampler (generate's eot_id), each row on its
+    own.
 
     After every step, the first eot_id of a row's answer becomes its stop position when it has none
     or this one is earlier (never later, even when a revision replaces that eot_id). Only masked
@@ -409,8 +416,7 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
              temperature: float = 0.0, refine: bool = False, mask_id: int = 126336,
              remasking: str = "low_confidence", cfg_scale: float = 0.0, stop_id: int | None = None,
              banned_ids=None, draft=None, return_trace: bool = False, generator=None,
-             threshold: float | None = None, on_block=None, final_passes: int = 0,
-             eot_id: int | None = None):
+             threshold: float | None = None, on_block=None, eot_id: int | None = None):
     """Caption by the reverse process: start from an all-[MASK] answer and commit the most confident
     tokens, block by block (denoise_steps). Frozen (refine=False) it is LLaDA's `generate`, token
     for token at T = 0 with the options below off; refining (refine=True) it is ReDiff's sampler.
@@ -426,20 +432,15 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
       the answer holds stop_id from each row's first one on (EndOfText).
     - eot_id: the official LLaDA-V sampler's end of turn, each row on its own (StopRule). Refining
       revises every visible position of the block, after the stop too, while the row runs. Not with
-      stop_id or final_passes.
-    - draft (B, G) (Figure 6): an initial answer whose non-mask tokens start visible, not masked.
-    - final_passes N (not in the paper; refine=True only): N more forward passes after the last
-      step, each overwriting every visible position of the last block run with its prediction and
-      committing nothing, so the last step's tokens are re-predicted too. In the trace with
-      step >= the block's steps."""
+      stop_id.
+    - draft (B, G) (Figure 6): an initial answer whose non-mask tokens start visible, not masked."""
     B, P = prompt.shape
-    if final_passes and not refine:
-        raise ValueError("final_passes re-predict visible tokens: they need refine=True")
-    if eot_id is not None and (stop_id is not None or final_passes):
-        raise ValueError("eot_id is a stop rule of its own: it takes neither stop_id nor final_passes")
+    if eot_id is not None and stop_id is not None:
+        raise ValueError("eot_id is a stop rule of its own: it does not take stop_id")
     block_length = block_length or gen_length
     if gen_length % block_length:
-        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
+        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length "
+                         f"{block_length}")
     num_blocks = gen_length // block_length
     if steps % num_blocks:
         raise ValueError(f"steps {steps} is not a multiple of the number of blocks {num_blocks}")
@@ -456,21 +457,10 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
         stops = NoStop(x, P, mask_id)
     predict = step_predictor(logits_fn, P, mask_id, banned_ids, temperature, remasking, cfg_scale,
                              generator)
-    trace, last = [], None
-    for last in denoise_steps(predict, x, P, num_blocks, steps // num_blocks, mask_id, refine,
+    trace = []
+    for step in denoise_steps(predict, x, P, num_blocks, steps // num_blocks, mask_id, refine,
                               threshold, stops, on_block):
         if return_trace:
-            trace.append(trace_entry(last, P, mask_id))
-
-    for extra in range(final_passes if last is not None else 0):  # the last block run, once more
-        start, end = last.start, last.end
-        before = x[:, start:end].clone()                                                 # (B, Lb)
-        x0, _ = predict(x, start, end)
-        x[:, start:end] = torch.where(before != mask_id, x0, before)  # nothing new is committed
-        if return_trace:
-            passed = Step(last.block, last.step + 1 + extra, start, end, x, before,
-                          torch.zeros_like(before, dtype=torch.bool))
-            trace.append(trace_entry(passed, P, mask_id))
-
+            trace.append(trace_entry(step, P, mask_id))
     answer = stops.answer(x)
     return (answer, trace) if return_trace else answer

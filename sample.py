@@ -30,9 +30,10 @@ from model import load_for, pick_device
 
 
 def steps_for(gen_length: int, tokens_per_step: int, num_blocks: int = 1) -> int:
-    """The documented rule: steps = ceil(gen_length / tokens_per_step), rounded up to a multiple of the number of
-    blocks. When tokens_per_step does not divide gen_length, the transfer schedule spreads the remainder, so no step
-    commits more than tokens_per_step tokens (64 tokens at 3 per step: 22 steps, twenty of 3 and two of 2)."""
+    """The documented rule: steps = ceil(gen_length / tokens_per_step), rounded up to a multiple of
+    the number of blocks. When tokens_per_step does not divide gen_length, the transfer schedule
+    spreads the remainder, so no step commits more than tokens_per_step tokens (64 tokens at 3 per
+    step: 22 steps, twenty of 3 and two of 2)."""
     if tokens_per_step < 1:
         raise ValueError(f"--tokens-per-step must be >= 1, got {tokens_per_step}")
     steps = math.ceil(gen_length / tokens_per_step)
@@ -114,23 +115,24 @@ def banned_ids(tokenizer) -> list[int]:
 
 class ModelLogits:
     """rediff.generate's logits_fn for a VLM whose image tokens were computed once per caption:
-    model.VLM, or llada_v.LLaDAV (the real LLaDA-V / ReDiff weights; its forward takes the same call).
+    model.VLM, or llada_v.LLaDAV (the real LLaDA-V / ReDiff weights; its forward takes the same
+    call).
 
-    Only positions from the current block on get logits (the prompt's are never read), which is exact. With
-    prefix_cache=True (the idea of Fast-dLLM's block-wise approximate KV cache), the first step of each block runs the
-    whole sequence once and keeps the keys and values of every position before the block (image, prompt, earlier
-    blocks); the block's other steps run only the positions from the block on, attending to that cache. The cache
-    goes stale as the answer fills in (bidirectional attention), so it is an approximation: refresh=R > 0 rebuilds it
-    every R steps as well (R = 1 is exact, and no faster). A model trained with the Prefix-DLM mask
-    (VLMConfig.prefix_dlm_len) keeps the image and prompt blind to the answer: with one block its cache is exact.
-    It is also rebuilt whenever the prefix ids change (e.g.
-    classifier-free guidance's unconditional pass), so it is never used for another sequence."""
+    Only positions from the current block on get logits (the prompt's are never read), which is
+    exact. With prefix_cache=True (the idea of Fast-dLLM's block-wise approximate KV cache), the
+    first step of each block runs the whole sequence once and keeps the keys and values of every
+    position before the block (image, prompt, earlier blocks); the block's other steps run only the
+    positions from the block on, attending to that cache. The cache goes stale as the answer fills
+    in (bidirectional attention), so it is an approximation; a model trained with the Prefix-DLM
+    mask (VLMConfig.prefix_dlm_len) keeps the image and prompt blind to the answer: with one block
+    its cache is exact. It is also rebuilt whenever the prefix ids change (e.g. classifier-free
+    guidance's unconditional pass), so it is never used for another sequence."""
 
-    def __init__(self, model, image_embeds, prompt_len: int, prefix_cache: bool = False, refresh: int = 0):
-        self.model, self.image_embeds = model, image_embeds                                 # (B, N, D)
-        self.prefix_cache, self.refresh = prefix_cache, refresh
-        self.start = prompt_len        # the current block's first position; rediff.generate's on_block moves it
-        self.kv, self.kv_ids, self.steps_on_cache = None, None, 0
+    def __init__(self, model, image_embeds, prompt_len: int, prefix_cache: bool = False):
+        self.model, self.image_embeds = model, image_embeds                        # (B, N, D)
+        self.prefix_cache = prefix_cache
+        self.start = prompt_len  # the current block's first position; generate's on_block moves it
+        self.kv, self.kv_ids = None, None
         self.forward_passes, self.cache_builds = 0, 0
 
     def begin_block(self, start: int):
@@ -140,39 +142,39 @@ class ModelLogits:
         self.forward_passes += 1
         image_embeds = self.image_embeds[: ids.shape[0]]
         if not self.prefix_cache:
-            return self.model(ids, image_embeds, logits_from=self.start)                   # (B, L - start, V)
-        prefix = ids[:, :self.start]                                                        # (B, start)
-        stale = (self.kv is None or not torch.equal(prefix, self.kv_ids)
-                 or (self.refresh > 0 and self.steps_on_cache >= self.refresh))
-        if stale:  # one full pass: this step's logits, and the prefix's keys and values for the next steps
-            logits, self.kv = self.model(ids, image_embeds, keep_kv=self.start, logits_from=self.start)
-            self.kv_ids, self.steps_on_cache = prefix.clone(), 1
+            return self.model(ids, image_embeds, logits_from=self.start)        # (B, L - start, V)
+        prefix = ids[:, :self.start]                                                # (B, start)
+        if self.kv is None or not torch.equal(prefix, self.kv_ids):
+            # one full pass: this step's logits, and the prefix's keys and values for the next steps
+            logits, self.kv = self.model(ids, image_embeds, keep_kv=self.start,
+                                         logits_from=self.start)                # (B, L - start, V)
+            self.kv_ids = prefix.clone()
             self.cache_builds += 1
-            return logits                                                                   # (B, L - start, V)
-        self.steps_on_cache += 1
-        return self.model(ids[:, self.start:], past_kv=self.kv)                             # (B, L - start, V)
+            return logits
+        return self.model(ids[:, self.start:], past_kv=self.kv)                  # (B, L - start, V)
 
 
 @torch.no_grad()
-def caption_images(model, tokenizer, images, gen_length: int, tokens_per_step: int, refine: bool = True,
-                   block_length: int | None = None, temperature: float = 0.0, drafts=None,
-                   return_trace: bool = False, generator=None, prefix_cache: bool = False, cache_refresh: int = 0,
-                   threshold: float | None = None, final_passes: int = 0):
-    """Images (B, 3, S, S) -> (answer ids (B, G) [and the trace], forward passes). Image tokens are computed once,
-    not per step. prefix_cache / cache_refresh: see ModelLogits; threshold: rediff.generate's confidence threshold
-    (then tokens_per_step only sets the unused `steps`); final_passes: rediff.generate's (refine only; not in the
-    paper)."""
+def caption_images(model, tokenizer, images, gen_length: int, tokens_per_step: int,
+                   refine: bool = True, block_length: int | None = None, temperature: float = 0.0,
+                   drafts=None, return_trace: bool = False, generator=None,
+                   prefix_cache: bool = False, threshold: float | None = None):
+    """Images (B, 3, S, S) -> (answer ids (B, G) [and the trace], forward passes) by
+    rediff.generate. Image tokens are computed once, not per step. prefix_cache: see ModelLogits;
+    threshold: rediff.generate's confidence threshold (then tokens_per_step only sets the unused
+    `steps`)."""
     device = next(model.parameters()).device
-    image_embeds = model.encode_images(images.to(device))                                   # (B, N, D)
+    image_embeds = model.encode_images(images.to(device))                          # (B, N, D)
     prompt = torch.tensor(prompt_ids(tokenizer, model.n_image_tokens), device=device)
-    prompt = prompt.expand(images.shape[0], -1)                                              # (B, P)
-    logits_fn = ModelLogits(model, image_embeds, prompt.shape[1], prefix_cache, cache_refresh)
+    prompt = prompt.expand(images.shape[0], -1)                                     # (B, P)
+    logits_fn = ModelLogits(model, image_embeds, prompt.shape[1], prefix_cache)
     num_blocks = gen_length // (block_length or gen_length)
-    out = rediff.generate(logits_fn, prompt, gen_length, steps_for(gen_length, tokens_per_step, num_blocks),
-                          block_length=block_length, temperature=temperature, refine=refine,
-                          mask_id=tokenizer.mask_id, stop_id=tokenizer.eos_id, banned_ids=banned_ids(tokenizer),
-                          draft=drafts, return_trace=return_trace, generator=generator, threshold=threshold,
-                          on_block=logits_fn.begin_block, final_passes=final_passes)
+    steps = steps_for(gen_length, tokens_per_step, num_blocks)
+    out = rediff.generate(logits_fn, prompt, gen_length, steps, block_length=block_length,
+                          temperature=temperature, refine=refine, mask_id=tokenizer.mask_id,
+                          stop_id=tokenizer.eos_id, banned_ids=banned_ids(tokenizer), draft=drafts,
+                          return_trace=return_trace, generator=generator, threshold=threshold,
+                          on_block=logits_fn.begin_block)
     return out, logits_fn.forward_passes
 
 
@@ -184,19 +186,21 @@ def decode_answer(tokenizer, ids) -> str:
     return tokenizer.decode(ids)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Showing the refinement (the paper's Figure 4)
 
 NEW, REVISED, RESET = "\033[32m", "\033[33;1m", "\033[0m"
 
 
 def trace_lines(tokenizer, trace, row: int = 0, color: bool = True) -> list[str]:
-    """One line per step: newly committed tokens in green, revised tokens in bold yellow, masks as '_'."""
+    """One line per step of rediff.generate's trace: newly committed tokens in green, revised
+    tokens in bold yellow, masks as '_' (the paper's Figure 4)."""
     lines = []
     for entry in trace:
         words = []
         for pos, token in enumerate(entry["ids"][row].tolist()):
-            word = "_" if token == tokenizer.mask_id else tokenizer.decode([token], skip_special=False)
+            word = ("_" if token == tokenizer.mask_id
+                    else tokenizer.decode([token], skip_special=False))
             if entry["changed"][row, pos]:
                 word = f"{REVISED}{word}{RESET}" if color else f"[{word}]"
             elif entry["new"][row, pos]:
@@ -207,35 +211,40 @@ def trace_lines(tokenizer, trace, row: int = 0, color: bool = True) -> list[str]
 
 
 def trace_html(tokenizer, trace, row: int = 0) -> str:
-    """The trace as a self-contained HTML page: new tokens green, revised tokens orange with the old token struck."""
+    """The trace as a self-contained HTML page: new tokens green, revised tokens orange with the old
+    token struck."""
     rows, previous = [], None
     for entry in trace:
         cells = []
         for pos, token in enumerate(entry["ids"][row].tolist()):
-            word = "·" if token == tokenizer.mask_id else tokenizer.decode([token], skip_special=False)
+            word = ("·" if token == tokenizer.mask_id
+                    else tokenizer.decode([token], skip_special=False))
             word = word.replace("&", "&amp;").replace("<", "&lt;")
             if entry["changed"][row, pos] and previous is not None:
-                old = tokenizer.decode([int(previous[pos])], skip_special=False).replace("<", "&lt;")
+                old = tokenizer.decode([int(previous[pos])], skip_special=False)
+                old = old.replace("<", "&lt;")
                 cells.append(f'<span class="rev"><s>{old}</s> {word}</span>')
             elif entry["new"][row, pos]:
                 cells.append(f'<span class="new">{word}</span>')
             else:
-                cells.append(f'<span class="{"mask" if token == tokenizer.mask_id else "old"}">{word}</span>')
+                kind = "mask" if token == tokenizer.mask_id else "old"
+                cells.append(f'<span class="{kind}">{word}</span>')
         previous = entry["ids"][row]
         rows.append(f"<tr><td>step {entry['step']}</td><td>{' '.join(cells)}</td></tr>")
-    style = (".new{background:#c8f7c5}.rev{background:#ffd59e}.mask{color:#bbb}td{font-family:monospace;"
-             "padding:2px 8px;vertical-align:top}")
-    return (f"<!doctype html><meta charset='utf-8'><title>ReDiff refinement trace</title><style>{style}</style>"
+    style = (".new{background:#c8f7c5}.rev{background:#ffd59e}.mask{color:#bbb}"
+             "td{font-family:monospace;padding:2px 8px;vertical-align:top}")
+    return (f"<!doctype html><meta charset='utf-8'><title>ReDiff refinement trace</title>"
+            f"<style>{style}</style>"
             f"<p><span class='new'>new token</span> <span class='rev'><s>old</s> revised</span></p>"
             f"<table>{''.join(rows)}</table>")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The demo: one held-out scene with both samplers, then both samplers' mean score
 
 DEMO_CKPT = "out/stage1.safetensors"          # what the demo's training command writes
 DEMO_TRAIN = "python train_stage1.py --tiny"  # the demo's training command
-MASK_TRAINED = "stage1-mask"  # train_stage1.py --objective mask: Eq. 1 only, never trained to revise
+MASK_TRAINED = "stage1-mask"  # train_stage1.py --objective mask: Eq. 1, never trained to revise
 
 
 @dataclass
@@ -243,9 +252,9 @@ class SampleConfig:
     ckpt: str = option(DEMO_CKPT, "checkpoint written by train_stage1.py / train_stage2.py, or a "
                        "Hugging Face LLaDA-V / ReDiff folder")
     image: str = option("", "caption this image file instead of a held-out shapes-world scene")
-    scene_seed: int = option(0, "which held-out scene to caption: the one the evaluation's held-out "
-                             "pool draws with this seed (its ground truth is printed and scored)",
-                             at_least=0)
+    scene_seed: int = option(0, "which held-out scene to caption: the one the evaluation's "
+                             "held-out pool draws with this seed (its ground truth is printed and "
+                             "scored)", at_least=0)
     tokens_per_step: int = option(8, "tokens committed per step; steps = ceil(gen_length / "
                                   "tokens_per_step)", at_least=1)
     gen_length: int = option(0, "answer length in tokens (0: the checkpoint's training answer "
@@ -268,14 +277,9 @@ class SampleConfig:
     seed: int = option(0, "random seed (only matters with --temperature > 0)", at_least=0)
     prefix_cache: bool = option(False, "reuse the image + prompt keys/values within a block "
                                 "(Fast-dLLM's approximate KV cache): faster, approximate")
-    cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: "
-                                "once per block)", at_least=0)
     threshold: float = option(0.0, "commit every masked token with confidence >= P, at least one "
                               "a step (Fast-dLLM); 0: the fixed --tokens-per-step schedule",
                               at_least=0, at_most=1)
-    final_passes: int = option(0, "not in the paper: forward passes after the last step that "
-                               "re-predict every answer token (refining sampler only)",
-                               at_least=0)
 
 
 def pick_sampler(refine, meta: dict, ckpt: str) -> tuple[bool, str]:
@@ -303,12 +307,11 @@ def score_text(scores: dict) -> str:
             f"repetition {scores['repetition']:.2f}")
 
 
-def sampler_options(cfg: SampleConfig, refine: bool) -> dict:
-    """The speed-ups and extensions of --block-length ... --final-passes, as caption_images takes
+def sampler_options(cfg: SampleConfig) -> dict:
+    """--block-length, --temperature, --prefix-cache and --threshold, as caption_images takes
     them."""
     return dict(block_length=cfg.block_length or None, temperature=cfg.temperature,
-                prefix_cache=cfg.prefix_cache, cache_refresh=cfg.cache_refresh,
-                threshold=cfg.threshold or None, final_passes=cfg.final_passes if refine else 0)
+                prefix_cache=cfg.prefix_cache, threshold=cfg.threshold or None)
 
 
 def speed_text(cfg: SampleConfig, gen_length: int) -> str:
@@ -316,7 +319,7 @@ def speed_text(cfg: SampleConfig, gen_length: int) -> str:
     text = (f"threshold {cfg.threshold}" if cfg.threshold
             else schedule_text(gen_length, cfg.tokens_per_step, cfg.block_length))
     if cfg.prefix_cache:
-        text += f", prefix cache (refresh {cfg.cache_refresh or 'once per block'})"
+        text += ", prefix cache (refresh once per block)"
     return text
 
 
@@ -330,7 +333,7 @@ def caption_and_show(model, tokenizer, images, drafts, scene, gen_length: int, r
     start = time.perf_counter()
     out, passes = caption_images(model, tokenizer, images, gen_length, cfg.tokens_per_step, refine,
                                  drafts=drafts, return_trace=want_trace, generator=generator,
-                                 **sampler_options(cfg, refine))
+                                 **sampler_options(cfg))
     seconds = time.perf_counter() - start
     ids, trace = out if want_trace else (out, None)
     text = decode_answer(tokenizer, ids[0])
@@ -343,8 +346,7 @@ def caption_and_show(model, tokenizer, images, drafts, scene, gen_length: int, r
     print(f"caption      : {text}")
     if scene is not None:
         print(f"score        : {score_text(score_caption(text, scene))}")
-    passes_done = f", {cfg.final_passes} final pass(es)" if refine and cfg.final_passes else ""
-    print(f"decoding     : {sampler_name(refine)}, {speed_text(cfg, gen_length)}{passes_done}, "
+    print(f"decoding     : {sampler_name(refine)}, {speed_text(cfg, gen_length)}, "
           f"{passes} forward passes, {gen_length / seconds:.0f} tokens/s ({seconds:.2f} s)")
     return text
 
@@ -361,7 +363,7 @@ def mean_scores(model, tokenizer, world, gen_length: int, refine: bool, cfg: Sam
         images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
         ids, _ = caption_images(model, tokenizer, images, gen_length, cfg.tokens_per_step, refine,
-                                generator=generator, **sampler_options(cfg, refine))
+                                generator=generator, **sampler_options(cfg))
         texts += [decode_answer(tokenizer, row) for row in ids]
         scenes += [s["scene"] for s in samples]
     return score_captions(texts, scenes)
@@ -374,9 +376,9 @@ def caption_real_weights(cfg: SampleConfig) -> str:
     if not cfg.image:
         raise SystemExit(f"{cfg.ckpt} is a LLaDA-V / ReDiff folder: give the photo to caption "
                          f"with --image PATH")
-    if cfg.final_passes or cfg.draft:
-        raise SystemExit("--final-passes and --draft work with this project's checkpoints only, "
-                         "not with a LLaDA-V / ReDiff folder: drop them")
+    if cfg.draft:
+        raise SystemExit("--draft works with this project's checkpoints only, not with a "
+                         "LLaDA-V / ReDiff folder: drop it")
     refine = cfg.refine is not False  # auto: refine, as ReDiff does
     gen_length = cfg.gen_length or 128
     check_block_length(cfg.block_length, gen_length, "the answer")
@@ -387,7 +389,7 @@ def caption_real_weights(cfg: SampleConfig) -> str:
                   temperature=cfg.temperature, device=cfg.device, seed=cfg.seed,
                   return_trace=want_trace, loaded=loaded,
                   block_length=cfg.block_length or None, prefix_cache=cfg.prefix_cache,
-                  cache_refresh=cfg.cache_refresh, threshold=cfg.threshold or None)
+                  threshold=cfg.threshold or None)
     if cfg.trace:
         print("\n".join(trace_lines(loaded[1], out["trace"])))
     if cfg.trace_out:
@@ -396,7 +398,7 @@ def caption_real_weights(cfg: SampleConfig) -> str:
     print(f"caption      : {out['text']}")
     speed = f"threshold {cfg.threshold}" if cfg.threshold else f"{cfg.tokens_per_step} tokens/step"
     if cfg.prefix_cache:
-        speed += f", prefix cache (refresh {cfg.cache_refresh or 'once per block'})"
+        speed += ", prefix cache (refresh once per block)"
     print(f"sampler      : {sampler_name(refine)}, {speed}, "
           f"{out['forward_passes']} forward passes ({out['seconds']:.2f} s)")
     return out["text"]
@@ -418,9 +420,6 @@ def main(argv=None):
                            device=device)
     model.eval()
     refine, why = pick_sampler(cfg.refine, meta, cfg.ckpt)
-    if cfg.final_passes and not refine:
-        raise UsageError("--final-passes re-predicts visible tokens: it needs the refining sampler "
-                         "(drop --no-refine)")
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     gen_length = cfg.gen_length or meta["answer_len"]
     what = "--gen-length" if cfg.gen_length else f"{cfg.ckpt}'s answer"

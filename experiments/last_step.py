@@ -6,8 +6,9 @@ positions (17 %) are committed unrevised; the paper's 128-token answers at 16 st
 captions held-out test scenes (tools/eval.py's), splits every caption into sentences, and reports, for sentences that
 parse and sentences that do not (data/score.py), the share holding a token committed at the last step. Then it asks
 what revising those tokens would be worth: the headline (data/score.py) of the captions as they are (S steps), after
-one extra forward pass that re-predicts every answer token and commits nothing (rediff.generate's final_passes=1:
-S + 1 passes; not the paper's sampler), and of the ordinary sampler given S + 1 steps (as many forward passes).
+one extra forward pass that re-predicts every answer token and commits nothing
+(caption_with_a_final_pass: S + 1 passes; not the paper's sampler), and of the ordinary sampler
+given S + 1 steps (as many forward passes).
 
     python experiments/last_step.py --ckpt runs/repro/stage1-s0.safetensors [more ...] --tokens-per-step 8 --n 200
 """
@@ -19,11 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from data import shapes  # noqa: E402
-from data.pipeline import held_out_indices, image_to_tensor  # noqa: E402
+import rediff  # noqa: E402
+from data.pipeline import held_out_indices, image_to_tensor, prompt_ids  # noqa: E402
 from data.score import score_caption, score_captions  # noqa: E402
 from data.tokenizer import tokenizer_from_dict  # noqa: E402
 from model import load_for  # noqa: E402
-from sample import caption_images, decode_answer, steps_for  # noqa: E402
+from sample import ModelLogits, banned_ids, caption_images, decode_answer, steps_for  # noqa: E402
 
 
 def sentence_spans(ids: list[int], period: int, eos: int) -> list[tuple[int, int]]:
@@ -39,6 +41,28 @@ def sentence_spans(ids: list[int], period: int, eos: int) -> list[tuple[int, int
     if start < end:
         spans.append((start, end))  # a last sentence without its period
     return spans
+
+
+@torch.no_grad()
+def caption_with_a_final_pass(model, tokenizer, images, answer_len: int, tokens_per_step: int):
+    """Not the paper's sampler: caption_images' refining sampler (one block), then one more forward
+    pass after its last step that re-predicts every visible answer token and commits nothing, so
+    the last step's tokens are revised too. Answer ids (B, G)."""
+    device = next(model.parameters()).device
+    image_embeds = model.encode_images(images.to(device))                          # (B, N, D)
+    prompt = torch.tensor(prompt_ids(tokenizer, model.n_image_tokens), device=device)
+    P, mask_id = len(prompt), tokenizer.mask_id
+    x = torch.full((len(images), P + answer_len), mask_id, device=device)          # (B, L)
+    x[:, :P] = prompt
+    predict = rediff.step_predictor(ModelLogits(model, image_embeds, P), P, mask_id,
+                                    banned_ids(tokenizer))
+    stops = rediff.EndOfText(tokenizer.eos_id, x, P, mask_id)
+    for _ in rediff.denoise_steps(predict, x, P, 1, steps_for(answer_len, tokens_per_step),
+                                  mask_id, refine=True, stops=stops):
+        pass  # the paper's refining sampler, step by step
+    x0, _ = predict(x, P, x.shape[1])                                               # (B, G)
+    x[:, P:] = torch.where(x[:, P:] != mask_id, x0, x[:, P:])  # visible tokens only
+    return stops.answer(x)
 
 
 @torch.no_grad()
@@ -76,7 +100,8 @@ def main():
         per_step = [k for k in range(1, answer_len + 1) if steps_for(answer_len, k) == steps + 1]  # S + 1 steps
         more = caption_images(model, tokenizer, images, answer_len, per_step[0], True)[0] \
             if per_step else None
-        polished = caption_images(model, tokenizer, images, answer_len, args.tokens_per_step, True, final_passes=1)[0]
+        polished = caption_with_a_final_pass(model, tokenizer, images, answer_len,
+                                             args.tokens_per_step)
         share = lambda c: c[1] / max(1, c[0])  # noqa: E731
         print(f"{path}: {args.tokens_per_step} tok/step, {len(trace)} steps | sentences that parse: "
               f"{counts[True][0]}, {share(counts[True]):.0%} hold a last-step token | that do not: "

@@ -315,14 +315,14 @@ def test_sample_py_captions_with_a_real_format_folder(tiny, tmp_path, capsys):
                         "--trace", "--device", "cpu"])
     out = capsys.readouterr().out
     assert isinstance(text, str) and "caption" in out and "2 forward passes" in out and "step" in out
-    # the sampler's speed-ups work on a folder too; --final-passes is refused in one line
+    # the sampler's speed-ups work on a folder too; --draft is refused in one line
     sample.main(["--ckpt", tiny[0], "--image", path, "--gen-length", "8", "--block-length", "4",
                  "--threshold", "0.9", "--prefix-cache", "--device", "cpu"])
     assert "threshold 0.9, prefix cache (refresh once per block)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
-        run_main(sample.main, ["--ckpt", tiny[0], "--image", path, "--final-passes", "1"])
+        run_main(sample.main, ["--ckpt", tiny[0], "--image", path, "--draft", "a cat"])
     lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code != 0 and len(lines) == 1 and "--final-passes" in lines[0]
+    assert exit_.value.code != 0 and len(lines) == 1 and "--draft" in lines[0]
 
 
 def photo(tmp_path, size=(60, 40)):
@@ -360,9 +360,12 @@ def test_caption_computes_logits_for_the_answer_only(loaded, tmp_path):
     finally:
         hook.remove()
     assert out["forward_passes"] == len(rows) == 2 and rows == [8, 8]        # not prompt_tokens + 8
+    # blocks of one step: the cache is built at every step, so exact
+    blocks = caption("", photo(tmp_path), tokens_per_step=4, gen_length=8, loaded=loaded,
+                     block_length=4)
     cached = caption("", photo(tmp_path), tokens_per_step=4, gen_length=8, loaded=loaded,
-                     prefix_cache=True, cache_refresh=1)        # refreshed every step: exact
-    assert torch.equal(cached["ids"], out["ids"])
+                     block_length=4, prefix_cache=True)
+    assert torch.equal(cached["ids"], blocks["ids"])
 
 
 class FavouredIds(torch.nn.Module):

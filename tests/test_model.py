@@ -200,12 +200,6 @@ def test_tiny_smoke_run_train_sample_eval(tmp_path):
     # answer_len / 16 blocks of 2 steps; end-of-text stopping may end the batch after any whole block
     assert row["block_length"] == 16 and row["forward_passes"] in range(2, answer_len // 8 + 1, 2)
     assert 0 <= row["words"] <= answer_len
-    final = str(tmp_path / "final.json")
-    run(["tools/eval.py", "--ckpt", stage1, "--tokens-per-step", "8", "--both", "--final-passes",
-         "1", "--n", "6", "--json", final])
-    rows = {r["refine"]: r for r in json.load(open(final))["results"]}
-    assert rows[True]["final_passes"] == 1 and rows[True]["forward_passes"] == answer_len / 8 + 1
-    assert rows[False]["final_passes"] == 0 and rows[False]["forward_passes"] == answer_len / 8, "frozen: no pass"
     bad = subprocess.run([sys.executable, "tools/eval.py", "--ckpt", stage1, "--block-length", "10",
                           "--n", "2"], cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1"))

@@ -83,23 +83,23 @@ def test_prefix_dlm_makes_the_prefix_cache_exact():
         assert torch.equal(plain, cached) and passes == cached_passes == 12
 
 
-def test_prefix_cache_rebuilt_every_step_matches_the_sampler_and_counts_builds():
+def test_prefix_cache_built_at_each_block_matches_the_sampler_and_counts_builds():
     model, tok = tiny_vlm(), Tokenizer()
     images = torch.randn(3, 3, 48, 48)
-    for refine in (False, True):
-        plain, passes = caption_images(model, tok, images, 12, 2, refine=refine)
-        exact, exact_passes = caption_images(model, tok, images, 12, 2, refine=refine, prefix_cache=True,
-                                             cache_refresh=1)
+    for refine in (False, True):  # blocks of one step: the cache is fresh at every step, so exact
+        plain, passes = caption_images(model, tok, images, 12, 2, refine=refine, block_length=2)
+        exact, exact_passes = caption_images(model, tok, images, 12, 2, refine=refine,
+                                             block_length=2, prefix_cache=True)
         assert torch.equal(plain, exact) and passes == exact_passes == 6
         cached, _ = caption_images(model, tok, images, 12, 2, refine=refine, prefix_cache=True)
         assert cached.shape == (3, 12) and not (cached == tok.mask_id).any()
     embeds = model.encode_images(images)
     P = model.n_image_tokens + 4
     prompt = torch.tensor([4] * 9 + [5, 6, 7, 8]).expand(3, -1)
-    for refresh, builds in [(0, 3), (2, 6), (1, 12)]:  # 3 blocks of 4 steps: once a block, every 2 steps, every step
-        fn = ModelLogits(model, embeds, P, prefix_cache=True, refresh=refresh)
-        rediff.generate(fn, prompt, 12, 12, block_length=4, mask_id=tok.mask_id, on_block=fn.begin_block)
-        assert (fn.forward_passes, fn.cache_builds) == (12, builds)
+    fn = ModelLogits(model, embeds, P, prefix_cache=True)  # 3 blocks of 4 steps: a build a block
+    rediff.generate(fn, prompt, 12, 12, block_length=4, mask_id=tok.mask_id,
+                    on_block=fn.begin_block)
+    assert (fn.forward_passes, fn.cache_builds) == (12, 3)
 
 
 def test_image_features_once_per_caption_and_refinement_reuses_the_step():
@@ -206,7 +206,7 @@ def test_bench_quick_prints_the_table(capsys):
     rows = bench.main(["--quick", "--batch-sizes", "1", "--tokens-per-step", "1", "4", "--gen-length", "8",
                        "--train-batch", "2", "--train-steps", "1"])
     out = capsys.readouterr().out
-    assert "| section | model | batch |" in out and "plain loop" in out and "prefix cache R=0" in out
+    assert "| section | model | batch |" in out and "plain loop" in out and "prefix cache" in out
     assert "threshold 0.9" in out and "training step" in out and "matmul ceiling" in out
     assert all(r["ids_equal"] for r in rows if "ids_equal" in r), "the plain loop and the sampler agree at T = 0"
     assert "- sampler >= 1.5x the plain loop" in out

@@ -240,30 +240,6 @@ def test_refine_costs_no_extra_forward_pass_and_trace_agrees():
     assert frozen.shape == refined.shape
 
 
-def test_final_pass_re_predicts_the_last_steps_tokens():
-    # Token 1 while any mask is left, token 2 once the answer is complete: only a pass after the last step sees that.
-    calls = []
-
-    def logits_fn(ids):
-        calls.append(1)
-        complete = (ids != MASK).all(dim=1, keepdim=True).float()             # (B, 1)
-        logits = torch.zeros(*ids.shape, V)
-        logits[..., 1] = 1 - complete
-        logits[..., 2] = complete
-        return logits
-    prompt = torch.zeros(2, 3, dtype=torch.long)
-    plain = rediff.generate(logits_fn, prompt, 6, 3, mask_id=MASK, refine=True)
-    assert (plain == 1).all() and len(calls) == 3, "the last step's tokens are never re-predicted"
-    calls.clear()
-    out, trace = rediff.generate(logits_fn, prompt, 6, 3, mask_id=MASK, refine=True, final_passes=1,
-                                 return_trace=True)
-    assert (out == 2).all() and len(calls) == 4, "one more forward pass re-predicts every token"
-    assert len(trace) == 4 and not trace[-1]["new"].any() and trace[-1]["changed"].all()
-    assert torch.equal(trace[-1]["ids"], out)
-    with pytest.raises(ValueError, match="refine=True"):
-        rediff.generate(logits_fn, prompt, 6, 3, mask_id=MASK, final_passes=1)
-
-
 def test_banned_ids_stop_id_and_draft():
     model = MockModel(seed=9)
     prompt = torch.randint(0, 8, (2, 4), generator=torch.Generator().manual_seed(6))

@@ -213,10 +213,8 @@ def test_an_eot_the_model_never_predicts_changes_nothing(refine):
     assert torch.equal(plain, ours) and EOT not in ours.tolist()
 
 
-def test_eot_id_takes_neither_stop_id_nor_final_passes():
+def test_eot_id_does_not_take_stop_id():
     model = TableModel(0, P + 4, eot_bias=0.0)
     prompt = torch.tensor(PROMPT[:1])
     with pytest.raises(ValueError, match="eot_id"):
         rediff.generate(model, prompt, 4, 4, mask_id=MASK, eot_id=EOT, stop_id=EOT)
-    with pytest.raises(ValueError, match="eot_id"):
-        rediff.generate(model, prompt, 4, 4, mask_id=MASK, eot_id=EOT, refine=True, final_passes=1)

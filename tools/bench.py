@@ -44,8 +44,6 @@ class BenchConfig:
     cache_batch: int = option(4, "batch size of the prefix-cache and threshold rows", at_least=1)
     long_image_size: int = option(256, "image side of the long-prefix model: (side / 16)^2 image tokens (256 -> 256)",
                                   at_least=16)
-    cache_refresh: list = option([0, 8], "prefix-cache refresh periods R to measure (0: once per block)",
-                                 nargs="+", type=int, at_least=0)
     threshold: list = option([0.9, 0.7], "confidence thresholds P of the threshold rows", nargs="+", type=float,
                              more_than=0, at_most=1)
     train_steps: int = option(5, "timed training steps of the --tiny preset (after one warm-up step)",
@@ -61,7 +59,7 @@ class BenchConfig:
 
 PRESETS = {"quick": {"help": "a smoke run in seconds: tiny sizes, one repeat (the numbers mean little)",
                      "values": dict(batch_sizes=[1, 2], tokens_per_step=[1, 8], gen_length=16, repeats=1,
-                                    cache_batch=2, long_image_size=64, cache_refresh=[0], threshold=[0.9],
+                                    cache_batch=2, long_image_size=64, threshold=[0.9],
                                     train_steps=1,
                                     train_batch=4, matmul_size=256)}}
 
@@ -204,7 +202,7 @@ def bench_sampler(model, tokenizer, cfg: BenchConfig, world) -> list[dict]:
 
 
 def bench_fast_dllm(tokenizer, cfg: BenchConfig, trained=None, world=None) -> list[dict]:
-    """Prefix cache (each refresh period) against the ordinary sampler, on the tiny shapes (9 image tokens) and the
+    """Prefix cache against the ordinary sampler, on the tiny shapes (9 image tokens) and the
     long-prefix shape (random weights; bidirectional, and with the Prefix-DLM mask), frozen and refining, with the
     plain loop beside the bidirectional long one (its vision tower is no longer small); then the confidence
     threshold on the tiny shapes."""
@@ -222,9 +220,8 @@ def bench_fast_dllm(tokenizer, cfg: BenchConfig, trained=None, world=None) -> li
             runs = {"off": lambda r=refine: caption_images(model, tokenizer, images, G, one, r)}
             if name == "long" and not refine:
                 runs["plain"] = lambda: plain_loop(model, tokenizer, images, G, steps_for(G, one))
-            for R in cfg.cache_refresh:
-                runs[R] = (lambda r=refine, R=R: caption_images(model, tokenizer, images, G, one, r,
-                                                                prefix_cache=True, cache_refresh=R))
+            runs["cache"] = lambda r=refine: caption_images(model, tokenizer, images, G, one, r,
+                                                            prefix_cache=True)
             timed = race(runs, cfg.repeats)
             base_s, (base_ids, base_passes) = timed["off"]
             rows.append({"section": "no cache", "model": label, "batch": B, "tokens_per_step": one,
@@ -237,14 +234,15 @@ def bench_fast_dllm(tokenizer, cfg: BenchConfig, trained=None, world=None) -> li
                              "speedup_of_sampler": seconds / base_s, "ids_equal": bool(torch.equal(ids, base_ids)),
                              "ratio": f"sampler {seconds / base_s:.2f}x faster",
                              "ids": "equal" if torch.equal(ids, base_ids) else "DIFFER"})
-            for R in cfg.cache_refresh:
-                seconds, (ids, passes) = timed[R]
-                rows.append({"section": f"prefix cache R={R}", "model": label, "batch": B, "tokens_per_step": one,
-                             "sampler": "refining" if refine else "frozen", "passes": passes, "seconds": seconds,
-                             "score": headline(tokenizer, ids, scenes), "cache_speedup": base_s / seconds,
-                             "identical_tokens": agreement(ids, base_ids),
-                             "ratio": f"{base_s / seconds:.2f}x the speed of no cache",
-                             "ids": f"{100 * agreement(ids, base_ids):.1f}% identical"})
+            seconds, (ids, passes) = timed["cache"]
+            rows.append({"section": "prefix cache", "model": label, "batch": B,
+                         "tokens_per_step": one, "sampler": "refining" if refine else "frozen",
+                         "passes": passes, "seconds": seconds,
+                         "score": headline(tokenizer, ids, scenes),
+                         "cache_speedup": base_s / seconds,
+                         "identical_tokens": agreement(ids, base_ids),
+                         "ratio": f"{base_s / seconds:.2f}x the speed of no cache",
+                         "ids": f"{100 * agreement(ids, base_ids):.1f}% identical"})
     model, scenes_world = configs[0][1], configs[0][2]
     images, scenes = inputs(model, B, cfg.seed, scenes_world)
     for refine in (False, True):
@@ -369,7 +367,8 @@ def targets(rows: list[dict], one: int, eight: int) -> list[str]:
         same = all(r["ids_equal"] for r in plain)
         out.append(f"- sampler >= 1.5x the plain loop: {'; '.join(parts)}; ids {'all equal' if same else 'DIFFER'} "
                    f"-> {'met' if worst >= 1.5 else 'met only where >= 1.5x'}")
-    long = [r for r in rows if "cache_speedup" in r and r["model"].startswith("long") and r["section"].endswith("R=0")]
+    long = [r for r in rows if "cache_speedup" in r and r["model"].startswith("long")
+            and r["section"] == "prefix cache"]
     if long:
         out.append("- prefix cache >= 2x on the long prefix: " + ", ".join(
             f"{r['model'].split(' (')[0]} {r['sampler']} {r['cache_speedup']:.2f}x "

@@ -37,15 +37,10 @@ class EvalConfig:
     json: str = option("", "write results here (also .md table and .png plot beside it)")
     device: str = option("auto", "auto, cpu, cuda or mps")
     prefix_cache: bool = option(False, "reuse the image + prompt keys/values within a block (approximate; sample.py)")
-    cache_refresh: int = option(0, "with --prefix-cache: also rebuild the cache every R steps (0: once per block)",
-                                at_least=0)
     threshold: float = option(0.0, "confidence-threshold decoding (Fast-dLLM); 0: the fixed tokens-per-step schedule",
                               at_least=0, at_most=1)
     block_length: int = option(0, "semi-autoregressive block length, dividing the answer length (0: one block, as "
                                "in the paper)", at_least=0)
-    final_passes: int = option(0, "not in the paper: forward passes after the last step that re-predict every "
-                               "answer token (refining sampler only; frozen rows ignore it)",
-                               at_least=0)
     compile: bool = option(False, "torch.compile the model for captioning (about 30 s up front per "
                            "checkpoint; same outputs; 1.2-1.35x faster on 2 CPU cores)")
 
@@ -67,7 +62,7 @@ def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step:
              batch_size: int = 100, **sampler) -> dict:
     """Mean scorer metrics, forward passes, revisions (visible tokens the refining sampler changed; 0 when frozen) and
     caption steps (steps that committed a word of the caption: caption_steps) per caption over the test scenes
-    `indices`. sampler: caption_images' prefix_cache, cache_refresh, threshold, block_length and final_passes."""
+    `indices`. sampler: caption_images' prefix_cache, threshold and block_length."""
     from data import shapes
     from data.pipeline import image_to_tensor
     from data.score import false_object_claims, object_claims_by_template, score_captions
@@ -166,20 +161,18 @@ def main(argv=None):
             model, meta = load_for(ckpt, "--ckpt", needs=NEEDS, device=device)
             loaded = {ckpt: (torch.compile(model.eval()) if cfg.compile else model.eval(), meta)}
         model, meta = loaded[ckpt]
-        sampler = {"prefix_cache": cfg.prefix_cache, "cache_refresh": cfg.cache_refresh,
-                   "threshold": cfg.threshold or None, "block_length": cfg.block_length or None,
-                   "final_passes": cfg.final_passes if refine else 0}
+        sampler = {"prefix_cache": cfg.prefix_cache, "threshold": cfg.threshold or None,
+                   "block_length": cfg.block_length or None}
         world = shapes.WorldConfig(**meta["world"])
         scores = evaluate(model, tokenizer_from_dict(meta["tokenizer"]), world, meta["answer_len"],
                           indices, n, refine, cfg.batch_size, **sampler)
         results.append({"ckpt": ckpt, "tokens_per_step": n, "refine": refine, **sampler, **scores})
     table = markdown_table(results)
     print(table)
-    if cfg.prefix_cache or cfg.threshold or cfg.block_length or cfg.final_passes:
-        print(f"sampler options: prefix cache {cfg.prefix_cache} (refresh {cfg.cache_refresh}), "
+    if cfg.prefix_cache or cfg.threshold or cfg.block_length:
+        print(f"sampler options: prefix cache {cfg.prefix_cache}, "
               f"threshold {cfg.threshold or 'none'}, "
-              f"block length {cfg.block_length or 'one block'}, "
-              f"final passes {cfg.final_passes} (refining rows)")
+              f"block length {cfg.block_length or 'one block'}")
     print(f"{len(jobs)} evaluations of {cfg.n} scenes in {time.perf_counter() - start:.0f} s")
     if cfg.json:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)

@@ -118,14 +118,13 @@ def run(cfg: ReproConfig, name: str, argv: list[str], ckpt: str, resumable: bool
     return ckpt
 
 
-SAMPLER_FLAGS = {"both": ["--both"], "refine": [], "frozen": ["--no-refine"],
-                 "final": ["--final-passes", "1"]}  # the refining sampler plus one pass after the last step
+SAMPLER_FLAGS = {"both": ["--both"], "refine": [], "frozen": ["--no-refine"]}
 
 
 def evaluate(cfg: ReproConfig, ckpt: str, sampler: str, ends_only: bool = False) -> list[dict]:
-    """tools/eval.py on one checkpoint with sampler both / refine / frozen / final (the refining
-    one plus --final-passes 1), cached as <out>/eval/<name>-<sampler>.json; ends_only: at the
-    slowest and the fastest tokens per step only (the ablation rows, to keep the run short).
+    """tools/eval.py on one checkpoint with sampler both / refine / frozen, cached as
+    <out>/eval/<name>-<sampler>.json; ends_only: at the slowest and the fastest tokens per step
+    only (the ablation rows, to keep the run short).
     The paper's evaluation at 1-8 tokens per step (Tables 2-3), on the toy's scorer."""
     name = os.path.splitext(os.path.basename(ckpt))[0] + "-" + sampler
     path = os.path.join(cfg.out, "eval", name + ".json")
@@ -290,15 +289,6 @@ def report(cfg: ReproConfig, ckpts: dict, start: float) -> str:
         for n in faster) + " |")
     lines += ["", "Paper (CapMAS CLAIR, 1 -> 8 tok/step): baseline 74.53 -> 46.38 (keeps 62 %), "
               "ReDiff 76.74 -> 67.44 (keeps 88 %): a gap of 26 points at 8."]
-    lines += ["", "Not in the paper: the same models with one forward pass after the last step "
-              "that re-predicts every answer token (`tools/eval.py --final-passes 1`; the last "
-              "step's tokens are otherwise never revised), headline:", "", *kept_header]
-    for label, role in (("ReDiff + final pass", "rediff"),
-                        ("Stage I alone + final pass", "stage1")):
-        runs = {s: pick(ev(f"{role}-s{s}", "final"), True) for s in seeds}
-        cells = [mean_spread([runs[s][n]["headline"] for s in seeds]) for n in tps]
-        kept = [100 * keep_ratio(runs[s], tps) for s in seeds]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean_spread(kept)} % |")
     lines += ["", f"Seed {s0}, all metrics:", ""]
     lines += table([("baseline (frozen)", baseline[s0]), ("ReDiff (refining)", rediff[s0])], tps,
                    METRICS)
