@@ -303,12 +303,12 @@ def step_predictor(logits_fn, prompt_len: int, mask_id: int, banned_ids=None,
         logits = only_block(logits_fn(x), x, start, end)                            # (B, Lb, V)
         if cfg_scale > 0:
             unprompted = x.clone()
-            unprompted[:, :prompt_len] = mask_id                                         # (B, L)
+            unprompted[:, :prompt_len] = mask_id                                       # (B, L)
             unconditional = only_block(logits_fn(unprompted), x, start, end)        # (B, Lb, V)
             logits = unconditional + (cfg_scale + 1) * (logits - unconditional)
         never = torch.tensor([*(banned_ids or []), mask_id], device=x.device)
         logits = logits.index_fill(-1, never, -torch.inf)
-        x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)             # (B, Lb)
+        x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)          # (B, Lb)
         if remasking == "low_confidence":
             return x0, chosen_probability(logits, x0)
         return x0, torch.rand(x0.shape, generator=generator, device=x0.device)
