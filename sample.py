@@ -194,7 +194,8 @@ NEW, REVISED, RESET = "\033[32m", "\033[33;1m", "\033[0m"
 
 def trace_lines(tokenizer, trace, row: int = 0, color: bool = True) -> list[str]:
     """One line per step of rediff.generate's trace: newly committed tokens in green, revised
-    tokens in bold yellow, masks as '_' (the paper's Figure 4)."""
+    tokens in bold yellow, masks as '_' (the paper's Figure 4); without colour (output to a file)
+    new tokens are +word and revised ones [word]."""
     lines = []
     for entry in trace:
         words = []
@@ -338,7 +339,7 @@ def caption_and_show(model, tokenizer, images, drafts, scene, gen_length: int, r
     ids, trace = out if want_trace else (out, None)
     text = decode_answer(tokenizer, ids[0])
     if want_trace and cfg.trace:
-        print("\n".join(trace_lines(tokenizer, trace)))
+        print("\n".join(trace_lines(tokenizer, trace, color=sys.stdout.isatty())))
     if want_trace and cfg.trace_out:
         with open(cfg.trace_out, "w", encoding="utf-8") as f:
             f.write(trace_html(tokenizer, trace))
@@ -391,7 +392,7 @@ def caption_real_weights(cfg: SampleConfig) -> str:
                   block_length=cfg.block_length or None, prefix_cache=cfg.prefix_cache,
                   threshold=cfg.threshold or None)
     if cfg.trace:
-        print("\n".join(trace_lines(loaded[1], out["trace"])))
+        print("\n".join(trace_lines(loaded[1], out["trace"], color=sys.stdout.isatty())))
     if cfg.trace_out:
         with open(cfg.trace_out, "w", encoding="utf-8") as f:
             f.write(trace_html(loaded[1], out["trace"]))
