@@ -91,7 +91,8 @@ def parse_config(cls, argv=None, description: str = "", presets: dict | None = N
     parser = _Parser(prog=_prog(), description=description, formatter_class=_HelpFormatter)
     for name, preset in (presets or {}).items():
         parser.add_argument(f"--{name}", action="store_true", help=preset["help"])
-    for f in dataclasses.fields(cls):
+    own = vars(cls).get("__annotations__", {})  # a config's own flags first, then inherited ones
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         bounds = {k: v for k, v in f.metadata.items() if k in BOUNDS}

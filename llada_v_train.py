@@ -26,15 +26,24 @@ gradients add up over the micro-batches. One process with --grad-accum 2 and two
 --grad-accum 1 run the same micro-batches, so they train the same weights. Everything trains: the
 language model, projector and image_newline at --lr, the vision tower at its own --vision-lr (the
 official scripts: 1e-6 against 5e-6; --vision-lr 0 freezes it).
+
+Stage II, as train_stage2.py runs it: each round drafts the next --drafts-per-round images of
+--data-json with the current model (one block of --gen-length, the official sampler's rules; rows
+of one prompt length together), an LLM expert reviews them (--expert openai; the image, the
+reference caption, the draft), Eq. 4 trains on the corrected segments with --stage1-mix of Stage I
+rows (the settings the --init-from export was trained with). --drafts-json trains ReDiff's own
+Stage II records instead: their drafts and corrections as they are, no drafting and no expert.
+
+    OPENAI_API_KEY=... python train_stage2.py --init-from out/rediff-s1 --data-json captions.json \
+        --image-root images --out out/rediff-s2
 """
 from __future__ import annotations
 
 import math
 import os
-import sys
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -44,144 +53,119 @@ from tqdm import tqdm
 import distributed
 import rediff
 from cli import UsageError, check_folder_out, option, show_config
-from data.captions import CaptionData, load_captions, pack_rows, take
+from data.captions import CaptionData, load_captions, take
 from data.loaders import open_image
-from experts import occurrences
-from llada_v import (CAPTION_QUESTION, MASK_ID, AnyresImages, STATE_FILE, answer_logits,
-                     anyres_images, export_hf, generate_answer, load_llada_v, prompt_ids)
+from data.loaders import DataError, load_llava_json
+from experts import Expert, occurrences
+from llada_v import (MASK_ID, answer_logits, anyres_images, export_hf, generate_answer,
+                     load_llada_v, read_state)
 from memory_plan import GIB, check_memory
+from sample import check_hf_folder
 
 MASTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-WARMUP_FRAC = 0.03    # --warmup -1: the paper's 3 percent of the steps
 
 
-def selected(argv=None) -> bool:
-    """Whether the command line's --init-from names a folder that is not a DCP checkpoint: a Hugging
-    Face LLaDA-V / ReDiff folder, which the training scripts train with this module's flags."""
-    argv = sys.argv[1:] if argv is None else argv
-    for k, arg in enumerate(argv):
-        path = (argv[k + 1] if arg == "--init-from" and k + 1 < len(argv)
-                else arg.partition("=")[2] if arg.startswith("--init-from=") else "")
-        if path and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.json")):
-            return True
-    return False
+def selected(path: str) -> bool:
+    """Whether --init-from names a folder that is not a DCP checkpoint: a Hugging Face LLaDA-V /
+    ReDiff folder, which the training scripts train with this module's flags and pieces."""
+    dcp = os.path.isfile(os.path.join(path, distributed.META_FILE))
+    return bool(path) and os.path.isdir(path) and not dcp
 
 
 @dataclass
-class Stage1Config:
-    init_from: str = option("", "required: a Hugging Face LLaDA-V / ReDiff folder (config.json, "
-                            "tokenizer.json, safetensors shards)")
-    data_json: str = option("", "required: LLaVA / ShareGPT4V conversation JSON; the first human "
-                            "turn is the question, the first assistant turn after it the caption")
-    image_root: str = option("", "folder the data's image paths are relative to (empty: the "
-                             "folder of --data-json)")
-    vicrit_train_json: str = option("", "--objective revision: ViCrit-Train as released (a JSON "
-                                    "list with original_caption, changed_caption, solution_*)")
-    vicrit_jsonl: str = option("", "--objective revision: hallucination pairs (JSONL with image, "
+class LLaDAVFlags:
+    """train_stage1.py's flags for --init-from FOLDER, after the shapes world's (TrainConfig)."""
+    data_json: str = option("", "--init-from FOLDER: LLaVA / ShareGPT4V conversation JSON (the "
+                            "first human turn is the question, the next assistant turn the "
+                            "caption)")
+    image_root: str = option("", "--init-from FOLDER: the folder the data's image paths are "
+                             "relative to (empty: the folder of --data-json)")
+    vicrit_train_json: str = option("", "--init-from FOLDER: ViCrit-Train hallucination pairs as "
+                                    "released (original_caption, changed_caption, solution_*)")
+    vicrit_jsonl: str = option("", "--init-from FOLDER: hallucination pairs (JSONL with image, "
                                "caption, hallucinated)")
-    skip_missing: bool = option(False, "skip (and count) records whose image file is missing")
-    skip_bad: bool = option(False, "skip (and count) malformed records instead of stopping")
-    objective: str = option("revision", "revision: Stage I typed losses (Eq. 2-3); mask: masked "
-                            "diffusion (Eq. 1)", choices=["revision", "mask"])
-    replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced "
-                                 "by a random one (paper 0.1, official code 0.05)",
-                                 at_least=0, at_most=1)
-    t_dependent: bool = option(False, "Stage I: replacement rate min(t, replace_prob) (Table 5)")
-    hallucination_frac: float = option(0.25, "Stage I: share of each batch that is hallucination "
-                                       "pairs (when there are any)", at_least=0, at_most=1)
-    answer_len: int = option(128, "answer tokens per row: caption, <|eot_id|>, <|endoftext|> "
-                             "padding (longer captions are cut and counted)", at_least=2)
-    out: str = option("out/llada-v-stage1", "Hugging Face folder written at the end; the "
-                      "training state goes to OUT.dcp")
-    eval_every: int = option(500, "steps between saves of the training state", at_least=1)
-    stop_at: int = option(0, "stop (with a saved state) after this step, as an interruption "
-                          "would; 0: run to --steps", at_least=0)
-    resume: bool = option(False, "continue the run saved at OUT.dcp")
-    steps: int = option(0, "optimizer steps; 0: one pass over the captions (the paper: 1 epoch)",
-                        at_least=0)
-    batch_size: int = option(32, "samples per step, all processes together", at_least=1)
-    lr: float = option(5e-6, "peak learning rate (AdamW; the paper's 5e-6)", more_than=0)
-    min_lr_frac: float = option(0.0, "the cosine schedule ends at lr * min_lr_frac",
-                                at_least=0, at_most=1)
-    warmup: int = option(-1, "linear warm-up steps; -1: 3 percent of the steps (the paper)",
-                         at_least=-1)
-    weight_decay: float = option(0.0, "AdamW weight decay", at_least=0)
-    grad_clip: float = option(1.0, "gradient-norm clip", more_than=0)
-    seed: int = option(0, "seed for the data order, masks and corruptions", at_least=0)
-    device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
-    parallel: str = option("auto", "several processes (torchrun): ddp or fsdp (FSDP2); auto: ddp "
-                           "under torchrun, none otherwise",
-                           choices=["auto", "none", "ddp", "fsdp"])
-    param_dtype: str = option("auto", "compute dtype: auto = bfloat16 on CUDA (fsdp: gathered "
-                              "parameters; none / ddp: autocast), float32 elsewhere",
-                              choices=["auto", "bfloat16", "float32"])
-    activation_checkpointing: bool = option(False, "recompute each block's activations in the "
-                                            "backward pass (less memory, about 1/3 more compute)")
-    save_dtype: str = option("bfloat16", "dtype of the --out shards (float32: exactly the trained "
-                             "weights)", choices=["bfloat16", "float32"])
-    shard_gb: float = option(5.0, "largest --out shard in GB", more_than=0)
-    vision_lr: float = option(1e-6, "peak learning rate of the vision tower (the official "
-                              "scripts: 1e-6); 0 freezes the tower", at_least=0)
-    optimizer: str = option("adamw", "adamw: torch AdamW (8 bytes a parameter in float32); "
-                            "adamw8bit: torchao's AdamW8bit (about 2 bytes a parameter)",
+    skip_missing: bool = option(False, "--init-from FOLDER: skip (and count) records whose image "
+                                "file is missing")
+    skip_bad: bool = option(False, "--init-from FOLDER: skip (and count) malformed records")
+    vision_lr: float = option(1e-6, "--init-from FOLDER: peak learning rate of the vision tower "
+                              "(the official scripts: 1e-6); 0 freezes it", at_least=0)
+    optimizer: str = option("adamw", "--init-from FOLDER: adamw (torch, 8 bytes a parameter in "
+                            "float32) or adamw8bit (torchao, about 2 bytes a parameter)",
                             choices=["adamw", "adamw8bit"])
-    master_dtype: str = option("float32", "dtype of the trained weights and their gradients "
-                               "(bfloat16 needs --optimizer adamw8bit)",
+    master_dtype: str = option("float32", "--init-from FOLDER: dtype of the trained weights and "
+                               "gradients (bfloat16 needs --optimizer adamw8bit)",
                                choices=["float32", "bfloat16"])
-    grad_accum: int = option(1, "micro-batches per step in each process, their gradients added "
-                             "up", at_least=1)
-    device_memory_gib: float = option(0.0, "memory of one device in GiB for the memory plan; 0: "
-                                      "the device's own", at_least=0)
-    plan_image: str = option("640x480", "WIDTHxHEIGHT of the image a planned sample holds")
-    ignore_memory_plan: bool = option(False, "go on when the memory plan does not fit")
-    save: bool = option(True, "write OUT.dcp and --out; --no-save writes nothing (a smoke test)")
+    grad_accum: int = option(1, "--init-from FOLDER: micro-batches per step in each process, "
+                             "their gradients added up", at_least=1)
+    save_dtype: str = option("bfloat16", "--init-from FOLDER: dtype of the exported --out shards "
+                             "(float32: exactly the trained weights)",
+                             choices=["bfloat16", "float32"])
+    shard_gb: float = option(5.0, "--init-from FOLDER: largest exported shard in GB", more_than=0)
+    device_memory_gib: float = option(0.0, "--init-from FOLDER: one device's memory in GiB for "
+                                      "the memory plan; 0: the device's own", at_least=0)
+    plan_image: str = option("640x480", "--init-from FOLDER: WIDTHxHEIGHT of the image a sample "
+                             "of the memory plan holds")
+    ignore_memory_plan: bool = option(False, "--init-from FOLDER: go on when the memory plan "
+                                      "does not fit (it is an estimate)")
+    save: bool = option(True, "--init-from FOLDER: write the training state and the export "
+                        "(--no-save: nothing, a smoke test)")
 
 
 @dataclass
-class Stage2Config(Stage1Config):
-    """Stage1Config's flags (data, the Stage I rows of the mix, optimizer, parallelism, export),
-    some with Stage II's meaning, then Stage II's own."""
-    objective: str = option("revision", "objective of the --stage1-mix rows: revision (Eq. 2-3) "
-                            "or mask (Eq. 1)", choices=["revision", "mask"])
-    hallucination_frac: float = option(0.25, "share of the --stage1-mix rows that are "
-                                       "hallucination pairs", at_least=0, at_most=1)
-    answer_len: int = option(128, "--stage1-mix rows: answer tokens per row", at_least=2)
-    out: str = option("out/llada-v-stage2", "Hugging Face folder written at the end; the "
-                      "training state goes to OUT.dcp after every round")
-    stop_at: int = option(0, "stop (with a saved state) after this round; 0: all --rounds",
-                          at_least=0)
-    resume: bool = option(False, "continue the run saved at OUT.dcp after its last round")
-    steps: int = option(0, "optimizer steps per round; 0: one pass over the round's corrected "
-                        "drafts; the cosine schedule restarts every round", at_least=0)
-    rounds: int = option(1, "rounds of draft -> expert -> fine-tune", at_least=1)
-    drafts_per_round: int = option(10000, "drafts per round, each of a fresh --data-json image "
-                                   "(the paper: about 10k)", at_least=1)
-    tokens_per_step: list = option([1, 4, 8], "drafting speeds; the images of a round are spread "
-                                   "over them", nargs="+", type=int, at_least=1)
-    gen_length: int = option(128, "draft length in tokens, one block (the paper: 128)",
-                             at_least=1)
-    draft_batch: int = option(16, "images drafted together (same speed and prompt length)",
-                              at_least=1)
-    expert: str = option("openai", "who reviews the drafts: openai (an LLM) or align (word "
-                         "alignment with the reference caption: no LLM, weak)",
-                         choices=["openai", "align"])
-    expert_model: str = option("o4-mini", "--expert openai: the chat model")
-    expert_base_url: str = option("", "--expert openai: an OpenAI-compatible endpoint (empty: "
-                                  "api.openai.com); the key is read from OPENAI_API_KEY only")
-    max_in_flight: int = option(8, "--expert openai: most requests at once (per process)",
-                                at_least=1)
-    cache: str = option("out/expert_cache_llada_v.jsonl", "--expert openai: append-only answer "
-                        "cache (empty: none)")
-    stage1_mix: float = option(0.25, "fraction of every batch that is Stage I rows of "
-                               "--data-json (0 = none)", at_least=0, less_than=1)
+class LLaDAVStage2Flags(LLaDAVFlags):
+    """train_stage2.py's flags for --init-from FOLDER: Stage I's (the mix rows' data and pairs,
+    the optimizer, the export), the drafts' length, and recorded drafts."""
+    gen_length: int = option(128, "--init-from FOLDER: draft length in tokens, one block (the "
+                             "paper: 128)", at_least=1)
+    drafts_json: str = option("", "--init-from FOLDER: ReDiff's Stage II records (LLaVA JSON, the "
+                              "model's draft as the answer, its corrections in \"revise\"), "
+                              "trained with Eq. 4 as they are: no drafting, no expert")
+
+
+# --init-from FOLDER: the real model's defaults (the paper's recipe) for the flags not given
+STAGE1_DEFAULTS = dict(out="out/llada-v-stage1", steps=0, batch_size=32, lr=5e-6, min_lr_frac=0.0,
+                       warmup=-1, weight_decay=0.0, answer_len=128)
+STAGE2_DEFAULTS = dict(out="out/llada-v-stage2", steps=0, batch_size=32, lr=5e-6, min_lr_frac=0.0,
+                       warmup=-1, weight_decay=0.0, drafts_per_round=10000, draft_batch=16,
+                       expert="openai", cache="out/expert_cache_llada_v.jsonl")
+SHAPES_ONLY = {"tiny", "mask_loss", "hallucination_form", "d_model", "n_layers", "n_heads",
+               "image_size", "patch_size", "vision_width", "vision_layers", "image_features",
+               "prefix_dlm", "vision_pretrain_steps", "n_scenes", "compile"}
+WARMUP_FRAC = 0.03  # steps 0 (one epoch) and warmup -1: the paper's 3 percent of the steps
+
+
+def given_flags(argv: list) -> set:
+    """The config fields a command line sets (--no-save sets save)."""
+    return {arg[2:].split("=")[0].removeprefix("no-").replace("-", "_") for arg in argv
+            if arg.startswith("--")}
+
+
+def choose(cfg, argv: list, defaults: dict) -> bool:
+    """Whether cfg trains a LLaDA-V / ReDiff folder (--init-from FOLDER). Then the flags not given
+    take the real model's defaults, and a flag of the shapes world is refused; otherwise a flag of
+    the folder's is. Returns the choice."""
+    given = given_flags(argv)
+    if selected(cfg.init_from):
+        wrong = sorted(given & SHAPES_ONLY)
+        if wrong:
+            raise UsageError(f"--{wrong[0].replace('_', '-')}: a flag of the shapes world; with "
+                             f"--init-from {cfg.init_from} the model is the folder's; leave it out")
+        for name, value in defaults.items():
+            if name not in given:
+                setattr(cfg, name, value)
+        return True
+    wrong = sorted(given & {f.name for f in fields(LLaDAVStage2Flags)})
+    if wrong:
+        raise UsageError(f"--{wrong[0].replace('_', '-')}: a flag of the real model; give "
+                         f"--init-from a Hugging Face LLaDA-V / ReDiff folder")
+    return False
 
 
 def check_flags(cfg) -> None:
     """Refuse, before any work, what a run cannot do: a missing --init-from folder or --data-json,
     bfloat16 weights without the stochastic rounding of --optimizer adamw8bit (with plain rounding
     a step of lr 5e-6 is below half of bf16's spacing for most weights and is lost), hallucination
-    pairs with Eq. 1, an export --out that is not a folder."""
-    from sample import check_hf_folder
+    pairs with Eq. 1, an export --out that is not a folder, the shapes world's oracle expert."""
     if not cfg.data_json:
         raise SystemExit("--data-json is required with --init-from FOLDER (--help lists the flags)")
     for name in ("config.json", "tokenizer.json"):
@@ -194,10 +178,30 @@ def check_flags(cfg) -> None:
     if cfg.master_dtype == "bfloat16" and cfg.optimizer != "adamw8bit":
         raise UsageError("--master-dtype bfloat16 needs --optimizer adamw8bit (its bf16 stochastic "
                          "rounding keeps the small updates that plain rounding to bf16 would drop)")
-    pairs = cfg.vicrit_jsonl or cfg.vicrit_train_json
-    if pairs and (cfg.objective != "revision" or not getattr(cfg, "stage1_mix", 1)):
+    objective = getattr(cfg, "objective", None) or mix_settings(cfg.init_from).objective
+    if (cfg.vicrit_jsonl or cfg.vicrit_train_json) and (
+            objective != "revision" or not getattr(cfg, "stage1_mix", 1)):
         raise SystemExit("--vicrit-jsonl / --vicrit-train-json feed Stage I's hallucination term: "
                          "use them with --objective revision (and, in Stage II, --stage1-mix > 0)")
+    if getattr(cfg, "expert", "") == "oracle":
+        raise UsageError("--expert oracle knows the shapes world's scenes; with --init-from FOLDER "
+                         "choose --expert openai or align")
+
+@dataclass
+class MixSettings:
+    """Stage I's settings for Stage II's --stage1-mix rows: those the --init-from export was
+    trained with (its llada_v.STATE_FILE), else Stage I's defaults (a downloaded folder)."""
+    objective: str = "revision"
+    replace_prob: float = 0.1
+    t_dependent: bool = False
+    hallucination_frac: float = 0.25
+    answer_len: int = 128
+
+
+def mix_settings(folder: str) -> MixSettings:
+    state = read_state(folder)
+    saved = state.get("stage1_config") or state.get("train_config") or {}
+    return MixSettings(**{f.name: saved[f.name] for f in fields(MixSettings) if f.name in saved})
 
 # --------------------------------------------------------------------------------------------------
 # Training pieces: optimizer options, micro-batches, mixed precision, the state on disk
@@ -330,7 +334,7 @@ def check_resume(cfg, meta: dict, world: int = 1) -> None:
     run, flag = meta.get("train_config", {}), lambda k: "--" + k.replace("_", "-")  # noqa: E731
     conflicts = [f"{flag(k)} {getattr(cfg, k)} but the run used {run[k]}"
                  for k in ("objective", "answer_len", "optimizer", "master_dtype")
-                 if k in run and run[k] != getattr(cfg, k)]
+                 if k in run and hasattr(cfg, k) and run[k] != getattr(cfg, k)]
     if conflicts:
         raise SystemExit(f"--resume {cfg.out}.dcp: {'; '.join(conflicts)}. Fix: repeat the run's "
                          f"own flags")
@@ -394,17 +398,17 @@ def rows_loss(model, data: CaptionData, batch, noisy: dict, rows: slice, cfg,
 
 
 class Stage1Run:
-    """A Stage I run on a LLaDA-V / ReDiff folder (check_flags passed), set up before the loop: the
-    memory plan printed (before any weight is loaded), captions read, the folder loaded, the optimizer
-    built, and with --resume the state of OUT.dcp loaded. The loop calls batch, backward, evaluate,
-    save and finish."""
+    """A Stage I run on a LLaDA-V / ReDiff folder (check_flags passed), set up for train_stage1's
+    loop: the memory plan printed (before any weight is loaded), captions read, the folder loaded,
+    the optimizer built, with --resume the state of OUT.dcp loaded. The loop calls batch,
+    backward, evaluate, save and finish (as it does train_stage1.ShapesRun's)."""
     draw_device = "cpu"  # masks and corruptions are drawn on the CPU (any padding, any processes)
 
-    def __init__(self, cfg: Stage1Config, ctx):
+    def __init__(self, cfg, ctx):
         self.cfg, self.ctx, self.state = cfg, ctx, cfg.out.rstrip("/") + ".dcp"
         self.micro = micro_batches(cfg.batch_size, ctx, cfg.grad_accum)  # refuses an uneven batch
         self.plan = check_memory(cfg, ctx)  # before any weight is loaded
-        captions, pairs = load_captions(cfg)
+        captions, pairs = load_captions(cfg, cfg.objective)
         dtype = MASTER_DTYPES[cfg.master_dtype]
         model, tokenizer = load_llada_v(cfg.init_from, ctx.device, dtype)
         self.model, self.tokenizer = model, tokenizer
@@ -573,28 +577,63 @@ def drafting_replica(model, ctx, cfg):
     return replica.eval()
 
 
-class Stage2Run:
-    """A Stage II run on a LLaDA-V / ReDiff folder, set up before the rounds (flags, memory plan,
-    captions, the folder, the optimizer kept over all rounds, --resume's state), and the pieces a
-    round calls: the drafting source of make_drafts (draft_items, draft_group, caption, draft), the
-    images the expert sees (image_of), the text rules of the expert's answers (in_context), the
-    fine-tuning steps (round_steps, backward), save and finish."""
-    draw_device = "cpu"
+def load_recorded(cfg) -> list[dict]:
+    """--drafts-json: ReDiff's Stage II records (data.loaders.load_llava_json: "wrong" holds the
+    model's draft, "revise" its corrections, "caption" the corrected answer); records without
+    corrections (nothing to learn with Eq. 4) are left out and counted."""
+    root = cfg.image_root or os.path.dirname(os.path.abspath(cfg.drafts_json))
+    try:
+        records, stats = load_llava_json(cfg.drafts_json, root, cfg.skip_missing, cfg.skip_bad)
+    except DataError as err:
+        raise SystemExit(f"--drafts-json: {err}") from None
+    except FileNotFoundError:
+        raise SystemExit(f"--drafts-json {cfg.drafts_json}: file not found") from None
+    recorded = [r for r in records if "revise" in r]
+    if not recorded:
+        raise SystemExit(f"--drafts-json {cfg.drafts_json}: no record with \"revise\" "
+                         f"corrections ({stats}); give ReDiff's Stage II records")
+    print(f"{len(recorded)} recorded drafts with corrections ({len(records) - len(recorded)} "
+          f"without, skipped {stats})")
+    return recorded
 
-    def __init__(self, cfg: Stage2Config, ctx):
+
+class RecordedCorrections(Expert):
+    """The expert of recorded drafts: each draft's answer is its record's own "revise" list,
+    carried in the draft's "scene" (what the oracle expert knows of a shapes-world draft)."""
+    name = "records"
+
+    def review_one(self, item):
+        self.counts["recorded"] += 1
+        return list(item.scene)
+
+
+class Stage2Run:
+    """A Stage II run on a LLaDA-V / ReDiff folder (check_flags passed), set up before the rounds
+    (memory plan, captions, the folder, the optimizer kept over all rounds, --resume's state), and
+    the pieces a round of train_stage2.py calls: the drafting source of make_drafts (draft_items,
+    caption, draft), the images the expert sees (image_of), the text rules of the expert's answers
+    (in_context), the fine-tuning steps (start_round, backward) and end_round (statistics, history,
+    training state; the export after the last round)."""
+
+    def __init__(self, cfg, ctx):
         self.cfg, self.ctx, self.state = cfg, ctx, cfg.out.rstrip("/") + ".dcp"
+        self.mix = mix_settings(cfg.init_from)
         self.n_mix = round(cfg.batch_size * cfg.stage1_mix)
         self.n_own = cfg.batch_size - self.n_mix
         self.own_micro = micro_batches(self.n_own, ctx, cfg.grad_accum)  # refuses an uneven split
         self.mix_micro = (micro_batches(self.n_mix, ctx, cfg.grad_accum) if self.n_mix
                           else [None] * cfg.grad_accum)
         self.plan = check_memory(cfg, ctx)  # before any weight is loaded
-        self.captions, pairs = load_captions(cfg)
+        self.captions, pairs = load_captions(cfg, self.mix.objective)
+        self.recorded = load_recorded(cfg) if cfg.drafts_json else []
+        self.expert = RecordedCorrections() if self.recorded else None  # else --expert's
         dtype = MASTER_DTYPES[cfg.master_dtype]
         model, tokenizer = load_llada_v(cfg.init_from, ctx.device, dtype)
         self.model, self.tokenizer = model, tokenizer
-        self.data = CaptionData(self.captions, pairs, model, tokenizer, cfg.answer_len, cfg.seed)
+        self.data = CaptionData(self.captions, pairs, model, tokenizer, self.mix.answer_len,
+                                cfg.seed)
         print(show_config(cfg))
+        print(f"Stage I mix: {cfg.stage1_mix:.0%} of each batch, {asdict(self.mix)}")
         self.ordinary = ordinary_ids(model, tokenizer)
         self.train_model, self.params, self.optimizer = prepare_training(model, ctx, cfg)
         self.autocast = autocast_for(cfg, ctx)
@@ -608,21 +647,27 @@ class Stage2Run:
             self.first_round, self.step, self.history = meta["round"], meta["step"], meta["history"]
             print(f"resumed {self.state} after round {self.first_round}")
 
-    # drafting: make_drafts captions draft_items, those of one speed and draft_group together
+    # drafting: make_drafts captions draft_items, those of one speed and "group" together
     def drafting_model(self):
-        return drafting_replica(self.model, self.ctx, self.cfg)
+        """The model that drafts, in eval mode (recorded drafts: the model itself, unused)."""
+        return (self.model if self.recorded else
+                drafting_replica(self.model, self.ctx, self.cfg)).eval()
 
     def draft_items(self, round_index: int, n: int) -> list[dict]:
-        """The next n records of a shuffled pass over the captions, with their prompts."""
-        records = take(self.captions, self.cfg.seed, DRAFT_STREAM, round_index * n, n)
-        return [dict(r, prompt_ids=self.data.prompt(r)) for r in records]
-
-    def draft_group(self, item: dict) -> int:
-        return len(item["prompt_ids"])  # rows of one prompt length line their placeholders up
+        """The next n records of a shuffled pass over the captions (or the recorded drafts), with
+        their prompts; a group is one prompt length (rows whose image placeholders line up)."""
+        records = take(self.recorded or self.captions, self.cfg.seed, DRAFT_STREAM,
+                       round_index * n, n)
+        prompts = [self.data.prompt(r) for r in records]
+        return [dict(r, prompt_ids=p, group=len(p)) for r, p in zip(records, prompts)]
 
     def caption(self, model, items: list[dict], speed: int) -> torch.Tensor:
         """Draft answers (b, G) of items with one prompt length: the refining sampler, one block,
-        greedy, with the official sampler's rules (llada_v.generate_answer)."""
+        greedy, with the official sampler's rules (llada_v.generate_answer); or the recorded
+        drafts' own answers."""
+        if self.recorded:
+            return torch.tensor([self.data.answer(self.tokenizer.encode(item["wrong"]), False,
+                                                  self.cfg.gen_length) for item in items])
         images = anyres_images(model, [item["image_path"] for item in items])
         prompt = torch.tensor([item["prompt_ids"] for item in items], device=self.ctx.device)
         dtype = distributed.resolve_dtype(self.cfg.param_dtype, self.ctx.device)
@@ -637,21 +682,24 @@ class Stage2Run:
     def draft(self, item: dict, ids: torch.Tensor, speed: int) -> dict:
         return {"image_path": item["image_path"], "truth": item["caption"],
                 "prompt": item["prompt_ids"], "tokens_per_step": speed, "ids": ids,
-                "text": answer_text(self.tokenizer, ids.tolist()), "scene": None, "image": None}
+                "text": answer_text(self.tokenizer, ids.tolist()), "image": None,
+                "scene": item.get("revise")}  # a recorded draft's corrections (RecordedCorrections)
 
     # review
     def image_of(self, draft: dict):
         """The image an LLM expert sees, read from disk when its review is asked for."""
-        return expert_image(draft["image_path"]) if self.cfg.expert == "openai" else None
+        return (expert_image(draft["image_path"])
+                if self.cfg.expert == "openai" and self.expert is None else None)
 
     def in_context(self, reviews: list, drafts: list, counts: Counter) -> list:
         return [in_context(rv, d, self.tokenizer, counts) for rv, d in zip(reviews, drafts)]
 
     # fine-tuning
-    def round_steps(self, samples: list) -> tuple[int, int]:
+    def start_round(self, samples: list, round_index: int) -> tuple[int, int]:
         """(steps, warm-up steps) of a round: --steps, or one pass over its corrected drafts."""
         steps = self.cfg.steps or math.ceil(len(samples) / self.n_own)
         warmup = self.cfg.warmup if self.cfg.warmup >= 0 else max(1, round(WARMUP_FRAC * steps))
+        self.model.train()  # after drafting in eval mode
         return steps, warmup
 
     def backward(self, samples: list, round_index: int, i: int) -> tuple[torch.Tensor, dict]:
@@ -663,35 +711,74 @@ class Stage2Run:
                      i * self.n_own, self.n_own)  # passes over them
         batch = eq4_batch(samples, picks)
         if self.n_mix:
-            mix = self.data.batch(step, self.n_mix, cfg.hallucination_frac)
+            mix = self.data.batch(step, self.n_mix, self.mix.hallucination_frac)
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            noisy = corrupt(mix, cfg, self.ordinary, generator)
+            noisy = corrupt(mix, self.mix, self.ordinary, generator)
 
         def loss_of(rows):
             own_rows, mix_rows = rows
             own = eq4_loss(self.train_model, self.data, batch, own_rows, self.ctx.device)
             if not self.n_mix:
                 return own, {"refine": own}
-            stage1, _ = rows_loss(self.train_model, self.data, mix, noisy, mix_rows, cfg,
+            stage1, _ = rows_loss(self.train_model, self.data, mix, noisy, mix_rows, self.mix,
                                   self.ctx.device)
             total = (self.n_own * own + self.n_mix * stage1) / cfg.batch_size
             return total, {"refine": own, "stage1": stage1}
         micro = list(zip(self.own_micro, self.mix_micro))
         return accumulate(self.train_model, self.ctx, micro, self.autocast, loss_of)
 
-    def save(self, round_index: int) -> None:
-        meta = {"stage": "llada-v-stage2", "round": round_index, "step": self.step,
-                "train_config": asdict(self.cfg), "history": self.history}
-        save_state(self.state, self.model, self.optimizer, meta, self.ctx)
+    def end_round(self, r: int, drafts, counts: Counter, samples, losses, expert_name: str):
+        """The round's statistics and history entry, the training state, and after the last
+        round the export (--out)."""
+        cfg = self.cfg
+        self.history.append({"round": r + 1, "step": self.step, "drafts": len(drafts),
+                             "samples": len(samples), "expert": dict(counts), "losses": losses,
+                             "mistake_tokens": sum(int(s["mistake"].sum()) for s in samples)})
+        for line in report(r, cfg, drafts, counts, samples, losses, expert_name):
+            print(line)
+        meta = {"stage": "llada-v-stage2", "round": r + 1, "step": self.step,
+                "train_config": asdict(cfg), "stage1_config": asdict(self.mix),
+                "history": self.history}
+        if cfg.save:
+            save_state(self.state, self.model, self.optimizer, meta, self.ctx)
+        if r + 1 == cfg.rounds:
+            self.data.warn()
+            report_peak_memory(self.plan, self.ctx.device)
+            if cfg.save:
+                export_hf(cfg.out, self.model, self.ctx, cfg.init_from,
+                          MASTER_DTYPES[cfg.save_dtype], cfg.shard_gb, meta)
+            print(f"done: {cfg.rounds} round(s), {self.step} steps; Hugging Face folder {cfg.out} "
+                  f"(sample.py --ckpt {cfg.out} --image PHOTO), training state {self.state}")
 
-    def finish(self) -> None:
-        """Export --out (the run is done)."""
-        self.data.warn()
-        report_peak_memory(self.plan, self.ctx.device)
-        state = {"stage": "llada-v-stage2", "round": self.cfg.rounds, "step": self.step,
-                 "train_config": asdict(self.cfg), "history": self.history}
-        export_hf(self.cfg.out, self.model, self.ctx, self.cfg.init_from,
-                  MASTER_DTYPES[self.cfg.save_dtype], self.cfg.shard_gb, state)
-        print(f"done: {self.cfg.rounds} round(s), {self.step} steps; Hugging Face folder "
-              f"{self.cfg.out} (sample.py --ckpt {self.cfg.out} --image PHOTO), training state "
-              f"{self.state}")
+
+def report(r: int, cfg, drafts, counts: Counter, samples, losses, expert_name: str) -> list[str]:
+    """The round's statistics: drafts per speed, the expert's answers and pairs, training drafts,
+    losses."""
+    tag = f"round {r + 1}/{cfg.rounds}"
+    speeds = ", ".join(f"{s} tok/step {sum(d['tokens_per_step'] == s for d in drafts)}"
+                       for s in sorted(set(cfg.tokens_per_step)))
+    words = sum(len(d["text"].split()) for d in drafts) / max(1, len(drafts))
+    rejected = {k[len("rejected_"):]: v for k, v in sorted(counts.items())
+                if k.startswith("rejected_")}
+    other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())
+                      if not k.startswith(("rejected_", "pairs_"))
+                      and k not in ("right", "no_answer", "no_valid_pair"))
+    lines = [f"{tag} | drafts {len(drafts)} ({speeds}), {words:.1f} words on average",
+             f"{tag} | expert {expert_name}: right {counts['right']}, no answer "
+             f"{counts['no_answer']}, pairs proposed {counts['pairs_proposed']}, kept "
+             f"{counts['pairs_kept']}, rejected {sum(rejected.values())} "
+             f"({', '.join(f'{k} {v}' for k, v in rejected.items()) or 'none'})"
+             + (f" | {other}" if other else ""),
+             f"{tag} | {len(samples)} drafts to train on ({counts['no_valid_pair']} left with no "
+             f"valid pair), {sum(int(s['mistake'].sum()) for s in samples)} mistake tokens"]
+    if samples:
+        fixes = "; ".join(f"{p['org']!r} -> {p['target']!r}" for p in samples[0]["pairs"]
+                          if isinstance(p, dict))
+        lines += [f"  example draft ({samples[0]['tokens_per_step']} tok/step): "
+                  f"{samples[0]['text'][:300]}", f"  its pairs (kept or not): {fixes[:300]}"]
+    else:
+        lines.append(f"{tag} | no draft to train on (all right, or no valid pair)")
+    if losses:
+        last = ", ".join(f"{k} {v:.4f}" for k, v in losses[-1].items() if k != "step")
+        lines.append(f"{tag} | {len(losses)} steps, total loss {losses[0]['total']:.4f} -> {last}")
+    return lines

@@ -83,9 +83,9 @@ def image_layout_counts(config, image_size: tuple[int, int]) -> tuple[int, int]:
 def memory_plan(config, flags, device_bytes: int, world: int = 1, device_type: str = "cuda",
                 image_size: tuple[int, int] = (640, 480)) -> MemoryPlan:
     """The memory one device needs to train the model of `config` (llada_v.LLaDAVConfig) with
-    `flags` (a FinetuneConfig: optimizer, master_dtype, param_dtype, parallel,
-    activation_checkpointing, batch_size, grad_accum, answer_len, vision_lr; a Stage2Config adds
-    gen_length and the drafting replica) in `world` processes: weights, their compute copies,
+    `flags` (train_stage1.py's: optimizer, master_dtype, param_dtype, parallel,
+    activation_checkpointing, batch_size, grad_accum, answer_len, vision_lr; train_stage2.py's
+    add gen_length and the drafting replica) in `world` processes: weights, their compute copies,
     gradients, optimizer states, activations of a micro-batch of samples of image_size, and a fixed
     overhead. Pure arithmetic; the per-token activation count is an estimate."""
     n_all, n_tower, n_root = parameter_counts(config)
@@ -107,7 +107,7 @@ def memory_plan(config, flags, device_bytes: int, world: int = 1, device_type: s
     per_param = 2 * master if flags.optimizer == "adamw" else 2 + 2 * 4 / BLOCK_8BIT
     parts["optimizer states"] = int(n_train * per_param) // shard
     # activations of one sample
-    answer = max(flags.answer_len, getattr(flags, "gen_length", 0))
+    answer = max(getattr(flags, "answer_len", 0), getattr(flags, "gen_length", 0))
     image_tokens, views = image_layout_counts(config, image_size)
     seq = TEXT_TOKENS + image_tokens + answer
     d, f = STORED_PER_TOKEN

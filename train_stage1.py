@@ -1,10 +1,12 @@
-"""train_stage1.py: train the VLM on the shapes world: the base model with the masked-diffusion
-objective (Eq. 1, Section 3.1) and ReDiff's Stage I foundational revision from it (Eq. 2-3,
-Section 3.2).
+"""train_stage1.py: train the VLM on the shapes world, or a LLaDA-V / ReDiff folder on real
+captions: the base model with the masked-diffusion objective (Eq. 1, Section 3.1) and ReDiff's
+Stage I foundational revision from it (Eq. 2-3, Section 3.2), with one loop for both.
 
     python train_stage1.py --tiny                   # the CPU recipe: the base, then Stage I from it
     python train_stage1.py --tiny --objective mask  # the base model only
     python train_stage1.py --init-from out/base.safetensors  # Stage I only, from a base model
+    python train_stage1.py --init-from LLaDA-V --data-json captions.json --image-root images \\
+        --optimizer adamw8bit --master-dtype bfloat16 --activation-checkpointing --grad-accum 8
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
+import llada_v_train
 import rediff
 import shapes_aids
 from cli import (UsageError, check_checkpoint_out, option, parse_config, run_main,
@@ -31,14 +34,17 @@ from sample import caption_images, decode_answer
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(llada_v_train.LLaDAVFlags):
+    """The shapes world's flags, then those of a LLaDA-V / ReDiff folder (llada_v_train.py)."""
     objective: str = option("revision", "revision: Stage I (Eq. 2-3) from a base model "
                             "(--init-from; --tiny trains the base first); mask: the base (Eq. 1)",
                             choices=["revision", "mask"])
     out: str = option("out/stage1.safetensors", "checkpoint to write (every --eval-every steps "
                       "and at the end): NAME.safetensors one file, NAME.dcp a sharded folder")
     init_from: str = option("", "start from this checkpoint's weights (e.g. a base model) with a "
-                            "fresh optimizer; the model's shape is the checkpoint's")
+                            "fresh optimizer; the model's shape is the checkpoint's. A Hugging "
+                            "Face LLaDA-V / ReDiff folder: the real model, with its own defaults "
+                            "(lr 5e-6, batch 32, one epoch) and the flags from --data-json on")
     stop_at: int = option(0, "stop (with a checkpoint) after this step, as an interruption "
                           "would; 0: run to --steps", at_least=0)
     resume: bool = option(False, "continue the run saved at --out: weights, optimizer, "
@@ -285,126 +291,171 @@ def check_flags(cfg: TrainConfig) -> None:
                          f"makes one file of it)")
 
 
-def train(cfg: TrainConfig, label: str = ""):
-    """One training run of cfg.objective (training_loss: Eq. 1 or Eq. 2-3), from scratch,
-    --init-from or --resume, with a checkpoint every --eval-every steps and at the end.
-    label: names the progress bars (a phase of the --tiny recipe). Returns the model."""
-    ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of torchrun's
-    print(show_config(cfg))
-    torch.manual_seed(cfg.seed)
-    device = ctx.device
-    try:
-        world = shapes.WorldConfig(image_size=cfg.image_size, max_words=cfg.answer_len - 1)
-    except ValueError as err:
-        raise SystemExit(f"--answer-len {cfg.answer_len}: {err}") from None
-    start_step, optimizer_state, history = 0, None, []
-    if cfg.resume or cfg.init_from:
-        source = cfg.out if cfg.resume else cfg.init_from
-        needs = ("tokenizer", "world", "answer_len", "step")
-        if cfg.resume:
-            model, meta = load_for(
-                source, "--resume", ("stage1-mask", "stage1-revision"), needs, device=device,
-                fix="--resume continues the Stage I run saved at --out: point --out at one, or "
-                "drop --resume to start a new run (--init-from FILE to start from other weights; "
-                "train_stage2.py --resume continues Stage II runs)")
+class ShapesRun:
+    """A run on the shapes world, set up for train()'s loop: the model built, or loaded from
+    --init-from / --resume, the scenes rendered, a fresh tower pretrained (shapes_aids) and frozen,
+    the optimizer. The loop calls batch, backward, evaluate, save and finish (as it does
+    llada_v_train.Stage1Run's for a LLaDA-V folder)."""
+
+    def __init__(self, cfg: TrainConfig, ctx, label: str = ""):
+        print(show_config(cfg))
+        torch.manual_seed(cfg.seed)
+        device = self.draw_device = ctx.device  # masks and corruptions are drawn on the device
+        try:
+            world = shapes.WorldConfig(image_size=cfg.image_size, max_words=cfg.answer_len - 1)
+        except ValueError as err:
+            raise SystemExit(f"--answer-len {cfg.answer_len}: {err}") from None
+        self.start_step, optimizer_state, self.history = 0, None, []
+        if cfg.resume or cfg.init_from:
+            source = cfg.out if cfg.resume else cfg.init_from
+            needs = ("tokenizer", "world", "answer_len", "step")
+            if cfg.resume:
+                model, meta = load_for(
+                    source, "--resume", ("stage1-mask", "stage1-revision"), needs, device=device,
+                    fix="--resume continues the Stage I run saved at --out: point --out at one, or "
+                    "drop --resume to start a new run (--init-from FILE to start from other "
+                    "weights; train_stage2.py --resume continues Stage II runs)")
+            else:
+                model, meta = load_for(
+                    source, "--init-from", ("stage1-mask", "stage1-revision", "stage2"), needs,
+                    device=device,
+                    fix="pass a checkpoint written by train_stage1.py or train_stage2.py")
+            check_start(cfg, model, meta, source)
+            tokenizer = tokenizer_from_dict(meta["tokenizer"])
+            world = shapes.WorldConfig(**meta["world"])
+            cfg.answer_len = meta["answer_len"]
+            if cfg.resume:
+                self.start_step, self.history = meta["step"], meta.get("history", [])
+                optimizer_state = source
+            print(f"loaded {source} (stage {meta['stage']}, step {meta['step']})")
         else:
-            model, meta = load_for(
-                source, "--init-from", ("stage1-mask", "stage1-revision", "stage2"), needs,
-                device=device,
-                fix="pass a checkpoint written by train_stage1.py or train_stage2.py")
-        check_start(cfg, model, meta, source)
-        tokenizer = tokenizer_from_dict(meta["tokenizer"])
-        world = shapes.WorldConfig(**meta["world"])
-        cfg.answer_len = meta["answer_len"]
-        if cfg.resume:
-            start_step, history = meta["step"], meta.get("history", [])
-            optimizer_state = source
-        print(f"loaded {source} (stage {meta['stage']}, step {meta['step']})")
-    else:
-        tokenizer = WordTokenizer.for_shapes_world()
-        model = build_model(cfg, tokenizer).to(device)
-        if cfg.objective == "revision":
-            print("note: Stage I from scratch. In the shapes world the from-scratch model learned "
-                  "to read the image only with --objective mask: train a base with it, then Stage "
-                  "I with --init-from BASE (python train_stage1.py --tiny does both)")
-    vision = model.cfg.vision
-    t0 = time.perf_counter()
-    data = ShapesData(tokenizer, world, "train", cfg.n_scenes, model.n_image_tokens,
-                      cfg.answer_len, cfg.seed, vision.mean, vision.std)
-    val_data = ShapesData(tokenizer, world, "val", 256, model.n_image_tokens, cfg.answer_len,
-                          cfg.seed, vision.mean, vision.std)
-    print(f"rendered {len(data)} train + {len(val_data)} val scenes in "
-          f"{time.perf_counter() - t0:.1f} s; model {model.num_params() / 1e6:.2f} M parameters "
-          f"on {device}")
-    if not (cfg.resume or cfg.init_from) and cfg.vision_pretrain_steps > 0:
-        shapes_aids.pretrain_vision(model, data, cfg.vision_pretrain_steps, 128, device, cfg.seed,
-                                    label=label + ": " if label else "")
-    freeze_vision(model)  # the tower (and its attribute head) stays frozen
-    train_model = distributed.wrap(model, ctx, cfg.param_dtype,
-                                   cfg.activation_checkpointing)  # DDP / FSDP2 / the model
-    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2's shards
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.weight_decay)
-    if optimizer_state and os.path.isdir(optimizer_state):  # resharded to this run's processes
-        distributed.load_dcp_optimizer(optimizer_state, model, optimizer)
-    elif optimizer_state:
-        load_for(optimizer_state, "--resume", device=device, optimizer=optimizer)
-    step_model = torch.compile(train_model) if cfg.compile else train_model
+            tokenizer = WordTokenizer.for_shapes_world()
+            model = build_model(cfg, tokenizer).to(device)
+            if cfg.objective == "revision":
+                print("note: Stage I from scratch. In the shapes world the from-scratch model "
+                      "learned to read the image only with --objective mask: train a base with "
+                      "it, then Stage I with --init-from BASE (python train_stage1.py --tiny does "
+                      "both)")
+        vision = model.cfg.vision
+        self.t0 = time.perf_counter()
+        data = ShapesData(tokenizer, world, "train", cfg.n_scenes, model.n_image_tokens,
+                          cfg.answer_len, cfg.seed, vision.mean, vision.std)
+        self.val_data = ShapesData(tokenizer, world, "val", 256, model.n_image_tokens,
+                                   cfg.answer_len, cfg.seed, vision.mean, vision.std)
+        print(f"rendered {len(data)} train + {len(self.val_data)} val scenes in "
+              f"{time.perf_counter() - self.t0:.1f} s; model {model.num_params() / 1e6:.2f} M "
+              f"parameters on {device}")
+        if not (cfg.resume or cfg.init_from) and cfg.vision_pretrain_steps > 0:
+            shapes_aids.pretrain_vision(model, data, cfg.vision_pretrain_steps, 128, device,
+                                        cfg.seed, label=label + ": " if label else "")
+        freeze_vision(model)  # the tower (and its attribute head) stays frozen
+        train_model = distributed.wrap(model, ctx, cfg.param_dtype,
+                                       cfg.activation_checkpointing)  # DDP / FSDP2 / the model
+        self.params = [p for p in model.parameters() if p.requires_grad]  # after wrap: shards
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.95),
+                                           weight_decay=cfg.weight_decay)
+        if optimizer_state and os.path.isdir(optimizer_state):  # resharded to this run's ranks
+            distributed.load_dcp_optimizer(optimizer_state, model, self.optimizer)
+        elif optimizer_state:
+            load_for(optimizer_state, "--resume", device=device, optimizer=self.optimizer)
+        self.step_model = torch.compile(train_model) if cfg.compile else train_model
+        self.cfg, self.ctx, self.model, self.tokenizer = cfg, ctx, model, tokenizer
+        self.world, self.data, self.state = world, data, cfg.out
+        model.train()
+        model.vision_tower.eval()
 
-    def save(step):
+    def batch(self, step: int):
+        """The global batch of `step`, with Stage I's hallucination pairs."""
+        frac = self.cfg.hallucination_frac if self.cfg.objective == "revision" else 0.0
+        return self.data.batch(step, self.cfg.batch_size, frac).to(self.ctx.device)
+
+    def backward(self, batch, generator) -> tuple[torch.Tensor, dict]:
+        """training_loss on this rank's rows, and its gradients -> (loss, parts)."""
+        loss, parts = training_loss(self.step_model, batch, self.cfg, self.tokenizer, generator,
+                                    self.ctx)
+        loss.backward()
+        return loss.detach(), parts
+
+    def evaluate(self, step: int, loss: torch.Tensor, parts: dict) -> dict:
+        """Eq. 1 on the validation scenes and a sample caption -> the history entry of `step`."""
+        whole = distributed.full_copy(self.model, self.ctx)  # FSDP: a gathered replica
+        val = validation_loss(whole, self.val_data, self.tokenizer, self.ctx.device)
+        images = self.val_data.images([0]).to(self.ctx.device)              # (1, 3, S, S)
+        ids, _ = caption_images(whole, self.tokenizer, images, self.cfg.answer_len, 1)
+        self.model.train()
+        self.model.vision_tower.eval()
+        tqdm.write(f"step {step}: train loss {loss.item():.4f}, val loss (Eq. 1) {val:.4f}\n"
+                   f"  sample (val scene 0, 1 token/step): {decode_answer(self.tokenizer, ids[0])}")
+        return {"step": step, "train_loss": loss.item(), "val_loss": val}
+
+    def save(self, step: int) -> None:
+        """The checkpoint at --out: one file, or each rank's shard of a DCP folder."""
+        cfg = self.cfg
         meta = {"stage": "stage1-" + cfg.objective, "step": step, "train_config": asdict(cfg),
-                "tokenizer": tokenizer.to_dict(), "world": asdict(world),
-                "answer_len": cfg.answer_len, "history": history}
+                "tokenizer": self.tokenizer.to_dict(), "world": asdict(self.world),
+                "answer_len": cfg.answer_len, "history": self.history}
         if distributed.is_dcp(cfg.out):
-            distributed.save_dcp(cfg.out, model, optimizer, meta, ctx)  # each rank its shard
-        elif ctx.is_main:
-            save_checkpoint(cfg.out, model, meta, optimizer)
+            distributed.save_dcp(cfg.out, self.model, self.optimizer, meta, self.ctx)
+        elif self.ctx.is_main:
+            save_checkpoint(cfg.out, self.model, meta, self.optimizer)
 
-    model.train()
-    model.vision_tower.eval()
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
+    def finish(self, step: int) -> None:
+        names = {"truncated": "captions truncated to --answer-len",
+                 "unknown": "unknown words (mapped to <unk>)"}
+        for what, count in sorted(self.data.stats.items()):  # never silent, though the built-in
+            if count:                                        # world has neither
+                print(f"warning: {count} {names.get(what, what)} in the training batches")
+        print(f"done in {time.perf_counter() - self.t0:.0f} s; checkpoint {self.cfg.out}")
+        self.ctx.barrier()  # the checkpoint is whole before any rank reads it
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    """Each parameter group at lr x its lr_scale (a LLaDA-V tower's --vision-lr); torchao's
+    optimizers keep the rate in a tensor, filled in place."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr * group.get("lr_scale", 1.0))
+        else:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def train(cfg: TrainConfig, label: str = ""):
+    """One training run of cfg.objective (Eq. 1 or Eq. 2-3) on the shapes world (ShapesRun) or on a
+    LLaDA-V / ReDiff folder (llada_v_train.Stage1Run), from its start, --init-from or --resume,
+    with a checkpoint every --eval-every steps and at the end. label: names the progress bars (a
+    phase of the --tiny recipe). Returns the model."""
+    ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of torchrun's
+    real = llada_v_train.selected(cfg.init_from)
+    run = llada_v_train.Stage1Run(cfg, ctx) if real else ShapesRun(cfg, ctx, label)
+    done = run.start_step
+    bar = tqdm(range(done, cfg.steps), initial=done, total=cfg.steps,
                desc=label or cfg.objective, dynamic_ncols=True)
-    frac = cfg.hallucination_frac if cfg.objective == "revision" else 0.0  # hallucination pairs
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        batch = data.batch(step, cfg.batch_size, frac).to(device)
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-        loss, parts = training_loss(step_model, batch, cfg, tokenizer, generator, ctx)  # my rows
+        set_learning_rate(run.optimizer, learning_rate(step, cfg))
+        batch = run.batch(step)
+        generator = torch.Generator(device=run.draw_device).manual_seed(cfg.seed * 1_000_003 + step)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss, parts = run.backward(batch, generator)  # this rank's rows, forward and backward
         batch_loss, parts = ctx.mean(loss), ctx.mean(parts)  # the whole batch's, as in one process
         if not torch.isfinite(batch_loss):
             raise SystemExit(f"step {step}: loss is {batch_loss.item()}; stopping. The last good "
-                             f"checkpoint is {cfg.out} (try a lower --lr)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+                             f"checkpoint is {run.state} (try a lower --lr)")
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+        run.optimizer.step()
+        done = step + 1
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in parts.items()})
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            whole = distributed.full_copy(model, ctx)  # FSDP: a gathered replica, else the model
-            val = validation_loss(whole, val_data, tokenizer, device)
-            history.append({"step": step + 1, "train_loss": batch_loss.item(), "val_loss": val})
-            images = val_data.images([0]).to(device)                        # (1, 3, S, S)
-            ids, _ = caption_images(whole, tokenizer, images, cfg.answer_len, 1)
-            model.train()
-            model.vision_tower.eval()
-            tqdm.write(f"step {step + 1}: train loss {batch_loss.item():.4f}, val loss (Eq. 1) "
-                       f"{val:.4f}\n  sample (val scene 0, 1 token/step): "
-                       f"{decode_answer(tokenizer, ids[0])}")
-            save(step + 1)
-        if step + 1 == cfg.stop_at:
-            save(step + 1)
-            print(f"stopped at step {step + 1} (--stop-at); continue with --resume")
+        due = done % cfg.eval_every == 0 or done == cfg.steps
+        if due:
+            run.history.append(run.evaluate(done, batch_loss, parts))
+            run.save(done)
+        if done == cfg.stop_at:
+            if not due:
+                run.save(done)
+            print(f"stopped at step {done} (--stop-at); continue with --resume")
             break
     bar.close()
-    names = {"truncated": "captions truncated to --answer-len",
-             "unknown": "unknown words (mapped to <unk>)"}
-    for what, count in sorted(data.stats.items()):  # never silent, though the built-in world has
-        if count:                                   # neither
-            print(f"warning: {count} {names.get(what, what)} in the training batches")
-    print(f"done in {time.perf_counter() - t0:.0f} s; checkpoint {cfg.out}")
-    ctx.barrier()  # the checkpoint is whole before any rank reads it
-    return model
+    run.finish(done)
+    return run.model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -516,9 +567,10 @@ def main(argv=None):
     """The command line: the --tiny recipe's two phases, or one training run."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(TrainConfig, argv, description=__doc__, presets=PRESETS)
+    real = llada_v_train.choose(cfg, argv, llada_v_train.STAGE1_DEFAULTS)  # --init-from FOLDER
     if "--tiny" in argv and cfg.objective == "revision" and not cfg.init_from:
         return train_tiny_recipe(cfg, argv)
-    check_flags(cfg)
+    (llada_v_train.check_flags if real else check_flags)(cfg)
     return train(cfg)
 
 

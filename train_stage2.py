@@ -1,27 +1,34 @@
-"""train_stage2.py: ReDiff Stage II, online self-correction (Section 3.3, Eq. 4 of arXiv 2510.19871).
+"""train_stage2.py: ReDiff Stage II, online self-correction (Section 3.3, Eq. 4 of arXiv
+2510.19871), on the shapes world or a LLaDA-V / ReDiff folder (--init-from FOLDER), one loop.
 
 Each of --rounds rounds:
-  1. drafts     the current model captions fresh training scenes with the refining sampler, at several speeds
-                (--tokens-per-step 1 4 8, the paper's 128 / 32 / 16 steps);
-  2. expert     an expert reviews each draft: "right", or {org, target} pairs of equal token count (experts.py);
-  3. alignment  each kept pair is located in the draft's token ids: the mistake mask marks its positions, and the
-                refined target is the draft with the corrections applied;
-  4. fine-tune  Eq. 4: the input is the model's own draft (no masking), the loss the cross-entropy on the mistake
-                positions only; --stage1-mix of every batch is ordinary Stage I data (train_stage1.training_loss);
-then a checkpoint (atomic, stage "stage2") and the round's statistics.
+  1. drafts     the current model captions fresh training scenes (or images of --data-json) with
+                the refining sampler, at several speeds (--tokens-per-step 1 4 8: the paper's
+                128 / 32 / 16 steps);
+  2. expert     an expert reviews each draft: "right", or {org, target} pairs of equal token
+                count (experts.py);
+  3. alignment  each kept pair is located in the draft's token ids: the mistake mask marks its
+                positions, and the refined target is the draft with the corrections applied;
+  4. fine-tune  Eq. 4: the input is the model's own draft (no masking), the loss the
+                cross-entropy on the mistake positions only; --stage1-mix of every batch is
+                ordinary Stage I data;
+then a checkpoint and the round's statistics.
 
-    python train_stage2.py --tiny --init-from out/stage1.safetensors --out out/stage2.safetensors    # CPU
-    python train_stage2.py --init-from out/stage1.safetensors --out out/stage2.safetensors           # GPU
-    OPENAI_API_KEY=... python train_stage2.py --init-from out/stage1.safetensors --expert openai --cache out/expert.jsonl
+    python train_stage2.py --tiny --init-from out/stage1.safetensors --out out/stage2.safetensors
+    OPENAI_API_KEY=... python train_stage2.py --init-from out/stage1.safetensors --expert openai \\
+        --cache out/expert.jsonl
+    OPENAI_API_KEY=... python train_stage2.py --init-from out/rediff-s1 --data-json captions.json \\
+        --image-root images --out out/rediff-s2                    # LLaDA-V (llada_v_train.py)
 
-A rerun with --resume continues after the last finished round; with --expert openai, answers already in --cache are
-never requested again.
+A rerun with --resume continues after the last finished round; with --expert openai, answers
+already in --cache are never requested again.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -31,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
+import llada_v_train
 import rediff
 from cli import (UsageError, check_checkpoint_out, check_writable,
                  option, parse_config, run_main, show_config)
@@ -42,7 +50,8 @@ from experts import (RIGHT, Item, check_endpoint, make_expert, merge_rank_caches
                      validate_pairs)
 from model import load_checkpoint
 from sample import caption_images, decode_answer
-from train_stage1 import TrainConfig, freeze_vision, learning_rate, training_loss
+from train_stage1 import (TrainConfig, freeze_vision, set_learning_rate, training_loss,
+                          warmup_cosine)
 
 DRAFT_OFFSET = 1_000_000  # drafts use train-split scenes from this index on: never in a Stage I bank (from 0)
 MIX_STEP_OFFSET = 10_000_000  # Stage I mix batches are ShapesData.batch(offset + step): not Stage I's own batches
@@ -50,12 +59,17 @@ INIT_STAGES = ("stage1-revision", "stage1-mask", "stage2")
 
 
 @dataclass
-class Stage2Config:
+class Stage2Config(llada_v_train.LLaDAVStage2Flags):
+    """The shapes world's flags, then those of a LLaDA-V / ReDiff folder (llada_v_train.py)."""
     init_from: str = option("", "required: the Stage I checkpoint (or a base model, --objective "
-                            "mask) to start from")
+                            "mask) to start from; a Hugging Face LLaDA-V / ReDiff folder: the real "
+                            "model, with its own defaults and the flags from --data-json on")
     out: str = option("out/stage2.safetensors", "checkpoint to write (atomically) after every "
-                      "round: NAME.safetensors, one file (weights only)")
+                      "round: NAME.safetensors, one file (weights only; NAME.dcp folders are "
+                      "train_stage1.py's)")
     resume: bool = option(False, "continue the run saved at --out after its last finished round")
+    stop_at: int = option(0, "stop after this round, as an interruption would; 0: all --rounds",
+                          at_least=0)
     rounds: int = option(1, "rounds of draft -> expert -> fine-tune (the paper: one round gives "
                          "most of the gain)", at_least=1)
     drafts_per_round: int = option(1536, "drafts per round, on fresh training scenes (the paper: "
@@ -110,54 +124,43 @@ PRESETS = {"tiny": {"help": "a CPU-sized run, the reproduction's recipe: 3072 dr
 
 
 @torch.no_grad()
-def make_drafts(model, tokenizer, world, answer_len: int, cfg: Stage2Config, round_index: int,
-                ctx=None) -> list[dict]:
-    """Section 3.3's drafts: caption round `round_index`'s fresh scenes with the refining sampler;
-    scene k at tokens_per_step[k % n]. ctx (distributed.Context): with N processes, rank r
-    captions chunks r, r + N, ... of --draft-batch captions and every rank gets all the ids; the
-    chunks, hence the drafts, are those of one process."""
-    first = DRAFT_OFFSET + round_index * cfg.drafts_per_round
-    samples = [shapes.sample("train", first + k, world) for k in range(cfg.drafts_per_round)]
-    speeds = [cfg.tokens_per_step[k % len(cfg.tokens_per_step)] for k in range(len(samples))]
-    vision, ids = model.cfg.vision, [None] * len(samples)
-    model.eval()
-    bar = tqdm(total=len(samples), desc=f"round {round_index + 1} drafts", dynamic_ncols=True)
-    rank, n_ranks, n_chunks = (ctx.rank, ctx.world, 0) if ctx else (0, 1, 0)
-    for speed in sorted(set(speeds)):
-        rows = [k for k, s in enumerate(speeds) if s == speed]
-        for lo in range(0, len(rows), cfg.draft_batch):
-            chunk = rows[lo:lo + cfg.draft_batch]
-            n_chunks += 1
-            if (n_chunks - 1) % n_ranks != rank:  # another rank's chunk
-                continue
-            images = image_to_tensor([samples[k]["image"] for k in chunk], vision.mean,
-                                     vision.std)                                      # (b, 3, S, S)
-            out, _ = caption_images(model, tokenizer, images, answer_len, speed,
-                                    refine=True)                                      # (b, G)
-            for k, row in zip(chunk, out.cpu()):
-                ids[k] = row
-            bar.update(len(chunk))
-    bar.close()
-    if n_ranks > 1:  # every rank gets every draft
-        mine = {k: row.tolist() for k, row in enumerate(ids) if row is not None}
-        for share in ctx.gather(mine):
-            for k, row in share.items():
-                ids[int(k)] = torch.tensor(row)
-    return [{"scene_index": first + k, "tokens_per_step": speeds[k], "ids": ids[k],
-             "text": decode_answer(tokenizer, ids[k]), "truth": s["caption"], "scene": s["scene"],
-             "image": s["image"]} for k, s in enumerate(samples)]
+def make_drafts(model, source, cfg: Stage2Config, round_index: int, ctx) -> list[dict]:
+    """Section 3.3's drafts: caption round `round_index`'s fresh items (source.draft_items:
+    shapes-world scenes, or images of --data-json) with the refining sampler; item k at
+    tokens_per_step[k % n]. Items of one speed and one "group" (a LLaDA-V prompt length) are
+    drafted --draft-batch at a time; chunk j is rank j mod N's, and every rank gets every draft:
+    those of one process."""
+    items = source.draft_items(round_index, cfg.drafts_per_round)
+    speeds = [cfg.tokens_per_step[k % len(cfg.tokens_per_step)] for k in range(len(items))]
+    groups: dict[tuple, list] = {}
+    for k, item in enumerate(items):
+        groups.setdefault((speeds[k], item.get("group", 0)), []).append(k)
+    chunks = [rows[i:i + cfg.draft_batch] for _, rows in sorted(groups.items())
+              for i in range(0, len(rows), cfg.draft_batch)]
+    ids = {}
+    for j, chunk in enumerate(tqdm(chunks, desc=f"round {round_index + 1} drafts",
+                                   dynamic_ncols=True)):
+        if j % ctx.world == ctx.rank:  # else another rank's chunk
+            out = source.caption(model, [items[k] for k in chunk], speeds[chunk[0]])  # (b, G)
+            ids.update(zip(chunk, out.tolist()))
+    if ctx.world > 1:  # every rank gets every draft (JSON keys come back as strings)
+        ids = {int(k): row for share in ctx.gather(ids) for k, row in share.items()}
+    return [source.draft(item, torch.tensor(ids[k]), speeds[k]) for k, item in enumerate(items)]
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Expert review
 
 
-def review_drafts(expert, drafts: list[dict], ctx=None) -> tuple[list, Counter]:
-    """(the expert's review of every draft, the expert's statistics for them). ctx (distributed.Context): each rank
-    reviews its own contiguous share (its own API calls) and every rank gets all reviews, in draft order."""
+def review_drafts(expert, drafts: list[dict], ctx=None, image_of=None) -> tuple[list, Counter]:
+    """(the expert's review of every draft, the expert's statistics for them). ctx
+    (distributed.Context): each rank reviews its own contiguous share (its own API calls) and every
+    rank gets all reviews, in draft order. image_of(draft): the image the expert sees, read when
+    asked (LLaDA-V drafts); None: draft["image"]."""
     share = ctx.part(len(drafts)) if ctx else range(len(drafts))
     before = Counter(expert.counts)
     mine = drafts[share.start:share.stop]
-    reviews = expert.review([Item(d["text"], d["truth"], d["scene"], d["image"]) for d in mine])
+    reviews = expert.review([Item(d["text"], d["truth"], d["scene"],
+                                  image_of(d) if image_of else d["image"]) for d in mine])
     counts = expert.counts - before
     if ctx and ctx.world > 1:
         reviews = [review for part in ctx.gather(reviews) for review in part]
@@ -202,62 +205,28 @@ def align(drafts: list[dict], reviews: list, tokenizer, counts: Counter) -> list
 # 4. Fine-tuning with Eq. 4 (+ Stage I data)
 
 
-def finetune(model, samples, mix_data, stage1_cfg, tokenizer, cfg: Stage2Config,
-             round_index: int, device, ctx=None, train_model=None) -> dict:
-    """Eq. 4 (plus the Stage I mix): --steps of AdamW on the round's samples; returns the last
-    step's losses (of the whole batch). ctx, train_model (distributed.py): this rank's rows of
-    every global batch go through the DDP / FSDP module."""
-    ctx, step_model = ctx or distributed.Context(), train_model or model
-    vision = model.cfg.vision
-    prompt = torch.tensor(prompt_ids(tokenizer, model.n_image_tokens))                 # (P,)
-    E, P = len(samples), len(prompt)
-    stack = lambda key: torch.stack([s[key] for s in samples])  # noqa: E731           (E, G)
-    inputs = torch.cat([prompt.expand(E, -1), stack("ids")], dim=1)        # (E, L): the drafts
-    labels = torch.cat([prompt.expand(E, -1), stack("refined")], dim=1)                # (E, L)
-    mistake = torch.cat([torch.zeros(E, P, dtype=torch.bool), stack("mistake")], dim=1)  # (E, L)
-    images = image_to_tensor([s["image"] for s in samples], vision.mean,
-                             vision.std)                                               # (E, 3, S, S)
-    n_mix = round(cfg.batch_size * cfg.stage1_mix) if mix_data is not None else 0
-    n_own = cfg.batch_size - n_mix
-    mix_frac = stage1_cfg.hallucination_frac if stage1_cfg.objective == "revision" else 0.0
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.weight_decay)
-    model.train()
-    model.vision_tower.eval()
-    parts = {}
-    bar = tqdm(range(cfg.steps), desc=f"round {round_index + 1} fine-tune", dynamic_ncols=True)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        rng = np.random.default_rng([cfg.seed, round_index, step])
-        pick = torch.from_numpy(rng.integers(E, size=n_own))                          # (n_own,)
-        own = pick[ctx.rows(n_own)]                                                 # this rank's
-        logits = step_model(inputs[own].to(device), images=images[own].to(device))  # (b, L, V)
-        loss_own = rediff.refinement_loss(logits, labels[own].to(device),
-                                          mistake[own].to(device))  # Eq. 4, per draft
-        loss, parts = loss_own, {"refine": loss_own}
-        if n_mix:
-            global_step = MIX_STEP_OFFSET + round_index * cfg.steps + step
-            batch = mix_data.batch(global_step, n_mix, mix_frac).to(device)
-            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003
-                                                                   + global_step)
-            loss_mix, _ = training_loss(step_model, batch, stage1_cfg, tokenizer, generator, ctx)
-            loss = (n_own * loss_own + n_mix * loss_mix) / cfg.batch_size  # by share of the batch
-            parts["stage1"] = loss_mix
+def finetune(run, samples: list, cfg: Stage2Config, round_index: int, ctx) -> list[dict]:
+    """Eq. 4 on the round's corrected drafts (plus the Stage I mix): the round's optimizer steps,
+    its cosine schedule restarted (run.start_round: its steps and warm-up); run.backward runs this
+    rank's rows. Returns each step's losses, of the whole batch."""
+    steps, warmup = run.start_round(samples, round_index)
+    losses = []
+    bar = tqdm(range(steps), desc=f"round {round_index + 1} fine-tune", dynamic_ncols=True)
+    for i in bar:
+        set_learning_rate(run.optimizer, warmup_cosine(i, steps, warmup, cfg.lr, cfg.min_lr_frac))
+        run.optimizer.zero_grad(set_to_none=True)
+        loss, parts = run.backward(samples, round_index, i)
         parts = {k: v.item() for k, v in ctx.mean({**parts, "total": loss}).items()}  # whole batch
         if not math.isfinite(parts["total"]):
-            raise SystemExit(f"round {round_index + 1}, step {step}: loss is {parts['total']}; "
-                             f"stopping. The last good checkpoint is "
-                             f"{cfg.out if round_index else cfg.init_from} (try a lower --lr)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+            raise SystemExit(f"round {round_index + 1}, step {i}: loss is {parts['total']}; "
+                             f"stopping. The last good checkpoint is {run.state} (try a lower "
+                             f"--lr)")
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+        run.optimizer.step()
+        losses.append({"step": run.step + i + 1, **parts})
         bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
     bar.close()
-    return parts
+    return losses
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading, statistics, main
@@ -339,86 +308,189 @@ def round_report(r: int, cfg: Stage2Config, drafts, quality, counts: Counter, sa
     return lines
 
 
+class ShapesStage2:
+    """Stage II on the shapes world, set up for main()'s rounds (--init-from or --resume loaded,
+    the Stage I mix's scenes rendered, the tower frozen), and the pieces a round calls, as
+    llada_v_train.Stage2Run's for a LLaDA-V folder: the drafting source of make_drafts
+    (draft_items, caption, draft), in_context, the fine-tuning steps (start_round, backward) and
+    end_round (statistics, history, checkpoint)."""
+    image_of, expert = None, None  # the drafts hold their rendered images; --expert reviews
+
+    def __init__(self, cfg: Stage2Config, ctx):
+        print(show_config(cfg))
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.ctx = cfg, ctx
+        self.model, self.meta, self.first_round = load_start(cfg, ctx.device)
+        self.tokenizer = tokenizer_from_dict(self.meta["tokenizer"])
+        self.world = shapes.WorldConfig(**self.meta["world"])
+        self.answer_len, self.s1 = self.meta["answer_len"], stage1_config(self.meta)
+        self.history = self.meta.get("history", []) if cfg.resume else []
+        self.step = self.meta.get("step", 0) if cfg.resume else 0
+        self.state, self.t0, self.mix_data = cfg.out if cfg.resume else cfg.init_from, 0.0, None
+        if cfg.stage1_mix > 0:
+            vision = self.model.cfg.vision
+            self.mix_data = ShapesData(self.tokenizer, self.world, "train", cfg.n_scenes,
+                                       self.model.n_image_tokens, self.answer_len, cfg.seed,
+                                       vision.mean, vision.std)
+            print(f"Stage I mix: {cfg.stage1_mix:.0%} of each batch, objective "
+                  f"{self.s1.objective}, {cfg.n_scenes} scenes")
+        freeze_vision(self.model)  # frozen, as in Stage I
+        self.train_model = distributed.wrap(self.model, ctx, cfg.param_dtype,
+                                            cfg.activation_checkpointing)  # DDP / FSDP2 / model
+        self.t0 = time.perf_counter()
+
+    # drafting: make_drafts captions draft_items, those of one speed together (one prompt)
+    def drafting_model(self):
+        return distributed.full_copy(self.model, self.ctx).eval()  # FSDP: a gathered replica
+
+    def draft_items(self, round_index: int, n: int) -> list[dict]:
+        """Fresh training scenes: never in a Stage I bank, nor in another round."""
+        first = DRAFT_OFFSET + round_index * n
+        return [dict(shapes.sample("train", first + k, self.world), index=first + k)
+                for k in range(n)]
+
+    def caption(self, model, items: list[dict], speed: int) -> torch.Tensor:
+        vision = model.cfg.vision
+        images = image_to_tensor([item["image"] for item in items], vision.mean,
+                                 vision.std)                                        # (b, 3, S, S)
+        out, _ = caption_images(model, self.tokenizer, images, self.answer_len, speed,
+                                refine=True)                                        # (b, G)
+        return out
+
+    def draft(self, item: dict, ids: torch.Tensor, speed: int) -> dict:
+        return {"scene_index": item["index"], "tokens_per_step": speed, "ids": ids,
+                "text": decode_answer(self.tokenizer, ids), "truth": item["caption"],
+                "scene": item["scene"], "image": item["image"]}
+
+    def in_context(self, reviews: list, drafts: list, counts: Counter) -> list:
+        return reviews  # a word-level tokenizer: validate_pairs checks everything
+
+    # fine-tuning with Eq. 4 (+ Stage I data)
+    def start_round(self, samples: list, round_index: int) -> tuple[int, int]:
+        """The round's training tensors and a fresh AdamW -> (steps, warm-up steps)."""
+        prompt = torch.tensor(prompt_ids(self.tokenizer, self.model.n_image_tokens))  # (P,)
+        E, P = len(samples), len(prompt)
+        stack = lambda key: torch.stack([s[key] for s in samples])  # noqa: E731       (E, G)
+        self.inputs = torch.cat([prompt.expand(E, -1), stack("ids")], dim=1)  # (E, L): drafts
+        self.labels = torch.cat([prompt.expand(E, -1), stack("refined")], dim=1)       # (E, L)
+        self.mistake = torch.cat([torch.zeros(E, P, dtype=torch.bool), stack("mistake")],
+                                 dim=1)                                                # (E, L)
+        vision = self.model.cfg.vision
+        self.images = image_to_tensor([s["image"] for s in samples], vision.mean,
+                                      vision.std)                                 # (E, 3, S, S)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=(0.9, 0.95),
+                                           weight_decay=self.cfg.weight_decay)
+        self.model.train()
+        self.model.vision_tower.eval()
+        return self.cfg.steps, self.cfg.warmup
+
+    def backward(self, samples: list, round_index: int, i: int) -> tuple[torch.Tensor, dict]:
+        """Step i: Eq. 4 on this rank's share of the own-draft rows (drawn with replacement), the
+        Stage I loss on its share of the mix rows, each weighted by its share of the batch;
+        forward and backward -> (loss, parts)."""
+        cfg, ctx, device = self.cfg, self.ctx, self.ctx.device
+        n_mix = round(cfg.batch_size * cfg.stage1_mix) if self.mix_data is not None else 0
+        n_own = cfg.batch_size - n_mix
+        rng = np.random.default_rng([cfg.seed, round_index, i])
+        pick = torch.from_numpy(rng.integers(len(samples), size=n_own))             # (n_own,)
+        own = pick[ctx.rows(n_own)]                                                 # this rank's
+        logits = self.train_model(self.inputs[own].to(device),
+                                  images=self.images[own].to(device))              # (b, L, V)
+        loss_own = rediff.refinement_loss(logits, self.labels[own].to(device),
+                                          self.mistake[own].to(device))  # Eq. 4, per draft
+        loss, parts = loss_own, {"refine": loss_own}
+        if n_mix:
+            global_step = MIX_STEP_OFFSET + round_index * cfg.steps + i
+            frac = self.s1.hallucination_frac if self.s1.objective == "revision" else 0.0
+            batch = self.mix_data.batch(global_step, n_mix, frac).to(device)
+            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003
+                                                                   + global_step)
+            loss_mix, _ = training_loss(self.train_model, batch, self.s1, self.tokenizer,
+                                        generator, ctx)
+            loss = (n_own * loss_own + n_mix * loss_mix) / cfg.batch_size  # by share of the batch
+            parts["stage1"] = loss_mix
+        loss.backward()
+        return loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+    def end_round(self, r: int, drafts, counts: Counter, samples, losses, expert_name: str):
+        """The round's statistics and history entry, and the checkpoint (weights only)."""
+        quality = draft_quality(drafts)
+        for line in round_report(r, self.cfg, drafts, quality, counts, samples, expert_name):
+            tqdm.write(line)
+        if not samples:
+            tqdm.write(f"round {r + 1}: no training samples (nothing to correct, or no valid "
+                       f"pair); no fine-tuning")
+        parts = {k: v for k, v in losses[-1].items() if k != "step"} if losses else {}
+        self.history.append({"round": r + 1, "step": self.step, "drafts": len(drafts),
+                             "samples": len(samples),
+                             "draft_headline": {str(k): v for k, v in quality.items()},
+                             "expert": dict(counts), **{f"{k}_loss": v for k, v in parts.items()}})
+        cfg, meta = self.cfg, self.meta
+        distributed.save_file(cfg.out, self.model, {  # weights only; rank 0 writes them
+            "stage": "stage2", "round": r + 1, "step": self.step, "train_config": asdict(cfg),
+            "stage1_config": asdict(self.s1),
+            "init_from": cfg.init_from or meta.get("init_from", ""),
+            "init_stage": meta.get("init_stage", meta["stage"]),  # stage1-mask: Stage II alone
+            "tokenizer": self.tokenizer.to_dict(), "world": asdict(self.world),
+            "answer_len": self.answer_len, "expert_stats": dict(counts),
+            "history": self.history}, self.ctx)
+        self.state = cfg.out
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in parts.items())
+        tqdm.write(f"round {r + 1}/{cfg.rounds} | step {self.step} | {shown or 'no loss'} | "
+                   f"checkpoint {cfg.out} | {time.perf_counter() - self.t0:.0f} s")
+
+
 def check_round_flags(cfg) -> None:
-    """Refuse, before any drafting, a batch with no row left for own drafts and an unusable expert endpoint
-    (shared with finetune_llada_v_stage2.py)."""
+    """Refuse, before any drafting, a batch with no row left for own drafts and an unusable expert
+    endpoint (none is asked about recorded drafts, --drafts-json)."""
     if cfg.batch_size - round(cfg.batch_size * cfg.stage1_mix) < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} with --stage1-mix {cfg.stage1_mix} leaves "
-                         f"no row for the model's own drafts; raise --batch-size or lower --stage1-mix")
-    if cfg.expert == "openai":
+                         f"no row for the model's own drafts; raise --batch-size or lower "
+                         f"--stage1-mix")
+    if cfg.expert == "openai" and not cfg.drafts_json:
         check_writable(cfg.cache, "--cache")
         check_endpoint(cfg.expert_base_url, "--expert-base-url", cfg.cache)  # before any drafting
 
 
 def main(argv=None):
-    """Section 3.3's rounds: draft, expert review, alignment, fine-tuning (Eq. 4), checkpoint."""
+    """Section 3.3's rounds: draft, expert review, alignment, fine-tuning (Eq. 4), checkpoint; on
+    the shapes world (ShapesStage2) or a LLaDA-V / ReDiff folder (llada_v_train.Stage2Run)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(Stage2Config, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
-    check_checkpoint_out(cfg.out, sharded=False)
+    real = llada_v_train.choose(cfg, argv, llada_v_train.STAGE2_DEFAULTS)  # --init-from FOLDER
+    if real:
+        llada_v_train.check_flags(cfg)
+    else:
+        check_checkpoint_out(cfg.out, sharded=False)
     check_round_flags(cfg)
     ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of torchrun's
-    print(show_config(cfg))
-    torch.manual_seed(cfg.seed)
-    device = ctx.device
-    model, meta, first_round = load_start(cfg, device)
-    tokenizer = tokenizer_from_dict(meta["tokenizer"])
-    world, answer_len = shapes.WorldConfig(**meta["world"]), meta["answer_len"]
-    s1 = stage1_config(meta)
-    shared_cache = cfg.expert == "openai" and cfg.cache
+    run = llada_v_train.Stage2Run(cfg, ctx) if real else ShapesStage2(cfg, ctx)
+    if run.first_round >= cfg.rounds:
+        print(f"{cfg.out} has finished {run.first_round} rounds already (--rounds {cfg.rounds}): "
+              f"nothing to do")
+        return run.model
+    shared_cache = cfg.expert == "openai" and cfg.cache and run.expert is None
     if shared_cache and ctx.is_main:
         merge_rank_caches(cfg.cache)  # answers an interrupted multi-process run left per rank
     ctx.barrier()
-    expert = make_expert(cfg.expert, cfg.expert_model, cfg.expert_base_url or None,
-                         cfg.cache or None, cfg.max_in_flight)
+    expert = run.expert or make_expert(cfg.expert, cfg.expert_model, cfg.expert_base_url or None,
+                                       cfg.cache or None, cfg.max_in_flight)
     if shared_cache and not ctx.is_main:  # every rank reads the shared cache; rank 0 appends
         expert.cache.path = rank_cache_path(cfg.cache, ctx.rank)
-    history = meta.get("history", []) if cfg.resume else []
-    step = meta.get("step", 0) if cfg.resume else 0
-    t0 = time.perf_counter()
-    if first_round >= cfg.rounds:
-        print(f"{cfg.out} has finished {first_round} rounds already (--rounds {cfg.rounds}): "
-              f"nothing to do")
-        return model
-    mix_data = None
-    if cfg.stage1_mix > 0:
-        mix_data = ShapesData(tokenizer, world, "train", cfg.n_scenes, model.n_image_tokens,
-                              answer_len, cfg.seed, model.cfg.vision.mean, model.cfg.vision.std)
-        print(f"Stage I mix: {cfg.stage1_mix:.0%} of each batch, objective {s1.objective}, "
-              f"{cfg.n_scenes} scenes")
-    freeze_vision(model)  # frozen, as in Stage I
-    train_model = distributed.wrap(model, ctx, cfg.param_dtype,
-                                   cfg.activation_checkpointing)  # DDP / FSDP2 / the model
-    for r in range(first_round, cfg.rounds):
-        drafts = make_drafts(distributed.full_copy(model, ctx), tokenizer, world, answer_len, cfg,
-                             r, ctx)
-        quality = draft_quality(drafts)
-        reviews, counts = review_drafts(expert, drafts, ctx)  # and this round's expert statistics
+    for r in range(run.first_round, cfg.rounds):
+        drafts = make_drafts(run.drafting_model(), run, cfg, r, ctx)
+        reviews, counts = review_drafts(expert, drafts, ctx, run.image_of)  # and its statistics
         if shared_cache and ctx.is_main:
             merge_rank_caches(cfg.cache)  # the other ranks' new answers (all gathered)
-        samples = align(drafts, reviews, tokenizer, counts)
-        for line in round_report(r, cfg, drafts, quality, counts, samples, expert.name):
-            tqdm.write(line)
-        if samples:
-            parts = finetune(model, samples, mix_data, s1, tokenizer, cfg, r, device, ctx,
-                             train_model)
-            step += cfg.steps
-        else:
-            parts = {}
-            tqdm.write(f"round {r + 1}: no training samples (nothing to correct, or no valid "
-                       f"pair); no fine-tuning")
-        history.append({"round": r + 1, "step": step, "drafts": len(drafts),
-                        "samples": len(samples),
-                        "draft_headline": {str(k): v for k, v in quality.items()},
-                        "expert": dict(counts), **{f"{k}_loss": v for k, v in parts.items()}})
-        distributed.save_file(cfg.out, model, {  # weights only; rank 0 writes them
-            "stage": "stage2", "round": r + 1, "step": step, "train_config": asdict(cfg),
-            "stage1_config": asdict(s1), "init_from": cfg.init_from or meta.get("init_from", ""),
-            "init_stage": meta.get("init_stage", meta["stage"]),  # stage1-mask: Stage II alone
-            "tokenizer": tokenizer.to_dict(), "world": asdict(world), "answer_len": answer_len,
-            "expert_stats": dict(counts), "history": history}, ctx)
-        losses = ", ".join(f"{k} {v:.4f}" for k, v in parts.items())
-        tqdm.write(f"round {r + 1}/{cfg.rounds} | step {step} | {losses or 'no loss'} | "
-                   f"checkpoint {cfg.out} | {time.perf_counter() - t0:.0f} s")
-    return model
+        samples = align(drafts, run.in_context(reviews, drafts, counts), run.tokenizer, counts)
+        losses = finetune(run, samples, cfg, r, ctx) if samples else []
+        run.step += len(losses)
+        run.end_round(r, drafts, counts, samples, losses, expert.name)
+        if r + 1 == cfg.stop_at:
+            print(f"stopped after round {r + 1} (--stop-at); continue with --resume")
+            return run.model
+    return run.model
 
 
 if __name__ == "__main__":

@@ -97,10 +97,10 @@ class CaptionData:
         n_image = self.model.n_image_tokens(self.image_size(record["image_path"]))
         return prompt_ids(self.tokenizer, n_image, record.get("prompt") or CAPTION_QUESTION)
 
-    def answer(self, ids: list[int], count: bool = True) -> list[int]:
-        """Caption ids -> exactly answer_len ids: caption, <|eot_id|>, <|endoftext|> padding; a
-        longer caption is cut (no end of turn: it did not end)."""
-        n = self.answer_len
+    def answer(self, ids: list[int], count: bool = True, length: int = 0) -> list[int]:
+        """Caption ids -> exactly `length` (default answer_len) ids: caption, <|eot_id|>,
+        <|endoftext|> padding; a longer caption is cut (no end of turn: it did not end)."""
+        n = length or self.answer_len
         if len(ids) >= n:
             self.stats["captions_cut"] += count
             return ids[:n]
@@ -155,10 +155,10 @@ def pack_rows(prompts: list, answers: torch.Tensor) -> tuple[torch.Tensor, torch
     return ids, answer_at, start
 
 
-def load_captions(cfg) -> tuple[list, list]:
+def load_captions(cfg, objective: str) -> tuple[list, list]:
     """-> (captions, hallucination pairs) from the flags --data-json, --image-root, --vicrit-jsonl,
     --vicrit-train-json, --skip-missing, --skip-bad. Records of --data-json with ReDiff's "revise"
-    corrections hold a wrong answer: they are pairs (with --objective mask: captions, their
+    corrections hold a wrong answer: they are pairs (for `objective` mask: captions, their
     corrected text), never captions to learn as written."""
     root = cfg.image_root or os.path.dirname(os.path.abspath(cfg.data_json))
     args = (root, cfg.skip_missing, cfg.skip_bad)
@@ -181,13 +181,13 @@ def load_captions(cfg) -> tuple[list, list]:
                          f"--vicrit-train-json") from None
     revised = [r for r in records if "revise" in r]
     captions = [r for r in records if "revise" not in r]
-    if cfg.objective == "mask":
+    if objective == "mask":
         captions += [{k: v for k, v in r.items() if k not in ("wrong", "revise")} for r in revised]
     else:
         pairs = revised + pairs
     if revised:
         print(f"{len(revised)} records of {cfg.data_json} carry \"revise\" corrections: "
-              + ("their corrected captions train as captions" if cfg.objective == "mask"
+              + ("their corrected captions train as captions" if objective == "mask"
                  else "hallucination pairs (assistant turn as written -> corrected)"))
     if not captions:
         raise SystemExit(f"{cfg.data_json}: no usable caption record ({stats}); fix the data or "

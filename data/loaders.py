@@ -330,7 +330,7 @@ def load_vicrit_train(json_path, image_root, skip_missing: bool = False, skip_ba
     when no file is there, its last component under image_root (ReDiff keeps the ViCrit images in
     one folder). Token counts are not checked here: the caller keeps a pair when both captions, and
     both solutions, have the same number of tokens under the model's tokenizer
-    (finetune_llada_v.CaptionData). Errors and skipping as load_llava_json."""
+    (data.captions.CaptionData). Errors and skipping as load_llava_json."""
     path, root = Path(json_path), Path(image_root)
     data = _json_list(path, "ViCrit-Train records")
     skip = _Skipper(skip_missing, skip_bad)

@@ -123,10 +123,10 @@ CASES = [
     ("tools.reproduce", "--out {a_file}", 2, ["--out", "a_file", "folder"]),
     ("tools.reproduce", "--n 0", 2, ["--n"]),
     ("tools.reproduce", "--results-page {a_file}/results.md", 2, ["--results-page", "a_file"]),
-    ("finetune_llada_v", "--hf-model {hf_missing_shard} --data-json {refs}", 1,
-     ["--hf-model", "model-00002-of-00002"]),
-    ("finetune_llada_v", "--hf-model {hf_missing_shard} --data-json {refs} --lr -1", 2, ["--lr"]),
-    ("finetune_llada_v_stage2", "--hf-model {hf_missing_shard} --data-json {refs} --rounds 0", 2,
+    ("train_stage1", "--init-from {hf_missing_shard} --data-json {refs}", 1,
+     ["--init-from", "model-00002-of-00002"]),
+    ("train_stage1", "--init-from {hf_missing_shard} --data-json {refs} --lr -1", 2, ["--lr"]),
+    ("train_stage2", "--init-from {hf_missing_shard} --data-json {refs} --rounds 0", 2,
      ["--rounds"]),
 ]
 
@@ -259,17 +259,17 @@ SECRET = "sk-test-SECRET-cli-errors"
 # its drafts are made as tests/test_stage2.py makes them (hallucinated captions: mistakes to fix).
 KILLABLE_STAGE2 = """
 import os, sys, time
-import train_stage1, train_stage2
+import train_stage2
 from tests.test_stage2 import drafts_with_mistakes
 train_stage2.make_drafts = drafts_with_mistakes(train_stage2.make_drafts)
-real, calls = train_stage1.learning_rate, [0]
-def learning_rate(step, cfg):
+real, calls = train_stage2.warmup_cosine, [0]
+def warmup_cosine(*args):
     calls[0] += 1
     if calls[0] == int(os.environ["HANG_AT"]):
         open(os.environ["MARKER"], "w").close()
         time.sleep(120)
-    return real(step, cfg)
-train_stage1.learning_rate = learning_rate
+    return real(*args)
+train_stage2.warmup_cosine = warmup_cosine
 train_stage2.main(sys.argv[1:])
 """
 STEPS = 3  # optimizer steps per round

@@ -349,13 +349,13 @@ def drafts_with_mistakes(real_drafts):
     ground truths in the drafts' place, so the expert has mistakes to fix."""
     from data.pipeline import answer_ids
 
-    def make_drafts(model, tokenizer, world, answer_len, cfg, round_index, *shard):
-        drafts = real_drafts(model, tokenizer, world, answer_len, cfg, round_index, *shard)
+    def make_drafts(model, source, cfg, round_index, ctx):
+        drafts = real_drafts(model, source, cfg, round_index, ctx)
         rng = np.random.default_rng(0)
         for d in drafts:
             pair = shapes.hallucination_pair(d["scene"], d["truth"], rng)
             d["text"] = pair["wrong"] if pair else d["truth"]
-            d["ids"] = torch.tensor(answer_ids(tokenizer, d["text"], answer_len))
+            d["ids"] = torch.tensor(answer_ids(source.tokenizer, d["text"], source.answer_len))
         return drafts
     return make_drafts
 

@@ -1,7 +1,7 @@
 """tools/gpu_check.py: a prepared check of a LLaDA-V / ReDiff folder on one device: load, the prompt
 ids beside the template text, one forward pass with its peak memory, captions at 1 / 4 / 8 tokens
-per step with timings, and Stage I fine-tuning steps (finetune_llada_v.py --no-save) with the peak
-memory beside the printed memory plan.
+per step with timings, and Stage I fine-tuning steps (train_stage1.py --init-from FOLDER
+--no-save) with the peak memory beside the printed memory plan.
 
     python tools/gpu_check.py --ckpt LLaDA-V --image photo.jpg             # everything
     python tools/gpu_check.py --ckpt LLaDA-V --image photo.jpg --steps 0   # inference only
@@ -27,13 +27,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 sys.path.insert(0, ROOT)
 
-import finetune_llada_v  # noqa: E402
+import llada_v_train  # noqa: E402
 import memory_plan as mp  # noqa: E402
+import train_stage1  # noqa: E402
 from cli import option, parse_config, run_main  # noqa: E402
 from data.loaders import open_image  # noqa: E402
 from llada_v import (CAPTION_QUESTION, IMAGE_TOKEN_INDEX, MASK_ID, caption,  # noqa: E402
                      chat_prompt, config_from_hf, load_llada_v, prompt_ids)
-from llada_v_train import Stage1Config  # noqa: E402
 from model import pick_device  # noqa: E402
 from sample import check_hf_folder  # noqa: E402
 
@@ -51,9 +51,9 @@ class GpuCheckConfig:
                           "caption)", at_least=1)
     batch_size: int = option(4, "fine-tuning samples per step", at_least=1)
     grad_accum: int = option(4, "fine-tuning micro-batches per step", at_least=1)
-    optimizer: str = option("adamw8bit", "fine-tuning optimizer (finetune_llada_v.py --optimizer)",
+    optimizer: str = option("adamw8bit", "fine-tuning optimizer (train_stage1.py --optimizer)",
                             choices=["adamw", "adamw8bit"])
-    master_dtype: str = option("bfloat16", "fine-tuning weights (finetune_llada_v.py "
+    master_dtype: str = option("bfloat16", "fine-tuning weights (train_stage1.py "
                                "--master-dtype)", choices=["float32", "bfloat16"])
     plan_only: bool = option(False, "print the fine-tuning memory plan from --ckpt's config.json "
                              "(no weights, no image needed) and stop")
@@ -154,10 +154,10 @@ def check_finetuning(cfg: GpuCheckConfig, device: torch.device, text: str) -> No
     with open(data_json, "w") as f:
         json.dump(records, f)
     argv = finetune_argv(cfg, device, data_json, os.path.join(folder, "out"))
-    print("fine-tuning: python finetune_llada_v.py " + " ".join(argv))
+    print("fine-tuning: python train_stage1.py " + " ".join(argv))
     reset_peak(device)
     start = time.perf_counter()
-    finetune_llada_v.main(argv)  # prints the memory plan, then trains
+    train_stage1.main(argv)  # prints the memory plan, then trains
     seconds = time.perf_counter() - start
     per_step = seconds / max(1, cfg.steps)
     print(f"fine-tuning: {cfg.steps} steps in {seconds:.1f} s ({per_step:.2f} s a step, loading "
@@ -166,7 +166,7 @@ def check_finetuning(cfg: GpuCheckConfig, device: torch.device, text: str) -> No
 
 
 def finetune_argv(cfg: GpuCheckConfig, device: torch.device, data_json: str, out: str) -> list[str]:
-    """finetune_llada_v.py's flags for the fine-tuning check (nothing written)."""
+    """train_stage1.py's flags for the fine-tuning check (nothing written)."""
     argv = ["--init-from", cfg.ckpt, "--data-json", data_json, "--image-root", "/",
             "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
             "--grad-accum", str(cfg.grad_accum), "--optimizer", cfg.optimizer,
@@ -178,7 +178,7 @@ def finetune_argv(cfg: GpuCheckConfig, device: torch.device, data_json: str, out
 
 
 def print_plan(cfg: GpuCheckConfig, device: torch.device) -> mp.MemoryPlan:
-    """--plan-only: the fine-tuning check's memory plan on one CUDA device (as finetune_llada_v.py
+    """--plan-only: the fine-tuning check's memory plan on one CUDA device (as train_stage1.py
     prints it there): computed anywhere, e.g. for an 80 GB GPU from a laptop with
     --device-memory-gib 80."""
     path = os.path.join(cfg.ckpt, "config.json")
@@ -186,11 +186,13 @@ def print_plan(cfg: GpuCheckConfig, device: torch.device) -> mp.MemoryPlan:
         raise SystemExit(f"--ckpt {cfg.ckpt}: no config.json; give a LLaDA-V / ReDiff folder")
     with open(path) as f:
         config = config_from_hf(json.load(f), path)
-    flags = parse_config(Stage1Config, finetune_argv(cfg, device, "", ""))
+    argv = finetune_argv(cfg, device, "", "")
+    flags = parse_config(train_stage1.TrainConfig, argv)
+    llada_v_train.choose(flags, argv, llada_v_train.STAGE1_DEFAULTS)  # the real model's flags
     memory = mp.device_memory(device, flags)
     image = mp.parse_size(cfg.plan_image, "--plan-image")
     plan = mp.memory_plan(config, flags, memory, 1, "cuda", image)
-    print(f"python finetune_llada_v.py {' '.join(finetune_argv(cfg, device, 'DATA.json', 'OUT'))}")
+    print(f"python train_stage1.py {' '.join(finetune_argv(cfg, device, 'DATA.json', 'OUT'))}")
     print(plan.text())
     if not plan.fits:
         fix = mp.fitting_flags(config, flags, memory, 1, "cuda", image)

@@ -1,5 +1,5 @@
-"""tests/test_finetune_llada_v_stage2.py: finetune_llada_v_stage2.py (Stage II on LLaDA-V) on the
-tiny real-format folder of tests/test_llada_v.py, the caption set of tests/test_finetune_llada_v.py
+"""tests/test_llada_v_stage2.py: train_stage2.py --init-from FOLDER (Stage II on LLaDA-V) on the
+tiny real-format folder of tests/test_llada_v.py, the caption set of tests/test_llada_v_stage1.py
 and a fake OpenAI endpoint: a known expert edit gives the hand-computed kept pair, mistake mask and
 Eq. 4 loss; batched drafts are llada_v.caption's; a 2-round run trains and exports a folder that
 loads back; the same run stopped after round 1 in 2 processes (FSDP2, gloo: drafts from the gathered
@@ -19,7 +19,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import distributed
-import finetune_llada_v_stage2 as s2
 import llada_v_train as lt
 import train_stage2
 from cli import parse_config
@@ -28,7 +27,7 @@ from experts import OpenAIExpert, occurrences, validate_pairs
 from llada_v import (CAPTION_QUESTION, EOS_ID, EOT_ID, STATE_FILE, anyres_images, caption, load_llada_v,
                      prompt_ids)
 from tests.fake_openai import FakeOpenAI, local_only, prompt_text
-from tests.test_finetune_llada_v import dataset  # noqa: F401  (module-scoped fixture: 8 captioned images)
+from tests.test_llada_v_stage1 import dataset  # noqa: F401  (module-scoped fixture: 8 captioned images)
 from tests.test_llada_v import tiny  # noqa: F401  (module-scoped fixture: the tiny checkpoint folder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +53,8 @@ def wordy(tiny, tmp_path_factory):
             save_file(tensors, str(folder / name), metadata={"format": "pt"})
         else:
             shutil.copy(os.path.join(tiny[0], name), folder)
+    with open(folder / STATE_FILE, "w") as f:  # as the export of a Stage I run of --answer-len 12
+        json.dump({"train_config": {"objective": "revision", "answer_len": 12}}, f)
     return str(folder)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,14 +126,16 @@ def test_known_edit_gives_the_kept_pair_mistake_mask_and_eq4_loss(tiny, dataset,
 
 
 def test_batched_drafts_are_llada_v_caption_image_by_image(tiny, dataset, tmp_path):
-    cfg = parse_config(lt.Stage2Config, ["--init-from", tiny[0], "--data-json", dataset[0], "--gen-length", "8",
-                                         "--tokens-per-step", "1", "4", "--draft-batch", "2", "--drafts-per-round",
-                                         "4", "--device", "cpu", "--out", str(tmp_path / "o")])
+    argv = ["--init-from", tiny[0], "--data-json", dataset[0], "--gen-length", "8", "--tokens-per-step", "1",
+            "4", "--draft-batch", "2", "--drafts-per-round", "4", "--device", "cpu", "--out", str(tmp_path / "o")]
+    cfg = parse_config(train_stage2.Stage2Config, argv)
+    assert lt.choose(cfg, argv, lt.STAGE2_DEFAULTS)
     run = lt.Stage2Run(cfg, distributed.Context())
     model, tokenizer = run.model, run.tokenizer
     records = [run.captions[i] for i in (0, 1, 4, 7)]  # speeds 1, 4, 1, 4
-    run.draft_items = lambda r, n: [dict(c, prompt_ids=run.data.prompt(c)) for c in records]
-    drafts = s2.make_drafts(model, run, cfg, 0, distributed.Context())
+    run.draft_items = lambda r, n: [dict(c, prompt_ids=run.data.prompt(c), group=len(run.data.prompt(c)))
+                                    for c in records]
+    drafts = train_stage2.make_drafts(model, run, cfg, 0, distributed.Context())
     lengths = [len(d["prompt"]) for d in drafts]  # 40 x 30 and 50 x 50 share a layout, so do 30 x 60 and 45 x 60:
     assert lengths[0] == lengths[2] != lengths[1] == lengths[3]  # each pair is drafted in one batch
     for draft, record in zip(drafts, records):
@@ -170,7 +173,7 @@ def edit_answer(tokenizer):
 def args(folder, data_json, url, out, cache, *extra):
     return ["--init-from", folder, "--data-json", data_json, "--rounds", "2", "--drafts-per-round", "4",
             "--gen-length", "12", "--tokens-per-step", "1", "4", "8", "--draft-batch", "2", "--expert-base-url", url,
-            "--cache", cache, "--batch-size", "4", "--stage1-mix", "0.5", "--answer-len", "12", "--steps", "2",
+            "--cache", cache, "--batch-size", "4", "--stage1-mix", "0.5", "--steps", "2",
             "--lr", "1e-3", "--warmup", "1", "--save-dtype", "float32", "--shard-gb", "0.01",
             "--device", "cpu", "--out", out, *extra]
 
@@ -187,17 +190,17 @@ def runs(wordy, dataset, tmp_path_factory):
     info = {}
     with FakeOpenAI(draft_of, edit_answer(tokenizer)) as fake, pytest.MonkeyPatch.context() as mp:
         local_only(mp, SECRET)
-        info["single"] = s2.main(args(wordy, dataset[0], fake.url, p("single"), p("cache.jsonl"), "--grad-accum",
+        info["single"] = train_stage2.main(args(wordy, dataset[0], fake.url, p("single"), p("cache.jsonl"), "--grad-accum",
                                       "2"))
         info["requests"] = sum(fake.requests.values())
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              "tests/torchrun_runs.py", "finetune_llada_v_stage2.py",
+                              "tests/torchrun_runs.py", "train_stage2.py",
                               *args(wordy, dataset[0], fake.url, p("resumed"), p("cache.jsonl"), "--parallel", "fsdp",
                                     "--stop-at", "1")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
         info["stdout"], info["stopped"] = out.stdout, distributed.read_dcp_meta(p("resumed.dcp"))
-        s2.main(args(wordy, dataset[0], fake.url, p("resumed"), p("cache.jsonl"), "--resume", "--grad-accum", "2"))
+        train_stage2.main(args(wordy, dataset[0], fake.url, p("resumed"), p("cache.jsonl"), "--resume", "--grad-accum", "2"))
         info["requests_after"] = sum(fake.requests.values())
         info["files"] = sorted(os.listdir(d))
     return p, info
@@ -229,6 +232,8 @@ def test_two_rounds_train_on_kept_pairs_and_export_a_folder_that_loads_back(runs
         assert e["pairs_proposed"] == e["pairs_kept"] + rejected and e["requests"] == 4
         assert all(set(s) == {"step", "refine", "stage1", "total"} and s["refine"] > 0 for s in h["losses"])
     assert info["requests"] == 8, "each draft asked once"
+    with open(os.path.join(p("single"), STATE_FILE)) as f:  # the mix rows: the Stage I export's
+        assert json.load(f)["stage1_config"]["answer_len"] == 12
     trained, _ = load_llada_v(p("single"))
     source, _ = load_llada_v(wordy)
     before, after = dict(source.named_parameters()), dict(trained.named_parameters())
@@ -257,9 +262,43 @@ def test_two_processes_then_one_resumed_end_as_the_single_run_from_the_expert_ca
 def test_clear_errors(tiny, dataset, tmp_path):
     base = ["--init-from", tiny[0], "--data-json", dataset[0], "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as err:
-        s2.main(base + ["--stage1-mix", "1"])
+        train_stage2.main(base + ["--stage1-mix", "1"])
     assert err.value.code == 2  # argparse: must be less than 1
     with pytest.raises(SystemExit, match="--vicrit-jsonl / --vicrit-train-json feed"):
-        s2.main(base + ["--vicrit-jsonl", dataset[1], "--stage1-mix", "0"])
+        train_stage2.main(base + ["--vicrit-jsonl", dataset[1], "--stage1-mix", "0"])
     with pytest.raises(SystemExit, match="--data-json is required"):
-        s2.main(["--init-from", tiny[0]])
+        train_stage2.main(["--init-from", tiny[0]])
+
+
+def test_recorded_drafts_train_with_eq4_without_drafting_or_an_expert(tiny, dataset, tmp_path, capsys):
+    """--drafts-json: ReDiff's Stage II records (the model's draft as the answer, the expert's
+    corrections in "revise") are Eq. 4 samples as they are: no drafting and no expert request; the
+    corrected tokens are the mistake mask, the weights move, the export loads back."""
+    data_json = dataset[0]
+    records = json.load(open(data_json))
+    drafts = [dict(records[i], conversations=[records[i]["conversations"][0],
+                                              {"from": "gpt", "value": "a xkq picture."}],
+                   revise=[{"org": "xkq", "target": "qkx"}]) for i in range(4)]
+    drafts.append(records[5])  # no corrections: nothing for Eq. 4, left out
+    path = tmp_path / "drafts.json"
+    json.dump(drafts, open(path, "w"))
+    out = str(tmp_path / "o")
+    model = train_stage2.main(["--init-from", tiny[0], "--data-json", data_json, "--drafts-json", str(path),
+                               "--image-root", os.path.dirname(data_json),
+                               "--drafts-per-round", "4", "--gen-length", "20", "--batch-size", "2",
+                               "--stage1-mix", "0", "--steps", "2", "--lr", "1e-2", "--warmup", "1",
+                               "--save-dtype", "float32", "--shard-gb", "0.01", "--device", "cpu", "--out", out])
+    printed = capsys.readouterr().out
+    assert "4 recorded drafts with corrections (1 without" in printed
+    rounds = [line for line in printed.splitlines() if line.startswith(("round", "  "))]
+    assert "expert records: right 0" in printed and "a xkq picture." in printed, rounds
+    (h,) = history(out)
+    e = h["expert"]
+    assert (h["drafts"], h["samples"], e["pairs_kept"], e["recorded"]) == (4, 4, 4, 4)
+    assert h["mistake_tokens"] == e["corrected_tokens"] > 0 and "requests" not in e
+    assert [set(s) for s in h["losses"]] == [{"step", "refine", "total"}] * 2
+    source, _ = load_llada_v(tiny[0])
+    moved = (model.lm.lm_head.weight - source.lm.lm_head.weight).abs().max().item()
+    assert moved > 1e-3, "lr 1e-2 for 2 steps of Eq. 4 moves the weights"
+    loaded, _ = load_llada_v(out)
+    torch.testing.assert_close(loaded.lm.lm_head.weight, model.lm.lm_head.weight.detach())

@@ -1,5 +1,5 @@
-"""tests/test_finetune_llada_v.py: finetune_llada_v.py on the tiny real-format LLaDA-V folder of
-tests/test_llada_v.py and a generated LLaVA-format caption set (images of several aspect ratios,
+"""tests/test_llada_v_stage1.py: train_stage1.py --init-from FOLDER on the tiny real-format LLaDA-V
+folder of tests/test_llada_v.py and a generated LLaVA-format caption set (images of several aspect ratios,
 ViCrit pairs, ReDiff "revise" records): micro-batches (placeholders, padding to their own longest
 row, answer positions), answer-only logits, gradients reach the projector and the tower only when it
 trains, the loss falls, the exported folder loads back with the in-memory logits, one process with
@@ -18,13 +18,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import distributed
-import finetune_llada_v as ft
 import llada_v_train as lt
 import memory_plan as mp
 import rediff
+import train_stage1
 from cli import parse_config
 from data.captions import CaptionData, load_captions
 from llada_v import EOS_ID, EOT_ID, IMAGE_TOKEN_INDEX, STATE_FILE, answer_logits, load_llada_v
+from train_stage1 import TrainConfig
 from tests.test_llada_v import tiny  # noqa: F401  (module-scoped fixture: the tiny checkpoint folder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,15 +69,15 @@ def args(tiny, dataset, out, *extra):
 def eq1_loss(model, data, step=0):
     """Eq. 1 on a fixed batch with fixed masks: comparable between models."""
     batch = data.batch(step, 8, 0.25)
-    cfg = lt.Stage1Config(objective="mask", answer_len=20)
+    cfg = TrainConfig(objective="mask", answer_len=20)
     noisy = lt.corrupt(batch, cfg, None, torch.Generator().manual_seed(123))
     with torch.no_grad():
         return lt.rows_loss(model, data, batch, noisy, slice(None), cfg, "cpu")[0].item()
 
 
 def caption_data(tiny, dataset, model, tokenizer):
-    cfg = lt.Stage1Config(init_from=tiny[0], data_json=dataset[0], vicrit_jsonl=dataset[1], answer_len=20)
-    captions, pairs = load_captions(cfg)
+    cfg = TrainConfig(init_from=tiny[0], data_json=dataset[0], vicrit_jsonl=dataset[1], answer_len=20)
+    captions, pairs = load_captions(cfg, cfg.objective)
     return CaptionData(captions, pairs, model, tokenizer, 20, 0)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def test_gradients_reach_projector_language_model_and_the_tower_only_when_it_tra
     model, tokenizer = load_llada_v(tiny[0])
     data = caption_data(tiny, dataset, model, tokenizer)
     for vision_lr in (0.0, 1e-6):
-        cfg = lt.Stage1Config(answer_len=20, vision_lr=vision_lr, lr=1e-4)
+        cfg = TrainConfig(answer_len=20, vision_lr=vision_lr, lr=1e-4)
         _, _, optimizer = lt.prepare_training(model, distributed.Context(), cfg)
         model.zero_grad(set_to_none=True)
         batch = data.batch(0, 4, 0.25)
@@ -163,7 +164,7 @@ def test_gradients_reach_projector_language_model_and_the_tower_only_when_it_tra
         if vision_lr:
             assert all(p.grad is not None for p in tower)
             assert [g["lr_scale"] for g in optimizer.param_groups] == [1.0, pytest.approx(0.01)]
-            ft.set_learning_rate(optimizer, 1e-4)
+            train_stage1.set_learning_rate(optimizer, 1e-4)
             assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(1e-4), pytest.approx(1e-6)]
         else:
             assert all(p.grad is None for p in tower) and len(optimizer.param_groups) == 1
@@ -187,12 +188,12 @@ def runs(tiny, dataset, tmp_path_factory):
     DCP folder written by 1 process), steps 3-4 under FSDP2 in 2 processes."""
     d = tmp_path_factory.mktemp("finetune")
     p = lambda name: str(d / name)  # noqa: E731
-    single = ft.main(args(tiny, dataset, p("single"), "--grad-accum", "2"))
-    ft.main(args(tiny, dataset, p("resumed"), "--stop-at", "2", "--grad-accum", "2"))
+    single = train_stage1.main(args(tiny, dataset, p("single"), "--grad-accum", "2"))
+    train_stage1.main(args(tiny, dataset, p("resumed"), "--stop-at", "2", "--grad-accum", "2"))
     stopped = distributed.read_dcp_meta(p("resumed.dcp"))
     assert not os.path.exists(p("resumed")), "--stop-at saves the training state, not the export"
-    launch = ["finetune_llada_v.py", *args(tiny, dataset, p("ddp"), "--parallel", "ddp", "--activation-checkpointing"),
-              "--then", "finetune_llada_v.py", *args(tiny, dataset, p("resumed"), "--parallel", "fsdp", "--resume")]
+    launch = ["train_stage1.py", *args(tiny, dataset, p("ddp"), "--parallel", "ddp", "--activation-checkpointing"),
+              "--then", "train_stage1.py", *args(tiny, dataset, p("resumed"), "--parallel", "fsdp", "--resume")]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "tests/torchrun_runs.py", *launch], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -289,17 +290,17 @@ def test_missing_image_and_bad_field_name_the_file_record_and_fix(tiny, dataset,
     json.dump(records[:2] + [dict(records[2], image="images/gone.png")], open(broken, "w"))
     base = ["--init-from", tiny[0], "--data-json", str(broken), "--image-root", root, "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match=r"broken.json: record 2: image file .*gone.png not found.*--skip-missing"):
-        ft.main(base)
+        train_stage1.main(base)
     json.dump(records[:1] + [{"image": "images/1.png", "conversation": []}], open(broken, "w"))
     with pytest.raises(SystemExit, match=r"broken.json: record 1: field 'conversations' is missing"):
-        ft.main(base)
+        train_stage1.main(base)
     with pytest.raises(SystemExit, match=r"--init-from .*: no config.json"):
-        ft.main(["--init-from", str(tmp_path), "--data-json", str(broken)])
-    cfg = lt.Stage1Config(data_json=str(broken), image_root=root, skip_bad=True)
-    captions, _ = load_captions(cfg)
+        train_stage1.main(["--init-from", str(tmp_path), "--data-json", str(broken)])
+    cfg = TrainConfig(data_json=str(broken), image_root=root, skip_bad=True)
+    captions, _ = load_captions(cfg, cfg.objective)
     assert len(captions) == 1
     with pytest.raises(SystemExit, match="--vicrit-jsonl / --vicrit-train-json feed Stage I"):
-        ft.main(base + ["--objective", "mask", "--vicrit-jsonl", dataset[1]])
+        train_stage1.main(base + ["--objective", "mask", "--vicrit-jsonl", dataset[1]])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ def test_memory_plan_of_the_real_8b_config_on_the_meta_device():
     n_all = n_lm + n_tower + n_rest
     assert mp.parameter_counts(config) == (n_all, n_tower, 2 * V * D + D + n_rest)
     assert 8.4e9 < n_all < 8.5e9
-    base = lt.Stage1Config(batch_size=8, answer_len=128, vision_lr=1e-6, param_dtype="auto")
+    base = TrainConfig(batch_size=8, answer_len=128, vision_lr=1e-6, param_dtype="auto")
     plan = mp.memory_plan(config, base, 80 * mp.GIB)
     assert plan.parts["weights"] == 4 * n_all and plan.parts["compute copies"] == 2 * n_all
     assert plan.parts["gradients"] == 4 * n_all and plan.parts["optimizer states"] == 8 * n_all
@@ -348,7 +349,7 @@ def test_memory_plan_of_the_real_8b_config_on_the_meta_device():
 def test_a_plan_that_does_not_fit_is_refused_before_loading_naming_the_flags(tiny, dataset, tmp_path):
     from llada_v import config_from_hf
     config = config_from_hf(json.load(open(os.path.join(tiny[0], "config.json"))))
-    cfg = lt.Stage1Config(batch_size=4, answer_len=20, param_dtype="float32")
+    cfg = TrainConfig(batch_size=4, answer_len=20, param_dtype="float32")
     need = mp.memory_plan(config, cfg, 0, device_type="cpu").total
     lean = dataclasses.replace(cfg, activation_checkpointing=True, optimizer="adamw8bit", master_dtype="bfloat16")
     assert mp.memory_plan(config, lean, 0, device_type="cpu").total < need
@@ -357,12 +358,12 @@ def test_a_plan_that_does_not_fit_is_refused_before_loading_naming_the_flags(tin
                 "--device-memory-gib", str(gib))
     with pytest.raises(SystemExit, match=r"memory plan: .* GiB per device, but cpu has .* GiB; add "
                                          r"--activation-checkpointing.*--ignore-memory-plan") as err:
-        ft.main(base)
+        train_stage1.main(base)
     flags = str(err.value).split("; add ")[1].split(" (or")[0].split()
-    fixed = parse_config(lt.Stage1Config, base + flags)
+    fixed = parse_config(TrainConfig, base + flags)
     assert mp.memory_plan(config, fixed, gib * mp.GIB, device_type="cpu").fits
     with pytest.raises(SystemExit, match="--master-dtype bfloat16 needs --optimizer adamw8bit"):
-        ft.main(base + ["--master-dtype", "bfloat16"])
+        train_stage1.main(base + ["--master-dtype", "bfloat16"])
 
 
 @pytest.mark.parametrize("flags", [["--optimizer", "adamw8bit"],
@@ -374,7 +375,7 @@ def test_each_optimizer_option_trains_the_tiny_model_on_cpu(tiny, dataset, tmp_p
     pytest.importorskip("torchao")
     out = str(tmp_path / "o")
     with torch.compiler.set_stance("force_eager"):
-        model = ft.main(args(tiny, dataset, out, "--steps", "2", "--batch-size", "2", *flags))
+        model = train_stage1.main(args(tiny, dataset, out, "--steps", "2", "--batch-size", "2", *flags))
     steps = history(out)
     assert [h["step"] for h in steps] == [1, 2] and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in steps)
     dtype = torch.bfloat16 if "bfloat16" in flags else torch.float32
@@ -394,9 +395,9 @@ def test_a_saved_adamw8bit_state_loads_back_on_resume(tiny, dataset, tmp_path):
     flags = ["--steps", "2", "--batch-size", "2", "--optimizer", "adamw8bit"]
     whole, part = str(tmp_path / "whole"), str(tmp_path / "resumed")
     with torch.compiler.set_stance("force_eager"):
-        uninterrupted = ft.main(args(tiny, dataset, whole, *flags))
-        ft.main(args(tiny, dataset, part, *flags, "--stop-at", "1"))
-        resumed = ft.main(args(tiny, dataset, part, *flags, "--resume"))
+        uninterrupted = train_stage1.main(args(tiny, dataset, whole, *flags))
+        train_stage1.main(args(tiny, dataset, part, *flags, "--stop-at", "1"))
+        resumed = train_stage1.main(args(tiny, dataset, part, *flags, "--resume"))
     a, b = history(whole), history(part)
     assert [h["step"] for h in b] == [1, 2]
     for ha, hb in zip(a, b):
@@ -424,13 +425,13 @@ def test_revise_records_and_vicrit_train_become_hallucination_pairs(tiny, datase
               for o, c, so, st in (("the xkq box.", "the qkx box.", "xkq", "qkx"),
                                    ("the red box.", "the xkqzvj box.", "red", "xkqzvj"))]
     json.dump(vicrit, open(tmp_path / "vicrit_train.json", "w"))
-    cfg = lt.Stage1Config(init_from=tiny[0], data_json=str(tmp_path / "rediff.json"), image_root=root,
+    cfg = TrainConfig(init_from=tiny[0], data_json=str(tmp_path / "rediff.json"), image_root=root,
                           vicrit_train_json=str(tmp_path / "vicrit_train.json"), answer_len=20)
-    captions, pairs = load_captions(cfg)
+    captions, pairs = load_captions(cfg, cfg.objective)
     assert len(captions) == len(records) and all("teal" not in c["caption"] for c in captions)
     assert [(p["wrong"], p["caption"]) for p in pairs[:1]] == [("a teal picture.", "a red picture.")]
     data = CaptionData(captions, pairs, model, tokenizer, 20, 0)
     assert [p["wrong"] for p in data.pairs] == ["a teal picture.", "the qkx box."]
     assert data.stats["pairs_dropped_token_counts_differ"] == 1
-    masked, _ = load_captions(dataclasses.replace(cfg, objective="mask", vicrit_train_json=""))
+    masked, _ = load_captions(dataclasses.replace(cfg, vicrit_train_json=""), "mask")
     assert masked[-1]["caption"] == "a red picture." and "wrong" not in masked[-1]
