@@ -66,10 +66,13 @@ MASTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def selected(path: str) -> bool:
-    """Whether --init-from names a folder that is not a DCP checkpoint: a Hugging Face LLaDA-V /
-    ReDiff folder, which the training scripts train with this module's flags and pieces."""
+    """Whether --init-from names a Hugging Face LLaDA-V / ReDiff folder (a config.json, no DCP
+    meta file), which the training scripts train with this module's flags and pieces; any other
+    folder is read as a sharded checkpoint, and refused as one with its fix."""
+    if not (path and os.path.isdir(path)):
+        return False
     dcp = os.path.isfile(os.path.join(path, distributed.META_FILE))
-    return bool(path) and os.path.isdir(path) and not dcp
+    return not dcp and os.path.isfile(os.path.join(path, "config.json"))
 
 
 @dataclass
