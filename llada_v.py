@@ -3,7 +3,7 @@ and caption a photo with the frozen or the refining sampler.
 
 A checkpoint folder holds `config.json`, `tokenizer.json` and safetensors shards listed in
 `model.safetensors.index.json` (about 17 GB in bf16). The pieces, with the facts they follow
-(../shared/paper/reference_facts.md):
+(the published config.json and the official LLaDA-V code):
     vision tower   SigLIP so400m / patch 14 / 384 px, 27 layers of which the last is dropped; features are the output of
                    layer 26 before the post-layernorm (LLaVA's mm_vision_select_layer = -2). Built with timm's
                    `vit_so400m_patch14_siglip_384` layout (the trunk behind open_clip's "ViT-SO400M-14-SigLIP-384").
@@ -41,7 +41,7 @@ from model import LLaDA, LMConfig, pick_device
 from sample import ModelLogits, steps_for
 
 # ----------------------------------------------------------------------------------------------------------------
-# Special ids of the LLaDA tokenizer (reference_facts.md); the tokenizer wrapper checks them against tokenizer.json.
+# Special ids of the LLaDA tokenizer (its published tokenizer.json); the tokenizer wrapper checks them against tokenizer.json.
 
 BOS_ID = 126080           # <|startoftext|>
 EOS_ID = 126081           # <|endoftext|>: end of text, also the padding after an answer

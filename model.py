@@ -46,7 +46,7 @@ class LMConfig:
         return self.n_kv_heads or self.n_heads
 
 
-# The real LLaDA-8B language model, exactly (reference_facts.md); used to check the parameter count on the meta device.
+# The real LLaDA-8B language model, exactly (its published config.json); used to check the parameter count on the meta device.
 LLADA_8B = LMConfig(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                     mlp_hidden=12288, rope_theta=500000.0, norm_eps=1e-5)
 

@@ -1,5 +1,5 @@
 """tests/llada_reference.py: an independent, deliberately plain restatement of LLaDA's reference sampler (from the
-facts in reference_facts.md: float64 softmax over the whole vocabulary, a python loop over rows), used for parity."""
+facts of the official LLaDA code: float64 softmax over the whole vocabulary, a python loop over rows), used for parity."""
 import torch
 
 

@@ -448,14 +448,14 @@ def test_image_tokens_are_spliced_at_placeholders_and_pad_mode_adds_one_newline(
 
 
 def test_full_size_model_builds_on_meta_with_the_checkpoint_parameter_count():
-    """Expected counts, from the shapes in reference_facts.md (vocab from the published config.json):
+    """Expected counts, from the published model shapes (vocab from the published config.json):
     LM: 32 layers x (4 x 4096^2 attention + 3 x 4096 x 12288 SwiGLU + 2 x 4096 norms) = 6,979,584,000
         + embeddings and untied head 2 x 126349 x 4096 = 1,035,051,008 + final norm 4096     -> 8,014,639,104
     SigLIP so400m, 26 of 27 layers: patch embed 3 x 14^2 x 1152 + 1152 = 678,528, positions 729 x 1152 = 839,808,
         26 x (4 x (1152^2 + 1152) + 2 x 1152 x 4304 + 4304 + 1152 + 4 x 1152 = 15,239,504)   ->   397,745,440
     projector 1152 x 4096 + 4096 + 4096^2 + 4096 = 21,504,000; image_newline 4096
     total 8,433,892,640 parameters; the checkpoint also stores SigLIP's unused post-layernorm (2 x 1152),
-    8,433,894,944 numbers = 16.87 GB in bf16 (reference_facts.md: "about 17 GB")."""
+    8,433,894,944 numbers = 16.87 GB in bf16 (the published checkpoint: about 17 GB)."""
     cfg = config_from_hf(REAL_CONFIG)
     with torch.device("meta"):
         model = LLaDAV(cfg)
