@@ -1,4 +1,4 @@
-"""tests/test_reliability.py: issue 8's faults: wrong-kind or incompatible checkpoints give a clear message (no
+"""tests/test_reliability.py: faults a user meets: wrong-kind or incompatible checkpoints give a clear message (no
 traceback); a run killed (kill -9, also in the middle of a checkpoint write) or interrupted (Ctrl-C) keeps a loadable
 checkpoint and resumes as if never stopped; a NaN loss stops the run naming the step."""
 import os
