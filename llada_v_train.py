@@ -66,13 +66,10 @@ MASTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def selected(path: str) -> bool:
-    """Whether --init-from names a Hugging Face LLaDA-V / ReDiff folder (a config.json, no DCP
-    meta file), which the training scripts train with this module's flags and pieces; any other
-    folder is read as a sharded checkpoint, and refused as one with its fix."""
-    if not (path and os.path.isdir(path)):
-        return False
+    """Whether --init-from names a folder that is not a DCP checkpoint: a Hugging Face LLaDA-V /
+    ReDiff folder, which the training scripts train with this module's flags and pieces."""
     dcp = os.path.isfile(os.path.join(path, distributed.META_FILE))
-    return not dcp and os.path.isfile(os.path.join(path, "config.json"))
+    return bool(path) and os.path.isdir(path) and not dcp
 
 
 @dataclass
@@ -169,13 +166,13 @@ def check_flags(cfg) -> None:
     bfloat16 weights without the stochastic rounding of --optimizer adamw8bit (with plain rounding
     a step of lr 5e-6 is below half of bf16's spacing for most weights and is lost), hallucination
     pairs with Eq. 1, an export --out that is not a folder, the shapes world's oracle expert."""
+    for name in ("config.json", "tokenizer.json"):  # a folder without meta.json is not a DCP one
+        if not os.path.isfile(os.path.join(cfg.init_from, name)):
+            raise SystemExit(f"--init-from {cfg.init_from}: no {name} (nor a sharded checkpoint's "
+                             f"meta.json); give a downloaded LLaDA-V / ReDiff folder "
+                             f"(huggingface-cli download GSAI-ML/LLaDA-V --local-dir DIR)")
     if not cfg.data_json:
         raise SystemExit("--data-json is required with --init-from FOLDER (--help lists the flags)")
-    for name in ("config.json", "tokenizer.json"):
-        if not os.path.isfile(os.path.join(cfg.init_from, name)):
-            raise SystemExit(f"--init-from {cfg.init_from}: no {name}; give a downloaded LLaDA-V / "
-                             f"ReDiff folder (huggingface-cli download GSAI-ML/LLaDA-V --local-dir "
-                             f"DIR)")
     check_hf_folder(cfg.init_from, "--init-from")
     check_folder_out(cfg.out, "the Hugging Face export")
     if cfg.master_dtype == "bfloat16" and cfg.optimizer != "adamw8bit":

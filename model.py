@@ -443,9 +443,10 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
     from safetensors import safe_open
     from safetensors.torch import load_file
     if os.path.isdir(path):
-        raise ValueError(f"checkpoint {path!r} is a folder with neither a meta.json (a sharded DCP "
-                         f"checkpoint, distributed.py) nor a config.json (a Hugging Face LLaDA-V / "
-                         f"ReDiff folder)")
+        raise ValueError(f"checkpoint {path!r} is a folder: this project's checkpoints are "
+                         f".safetensors files or sharded DCP folders with a meta.json "
+                         f"(distributed.py), and it has none; a Hugging Face LLaDA-V / ReDiff "
+                         f"folder has a config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist: train one first (python train_stage1.py --tiny)")
     try:
