@@ -312,15 +312,6 @@ def test_cache_ignores_a_torn_last_line_and_keeps_appending(tmp_path):
 # ---------------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture
-def one_thread():
-    """Small CPU models run far faster on one thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_help_names_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_:
         train_stage2.main(["--help"])

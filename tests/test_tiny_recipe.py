@@ -16,14 +16,6 @@ SMALL = ["--steps", "3", "--batch-size", "4", "--n-scenes", "40", "--vision-pret
          "--eval-every", "3", "--device", "cpu"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def weights(path: str) -> dict:
     tensors, meta = read_checkpoint(path)
     return {k: v for k, v in tensors.items() if k.startswith("model.")}, meta
