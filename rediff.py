@@ -1,10 +1,10 @@
-"""rediff.py: the paper's maths as pure functions: forward masking, the losses of Eq. 1-4, Stage I corruption, and the
-frozen (LLaDA) and refining (ReDiff) samplers.
+"""rediff.py: the paper's maths as pure functions: forward masking, the losses of Eq. 1-4, Stage I
+corruption, and the frozen (LLaDA) and refining (ReDiff) samplers.
 
-Paper: "From Denoising to Refining: A Corrective Framework for Vision-Language Diffusion Model" (arXiv 2510.19871).
-Shape legend: B batch, L sequence length, P prompt length, G generated length, V vocabulary.
-A "sequence" is the prompt (image placeholders + question) followed by the answer; `answer_mask` (B, L) marks the
-answer positions, the only ones that are ever masked, corrupted or scored.
+Paper: "From Denoising to Refining: A Corrective Framework for Vision-Language Diffusion Model"
+(arXiv 2510.19871). Shapes: B batch, L sequence length, P prompt length, G generated length, V
+vocabulary. A "sequence" is the prompt (image placeholders + question), then the answer;
+`answer_mask` (B, L) marks the answer, the only positions ever masked, corrupted or scored.
 """
 from __future__ import annotations
 
@@ -21,45 +21,47 @@ IGNORE, MASK, SYNTAX, HALLUCINATION, CLEAN = 0, 1, 2, 3, 4
 TYPE_NAMES = {MASK: "mask", SYNTAX: "syntax", HALLUCINATION: "hallucination", CLEAN: "clean"}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Forward process and the masked-diffusion loss (Section 3.1, Eq. 1)
 
 
-def sample_mask_ratio(batch: int, eps: float = MASK_EPS, generator=None, device="cpu") -> torch.Tensor:
-    """Section 3.1: t ~ U(0, 1) per sample, returned as the masking probability p = (1 - eps) t + eps, (B,).
+def sample_mask_ratio(batch: int, eps: float = MASK_EPS, generator=None, device="cpu"):
+    """Section 3.1: t ~ U(0, 1) per sample, as the masking probability p = (1 - eps) t + eps, (B,).
     Following LLaDA, this p is also the `t` of the 1/t weights in Eq. 1-2."""
     t = torch.rand(batch, generator=generator, device=device)
     return (1 - eps) * t + eps
 
 
 def forward_mask(ids, answer_mask, mask_id: int, eps: float = MASK_EPS, generator=None):
-    """Section 3.1, the forward process q(x_t | x_0): each answer token becomes [MASK] with probability p.
-
-    Returns (noisy ids (B, L), is_masked (B, L) bool, p (B,))."""
+    """Section 3.1, the forward process q(x_t | x_0): each answer token becomes [MASK] with
+    probability p. Returns (noisy ids (B, L), is_masked (B, L) bool, p (B,))."""
     p = sample_mask_ratio(ids.shape[0], eps, generator, ids.device)                    # (B,)
     draws = torch.rand(ids.shape, generator=generator, device=ids.device)              # (B, L)
     is_masked = (draws < p[:, None]) & answer_mask
     return torch.where(is_masked, torch.full_like(ids, mask_id), ids), is_masked, p
 
 
-def masked_diffusion_loss(logits, targets, is_masked, p, answer_mask):
-    """Eq. 1: cross-entropy on masked answer tokens, each weighted by 1/t.
+def token_cross_entropy(logits, labels):
+    """The cross-entropy of each position in Eq. 1-4, (B, L): logits (B, L, V), labels (B, L)."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
 
-    As in LLaDA's supervised fine-tuning, each sample's sum is divided by its answer length and the batch is
-    averaged, so the loss is an unbiased estimate of the per-token negative log-likelihood bound."""
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)  # (B, L)
-    weighted = ce * is_masked / p[:, None]                                                              # (B, L)
-    answer_len = answer_mask.sum(dim=1).clamp(min=1)                                                    # (B,)
+
+def masked_diffusion_loss(logits, targets, is_masked, p, answer_mask):
+    """Eq. 1: cross-entropy on masked answer tokens, each weighted by 1/t. As in LLaDA's supervised
+    fine-tuning, each sample's sum is divided by its answer length and the batch is averaged: an
+    unbiased estimate of the per-token negative log-likelihood bound."""
+    weighted = token_cross_entropy(logits, targets) * is_masked / p[:, None]          # (B, L)
+    answer_len = answer_mask.sum(dim=1).clamp(min=1)                                   # (B,)
     return (weighted.sum(dim=1) / answer_len).mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Stage I: foundational revision (Section 3.2, Eq. 2-3)
 
 
 def replacement_rate(p, replace_prob: float, t_dependent: bool = False):
-    """Probability of replacing a visible answer token, (B,). Fixed by default (Section 3.2: 0.1; the official code
-    uses 0.05); the ablation's t-dependent rate (Table 5) uses t itself while t < replace_prob."""
+    """Probability of replacing a visible answer token, (B,). Fixed by default (Section 3.2: 0.1;
+    the official code: 0.05); Table 5's t-dependent rate is t itself while t < replace_prob."""
     if t_dependent:
         return torch.minimum(p, torch.full_like(p, replace_prob))
     return torch.full_like(p, replace_prob)
@@ -70,12 +72,12 @@ def corrupt_for_revision(ids, answer_mask, mask_id: int, ordinary_ids, replace_p
                          eps: float = MASK_EPS, generator=None):
     """Section 3.2: mask the answer as in Eq. 1, then pollute the tokens that stayed visible.
 
-    - syntax errors: each visible answer token is replaced, with probability `replace_prob`, by a token drawn
-      uniformly from `ordinary_ids` (never a special id, never the mask);
-    - hallucinations (ViCrit pairs): where `wrong_span` (B, L) is set, the visible input holds `wrong_ids`, the
-      label keeps the correct token.
-    Returns (inputs (B, L), labels (B, L) = the clean ids, types (B, L) in {IGNORE, MASK, SYNTAX, HALLUCINATION,
-    CLEAN}, p (B,))."""
+    - syntax errors: each visible answer token is replaced, with probability `replace_prob`, by a
+      token drawn uniformly from `ordinary_ids` (never a special id, never the mask);
+    - hallucinations (ViCrit pairs): where `wrong_span` (B, L) is set, the visible input holds
+      `wrong_ids`, the label keeps the correct token.
+    Returns (inputs (B, L), labels (B, L) = the clean ids, types (B, L) in {IGNORE, MASK, SYNTAX,
+    HALLUCINATION, CLEAN}, p (B,))."""
     noisy, is_masked, p = forward_mask(ids, answer_mask, mask_id, eps, generator)
     visible = answer_mask & ~is_masked                                                  # (B, L)
     types = torch.full_like(ids, IGNORE)
@@ -91,21 +93,21 @@ def corrupt_for_revision(ids, answer_mask, mask_id: int, ordinary_ids, replace_p
     ordinary_ids = torch.as_tensor(ordinary_ids, device=ids.device)
     picks = torch.randint(len(ordinary_ids), ids.shape, generator=generator, device=ids.device)
     inputs = torch.where(replaced, ordinary_ids[picks], inputs)
-    types[replaced] = SYNTAX        # a draw may pick the original token back: still labelled, a harmless no-op
+    types[replaced] = SYNTAX  # a draw may pick the original token back: a harmless no-op
     types[hallucinated] = HALLUCINATION
     types[visible & ~replaced & ~hallucinated] = CLEAN
     return inputs, ids, types, p
 
 
 def hallucination_rows(ids, answer_mask, wrong_ids, wrong_span, inputs, types, p):
-    """Stage I hallucination data in the official code's form: a row that holds a hallucination pair becomes a
-    row of its own, the whole altered caption visible (no masks, no random replacements) and the loss on the
-    altered span only, as one more type term of Eq. 2 with t = 1 (nothing is masked; the official code divides by
-    a random t here, with the authors' own comment that it should not). The paper's text instead puts the pair on
-    the tokens left visible after masking: `corrupt_for_revision(wrong_ids=..., wrong_span=...)`.
+    """Section 3.2's hallucination data as the official code builds it: a row holding a pair
+    becomes a row of its own, the whole altered caption visible (no masks, no replacements), the
+    loss on the altered span only, as one more type term of Eq. 2 with t = 1 (the official code
+    divides by a random t here, its authors' comment says it should not). The paper's text puts the
+    pair on the tokens left visible after masking instead: corrupt_for_revision(wrong_ids=...).
 
-    inputs, types, p: corrupt_for_revision's output for the batch (drawn without the pairs); the rows that hold a
-    pair are replaced. Returns (inputs (B, L), types (B, L), p (B,))."""
+    inputs, types, p: corrupt_for_revision's output for the batch without the pairs; the rows that
+    hold a pair are replaced. Returns (inputs (B, L), types (B, L), p (B,))."""
     altered = answer_mask & wrong_span & (wrong_ids != ids)                              # (B, L)
     is_row = altered.any(dim=1)                                                          # (B,)
     inputs = torch.where(is_row[:, None] & answer_mask, wrong_ids, inputs)
@@ -114,43 +116,40 @@ def hallucination_rows(ids, answer_mask, wrong_ids, wrong_span, inputs, types, p
 
 
 def per_row_mean(values, chosen):
-    """Each row's mean of `values` over its `chosen` positions, (B,): 0 for a row with none chosen."""
+    """Eq. 2-4's 1/N: each row's mean of `values` over its `chosen` positions, (B,), 0 for none."""
     return (values * chosen).sum(dim=1) / chosen.sum(dim=1).clamp(min=1)
 
 
 def typed_losses(logits, labels, types, p):
-    """Eq. 2-3, per sample as the paper writes them: in each row, each type's (mask, syntax, hallucination, clean)
-    1/t-weighted cross-entropy is averaged over that row's own count N_type of it (a type the row lacks gives 0),
-    the types are summed, and the rows are averaged. Returns (total, {name: part}), part = the batch mean of
-    each row's term of that type, so total = sum of the parts.
+    """Eq. 2-3, per sample as the paper writes them: in each row, each type's (mask, syntax,
+    hallucination, clean) 1/t-weighted cross-entropy is averaged over the row's own count N_type
+    (0 for a type the row lacks), the types are summed, and the rows averaged. Returns (total,
+    {name: part}), part = the batch mean of the rows' terms of that type; total = sum of the parts.
 
-    Per row, as in the official code's loop over rows: a row with one syntax error weighs that error as much as a
-    row with five weighs its five. Rows of equal shards therefore average to the whole batch (distributed.py)."""
-    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)  # (B, L)
-    weighted = ce / p[:, None]                                                                        # (B, L)
-    parts = {name: per_row_mean(weighted, types == type_id).mean() for type_id, name in TYPE_NAMES.items()}
+    Per row, as in the official code's loop: a row with one syntax error weighs it as much as a row
+    with five weighs its five; so equal shards' rows average to the whole batch (distributed.py)."""
+    weighted = token_cross_entropy(logits, labels) / p[:, None]                        # (B, L)
+    parts = {name: per_row_mean(weighted, types == k).mean() for k, name in TYPE_NAMES.items()}
     return sum(parts.values()), parts
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Stage II: online self-correction (Section 3.3, Eq. 4)
 
 
 def refinement_loss(logits, refined, mistake_mask):
-    """Eq. 4, per draft as the paper writes it: the input is the model's own draft (no masking); each draft's
-    cross-entropy against the expert-refined tokens is averaged over its own corrected positions N_mistake, and
-    the drafts that have at least one correction are averaged (0 when none has). No 1/t: nothing is masked.
-
-    Per draft, a garbled fast draft whose whole sentence was rewritten counts as much as a draft with one fixed
-    word, instead of outweighing it by its number of tokens."""
-    ce = F.cross_entropy(logits.flatten(0, 1), refined.flatten(), reduction="none").view(refined.shape)  # (B, L)
-    corrected = mistake_mask.any(dim=1)                                                                # (B,)
+    """Eq. 4, per draft as the paper writes it: the input is the model's own draft (no masking);
+    each draft's cross-entropy against the expert-refined tokens is averaged over its own corrected
+    positions N_mistake, and the drafts with a correction are averaged (0 when none has). No 1/t:
+    nothing is masked. A garbled draft rewritten whole counts as much as one with a fixed word."""
+    ce = token_cross_entropy(logits, refined)                                          # (B, L)
+    corrected = mistake_mask.any(dim=1)                                                # (B,)
     if not corrected.any():
         return (ce * 0).sum()  # keeps the graph: every rank calls backward
     return per_row_mean(ce, mistake_mask)[corrected].mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Samplers (LLaDA's reverse process; Section 3.4 for refinement)
 
 
@@ -457,10 +456,8 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
         stops = NoStop(x, P, mask_id)
     predict = step_predictor(logits_fn, P, mask_id, banned_ids, temperature, remasking, cfg_scale,
                              generator)
-    trace = []
-    for step in denoise_steps(predict, x, P, num_blocks, steps // num_blocks, mask_id, refine,
-                              threshold, stops, on_block):
-        if return_trace:
-            trace.append(trace_entry(step, P, mask_id))
+    steps_run = denoise_steps(predict, x, P, num_blocks, steps // num_blocks, mask_id, refine,
+                              threshold, stops, on_block)
+    trace = [trace_entry(step, P, mask_id) for step in steps_run if return_trace]  # runs every step
     answer = stops.answer(x)
     return (answer, trace) if return_trace else answer
