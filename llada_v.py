@@ -1,21 +1,22 @@
-"""llada_v.py: the real LLaDA-V / ReDiff weights: load a Hugging Face checkpoint folder into this repo's model classes
-and caption a photo with the frozen or the refining sampler.
+"""llada_v.py: load a Hugging Face LLaDA-V / ReDiff checkpoint folder into this repo's model
+classes and caption a photo with the frozen or the refining sampler.
 
 A checkpoint folder holds `config.json`, `tokenizer.json` and safetensors shards listed in
 `model.safetensors.index.json` (about 17 GB in bf16). The pieces, with the facts they follow
 (the published config.json and the official LLaDA-V code):
-    vision tower   SigLIP so400m / patch 14 / 384 px, 27 layers of which the last is dropped; features are the output of
-                   layer 26 before the post-layernorm (LLaVA's mm_vision_select_layer = -2). Built with timm's
-                   `vit_so400m_patch14_siglip_384` layout (the trunk behind open_clip's "ViT-SO400M-14-SigLIP-384").
+    vision tower   SigLIP so400m / patch 14 / 384 px (timm's `vit_so400m_patch14_siglip_384`, the
+                   trunk of open_clip's "ViT-SO400M-14-SigLIP-384"); features: layer 26 of 27,
+                   before the post-layernorm (LLaVA's mm_vision_select_layer = -2)
     projector      "mlp2x_gelu": Linear(1152 -> 4096), GELU, Linear(4096 -> 4096)
-    anyres_max_4   a 384 px base view plus up to 6 x 6 crops, unpadded to the image's aspect ratio, downsampled to about
-                   4 crops' worth of tokens, and a learned `image_newline` at the end of every feature row
-    language model model.py's `LLaDA` (LLaMA-style names of LLaDA-V, or the original LLaDA names), bidirectional
-The loader builds the model on the meta device and reads the shards one tensor at a time straight into place
-(peak host memory about one copy of the weights; on CUDA the tensors go straight to the GPU).
+    anyres_max_4   a 384 px base view plus up to 6 x 6 crops, unpadded to the image's aspect
+                   ratio, downsampled to about 4 crops' worth of tokens, and a learned
+                   `image_newline` at the end of every feature row
+    language model model.py's `LLaDA` (LLaDA-V's LLaMA-style names, or LLaDA's), bidirectional
+The loader builds the model on the meta device and reads the shards one tensor at a time straight
+into place (peak host memory about one copy of the weights; on CUDA straight to the GPU).
 
-Shape legend: L sequence length, D language-model width, Dv vision width, V vocabulary, g feature grid side (27),
-n crops, N image tokens, H x W feature rows x columns after unpadding.
+Shape legend: L sequence length, D language-model width, Dv vision width, V vocabulary, g feature
+grid side (27), n crops, N image tokens, H x W feature rows x columns after unpadding.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ from data.loaders import open_image
 from model import LLaDA, LMConfig, pick_device
 from sample import ModelLogits, steps_for
 
-# ----------------------------------------------------------------------------------------------------------------
-# Special ids of the LLaDA tokenizer (its published tokenizer.json); the tokenizer wrapper checks them against tokenizer.json.
+# --------------------------------------------------------------------------------------------------
+# Special ids of the LLaDA tokenizer (its published tokenizer.json); LLaDATokenizer checks them.
 
 BOS_ID = 126080           # <|startoftext|>
 EOS_ID = 126081           # <|endoftext|>: end of text, also the padding after an answer
@@ -50,14 +51,16 @@ START_HEADER_ID = 126346  # <|start_header_id|>
 END_HEADER_ID = 126347    # <|end_header_id|>
 EOT_ID = 126348           # <|eot_id|>: end of turn, where a caption stops
 SPECIAL_TOKENS = {"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID, "<|mdm_mask|>": MASK_ID,
-                  "<|start_header_id|>": START_HEADER_ID, "<|end_header_id|>": END_HEADER_ID, "<|eot_id|>": EOT_ID}
+                  "<|start_header_id|>": START_HEADER_ID, "<|end_header_id|>": END_HEADER_ID,
+                  "<|eot_id|>": EOT_ID}
 # The official LLaDA-V sampler bans these (logit -inf, as the mask) and stops an answer at EOT_ID.
 SAMPLER_BANNED_IDS = (EOS_ID, BOS_ID, START_HEADER_ID, END_HEADER_ID)
-IMAGE_TOKEN_INDEX = -200  # LLaVA's image placeholder in prompt ids: never a vocabulary id, so never sampled
+IMAGE_TOKEN_INDEX = -200  # LLaVA's image placeholder in prompt ids: no vocabulary id, never sampled
 
-# The LLaDA-V chat template ("llava_llada" conversation, LLaMA-3 layout) and the captioning question of the paper.
-SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual content that "
-                 "the user provides, and assist the user with a variety of tasks using natural language.")
+# The LLaDA-V chat template ("llava_llada", LLaMA-3 layout) and the paper's captioning question.
+SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the "
+                 "visual content that the user provides, and assist the user with a variety of "
+                 "tasks using natural language.")
 CAPTION_QUESTION = "Please describe the image in detail."
 
 
@@ -69,8 +72,8 @@ def chat_prompt(question: str = CAPTION_QUESTION, system: str = SYSTEM_PROMPT) -
 
 
 class LLaDATokenizer:
-    """tokenizer.json through the `tokenizers` package, with the interface of data/tokenizer.py (mask_id, eos_id,
-    special_ids, encode, decode) so sample.py's helpers work on it. No BOS is added: the template writes it."""
+    """tokenizer.json through the `tokenizers` package, with data/tokenizer.py's interface (mask_id,
+    eos_id, special_ids, encode, decode) for sample.py's helpers. The template writes the BOS."""
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer
@@ -78,8 +81,9 @@ class LLaDATokenizer:
         for text, expected in SPECIAL_TOKENS.items():
             found = self.tok.token_to_id(text)
             if found != expected:
-                raise ValueError(f"{path}: {text} has id {found}, expected {expected}: not a LLaDA tokenizer")
-        self.mask_id, self.eos_id, self.eot_id = MASK_ID, EOT_ID, EOT_ID  # a caption ends at the end of turn
+                raise ValueError(f"{path}: {text} has id {found}, expected {expected}: "
+                                 f"not a LLaDA tokenizer")
+        self.mask_id, self.eos_id, self.eot_id = MASK_ID, EOT_ID, EOT_ID  # a caption ends its turn
         added = self.tok.get_added_tokens_decoder()                      # {id: AddedToken}
         self.special_ids = sorted(i for i, t in added.items() if t.special)
         self.stop_ids = (EOT_ID, EOS_ID)
@@ -91,29 +95,29 @@ class LLaDATokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
 
-def prompt_ids(tokenizer: LLaDATokenizer, n_image_tokens: int, question: str = CAPTION_QUESTION) -> list[int]:
-    """The chat prompt as ids, its `<image>` replaced by n_image_tokens placeholders (IMAGE_TOKEN_INDEX)."""
+def prompt_ids(tokenizer: LLaDATokenizer, n_image_tokens: int,
+               question: str = CAPTION_QUESTION) -> list[int]:
+    """The chat prompt as ids, its `<image>` replaced by n_image_tokens IMAGE_TOKEN_INDEX."""
     before, after = chat_prompt(question).split("<image>")
     return tokenizer.encode(before) + [IMAGE_TOKEN_INDEX] * n_image_tokens + tokenizer.encode(after)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configs: read from a checkpoint's config.json
 
 
 @dataclass
 class SiglipConfig:
-    """SigLIP so400m/14 at 384 px. LLaVA never reads these from config.json (it hard-codes them), so they are
-    the defaults; a config.json may override them with a "vision_config" dict in Hugging Face SigLIP names
-    (the tests do)."""
+    """SigLIP so400m/14 at 384 px, as LLaVA hard-codes it; a config.json's "vision_config" dict in
+    Hugging Face SigLIP names may override these defaults (the tests do)."""
     image_size: int = 384
     patch_size: int = 14
     width: int = 1152         # Dv
-    layers: int = 27          # in the released SigLIP; LLaDA-V runs the first layers + 1 + select_layer of them
+    layers: int = 27          # released SigLIP; LLaDA-V runs the first layers + 1 + select_layer
     heads: int = 16
     mlp_hidden: int = 4304
     norm_eps: float = 1e-6
-    select_layer: int = -2    # mm_vision_select_layer: hidden_states[-2] = the output of the second-to-last layer
+    select_layer: int = -2    # mm_vision_select_layer: hidden_states[-2], second-to-last layer's
     mean: tuple = (0.5, 0.5, 0.5)
     std: tuple = (0.5, 0.5, 0.5)
 
@@ -129,46 +133,50 @@ class SiglipConfig:
 @dataclass
 class LLaDAVConfig:
     lm: LMConfig = field(default_factory=LMConfig)
-    vision: SiglipConfig | None = field(default_factory=SiglipConfig)  # None: a text-only LLaDA checkpoint
+    vision: SiglipConfig | None = field(default_factory=SiglipConfig)  # None: text-only LLaDA
     image_aspect_ratio: str = "anyres_max_4"
-    grid_pinpoints: list = field(default_factory=lambda: [(384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7)])
+    grid_pinpoints: list = field(
+        default_factory=lambda: parse_grid_pinpoints("(1x1),...,(6x6)", 384))
 
     @property
     def max_crops(self) -> int | None:
-        """anyres_max_4 -> 4: features are downsampled to about 4 crops' worth; plain "anyres" never downsamples."""
+        """anyres_max_4 -> 4: features downsampled to about 4 crops' worth; "anyres" -> None."""
         match = re.fullmatch(r"anyres_max_(\d+)", self.image_aspect_ratio)
         return int(match.group(1)) if match else None
 
 
-_VISION_FIELDS = {"hidden_size": "width", "intermediate_size": "mlp_hidden", "num_hidden_layers": "layers",
-                  "num_attention_heads": "heads", "image_size": "image_size", "patch_size": "patch_size",
-                  "layer_norm_eps": "norm_eps"}
+_VISION_FIELDS = {"hidden_size": "width", "intermediate_size": "mlp_hidden",
+                  "num_hidden_layers": "layers", "num_attention_heads": "heads",
+                  "layer_norm_eps": "norm_eps", "image_size": "image_size",
+                  "patch_size": "patch_size"}
 
 
 def config_from_hf(d: dict, path: str = "config.json") -> LLaDAVConfig:
-    """A config.json dict (read from `path`, named in errors) -> LLaDAVConfig. LLaDA-V uses LLaMA
-    field names (hidden_size, num_hidden_layers, ...); the original LLaDA checkpoints use OLMo names
-    (d_model, n_layers, mlp_hidden_size, embedding_size, ...). rope_theta has no default: a wrong
-    RoPE base gives plausible-looking but wrong logits, so a config without it is refused."""
+    """A config.json dict (read from `path`, named in errors) -> LLaDAVConfig: LLaDA-V's LLaMA
+    names (hidden_size, ...) or the original LLaDA's OLMo names (d_model, embedding_size, ...).
+    No default rope_theta: a wrong RoPE base gives plausible but wrong logits, so it is required."""
     if d.get("rope_theta") is None:
         raise CheckpointMismatch(f"{path}: no \"rope_theta\" field (the RoPE base; LLaDA-V and "
                                  f"LLaDA-8B use 500000.0): add the model's original value")
     if "d_model" in d:  # original LLaDA
         unsupported = {k: d[k] for k in ("weight_tying", "include_bias") if d.get(k)}
         lm = LMConfig(vocab_size=d.get("embedding_size") or d["vocab_size"], d_model=d["d_model"],
-                      n_layers=d["n_layers"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
+                      n_layers=d["n_layers"], n_heads=d["n_heads"],
+                      n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
                       mlp_hidden=d["mlp_hidden_size"], rope_theta=float(d["rope_theta"]),
                       norm_eps=d.get("rms_norm_eps", 1e-5))
     else:               # LLaDA-V / ReDiff
         flags = ("tie_word_embeddings", "attention_bias", "mlp_bias", "rope_scaling")
         unsupported = {k: d[k] for k in flags if d.get(k)}
-        lm = LMConfig(vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
-                      n_heads=d["num_attention_heads"],
-                      n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        heads = d["num_attention_heads"]
+        lm = LMConfig(vocab_size=d["vocab_size"], d_model=d["hidden_size"],
+                      n_layers=d["num_hidden_layers"], n_heads=heads,
+                      n_kv_heads=d.get("num_key_value_heads") or heads,
                       mlp_hidden=d["intermediate_size"], rope_theta=float(d["rope_theta"]),
                       norm_eps=d.get("rms_norm_eps", 1e-5))
     if unsupported:
-        raise ValueError(f"config.json: {unsupported} not supported by model.py's LLaDA (untied, no bias, plain RoPE)")
+        raise ValueError(f"config.json: {unsupported} not supported by model.py's LLaDA "
+                         f"(untied, no bias, plain RoPE)")
     if "mm_vision_tower" not in d:
         return LLaDAVConfig(lm=lm, vision=None)
 
@@ -191,31 +199,33 @@ def config_from_hf(d: dict, path: str = "config.json") -> LLaDAVConfig:
     if not (aspect in ("anyres", "pad") or re.fullmatch(r"anyres_max_\d+", aspect)):
         problems.append(f"image_aspect_ratio {aspect!r} (only anyres, anyres_max_N and pad)")
     if problems:
-        raise ValueError("config.json describes a model this loader does not build: " + "; ".join(problems))
+        raise ValueError("config.json describes a model this loader does not build: "
+                         + "; ".join(problems))
     pinpoints = d.get("image_grid_pinpoints") or "(1x1),...,(6x6)"
     return LLaDAVConfig(lm=lm, vision=vision, image_aspect_ratio=aspect,
                         grid_pinpoints=parse_grid_pinpoints(pinpoints, vision.image_size))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # anyres: pure functions of the image size (LLaVA-NeXT / LLaVA-OneVision, as LLaDA-V uses them)
 
 
 def parse_grid_pinpoints(pinpoints, crop_size: int) -> list[tuple[int, int]]:
-    """The candidate canvas sizes (width, height). "(1x1),...,(6x6)" means every i x j crops for i, j in 1..6, in that
-    order (the order breaks ties); a list (or its string form) gives the sizes in pixels."""
+    """The candidate canvas sizes (width, height). "(1x1),...,(6x6)": every i x j crops for i, j in
+    1..6, in that order (it breaks ties); a list (or its string form): the sizes in pixels."""
     if isinstance(pinpoints, str) and "x" in pinpoints:
         ranges = re.findall(r"\((\d+)x(\d+)\)", pinpoints)                  # first and last "(AxB)"
         (i0, j0), (i1, j1) = map(int, ranges[0]), map(int, ranges[-1])
-        return [(i * crop_size, j * crop_size) for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]
+        return [(i * crop_size, j * crop_size)
+                for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]
     if isinstance(pinpoints, str):
         pinpoints = ast.literal_eval(pinpoints)
     return [(int(w), int(h)) for w, h in pinpoints]
 
 
 def select_best_resolution(image_size: tuple[int, int], candidates) -> tuple[int, int]:
-    """The canvas (width, height) that keeps the most of the image's pixels after an aspect-preserving fit (never
-    counting more than the image has), then the one that wastes the fewest pixels; the first wins a full tie."""
+    """The canvas (width, height) that keeps the most of the image's pixels after an aspect-keeping
+    fit (at most the image's own), then the one wasting the fewest; the first wins a full tie."""
     width, height = image_size
     best, best_effective, best_wasted = None, 0, float("inf")
     for cw, ch in candidates:
@@ -228,15 +238,13 @@ def select_best_resolution(image_size: tuple[int, int], candidates) -> tuple[int
 
 
 def unpad_window(rows: int, cols: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The (top, bottom, left, right) window of a rows x cols feature grid of the padded canvas that holds the image.
-    The canvas was padded on two sides only, so the window is centred on one axis and full on the other."""
+    """The (top, bottom, left, right) window of the padded canvas's rows x cols feature grid that
+    holds the image. The canvas is padded on two sides: centred on one axis, full on the other."""
     width, height = image_size
-    if width / height > cols / rows:              # wider than the canvas: black bars above and below
-        new_rows = int(height * (cols / width))
-        pad = (rows - new_rows) // 2
+    if width / height > cols / rows:              # wider than the canvas: bars above and below
+        pad = (rows - int(height * (cols / width))) // 2
         return pad, rows - pad, 0, cols
-    new_cols = int(width * (rows / height))       # taller: black bars left and right
-    pad = (cols - new_cols) // 2
+    pad = (cols - int(width * (rows / height))) // 2  # taller: black bars left and right
     return 0, rows, pad, cols - pad
 
 
@@ -244,24 +252,23 @@ def unpad_window(rows: int, cols: int, image_size: tuple[int, int]) -> tuple[int
 class AnyresLayout:
     cols: int                       # crops across
     rows: int                       # crops down
-    window: tuple                   # (top, bottom, left, right) of the (rows g) x (cols g) feature grid
+    window: tuple                   # (top, bottom, left, right) of the (rows g) x (cols g) features
     size: tuple                     # (H, W) feature rows x columns after unpadding and downsampling
     tokens: int                     # g^2 (base view) + H (W + 1) (a newline per row)
 
 
 def anyres_layout(image_size: tuple[int, int], pinpoints, crop_size: int = 384, grid: int = 27,
                   max_crops: int | None = 4) -> AnyresLayout:
-    """Everything about an image's tokens that depends only on its size: the crop grid, the unpad window, the
-    downsampled size and the token count. Downsampling: when the unpadded grid holds more than (1.1^2) x max_crops
-    crops' worth of features it is resized by 1/times in each direction, times = sqrt(H W / (max_crops g^2))."""
+    """What an image's tokens owe to its size alone: the crop grid, the unpad window, the
+    downsampled size and the token count. An unpadded grid of more than (1.1^2) x max_crops crops'
+    worth of features is resized by 1/times each way, times = sqrt(H W / (max_crops g^2))."""
     canvas_w, canvas_h = select_best_resolution(image_size, pinpoints)
     cols, rows = canvas_w // crop_size, canvas_h // crop_size
     window = unpad_window(rows * grid, cols * grid, image_size)
     h, w = window[1] - window[0], window[3] - window[2]
-    if max_crops is not None:
-        times = math.sqrt(h * w / (max_crops * grid ** 2))
-        if times > 1.1:
-            h, w = int(h // times), int(w // times)
+    times = 0 if max_crops is None else math.sqrt(h * w / (max_crops * grid ** 2))
+    if times > 1.1:
+        h, w = int(h // times), int(w // times)
     return AnyresLayout(cols, rows, window, (h, w), grid ** 2 + h * (w + 1))
 
 
@@ -269,7 +276,7 @@ def resize_and_pad(image, size: tuple[int, int]):
     """Fit a PIL image inside `size` (width, height) keeping its aspect ratio, centred on black."""
     from PIL import Image
     (width, height), (tw, th) = image.size, size
-    scale_w, scale_h = tw / width, th / height                   # (same float expressions as LLaVA: same rounding)
+    scale_w, scale_h = tw / width, th / height       # LLaVA's float expressions: its rounding
     if scale_w < scale_h:
         nw, nh = tw, min(math.ceil(height * scale_w), th)
     else:
@@ -280,7 +287,7 @@ def resize_and_pad(image, size: tuple[int, int]):
 
 
 def anyres_crops(image, pinpoints, crop_size: int = 384) -> list:
-    """PIL image -> [base view squashed to crop_size^2] + the canvas crops in raster order (row by row)."""
+    """PIL image -> [base view squashed to crop_size^2] + the canvas crops, row by row."""
     from PIL import Image
     canvas_w, canvas_h = select_best_resolution(image.size, pinpoints)
     canvas = resize_and_pad(image, (canvas_w, canvas_h))
@@ -298,39 +305,41 @@ def pad_to_square(image, mean=(0.5, 0.5, 0.5)):
     return canvas
 
 
-def merge_anyres_features(feats: torch.Tensor, layout: AnyresLayout, newline: torch.Tensor) -> torch.Tensor:
-    """Projected crop features (1 + rows cols, g^2, D) -> the image's token sequence (N, D): the base view's g^2 tokens,
-    then the crops stitched into one grid, unpadded, downsampled (bilinear) and given a newline token per row."""
-    base, tiles = feats[0], feats[1:]                                          # (g^2, D), (rows cols, g^2, D)
-    D, g = feats.shape[-1], math.isqrt(feats.shape[1])
-    x = tiles.view(layout.rows, layout.cols, g, g, D)                          # (rows, cols, g, g, D)
-    x = x.permute(4, 0, 2, 1, 3).reshape(D, layout.rows * g, layout.cols * g)  # (D, rows g, cols g): one big grid
+def merge_anyres_features(feats: torch.Tensor, layout: AnyresLayout,
+                          newline: torch.Tensor) -> torch.Tensor:
+    """Projected crop features (1 + rows cols, g^2, D) -> the image's tokens (N, D): the base view's
+    g^2, then the crops as one grid, unpadded, downsampled (bilinear), a newline ending each row."""
+    base, tiles = feats[0], feats[1:]                            # (g^2, D), (rows cols, g^2, D)
+    D, g, rows, cols = feats.shape[-1], math.isqrt(feats.shape[1]), layout.rows, layout.cols
+    x = tiles.view(rows, cols, g, g, D)                                   # (rows, cols, g, g, D)
+    x = x.permute(4, 0, 2, 1, 3).reshape(D, rows * g, cols * g)   # (D, rows g, cols g): one grid
     top, bottom, left, right = layout.window
     x = x[:, top:bottom, left:right]                                           # (D, h, w) unpadded
     if tuple(x.shape[1:]) != layout.size:
         x = F.interpolate(x[None], size=list(layout.size), mode="bilinear")[0]  # (D, H, W)
     rows_newline = newline.to(x.dtype)[:, None, None].expand(D, x.shape[1], 1)
     x = torch.cat([x, rows_newline], dim=2)                                    # (D, H, W + 1)
-    return torch.cat([base, x.flatten(1).T])                                   # (g^2 + H (W + 1), D)
+    return torch.cat([base, x.flatten(1).T])                                # (g^2 + H (W + 1), D)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model
 
 
 class SiglipTower(nn.Module):
-    """SigLIP patch features (B, 3, S, S) -> (B, g^2, Dv), built as a timm VisionTransformer (timm's
-    vit_so400m_patch14_siglip_384 layout, which open_clip wraps), cut to the layers LLaDA-V uses, without the
-    final LayerNorm and the attention-pooling head (LLaVA's SigLIP tower drops both)."""
+    """SigLIP patch features (B, 3, S, S) -> (B, g^2, Dv): a timm VisionTransformer (the
+    vit_so400m_patch14_siglip_384 layout open_clip wraps) cut to the layers LLaDA-V uses, without
+    the final LayerNorm and the attention-pooling head (LLaVA's SigLIP tower drops both)."""
 
     def __init__(self, cfg: SiglipConfig):
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
         self.trunk = VisionTransformer(
-            img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.used_layers,
-            num_heads=cfg.heads, mlp_ratio=(cfg.mlp_hidden + 0.5) / cfg.width,  # +0.5: int(width * ratio) == mlp_hidden
+            img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width,
+            depth=cfg.used_layers, num_heads=cfg.heads,
+            mlp_ratio=(cfg.mlp_hidden + 0.5) / cfg.width,  # +0.5: int(width * ratio) == mlp_hidden
             class_token=False, global_pool="", num_classes=0,
-            act_layer="gelu_tanh",  # SigLIP's GELU is the tanh approximation (Hugging Face: gelu_pytorch_tanh)
+            act_layer="gelu_tanh",  # SigLIP's tanh-approximated GELU (HF: gelu_pytorch_tanh)
             norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps))
         self.trunk.norm = nn.Identity()  # features are taken before SigLIP's post-layernorm
         assert self.trunk.blocks[0].mlp.fc1.out_features == cfg.mlp_hidden
@@ -357,20 +366,20 @@ def anyres_images(model: LLaDAV, paths: list) -> AnyresImages:
 
 
 class LLaDAV(nn.Module):
-    """Vision tower + mlp2x_gelu projector + image_newline + model.py's LLaDA (a text-only config: the LLaDA only)."""
+    """Vision tower + mlp2x_gelu projector + image_newline + model.py's LLaDA (text-only: LLaDA)."""
 
     def __init__(self, cfg: LLaDAVConfig):
         super().__init__()
         self.cfg = cfg
         if cfg.vision is not None:
             self.vision_tower = SiglipTower(cfg.vision)
-            self.mm_projector = nn.Sequential(nn.Linear(cfg.vision.width, cfg.lm.d_model), nn.GELU(),
-                                              nn.Linear(cfg.lm.d_model, cfg.lm.d_model))
+            width, D = cfg.vision.width, cfg.lm.d_model
+            self.mm_projector = nn.Sequential(nn.Linear(width, D), nn.GELU(), nn.Linear(D, D))
             self.image_newline = nn.Parameter(torch.zeros(cfg.lm.d_model))
         self.lm = LLaDA(cfg.lm)
 
     def image_crops(self, image) -> list:
-        """PIL image -> the views the tower sees: anyres crops, or one padded square for image_aspect_ratio "pad"."""
+        """PIL image -> the tower's views: anyres crops, or one padded square ("pad")."""
         from PIL import Image
         crop = self.cfg.vision.image_size
         if self.cfg.image_aspect_ratio == "pad":
@@ -378,35 +387,36 @@ class LLaDAV(nn.Module):
         return anyres_crops(image, self.cfg.grid_pinpoints, crop)
 
     def image_layout(self, image_size: tuple[int, int]) -> AnyresLayout | None:
-        """The anyres layout of an image of this (width, height); None for image_aspect_ratio "pad"."""
+        """The anyres layout of an image of this (width, height); None for "pad"."""
         if self.cfg.image_aspect_ratio == "pad":
             return None
-        v = self.cfg.vision
-        return anyres_layout(image_size, self.cfg.grid_pinpoints, v.image_size, v.grid, self.cfg.max_crops)
+        cfg = self.cfg
+        return anyres_layout(image_size, cfg.grid_pinpoints, cfg.vision.image_size,
+                             cfg.vision.grid, cfg.max_crops)
 
     def n_image_tokens(self, image_size: tuple[int, int]) -> int:
-        """N for an image of this (width, height), from its size alone (no pixels): the prompt's placeholder count."""
+        """N for an image of this (width, height), from the size alone: the prompt's placeholders"""
         layout = self.image_layout(image_size)
         return self.cfg.vision.grid ** 2 + 1 if layout is None else layout.tokens
 
     def image_views(self, image) -> torch.Tensor:
-        """PIL image -> the normalised views the tower sees (n, 3, S, S), on the CPU: a data loader's part."""
+        """PIL image -> the tower's normalised views (n, 3, S, S), on the CPU (a data loader's)."""
         from data.pipeline import image_to_tensor
         return image_to_tensor(self.image_crops(image), self.cfg.vision.mean, self.cfg.vision.std)
 
     def embed_views(self, views: torch.Tensor, sizes: list) -> torch.Tensor:
-        """The views of several images, concatenated (sum n, 3, S, S), and the images' (width, height) -> their tokens,
-        padded with zeros on the right to the longest (B, N, D). One tower call for all of them; differentiable, so
-        training reaches the projector and image_newline (and the tower, unless it is frozen)."""
-        param = next(self.mm_projector.parameters())
-        feats = self.mm_projector(self.vision_tower(views.to(param.device, param.dtype)))  # (sum n, g^2, D)
+        """Several images' views, concatenated (sum n, 3, S, S), and their (width, height) -> their
+        tokens, right-padded with zeros to the longest (B, N, D). One tower call for all;
+        differentiable: training reaches the projector, image_newline (and an unfrozen tower)."""
+        param = next(self.mm_projector.parameters())                    # feats: (sum n, g^2, D)
+        feats = self.mm_projector(self.vision_tower(views.to(param.device, param.dtype)))
         tokens, start = [], 0
         for size in sizes:
             layout = self.image_layout(size)
             n = 1 if layout is None else 1 + layout.rows * layout.cols
             own = feats[start:start + n]                                       # (n, g^2, D)
             start += n
-            if layout is None:                                                 # one view: its tokens, then one newline
+            if layout is None:                                 # one view: its tokens, one newline
                 tokens.append(torch.cat([own[0], self.image_newline[None].to(own.dtype)]))
             else:
                 tokens.append(merge_anyres_features(own, layout, self.image_newline))
@@ -420,33 +430,31 @@ class LLaDAV(nn.Module):
     def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
                 past_kv: list | None = None, keep_kv: int = 0, logits_from: int = 0,
                 images: AnyresImages | None = None) -> torch.Tensor:
-        """ids (B, L), image placeholders = IMAGE_TOKEN_INDEX -> logits (B, L - logits_from, V); the k-th placeholder of
-        a row gets the k-th image token of that row (or of the one image_embeds row, for every row).
+        """ids (B, L), image placeholders = IMAGE_TOKEN_INDEX -> logits (B, L - logits_from, V); a
+        row's k-th placeholder gets its k-th image token (of the one image_embeds row, if one).
 
-        past_kv, keep_kv, logits_from: the sampler's prefix cache and partial logits
-        (LLaDA.forward): the same call as model.VLM's, so sample.ModelLogits drives both;
-        logits_from = the answer's start skips the LM head (and the last layer's queries) on the
-        ~3,800 image and prompt positions, exactly.
-        images (one image per row) instead of image_embeds: encoded here, so that a training
-        step is one call of the module, as model.VLM's `images` (DDP and FSDP act around forward
-        calls; distributed.py)."""
+        past_kv, keep_kv, logits_from: the sampler's prefix cache and partial logits, the same call
+        as model.VLM's (LLaDA.forward), so sample.ModelLogits drives both; logits_from = the
+        answer's start skips the LM head (and the last layer's queries) on ~3,800 image and prompt
+        positions. images (one per row) instead of image_embeds: encoded here, so a training step
+        is one call of the module, as model.VLM's (DDP and FSDP act around forward calls)."""
         if images is not None:
             image_embeds = self.embed_views(*images)                          # (B, N, D)
-        x = self.lm.embed_tokens(ids.clamp(min=0))                             # (B, L, D); placeholders replaced below
+        x = self.lm.embed_tokens(ids.clamp(min=0))              # (B, L, D); placeholders replaced
         if image_embeds is not None:
             is_image = ids == IMAGE_TOKEN_INDEX                                # (B, L)
             slot = (is_image.cumsum(dim=1) - 1).clamp(0, image_embeds.shape[1] - 1)
-            spliced = image_embeds.expand(ids.shape[0], -1, -1).gather(1, slot[..., None].expand(-1, -1, x.shape[-1]))
+            slot = slot[..., None].expand(-1, -1, x.shape[-1])                # (B, L, D)
+            spliced = image_embeds.expand(ids.shape[0], -1, -1).gather(1, slot)
             x = torch.where(is_image[..., None], spliced.to(x.dtype), x)
         return self.lm(x, past_kv, keep_kv, logits_from)
 
 
 def answer_logits(model, rows) -> torch.Tensor:
-    """The logits of the answer positions only, (b, A, V), of rows (data.captions.Rows: ids,
-    images, start, answer_at). The model computes logits from rows.start on; a forward pre-hook on
-    the final norm keeps just each row's A answer positions, so the norm and the LM head (V = 126k
-    columns) never see the gap between a short prompt's start and a long one's, nor the right
-    padding. `model`: LLaDAV, or its DDP / FSDP module."""
+    """The answer positions' logits (b, A, V) of rows (data.captions.Rows: ids, images, start,
+    answer_at); `model`: LLaDAV or its DDP / FSDP module. Logits start at rows.start; a pre-hook on
+    the final norm keeps each row's A answer positions, so the norm and LM head (V = 126k) never
+    see the gap between a short prompt's start and a long one's, nor the right padding."""
     lm = getattr(model, "module", model).lm                          # DDP keeps it in .module
     index = rows.answer_at[..., None]                                               # (b, A, 1)
 
@@ -460,31 +468,29 @@ def answer_logits(model, rows) -> torch.Tensor:
         handle.remove()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoint names -> this model's parameter names
 
-LLAMA_LAYER_NAMES = {  # LLaDA-V / ReDiff (LLaMA style): model.layers.{i}.<name> -> lm.layers.{i}.<name>
-    n: n for n in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                   "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-                   "input_layernorm.weight", "post_attention_layernorm.weight")}
 LLADA_LAYER_NAMES = {  # original LLaDA (OLMo style): model.transformer.blocks.{i}.<name>
     "q_proj.weight": "self_attn.q_proj.weight", "k_proj.weight": "self_attn.k_proj.weight",
     "v_proj.weight": "self_attn.v_proj.weight", "attn_out.weight": "self_attn.o_proj.weight",
     "ff_proj.weight": "mlp.gate_proj.weight", "up_proj.weight": "mlp.up_proj.weight",
     "ff_out.weight": "mlp.down_proj.weight", "attn_norm.weight": "input_layernorm.weight",
     "ff_norm.weight": "post_attention_layernorm.weight"}
+# LLaDA-V / ReDiff (LLaMA style): model.layers.{i}.<name> -> lm.layers.{i}.<name>, the same name
+LLAMA_LAYER_NAMES = {name: name for name in LLADA_LAYER_NAMES.values()}
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 SIGLIP_LAYER_NAMES = {  # Hugging Face SigLIP encoder.layers.{i}.<name> -> timm blocks.{i}.<name>
-    "layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj", "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2"}
+    "layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj",
+    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 
 
 def checkpoint_names(cfg: LLaDAVConfig, naming: str) -> dict[str, list[str]]:
-    """{our parameter name: the checkpoint keys it is made of}. One key, except timm's fused attention input, which
-    is Hugging Face's q_proj, k_proj and v_proj stacked (in that order)."""
+    """{our parameter name: the checkpoint keys it is made of}. One key, except timm's fused
+    attention input: Hugging Face's q_proj, k_proj and v_proj stacked (in that order)."""
     if naming == "llama":
-        names = {"lm.embed_tokens.weight": ["model.embed_tokens.weight"], "lm.norm.weight": ["model.norm.weight"],
-                 "lm.lm_head.weight": ["lm_head.weight"]}
+        names = {"lm.embed_tokens.weight": ["model.embed_tokens.weight"],
+                 "lm.norm.weight": ["model.norm.weight"], "lm.lm_head.weight": ["lm_head.weight"]}
         layer_prefix, layer_names = "model.layers", LLAMA_LAYER_NAMES
     else:
         names = {"lm.embed_tokens.weight": ["model.transformer.wte.weight"],
@@ -514,8 +520,8 @@ def checkpoint_names(cfg: LLaDAVConfig, naming: str) -> dict[str, list[str]]:
 
 
 def ignored_key(key: str, cfg: LLaDAVConfig) -> bool:
-    """Checkpoint keys that are known and deliberately unused: SigLIP's post-layernorm and pooling head (features are
-    taken before them), encoder layers past the ones used (the dropped last layer), and cached RoPE tables."""
+    """Checkpoint keys known and left unused: SigLIP's post-layernorm and pooling head (features
+    come before them), encoder layers past the used ones (the dropped last), cached RoPE tables."""
     if key.endswith("rotary_emb.inv_freq"):
         return True
     if cfg.vision is None or not key.startswith(VISION_PREFIX):
@@ -539,7 +545,8 @@ def _shard_files(model_dir: str) -> list[str]:
     if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         return ["model.safetensors"]
     raise FileNotFoundError(f"{model_dir}: no model.safetensors.index.json or model.safetensors; "
-                            f"download the whole folder (e.g. huggingface-cli download <repo> --local-dir DIR)")
+                            f"download the whole folder (e.g. huggingface-cli download <repo> "
+                            f"--local-dir DIR)")
 
 
 def _header_shapes(model_dir: str, shards: list[str]) -> dict[str, tuple]:
@@ -548,21 +555,16 @@ def _header_shapes(model_dir: str, shards: list[str]) -> dict[str, tuple]:
     shapes = {}
     for shard in shards:
         with safe_open(os.path.join(model_dir, shard), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
     return shapes
 
 
-def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+def load_llada_v(model_dir: str, device="cpu",
+                 dtype: torch.dtype | None = None) -> tuple[LLaDAV, LLaDATokenizer]:
+    """A Hugging Face LLaDA-V / ReDiff (or original LLaDA) folder -> (model, eval mode; tokenizer).
 
-
-def load_llada_v(model_dir: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[LLaDAV, LLaDATokenizer]:
-    """A Hugging Face LLaDA-V / ReDiff (or original LLaDA) folder -> (model in eval mode, tokenizer).
-
-    dtype: default bfloat16 on CUDA (the checkpoint's own dtype: no conversion copy), float32 elsewhere.
-    Every missing, unexpected or mis-shaped key is reported in one CheckpointMismatch before any tensor is read."""
+    dtype: default bfloat16 on CUDA (the checkpoint's own: no conversion copy), else float32.
+    Every missing, unexpected or mis-shaped key is in one CheckpointMismatch before any read."""
     from safetensors import safe_open
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -571,20 +573,20 @@ def load_llada_v(model_dir: str, device="cpu", dtype: torch.dtype | None = None)
         cfg = config_from_hf(json.load(f), config_path)
     tokenizer = LLaDATokenizer(os.path.join(model_dir, "tokenizer.json"))
     with torch.device("meta"):
-        model = LLaDAV(cfg)                                                    # shapes only, no memory
+        model = LLaDAV(cfg)                                             # shapes only, no memory
     shards = _shard_files(model_dir)
     shapes = _header_shapes(model_dir, shards)
     naming = "llada" if any(k.startswith("model.transformer.") for k in shapes) else "llama"
     names = checkpoint_names(cfg, naming)
 
     params = dict(model.named_parameters())
-    expected = {}                                                              # {checkpoint key: expected shape}
+    expected = {}                                              # {checkpoint key: expected shape}
     for ours, keys in names.items():
         shape = tuple(params[ours].shape)
-        if ours.endswith("pos_embed"):                                         # timm (1, g^2, Dv) <- HF (g^2, Dv)
+        if ours.endswith("pos_embed"):                         # timm (1, g^2, Dv) <- HF (g^2, Dv)
             shape = shape[1:]
         for key in keys:
-            expected[key] = (shape[0] // len(keys),) + shape[1:]               # fused qkv: each part a third
+            expected[key] = (shape[0] // len(keys),) + shape[1:]   # fused qkv: each part a third
     missing = sorted(k for k in expected if k not in shapes)
     unexpected = sorted(k for k in shapes if k not in expected and not ignored_key(k, cfg))
     misshaped = sorted(f"{k}: checkpoint {list(shapes[k])}, model {list(expected[k])}"
@@ -594,56 +596,55 @@ def load_llada_v(model_dir: str, device="cpu", dtype: torch.dtype | None = None)
         parts = [f"{len(v)} {title}:\n  " + "\n  ".join(v) for title, v in
                  (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
                   ("model parameters with no checkpoint name", unfilled)) if v]
-        raise CheckpointMismatch(f"{model_dir} ({naming} names) does not fit its config.json:\n" + "\n".join(parts))
+        raise CheckpointMismatch(f"{model_dir} ({naming} names) does not fit its config.json:\n"
+                                 + "\n".join(parts))
 
-    # Read shard by shard, tensor by tensor, straight onto the device; each replaces a meta parameter.
+    # Read shard by shard, tensor by tensor, onto the device; each replaces a meta parameter.
     owner = {key: ours for ours, keys in names.items() for key in keys}
-    pending: dict[str, dict] = {}                                              # parts of fused tensors seen so far
+    pending: dict[str, dict] = {}                              # parts of fused tensors seen so far
     where = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}" \
         if device.type == "cuda" else str(device)
     for shard in shards:
         with safe_open(os.path.join(model_dir, shard), framework="pt", device=where) as f:
-            for key in f.keys():
-                if key not in owner:
-                    continue
+            for key in (k for k in f.keys() if k in owner):
                 ours = owner[key]
                 parts = pending.setdefault(ours, {})
                 parts[key] = f.get_tensor(key).to(device=device, dtype=dtype)
                 if len(parts) == len(names[ours]):
-                    tensor = torch.cat([parts[k] for k in names[ours]]) if len(parts) > 1 else parts[key]
-                    _set_parameter(model, ours, tensor.reshape(params[ours].shape))
+                    tensor = torch.cat([parts[k] for k in names[ours]]) if len(parts) > 1 \
+                        else parts[key]
+                    module_name, _, attr = ours.rpartition(".")
+                    model.get_submodule(module_name)._parameters[attr] = nn.Parameter(
+                        tensor.reshape(params[ours].shape), requires_grad=False)
                     del pending[ours]
     left = [n for n, p in model.named_parameters() if p.is_meta]
     assert not left, f"parameters never loaded: {left}"
     return model.eval(), tokenizer
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Writing a folder: the inverse of load_llada_v
 
-STATE_FILE = "train_state.json"  # in an exported folder: step, settings, loss history (meta.json marks DCP)
+STATE_FILE = "train_state.json"  # exported folder: step, settings, loss history (meta.json: DCP)
 
 
 def export_hf(path: str, model: LLaDAV, ctx, source: str, dtype: torch.dtype, shard_gb: float,
               state: dict) -> None:
-    """Write the weights as a Hugging Face LLaDA-V folder that load_llada_v and sample.py --ckpt
-    read: LLaMA-style key names (checkpoint_names; timm's fused qkv split back into q, k, v),
-    shards of at most shard_gb and their index, the source folder's small files (config.json,
-    tokenizer.json, ...) and STATE_FILE (`state`). Every rank calls this (FSDP gathers the weights
-    to rank 0's CPU); rank 0 writes PATH.tmp and swaps it in."""
+    """Write the weights as a Hugging Face LLaDA-V folder for load_llada_v and sample.py --ckpt:
+    LLaMA-style keys (checkpoint_names; timm's fused qkv split into q, k, v), shards of at most
+    shard_gb and their index, the source folder's small files (config.json, tokenizer.json, ...)
+    and STATE_FILE (`state`). Every rank calls this; rank 0 writes PATH.tmp and swaps it in."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    if ctx.mode == "fsdp":
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(model, options=options)
-    else:
-        weights = model.state_dict()
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0's CPU
+    weights = get_model_state_dict(model, options=full) if ctx.mode == "fsdp" \
+        else model.state_dict()
     if ctx.is_main:
         tensors = {}
         for ours, keys in checkpoint_names(model.cfg, "llama").items():
             t = weights[ours].detach().to("cpu", dtype)
             t = t[0] if ours.endswith("pos_embed") else t           # timm (1, g^2, Dv) -> (g^2, Dv)
-            tensors.update({key: part.contiguous() for key, part in zip(keys, t.chunk(len(keys)))})
+            tensors.update({k: part.contiguous() for k, part in zip(keys, t.chunk(len(keys)))})
         shards, size = [[]], 0
         for key, t in tensors.items():                                   # fill shards in key order
             if shards[-1] and size + t.nbytes > shard_gb * 1e9:
@@ -653,7 +654,7 @@ def export_hf(path: str, model: LLaDAV, ctx, source: str, dtype: torch.dtype, sh
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        for name in sorted(os.listdir(source)):                    # config.json, tokenizer.json, ...
+        for name in sorted(os.listdir(source)):              # config.json, tokenizer.json, ...
             src = os.path.join(source, name)
             if os.path.isfile(src) and not name.endswith(".safetensors") and name not in (
                     "model.safetensors.index.json", distributed.META_FILE, STATE_FILE):
@@ -682,7 +683,7 @@ def read_state(path: str) -> dict:
         return json.load(f)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Captioning: sample.py calls this when --ckpt is a folder
 
 
@@ -694,9 +695,8 @@ def generate_answer(model: LLaDAV, image_embeds: torch.Tensor, prompt: torch.Ten
                     threshold: float | None = None):
     """rediff.generate with the official LLaDA-V sampler's rules: SAMPLER_BANNED_IDS (and the
     mask) at logit -inf, each row stopped at its first <|eot_id|> (rediff.StopRule).
-    prompt (B, P) with the image placeholders, image_embeds (B or 1, N, D). The model computes
-    logits from the current block's start only (sample.ModelLogits), never for the image and
-    prompt. prefix_cache, threshold: see sample.ModelLogits and rediff.generate.
+    prompt (B, P) with the image placeholders, image_embeds (B or 1, N, D). Logits come from the
+    current block's start on (sample.ModelLogits, as prefix_cache; threshold: rediff.generate).
     Returns (rediff.generate's output, forward passes)."""
     logits_fn = ModelLogits(model, image_embeds, prompt.shape[1], prefix_cache)
     out = rediff.generate(logits_fn, prompt, gen_length, steps, block_length=block_length,
@@ -707,20 +707,21 @@ def generate_answer(model: LLaDAV, image_embeds: torch.Tensor, prompt: torch.Ten
 
 
 @torch.no_grad()
-def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: bool = True, gen_length: int = 128,
-            question: str = CAPTION_QUESTION, temperature: float = 0.0, device="auto", dtype=None, seed: int = 0,
-            return_trace: bool = False, loaded: tuple | None = None,
-            block_length: int | None = None, prefix_cache: bool = False,
-            threshold: float | None = None) -> dict:
-    """Caption one image file with a LLaDA-V / ReDiff checkpoint folder, as the paper evaluates: one block of
-    gen_length tokens, steps = ceil(gen_length / tokens_per_step), greedy, refining (ReDiff) or frozen (LLaDA-V),
-    with the official sampler's banned ids and end-of-turn stop (generate_answer).
+def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: bool = True,
+            gen_length: int = 128, question: str = CAPTION_QUESTION, temperature: float = 0.0,
+            device="auto", dtype=None, seed: int = 0, return_trace: bool = False,
+            loaded: tuple | None = None, block_length: int | None = None,
+            prefix_cache: bool = False, threshold: float | None = None) -> dict:
+    """Caption one image file with a LLaDA-V / ReDiff checkpoint folder as the paper evaluates: one
+    block of gen_length tokens, steps = ceil(gen_length / tokens_per_step), greedy, refining
+    (ReDiff) or frozen (LLaDA-V), the official sampler's banned ids and end-of-turn stop.
 
     loaded: a (model, tokenizer) pair from load_llada_v to caption many images without reloading.
     block_length, prefix_cache, threshold: sample.py's options (off: the paper's).
-    Returns {"text", "ids" (G,), "image_tokens", "prompt_tokens", "forward_passes", "seconds", "trace"}."""
+    Returns a dict: text, ids (G,), image_tokens, prompt_tokens, forward_passes, seconds, trace."""
     if not image_path:
-        raise ValueError("captioning with a checkpoint folder needs an image file (--image photo.jpg)")
+        raise ValueError("captioning with a checkpoint folder needs an image file "
+                         "(--image photo.jpg)")
     device = pick_device(device) if isinstance(device, str) else device
     model, tokenizer = loaded or load_llada_v(model_dir, device, dtype)
     if model.cfg.vision is None:
@@ -728,7 +729,8 @@ def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: b
     device = next(model.parameters()).device
     start = time.perf_counter()
     image_embeds = model.encode_image(open_image(image_path))                  # (1, N, D)
-    prompt = torch.tensor([prompt_ids(tokenizer, image_embeds.shape[1], question)], device=device)  # (1, P)
+    n_image = image_embeds.shape[1]
+    prompt = torch.tensor([prompt_ids(tokenizer, n_image, question)], device=device)  # (1, P)
     generator = torch.Generator(device=device).manual_seed(seed)
     steps = steps_for(gen_length, tokens_per_step, gen_length // (block_length or gen_length))
     out, forward_passes = generate_answer(model, image_embeds, prompt, gen_length, steps, refine,
@@ -739,6 +741,6 @@ def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: b
     cut = min([answer.index(s) for s in tokenizer.stop_ids if s in answer] + [len(answer)])
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"text": tokenizer.decode(answer[:cut]).strip(), "ids": ids[0], "image_tokens": image_embeds.shape[1],
+    return {"text": tokenizer.decode(answer[:cut]).strip(), "ids": ids[0], "image_tokens": n_image,
             "prompt_tokens": prompt.shape[1], "forward_passes": forward_passes,
             "seconds": time.perf_counter() - start, "trace": trace}
