@@ -7,19 +7,17 @@ works in one process, without torchrun.
     python distributed.py --dcp out/stage1.dcp --out out/stage1.safetensors  # one file, to share
 
 The rules the training scripts follow (README, "Multi-GPU training"):
-- --batch-size is the GLOBAL batch. Every rank builds the whole batch from (seed, step) as one
-  process would, draws the masks and corruptions for all of it (the single-process random draws),
-  and runs the model on its own rows only.
-- Each rank's loss is normalised so that the MEAN over ranks is the whole batch's single-process
-  loss: the per-sample means of Eq. 1-4 over equal shards as they are; a loss divided by a token
-  count pooled over the batch (the shapes world's word-class loss, shapes_aids.py) divides the
-  rank's sum by the whole batch's count / world size (Context.count). DDP and FSDP average
-  gradients over ranks, so every step's gradient is the single-process one, up to the order of
-  float summation.
-- A checkpoint path ending in .safetensors is one file (model.save_checkpoint); NAME.dcp is a DCP
-  folder: one safetensors shard per writing rank plus meta.json, readable by any number of
-  processes (the training scripts refuse an --out with another ending); model.load_checkpoint
-  reads both.
+- --batch-size is the GLOBAL batch. Every rank builds the whole batch from (seed, step), draws
+  the masks and corruptions for all of it (one process's random draws), and runs the model on
+  its own rows only.
+- Each rank's loss is normalised so that the MEAN over ranks is the whole batch's one-process
+  loss: Eq. 1-4's per-sample means over equal shards as they are; a loss over a token count
+  pooled over the batch (the word-class loss, shapes_aids.py) divides the rank's sum by the
+  whole batch's count / world size (Context.count). DDP and FSDP average gradients over ranks,
+  so each step's gradient is the one-process one, up to the order of float summation.
+- A .safetensors checkpoint path is one file (model.save_checkpoint); NAME.dcp a DCP folder: one
+  safetensors shard per writing rank plus meta.json, readable by any number of processes (the
+  training scripts refuse another --out ending); model.load_checkpoint reads both.
 """
 from __future__ import annotations
 
@@ -45,7 +43,7 @@ MODES = ["auto", "none", "ddp", "fsdp"]
 
 @dataclass
 class Context:
-    """This process's place in the run: parallel mode, rank, number of processes (world) and device."""
+    """This process's place in the run: parallel mode, rank, process count (world), device."""
     mode: str = "none"                      # none, ddp or fsdp
     rank: int = 0
     world: int = 1
@@ -58,37 +56,38 @@ class Context:
     def rows(self, size: int) -> slice:
         """This rank's equal share of a global batch of `size` rows (all of it in one process)."""
         if size % self.world:
-            raise SystemExit(f"a global batch of {size} rows does not split evenly over {self.world} processes: "
-                             f"choose --batch-size (Stage II: its own-draft and --stage1-mix parts too) as multiples "
-                             f"of {self.world}")
+            raise SystemExit(f"a global batch of {size} rows does not split evenly over "
+                             f"{self.world} processes: choose --batch-size (Stage II: its "
+                             f"own-draft and --stage1-mix parts too) as multiples of {self.world}")
         n = size // self.world
         return slice(self.rank * n, (self.rank + 1) * n)
 
     def part(self, n: int) -> range:
-        """This rank's contiguous share of n items, for work that need not split evenly (reviews)."""
+        """This rank's contiguous share of n items, for work that may split unevenly (reviews)."""
         return range(self.rank * n // self.world, (self.rank + 1) * n // self.world)
 
     def count(self, chosen: torch.Tensor) -> torch.Tensor:
-        """Denominator for a loss normalised by a token count: the whole batch's count (at least 1; `chosen` is the
-        global mask) over the world size, so the mean over ranks of (rank's sum / this) = global sum / global count."""
+        """Denominator of a loss normalised by a token count: the whole batch's count (at least 1;
+        `chosen`: the global mask) / world: mean over ranks of (rank's sum / this) = sum / count."""
         return chosen.sum().clamp(min=1) / self.world
 
     def mean(self, values):
-        """The mean over ranks of a tensor, or of a dict of scalars (detached; unchanged in one process)."""
+        """The mean over ranks of a tensor or a dict of scalars (detached; as is in one process)."""
         if self.world == 1:
             return values
         if isinstance(values, dict):
-            means = self.mean(torch.stack([torch.as_tensor(v).detach().float() for v in values.values()]))
-            return dict(zip(values, means))
+            stacked = torch.stack([torch.as_tensor(v).detach().float() for v in values.values()])
+            return dict(zip(values, self.mean(stacked)))
         total = values.detach().float().to(self.device).clone()
         dist.all_reduce(total)
         return total / self.world
 
     def gather(self, obj) -> list:
-        """Every rank's JSON-able `obj`, in rank order. Sent as UTF-8 bytes in tensors: nothing is pickled."""
+        """Every rank's JSON-able `obj`, in rank order, as UTF-8 bytes in tensors (no pickle)."""
         if self.world == 1:
             return [obj]
-        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(self.device)
+        data = bytearray(json.dumps(obj).encode())
+        data = torch.frombuffer(data, dtype=torch.uint8).to(self.device)
         sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world)]
         dist.all_gather(sizes, torch.tensor([len(data)], device=self.device))
         width = max(int(s) for s in sizes)
@@ -104,14 +103,13 @@ class Context:
 
 
 def launched() -> bool:
-    """Started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)."""
+    """Started by torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def setup(mode: str = "auto", device: str = "auto") -> Context:
-    """Join the process group (once per process) and pick this rank's device. auto: ddp under
-    torchrun, none otherwise. ddp / fsdp without torchrun run as a group of one process (handy for
-    debugging)."""
+    """Join the process group (once per process), pick this rank's device. auto: ddp under
+    torchrun, else none. ddp / fsdp without torchrun: a group of one process (for debugging)."""
     if mode not in MODES:
         raise SystemExit(f"--parallel {mode!r}: choose one of {', '.join(MODES)}")
     if mode == "auto":
@@ -143,41 +141,42 @@ def setup(mode: str = "auto", device: str = "auto") -> Context:
 
 
 def quiet() -> None:
-    """Ranks other than 0 print nothing: their stdout goes to /dev/null and their tqdm bars are off (tqdm's own
-    mechanism for its TQDM_* defaults). Errors still reach stderr."""
+    """Ranks other than 0 print nothing: stdout to /dev/null, tqdm bars off (tqdm's own mechanism
+    for its TQDM_* defaults). Errors still reach stderr."""
     from tqdm import tqdm
     if getattr(sys.stdout, "name", "") != os.devnull:  # once per process
         sys.stdout = open(os.devnull, "w")
         tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Wrapping the model
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--param-dtype: auto is bfloat16 on CUDA (the paper's training precision) and float32 elsewhere (CPU bf16 is
-    slow, and exact comparisons with a single-process run need float32)."""
+    """--param-dtype: auto is bfloat16 on CUDA (the paper's training precision), else float32 (CPU
+    bf16 is slow, and exact comparisons with a single-process run need float32)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
 def checkpoint_blocks(blocks) -> None:
-    """Activation checkpointing: each block keeps only its input during the forward pass and recomputes its inner
-    activations in the backward pass (one more forward of compute; activation memory per block falls from tens of
-    (B, L, D) tensors to one). Parameter names are unchanged."""
+    """Activation checkpointing: each block keeps only its input in the forward pass and recomputes
+    its inner activations in the backward (one more forward of compute; a block's activation memory
+    falls from tens of (B, L, D) tensors to one). Parameter names are unchanged."""
     from torch.utils.checkpoint import checkpoint
     for block in blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def wrap(model: nn.Module, ctx: Context, param_dtype: str = "auto", activation_checkpointing: bool = False):
-    """The module that training steps call: the model itself (none), DDP(model), or the model sharded in place by
-    FSDP2 (every transformer block and the vision tower a unit of its own, the rest with the root).
+def wrap(model: nn.Module, ctx: Context, param_dtype: str = "auto",
+         activation_checkpointing: bool = False):
+    """The module that training steps call: the model itself (none), DDP(model), or the model
+    sharded in place by FSDP2 (each transformer block and the vision tower a unit, the rest root).
 
-    Call it after freezing parameters and before building the optimizer (FSDP2 replaces the parameters with DTensor
-    shards). `model` itself stays usable: DDP leaves it alone; under FSDP use full_copy() to sample from it. Works
-    for model.VLM and llada_v.LLaDAV (both have .vision_tower and .lm.layers)."""
+    Call it after freezing parameters and before building the optimizer (FSDP2 replaces the
+    parameters with DTensor shards). `model` stays usable: DDP leaves it alone; under FSDP sample
+    from full_copy(). For model.VLM and llada_v.LLaDAV (both: .vision_tower and .lm.layers)."""
     blocks = list(model.lm.layers)
     if activation_checkpointing:
         checkpoint_blocks(blocks)
@@ -185,37 +184,40 @@ def wrap(model: nn.Module, ctx: Context, param_dtype: str = "auto", activation_c
         return model
     if ctx.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                       forward_sync_buffers=False)  # buffers are constants (image positions)
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids,
+                                       forward_sync_buffers=False)  # buffers: constants (positions)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    for tensor in list(model.parameters()) + list(model.buffers()):  # every rank starts from rank 0's weights, as
-        dist.broadcast(tensor.data, src=0)                           # DDP does (vision pretraining may differ on GPU)
+    for tensor in list(model.parameters()) + list(model.buffers()):  # rank 0's weights for all,
+        dist.broadcast(tensor.data, src=0)      # as DDP does (vision pretraining may differ on GPU)
     dtype = resolve_dtype(param_dtype, ctx.device)
-    # Parameters are all-gathered in `dtype` for compute; gradients are reduce-scattered and the sharded master
-    # weights and Adam states kept in float32. Blocks get their inputs as they are: RoPE tables stay float32.
+    # Parameters all-gathered in `dtype` for compute; gradients reduce-scattered; sharded master
+    # weights and Adam states in float32; block inputs as they are (float32 RoPE); float32 logits.
+    policy = functools.partial(MixedPrecisionPolicy, dtype, torch.float32)
     for block in blocks:
-        fully_shard(block, mp_policy=MixedPrecisionPolicy(dtype, torch.float32, cast_forward_inputs=False))
+        fully_shard(block, mp_policy=policy(cast_forward_inputs=False))
     if hasattr(model, "vision_tower"):
-        fully_shard(model.vision_tower, mp_policy=MixedPrecisionPolicy(dtype, torch.float32))
-    fully_shard(model, mp_policy=MixedPrecisionPolicy(dtype, torch.float32, output_dtype=torch.float32))  # fp32 logits
+        fully_shard(model.vision_tower, mp_policy=policy())
+    fully_shard(model, mp_policy=policy(output_dtype=torch.float32))
     return model
 
 
 def full_copy(model: nn.Module, ctx: Context) -> nn.Module:
-    """A plain module holding every weight, for sampling and evaluation: the model itself, unless it is sharded by
-    FSDP; then a new replica built from the all-gathered float32 weights (every rank must call this)."""
+    """A plain module holding every weight, to sample and evaluate: the model itself, unless FSDP
+    shards it; then a new replica of the all-gathered float32 weights (every rank calls this)."""
     if ctx.mode != "fsdp":
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses the model
+    # fully_shard subclasses the model: the replica is of the first class that is not FSDP's
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     with torch.device(ctx.device):
         copy = cls(model.cfg)
     copy.load_state_dict(state)
     return copy
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -225,8 +227,7 @@ def is_dcp(path: str) -> bool:
 
 
 def save_file(path: str, model: nn.Module, meta: dict, ctx: Context) -> None:
-    """model.save_checkpoint (weights only) from any parallel mode: rank 0 writes the gathered
-    weights."""
+    """model.save_checkpoint (weights only) in any parallel mode: rank 0 writes the whole model."""
     whole = full_copy(model, ctx)
     if ctx.is_main:
         save_checkpoint(path, whole, meta)
@@ -234,25 +235,27 @@ def save_file(path: str, model: nn.Module, meta: dict, ctx: Context) -> None:
 
 
 def save_dcp(path: str, model: nn.Module, optimizer, meta: dict, ctx: Context) -> None:
-    """A DCP folder: every rank writes its shard of the model and the optimizer state as safetensors (Hugging Face
-    storage layout, so loading never unpickles), rank 0 adds meta.json (configs, step, history, the optimizer's
-    hyper-parameters). Written to PATH.tmp and swapped in at the end: an interruption leaves the last checkpoint
-    whole. `model` is the plain or FSDP module (not the DDP wrapper)."""
+    """A DCP folder: every rank writes its shard of the model and optimizer state as safetensors
+    (Hugging Face storage layout: loading never unpickles), rank 0 adds meta.json (configs, step,
+    history, the optimizer's hyper-parameters). Written to PATH.tmp, swapped in at the end: an
+    interruption leaves the last checkpoint whole. `model`: the plain or FSDP module, not DDP's."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     path = path.rstrip("/")
     tmp = path + ".tmp"
-    model_state, optim_state = get_state_dict(model, optimizer)  # names without wrapper prefixes; FSDP: DTensor shards
+    model_state, optim_state = get_state_dict(model, optimizer)  # unprefixed; FSDP: DTensors
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     ctx.barrier()
-    with warnings.catch_warnings():  # "torch.distributed is disabled ... save in a single process": as meant
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": as meant
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model_state, "optim": optim_state["state"]}, no_dist=not dist.is_initialized(),
+        dcp.save({"model": model_state, "optim": optim_state["state"]},
+                 no_dist=not dist.is_initialized(),
                  storage_writer=dcp.HuggingFaceStorageWriter(tmp, save_distributed=True))
     if ctx.is_main:
-        description = {"format": DCP_FORMAT, "model_config": asdict(model.cfg), "written_by_processes": ctx.world,
-                       **meta, "optimizer_param_groups": optim_state["param_groups"]}
+        description = {"format": DCP_FORMAT, "model_config": asdict(model.cfg),
+                       "written_by_processes": ctx.world, **meta,
+                       "optimizer_param_groups": optim_state["param_groups"]}
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(description, f)
             f.flush()
@@ -262,8 +265,8 @@ def save_dcp(path: str, model: nn.Module, optimizer, meta: dict, ctx: Context) -
 
 
 def swap_in_folder(tmp: str, path: str) -> None:
-    """Replace the folder `path` by the finished folder `tmp`: the old one is moved aside first and removed last, so
-    an interruption at any moment leaves one whole folder (path, or path.old while the two renames run)."""
+    """Replace the folder `path` by the finished `tmp`: the old one moved aside first and removed
+    last, an interruption leaves one whole folder (path, or path.old between the renames)."""
     old = path.rstrip("/") + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
@@ -273,9 +276,8 @@ def swap_in_folder(tmp: str, path: str) -> None:
 
 
 def load_dcp_weights(path: str, model: nn.Module) -> dict:
-    """Load a DCP folder's model weights into `model` as it is (plain or sharded by wrap(): any
-    model class, e.g. llada_v.LLaDAV), resharded to this run's processes; returns the folder's
-    meta.json."""
+    """Load a DCP folder's weights into `model` as it is (plain or sharded by wrap(); any class,
+    e.g. llada_v.LLaDAV), resharded to this run's processes; returns the folder's meta.json."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     meta = read_dcp_meta(path)
     state = {"model": get_model_state_dict(model)}
@@ -285,8 +287,7 @@ def load_dcp_weights(path: str, model: nn.Module) -> dict:
 
 
 def load_dcp_optimizer(path: str, model: nn.Module, optimizer) -> None:
-    """Load a DCP folder's optimizer state into `optimizer` (built over `model`, wrapped or not,
-    after wrap())."""
+    """Load a DCP folder's optimizer state into `optimizer` (built over `model` after wrap())."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict
     meta = read_dcp_meta(path)
     _, fresh = get_state_dict(model, optimizer)  # the tensors to load into, keyed by parameter name
@@ -295,15 +296,16 @@ def load_dcp_optimizer(path: str, model: nn.Module, optimizer) -> None:
     set_optimizer_state_dict(model, optimizer, {"state": state["optim"],
                                                 "param_groups": meta["optimizer_param_groups"]})
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line: a DCP folder -> one .safetensors file
 
 
 @dataclass
 class ConsolidateConfig:
     dcp: str = option("", "a DCP checkpoint folder (train_stage1.py --out NAME.dcp)")
-    out: str = option("", "the one-file checkpoint to write (weights and description, no optimizer state); "
-                      "sample.py, tools/eval.py and --init-from also read the folder itself")
+    out: str = option("", "the one-file checkpoint to write (weights and description, no "
+                      "optimizer state); sample.py, tools/eval.py and --init-from also read the "
+                      "folder itself")
 
 
 def main(argv=None):
