@@ -53,8 +53,8 @@ from sample import caption_images, decode_answer
 from train_stage1 import (TrainConfig, freeze_vision, set_learning_rate, training_loss,
                           warmup_cosine)
 
-DRAFT_OFFSET = 1_000_000  # drafts use train-split scenes from this index on: never in a Stage I bank (from 0)
-MIX_STEP_OFFSET = 10_000_000  # Stage I mix batches are ShapesData.batch(offset + step): not Stage I's own batches
+DRAFT_OFFSET = 1_000_000  # drafts: train scenes from this index on; Stage I's banks start at 0
+MIX_STEP_OFFSET = 10_000_000  # the mix's batches: ShapesData.batch(offset + step), not Stage I's
 INIT_STAGES = ("stage1-revision", "stage1-mask", "stage2")
 
 
@@ -97,8 +97,7 @@ class Stage2Config(llada_v_train.LLaDAVStage2Flags):
                        "every round)", more_than=0)
     min_lr_frac: float = option(0.1, "the cosine schedule ends at lr * min_lr_frac",
                                 at_least=0, at_most=1)
-    warmup: int = option(10, "linear warm-up steps (the paper: 3 percent of the steps)",
-                         at_least=0)
+    warmup: int = option(10, "linear warm-up steps (the paper: 3 percent of the steps)", at_least=0)
     weight_decay: float = option(0.01, "AdamW weight decay", at_least=0)
     grad_clip: float = option(1.0, "gradient-norm clip", more_than=0)
     seed: int = option(0, "seed for batches and the Stage I mix", at_least=0)
@@ -119,7 +118,7 @@ PRESETS = {"tiny": {"help": "a CPU-sized run, the reproduction's recipe: 3072 dr
                                    batch_size=32, n_scenes=1000, lr=1e-4)}}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 1. Drafts
 
 
@@ -147,7 +146,7 @@ def make_drafts(model, source, cfg: Stage2Config, round_index: int, ctx) -> list
         ids = {int(k): row for share in ctx.gather(ids) for k, row in share.items()}
     return [source.draft(item, torch.tensor(ids[k]), speeds[k]) for k, item in enumerate(items)]
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 2. Expert review
 
 
@@ -167,13 +166,13 @@ def review_drafts(expert, drafts: list[dict], ctx=None, image_of=None) -> tuple[
         counts = sum((Counter(c) for c in ctx.gather(dict(counts))), Counter())
     return reviews, counts
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 3. Alignment
 
 
 def apply_corrections(draft_ids: torch.Tensor, kept) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draft answer ids (G,) and validated (start, target ids) pairs -> (refined ids (G,), mistake mask (G,) bool).
-    The mask covers each corrected segment whole, as in Eq. 4 (its unchanged words included)."""
+    """Draft ids (G,), validated (start, target ids) pairs -> (refined ids (G,), mistake mask (G,)
+    bool). The mask covers each corrected segment whole, as in Eq. 4 (unchanged words included)."""
     refined, mistake = draft_ids.clone(), torch.zeros_like(draft_ids, dtype=torch.bool)
     for start, target in kept:
         refined[start:start + len(target)] = torch.tensor(target, dtype=draft_ids.dtype)
@@ -182,8 +181,8 @@ def apply_corrections(draft_ids: torch.Tensor, kept) -> tuple[torch.Tensor, torc
 
 
 def align(drafts: list[dict], reviews: list, tokenizer, counts: Counter) -> list[dict]:
-    """Turn reviews into training samples: validated pairs -> refined target + mistake mask. Drafts that are
-    "right", unanswered, or left with no valid pair are dropped (and counted)."""
+    """Section 3.3: reviews -> training samples (validated pairs -> refined target, mistake mask).
+    Drafts that are "right", unanswered, or left with no valid pair are dropped (and counted)."""
     samples = []
     for draft, review in zip(drafts, reviews):
         if review is None:
@@ -196,12 +195,12 @@ def align(drafts: list[dict], reviews: list, tokenizer, counts: Counter) -> list
                 counts["no_valid_pair"] += 1
                 continue
             refined, mistake = apply_corrections(draft["ids"], kept)
-            counts["corrected_tokens"] += int(mistake.sum())             # the positions Eq. 4 trains on
-            counts["changed_tokens"] += int((refined != draft["ids"]).sum())  # of which the expert changed
+            counts["corrected_tokens"] += int(mistake.sum())  # the positions Eq. 4 trains on
+            counts["changed_tokens"] += int((refined != draft["ids"]).sum())  # the expert's changes
             samples.append({**draft, "refined": refined, "mistake": mistake, "pairs": review})
     return samples
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 4. Fine-tuning with Eq. 4 (+ Stage I data)
 
 
@@ -217,10 +216,9 @@ def finetune(run, samples: list, cfg: Stage2Config, round_index: int, ctx) -> li
         run.optimizer.zero_grad(set_to_none=True)
         loss, parts = run.backward(samples, round_index, i)
         parts = {k: v.item() for k, v in ctx.mean({**parts, "total": loss}).items()}  # whole batch
-        if not math.isfinite(parts["total"]):
-            raise SystemExit(f"round {round_index + 1}, step {i}: loss is {parts['total']}; "
-                             f"stopping. The last good checkpoint is {run.state} (try a lower "
-                             f"--lr)")
+        if not math.isfinite(total := parts["total"]):
+            raise SystemExit(f"round {round_index + 1}, step {i}: loss is {total}; stopping. The "
+                             f"last good checkpoint is {run.state} (try a lower --lr)")
         torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
         run.optimizer.step()
         losses.append({"step": run.step + i + 1, **parts})
@@ -228,19 +226,20 @@ def finetune(run, samples: list, cfg: Stage2Config, round_index: int, ctx) -> li
     bar.close()
     return losses
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Loading, statistics, main
 
 
 def load_start(cfg: Stage2Config, device):
-    """(model, meta, first round) from --init-from, or from --out with --resume; a clear message for anything else."""
+    """(model, meta, first round) from --init-from, or --out with --resume; else a clear message."""
     if cfg.resume:
         path, wanted = cfg.out, ("stage2",)
         if not os.path.exists(path):
-            raise SystemExit(f"--resume: there is no run to resume at {path}; start one with --init-from")
+            raise SystemExit(f"--resume: there is no run to resume at {path}; start one with "
+                             "--init-from")
     elif not cfg.init_from:
-        raise SystemExit("--init-from is required: a Stage I checkpoint (python train_stage1.py --tiny) or a base model "
-                         "(python train_stage1.py --objective mask)")
+        raise SystemExit("--init-from is required: a Stage I checkpoint (python train_stage1.py "
+                         "--tiny) or a base model (python train_stage1.py --objective mask)")
     else:
         path, wanted = cfg.init_from, INIT_STAGES
         if os.path.abspath(cfg.init_from) == os.path.abspath(cfg.out):
@@ -249,18 +248,21 @@ def load_start(cfg: Stage2Config, device):
         model, meta = load_checkpoint(path, device)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"cannot start Stage II from {path}: {err}") from None
+    kind = meta.get("stage")
     missing = [k for k in ("tokenizer", "world", "answer_len") if k not in meta]
-    if meta.get("stage") not in wanted or missing:
-        expected = "a stage2 checkpoint to resume" if cfg.resume else f"one of {', '.join(INIT_STAGES)}"
-        fix = (f"to start Stage II from it, pass --init-from {path} and another --out" if cfg.resume
-               else "train one with train_stage1.py (Stage I) first")
-        raise SystemExit(f"{path} is a checkpoint of kind {meta.get('stage')!r}"
-                         f"{' without ' + ', '.join(missing) if missing else ''}; Stage II needs {expected}. Fix: {fix}")
-    if meta.get("stage") == "stage1-mask":  # a legitimate experiment (Stage II alone), but not ReDiff: say so
-        print(f"note: {path} is a mask-trained model (stage1-mask) without Stage I revision training: this run is "
-              f"Stage II alone. For ReDiff, train Stage I first: python train_stage1.py --init-from {path}")
+    if kind not in wanted or missing:
+        lacks = f" without {', '.join(missing)}" if missing else ""
+        needs = "a stage2 checkpoint to resume" if cfg.resume else f"one of {', '.join(wanted)}"
+        fix = (f"to start Stage II from it, pass --init-from {path} and another --out"
+               if cfg.resume else "train one with train_stage1.py (Stage I) first")
+        raise SystemExit(f"{path} is a checkpoint of kind {kind!r}{lacks}; Stage II needs {needs}. "
+                         f"Fix: {fix}")
+    if kind == "stage1-mask":  # a legitimate experiment (Stage II alone), but not ReDiff: say so
+        print(f"note: {path} is a mask-trained model (stage1-mask) without Stage I revision "
+              f"training: this run is Stage II alone. For ReDiff, train Stage I first: "
+              f"python train_stage1.py --init-from {path}")
     first_round = meta.get("round", 0) if cfg.resume else 0
-    print(f"loaded {path} (stage {meta['stage']}, step {meta.get('step')}"
+    print(f"loaded {path} (stage {kind}, step {meta.get('step')}"
           f"{', round ' + str(first_round) if cfg.resume else ''})")
     return model, meta, first_round
 
@@ -276,33 +278,37 @@ def stage1_config(meta: dict):
 
 def draft_quality(drafts: list[dict]) -> dict:
     """Mean headline score (data/score.py) of the round's drafts per drafting speed."""
-    quality = {}
-    for speed in sorted({d["tokens_per_step"] for d in drafts}):
-        chosen = [d for d in drafts if d["tokens_per_step"] == speed]
-        quality[speed] = score_captions([d["text"] for d in chosen], [d["scene"] for d in chosen])["headline"]
-    return quality
+    speeds = sorted({d["tokens_per_step"] for d in drafts})
+    by_speed = {s: [d for d in drafts if d["tokens_per_step"] == s] for s in speeds}
+    return {s: score_captions([d["text"] for d in ds], [d["scene"] for d in ds])["headline"]
+            for s, ds in by_speed.items()}
 
 
-def round_report(r: int, cfg: Stage2Config, drafts, quality, counts: Counter, samples, expert_name: str) -> list[str]:
+def round_report(r: int, cfg: Stage2Config, drafts, quality, counts: Counter, samples,
+                 expert_name: str) -> list[str]:
+    """Section 3.3's round in numbers: drafts per speed, the expert's review, the alignment."""
     tag = f"round {r + 1}/{cfg.rounds}"
-    per_speed = ", ".join(f"{s} tok/step: {sum(d['tokens_per_step'] == s for d in drafts)} drafts, headline "
-                          f"{q:.1f}" for s, q in quality.items())
-    rejected = ", ".join(f"{k[len('rejected_'):]} {v}" for k, v in sorted(counts.items()) if k.startswith("rejected_"))
+    per_speed = ", ".join(f"{s} tok/step: {sum(d['tokens_per_step'] == s for d in drafts)} drafts, "
+                          f"headline {q:.1f}" for s, q in quality.items())
+    rejects = {k: v for k, v in sorted(counts.items()) if k.startswith("rejected_")}
+    rejected = ", ".join(f"{k[len('rejected_'):]} {v}" for k, v in rejects.items()) or "none"
+    shown = ("right", "no_answer", "no_valid_pair", "corrected_tokens", "changed_tokens")
     other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())
-                      if not k.startswith(("rejected_", "pairs_")) and k not in ("right", "no_answer", "no_valid_pair",
-                                                                                  "corrected_tokens", "changed_tokens"))
+                      if not k.startswith(("rejected_", "pairs_")) and k not in shown)
     n_mistake = sum(int(s["mistake"].sum()) for s in samples)
     changed = counts["changed_tokens"] / max(1, counts["corrected_tokens"])
     lines = [f"{tag} | drafts made {len(drafts)} ({per_speed})",
-             f"{tag} | expert {expert_name}: right {counts['right']}, no answer {counts['no_answer']}, "
-             f"pairs proposed {counts['pairs_proposed']}, kept {counts['pairs_kept']}, "
-             f"rejected {sum(v for k, v in counts.items() if k.startswith('rejected_'))} ({rejected or 'none'})"
+             f"{tag} | expert {expert_name}: right {counts['right']}, no answer "
+             f"{counts['no_answer']}, pairs proposed {counts['pairs_proposed']}, kept "
+             f"{counts['pairs_kept']}, rejected {sum(rejects.values())} ({rejected})"
              + (f" | {other}" if other else ""),
-             f"{tag} | alignment: {len(samples)} training samples ({counts['no_valid_pair']} drafts left with no "
-             f"valid pair), {n_mistake} mistake tokens ({changed:.0%} of them changed by the expert)"]
+             f"{tag} | alignment: {len(samples)} training samples ({counts['no_valid_pair']} "
+             f"drafts left with no valid pair), {n_mistake} mistake tokens ({changed:.0%} of them "
+             "changed by the expert)"]
     if samples:
         example = samples[0]
-        fixes = "; ".join(f"{p['org']!r} -> {p['target']!r}" for p in example["pairs"] if isinstance(p, dict))
+        fixes = "; ".join(f"{p['org']!r} -> {p['target']!r}" for p in example["pairs"]
+                          if isinstance(p, dict))
         lines += [f"  example draft ({example['tokens_per_step']} tok/step): {example['text']}",
                   f"  expert fixes: {fixes}"]
     return lines
@@ -346,16 +352,17 @@ class ShapesStage2:
     def draft_items(self, round_index: int, n: int) -> list[dict]:
         """Fresh training scenes: never in a Stage I bank, nor in another round."""
         first = DRAFT_OFFSET + round_index * n
-        return [dict(shapes.sample("train", first + k, self.world), index=first + k)
-                for k in range(n)]
+        return [dict(shapes.sample("train", i, self.world), index=i)
+                for i in range(first, first + n)]
+
+    def tower_input(self, items: list[dict]) -> torch.Tensor:
+        """The items' rendered images, normalised for the vision tower, (n, 3, S, S)."""
+        vision = self.model.cfg.vision
+        return image_to_tensor([item["image"] for item in items], vision.mean, vision.std)
 
     def caption(self, model, items: list[dict], speed: int) -> torch.Tensor:
-        vision = model.cfg.vision
-        images = image_to_tensor([item["image"] for item in items], vision.mean,
-                                 vision.std)                                        # (b, 3, S, S)
-        out, _ = caption_images(model, self.tokenizer, images, self.answer_len, speed,
-                                refine=True)                                        # (b, G)
-        return out
+        return caption_images(model, self.tokenizer, self.tower_input(items), self.answer_len,
+                              speed, refine=True)[0]                               # (b, G)
 
     def draft(self, item: dict, ids: torch.Tensor, speed: int) -> dict:
         return {"scene_index": item["index"], "tokens_per_step": speed, "ids": ids,
@@ -375,9 +382,7 @@ class ShapesStage2:
         self.labels = torch.cat([prompt.expand(E, -1), stack("refined")], dim=1)       # (E, L)
         self.mistake = torch.cat([torch.zeros(E, P, dtype=torch.bool), stack("mistake")],
                                  dim=1)                                                # (E, L)
-        vision = self.model.cfg.vision
-        self.images = image_to_tensor([s["image"] for s in samples], vision.mean,
-                                      vision.std)                                 # (E, 3, S, S)
+        self.images = self.tower_input(samples)                                   # (E, 3, S, S)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=(0.9, 0.95),
                                            weight_decay=self.cfg.weight_decay)
