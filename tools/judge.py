@@ -5,25 +5,25 @@ LLM-judge score and free statistics.
                           [--base-url URL] [--cache judge_cache.jsonl] [--max-in-flight 8]
                           [--json out.json] [--no-judge]
 
-captions.jsonl holds one {"id": ..., "caption": ...} per line; each id must be the "id" of a record in the LLaVA /
-ShareGPT4V JSON, whose first assistant ("gpt") turn is a reference caption (several records with one id give
-several references). Images are not needed: CLAIR compares text with text.
+captions.jsonl holds one {"id": ..., "caption": ...} per line; each id must be the "id" of a
+record in the LLaVA / ShareGPT4V JSON, whose first assistant ("gpt") turn is a reference caption
+(several records with one id give several references). No images: CLAIR compares texts.
 
-CLAIR (Chan et al. 2023, "CLAIR: Evaluating Image Captions with Large Language Models"; CapMAS reports it): an LLM
-reads the candidate caption and the reference captions and answers, as JSON {"score": 0-100, "reason": ...}, how
-likely it is that they describe the same image. The request goes through experts.OpenAIExpert: the same
-OpenAI-compatible client, retries (429 / 5xx / timeouts / connection errors, with backoff), at most --max-in-flight
-requests at once, the key from OPENAI_API_KEY only (never printed or saved), and the same append-only answer cache
-(a rerun pays nothing). An answer without a usable score is counted (malformed) and skipped, never fatal; so is a
-request whose retries ran out (failed). The CLAIR score is the mean over the judged captions.
+CLAIR (Chan et al. 2023, "CLAIR: Evaluating Image Captions with Large Language Models"; CapMAS
+reports it): an LLM reads the candidate and the references and answers, as JSON {"score": 0-100,
+"reason": ...}, how likely they describe the same image. Requests go through experts.OpenAIExpert:
+its OpenAI-compatible client, retries with backoff (429 / 5xx / timeouts / lost connections), at
+most --max-in-flight at once, the key from OPENAI_API_KEY only (never printed or saved), its
+append-only answer cache (a rerun pays nothing). An answer without a usable score (malformed) or
+whose retries ran out (failed) is counted and skipped, never fatal. CLAIR: the judged ones' mean.
 
 Reference-free statistics, no API (per caption, then the mean over captions):
-    words          number of words: runs of letters, digits and apostrophes, lowercased ("A red-hat." -> a, red, hat)
-    distinct_1/2   distinct n-grams / n-grams of the caption's words (1 = no word / word pair repeated); captions
-                   with fewer than n words are left out of that mean
+    words          runs of letters, digits and apostrophes, lowercased ("A red-hat." -> a, red, hat)
+    distinct_1/2   distinct n-grams / n-grams of the caption's words (1 = no word / word pair
+                   repeated); captions of fewer than n words are left out of that mean
     repeated_sentences
-                   sentences (split at . ! ?, compared as their word lists) that equal an earlier sentence of the
-                   same caption / sentences; captions without a word are left out
+                   sentences (split at . ! ?, compared as word lists) equal to an earlier one of
+                   the caption / sentences; captions without a word are left out
 """
 from __future__ import annotations
 
@@ -39,27 +39,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 sys.path.insert(0, ROOT)
 
 from cli import check_writable, option, parse_config, run_main  # noqa: E402
-from data.loaders import DataError, _decode_utf8, _first_turns  # noqa: E402
+from data.loaders import DataError, _decode_utf8, _first_turns, _json_list  # noqa: E402
 from experts import ExpertError, Item, OpenAIExpert, check_endpoint  # noqa: E402
 
 # The prompt of CLAIR (Chan et al. 2023), for one candidate caption and a set of references.
-CLAIR_PROMPT = """You are trying to tell if a candidate set of captions is describing the same image as a \
-reference set of captions.
+CLAIR_PROMPT = """You are trying to tell if a candidate set of captions is describing the same \
+image as a reference set of captions.
 Candidate set:
 {candidates}
 Reference set:
 {references}
-On a precise scale from 0 to 100, how likely is it that the candidate set is describing the same image as the \
-reference set? (JSON format, with a key "score", value between 0 and 100, and a key "reason" with a string value.)"""
+On a precise scale from 0 to 100, how likely is it that the candidate set is describing the same \
+image as the reference set? (JSON format, with a key "score", value between 0 and 100, and a key \
+"reason" with a string value.)"""
 
 
 def parse_score(text: str) -> dict | None:
-    """A judge's answer -> {"score": float in [0, 100], "reason": str}, or None (malformed). Tolerates code fences
-    and text around the JSON object; the score may be an int, a float or a numeric string."""
+    """A judge's answer -> {"score": float in [0, 100], "reason": str}, or None (malformed). Takes
+    code fences and text around the JSON object; the score: an int, a float or a numeric string."""
     text = (text or "").strip()
     fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
-    if fenced:
-        text = fenced.group(1).strip()
+    text = fenced.group(1).strip() if fenced else text
     try:
         answer = json.loads(text)
     except ValueError:
@@ -81,8 +81,8 @@ def parse_score(text: str) -> dict | None:
 
 
 class ClairJudge(OpenAIExpert):
-    """OpenAIExpert with CLAIR's prompt and answer format: review(items) -> one {"score", "reason"} or None per item,
-    where Item.draft is the candidate caption and Item.truth the list of reference captions."""
+    """OpenAIExpert with CLAIR's prompt and answer format: review(items) -> one {"score", "reason"}
+    or None per item; Item.draft is the candidate caption, Item.truth the reference captions."""
     name = "clair"
     parse = staticmethod(parse_score)
 
@@ -94,14 +94,14 @@ class ClairJudge(OpenAIExpert):
 
 
 def clair(judge: ClairJudge, captions: list[str], references: list[list[str]]) -> dict:
-    """Judge every caption; the mean score over the judged ones, the per-caption results and the counts."""
+    """Judge every caption: the mean score over the judged ones, per-caption results, counts."""
     results = judge.review([Item(c, list(r)) for c, r in zip(captions, references)])
     scores = [r["score"] for r in results if r is not None]
-    counts = {k: judge.counts[k] for k in ("requests", "retries", "failed", "malformed", "cache_hits")}
+    counts = {k: judge.counts[k] for k in "requests retries failed malformed cache_hits".split()}
     return {"clair": sum(scores) / len(scores) if scores else None, "n_judged": len(scores),
             "n_skipped": len(results) - len(scores), **counts, "per_caption": results}
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reference-free statistics
 
 
@@ -116,32 +116,34 @@ def distinct(words: list[str], n: int) -> float | None:
 
 
 def repeated_sentences(text: str) -> float | None:
-    """Sentences equal (as word lists) to an earlier sentence of the same text / sentences; None without words."""
+    """Sentences equal (as word lists) to an earlier one of the text / sentences; None: no words."""
     sentences = [tuple(w) for w in map(words_of, re.split(r"[.!?]+", text)) if w]
-    return sum(s in sentences[:i] for i, s in enumerate(sentences)) / len(sentences) if sentences else None
+    repeats = sum(s in sentences[:i] for i, s in enumerate(sentences))
+    return repeats / len(sentences) if sentences else None
 
 
 def statistics(captions: list[str]) -> dict:
-    """Mean words, distinct_1, distinct_2 and repeated_sentences over the captions (see the module docstring)."""
+    """Mean words, distinct_1, distinct_2 and repeated_sentences over the captions (module doc)."""
     per = {"words": [], "distinct_1": [], "distinct_2": [], "repeated_sentences": []}
     for caption in captions:
         words = words_of(caption)
-        values = {"words": len(words), "distinct_1": distinct(words, 1), "distinct_2": distinct(words, 2),
-                  "repeated_sentences": repeated_sentences(caption)}
-        for name, value in values.items():
+        values = (len(words), distinct(words, 1), distinct(words, 2), repeated_sentences(caption))
+        for name, value in zip(per, values):
             if value is not None:
                 per[name].append(value)
-    return {name: sum(v) / len(v) if v else None for name, v in per.items()} | {"n_captions": len(captions)}
+    means = {name: sum(v) / len(v) if v else None for name, v in per.items()}
+    return means | {"n_captions": len(captions)}
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Input files
 
 
 def load_captions(path) -> list[tuple[str, str, int]]:
-    """(id, caption, line number) of every line of a captions JSONL file; a bad line is a DataError naming it."""
+    """(id, caption, line number) of each line of a captions JSONL file; a bad line: a DataError."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: captions file not found; give --captions a JSONL file of {{\"id\", \"caption\"}}")
+        raise DataError(f"{path}: captions file not found; give --captions a JSONL file of "
+                        f"{{\"id\", \"caption\"}}")
     lines = path.read_bytes().split(b"\n")
     if lines[-1] == b"":
         lines.pop()
@@ -153,55 +155,55 @@ def load_captions(path) -> list[tuple[str, str, int]]:
             record = json.loads(text)
         except ValueError as e:
             problem = "is blank" if not text.strip() else f"is not valid JSON ({e})"
-            raise DataError(f"{where} {problem}; every line must be one {{\"id\": ..., \"caption\": ...}} object")
+            raise DataError(f"{where} {problem}; every line must be one "
+                            f"{{\"id\": ..., \"caption\": ...}} object")
         key = record.get("id") if isinstance(record, dict) else None
         if not isinstance(key, (str, int)) or isinstance(key, bool):
-            raise DataError(f"{where}: field 'id' is missing or not a string / integer; give each line the \"id\" of "
-                            f"its LLaVA record")
+            raise DataError(f"{where}: field 'id' is missing or not a string / integer; give each "
+                            f"line the \"id\" of its LLaVA record")
         caption = record.get("caption")
         if not isinstance(caption, str):
-            raise DataError(f"{where}: field 'caption' is missing or not a string; fix or remove the line")
+            raise DataError(f"{where}: field 'caption' is missing or not a string; fix or remove "
+                            f"the line")
         key = str(key)
         if key in seen:
-            raise DataError(f"{where}: id {key!r} already appeared on line {seen[key]}; give each caption once")
+            raise DataError(f"{where}: id {key!r} already appeared on line {seen[key]}; give each "
+                            f"caption once")
         seen[key] = number
         rows.append((key, caption, number))
     return rows
 
 
 def load_references(path) -> dict[str, list[str]]:
-    """id -> reference captions (the first assistant turn of each record with that id) of a LLaVA / ShareGPT4V JSON
-    list; records are checked as data/loaders.load_llava_json checks them, but their images are not needed."""
+    """id -> reference captions (the first assistant turn of each record with that id) of a LLaVA /
+    ShareGPT4V JSON list; records checked as data/loaders.load_llava_json does; no images."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: references file not found; give --references a LLaVA-format JSON list")
-    try:
-        data = json.loads(_decode_utf8(path.read_bytes(), path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: the top level must be a JSON list of conversation records, got "
-                        f"{type(data).__name__}; wrap the records in [...]")
+        raise DataError(f"{path}: references file not found; give --references a LLaVA-format "
+                        f"JSON list")
     references: dict[str, list[str]] = {}
-    for index, record in enumerate(data):
+    for index, record in enumerate(_json_list(path, "conversation records")):
         if not isinstance(record, dict):
-            raise DataError(f"{path}: record {index}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{path}: record {index}: expected a JSON object, got "
+                            f"{type(record).__name__}")
         _, caption = _first_turns(record, f"record {index}", path)
         references.setdefault(str(record.get("id", index)), []).append(caption.strip())
     return references
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
 @dataclass
 class JudgeConfig:
     captions: str = option("", "JSONL, one {\"id\", \"caption\"} per line")
-    references: str = option("", "LLaVA-format JSON whose records' ids match the captions' (needed for the judge)")
-    judge: bool = option(True, "ask the CLAIR judge; --no-judge gives the reference-free statistics only")
+    references: str = option("", "LLaVA-format JSON whose records' ids match the captions' "
+                             "(needed for the judge)")
+    judge: bool = option(True, "ask the CLAIR judge; --no-judge: reference-free statistics only")
     model: str = option("o4-mini", "judge model name at the endpoint")
-    base_url: str = option("", "OpenAI-compatible endpoint (empty: api.openai.com); key from OPENAI_API_KEY")
+    base_url: str = option("", "OpenAI-compatible endpoint (empty: api.openai.com); key from "
+                           "OPENAI_API_KEY")
     cache: str = option("judge_cache.jsonl", "append-only answer cache (empty: none)")
     max_in_flight: int = option(8, "requests at once", at_least=1)
     max_retries: int = option(6, "retries of one request (429, 5xx, timeouts) before it is skipped",
@@ -223,8 +225,8 @@ def run(cfg: JudgeConfig) -> dict:
         references = load_references(cfg.references)
         for key, _, number in rows:
             if key not in references:
-                raise DataError(f"{cfg.captions}: line {number}: id {key!r} is not the id of any record in "
-                                f"{cfg.references}; fix the id, or remove the line")
+                raise DataError(f"{cfg.captions}: line {number}: id {key!r} is not the id of any "
+                                f"record in {cfg.references}; fix the id, or remove the line")
         check_endpoint(cfg.base_url, "--base-url", cfg.cache)  # before any request
         judge = ClairJudge(cfg.model, cfg.base_url or None, cfg.cache or None, cfg.max_in_flight,
                            max_retries=cfg.max_retries, backoff=cfg.backoff)
@@ -242,13 +244,14 @@ def run(cfg: JudgeConfig) -> dict:
 def summary(result: dict) -> str:
     s = result["statistics"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = [f"{result['n_captions']} captions: words {fmt(s['words'])}, distinct-1 {fmt(s['distinct_1'])}, "
-             f"distinct-2 {fmt(s['distinct_2'])}, repeated sentences {fmt(s['repeated_sentences'])}"]
+    lines = [f"{result['n_captions']} captions: words {fmt(s['words'])}, distinct-1 "
+             f"{fmt(s['distinct_1'])}, distinct-2 {fmt(s['distinct_2'])}, repeated sentences "
+             f"{fmt(s['repeated_sentences'])}"]
     if "judge" in result:
         j = result["judge"]
-        lines.append(f"CLAIR ({j['model']}): {fmt(j['clair'])} over {j['n_judged']} judged, {j['n_skipped']} skipped "
-                     f"({j['malformed']} malformed, {j['failed']} failed); {j['requests']} requests, "
-                     f"{j['cache_hits']} from the cache")
+        lines.append(f"CLAIR ({j['model']}): {fmt(j['clair'])} over {j['n_judged']} judged, "
+                     f"{j['n_skipped']} skipped ({j['malformed']} malformed, {j['failed']} "
+                     f"failed); {j['requests']} requests, {j['cache_hits']} from the cache")
     return "\n".join(lines)
 
 
