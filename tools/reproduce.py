@@ -81,10 +81,10 @@ PRESETS = {"quick": {"help": "a smaller run with the same structure (about 8 min
 
 PY = sys.executable
 STAGE2_WARMUP = 10  # train_stage2.py's default warm-up, also given to the equal-steps control
-CONTROL_SEED_OFFSET = 1000  # the control's batches (train_stage1.py --seed) differ from its Stage I run's
+CONTROL_SEED_OFFSET = 1000  # the control's --seed: batches unlike its Stage I run's
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Running the ordinary scripts, resumably
 
 
@@ -148,7 +148,7 @@ def evaluate(cfg: ReproConfig, ckpt: str, sampler: str, ends_only: bool = False)
         return json.load(f)["results"]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The models
 
 
@@ -157,47 +157,47 @@ def train_all(cfg: ReproConfig) -> dict:
     out = lambda name: os.path.join(cfg.out, name + ".safetensors")  # noqa: E731
     budget = ["--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
               "--warmup", str(cfg.warmup)]
-    stage2_budget = ["--steps", str(cfg.stage2_steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.stage2_lr)]
+    stage2_budget = ["--steps", str(cfg.stage2_steps), "--batch-size", str(cfg.batch_size),
+                     "--lr", str(cfg.stage2_lr)]
     scenes = ["--n-scenes", str(cfg.n_scenes)]
-    stage1 = lambda name, seed, *flags: run(cfg, name, [  # noqa: E731
-        "train_stage1.py", "--tiny", "--objective", "revision", "--init-from", ckpts["base"], "--out", out(name),
-        "--seed", str(seed), "--eval-every", str(cfg.steps), *budget, *scenes, *flags], out(name))
-    stage2 = lambda name, init, seed: run(cfg, name, [  # noqa: E731
-        "train_stage2.py", "--tiny", "--init-from", init, "--out", out(name), "--seed", str(seed),
+
+    def continued(name: str, objective: str, init: str, seed: int, eval_every: int, *flags) -> str:
+        """train_stage1.py from `init`; objective: "mask" or "revision", then its own flags."""
+        return run(cfg, name, ["train_stage1.py", "--tiny", "--objective", *objective.split(),
+                               "--init-from", init, "--out", out(name), "--seed", str(seed),
+                               "--eval-every", str(eval_every), *flags], out(name))
+    stage1 = lambda name, seed, *flags: continued(  # noqa: E731
+        name, "revision", base, seed, cfg.steps, *budget, *scenes, *flags)
+    stage2 = lambda name, seed, *start: run(cfg, name, [  # noqa: E731
+        "train_stage2.py", "--tiny", *start, "--out", out(name), "--seed", str(seed),
         "--drafts-per-round", str(cfg.drafts), *stage2_budget], out(name))
-    ckpts = {"base": run(cfg, "base", ["train_stage1.py", "--tiny", "--objective", "mask", "--steps",
-                                       str(cfg.base_steps), "--out", out("base")], out("base"))}
+    base = run(cfg, "base", ["train_stage1.py", "--tiny", "--objective", "mask", "--steps",
+                             str(cfg.base_steps), "--out", out("base")], out("base"))
+    ckpts = {"base": base}
     for seed in cfg.seeds:
-        # the mask-trained baseline: Eq. 1 proper (the base itself was trained with --tiny's word-class loss)
-        ckpts[f"baseline-s{seed}"] = run(cfg, f"baseline-s{seed}", [
-            "train_stage1.py", "--tiny", "--objective", "mask", "--mask-loss", "eq1", "--init-from", ckpts["base"],
-            "--out",
-            out(f"baseline-s{seed}"), "--seed", str(seed), "--eval-every", str(cfg.steps), *budget, *scenes],
-            out(f"baseline-s{seed}"))
-        ckpts[f"stage1-s{seed}"] = stage1(f"stage1-s{seed}", seed)
-        ckpts[f"rediff-s{seed}"] = stage2(f"rediff-s{seed}", ckpts[f"stage1-s{seed}"], seed)
-        ckpts[f"stage2-alone-s{seed}"] = stage2(f"stage2-alone-s{seed}", ckpts["base"], seed)
-        # the equal-steps control: Stage I continued for Stage II's steps, batch and rate, on fresh batches
-        ckpts[f"stage1-more-s{seed}"] = run(cfg, f"stage1-more-s{seed}", [
-            "train_stage1.py", "--tiny", "--objective", "revision", "--init-from", ckpts[f"stage1-s{seed}"],
-            "--out", out(f"stage1-more-s{seed}"), "--seed", str(CONTROL_SEED_OFFSET + seed),
-            "--eval-every", str(cfg.stage2_steps), "--warmup", str(STAGE2_WARMUP), *stage2_budget, *scenes],
-            out(f"stage1-more-s{seed}"))
+        # the mask-trained baseline: Eq. 1 proper (the base itself: --tiny's word-class loss)
+        ckpts[f"baseline-s{seed}"] = continued(f"baseline-s{seed}", "mask --mask-loss eq1", base,
+                                               seed, cfg.steps, *budget, *scenes)
+        stage1_ckpt = ckpts[f"stage1-s{seed}"] = stage1(f"stage1-s{seed}", seed)
+        ckpts[f"rediff-s{seed}"] = stage2(f"rediff-s{seed}", seed, "--init-from", stage1_ckpt)
+        ckpts[f"stage2-alone-s{seed}"] = stage2(f"stage2-alone-s{seed}", seed, "--init-from", base)
+        # the equal-steps control: Stage I continued for Stage II's steps, batch, rate; new batches
+        ckpts[f"stage1-more-s{seed}"] = continued(
+            f"stage1-more-s{seed}", "revision", stage1_ckpt, CONTROL_SEED_OFFSET + seed,
+            cfg.stage2_steps, "--warmup", str(STAGE2_WARMUP), *stage2_budget, *scenes)
     seed = cfg.seeds[0]
     # round 2: a copy of round 1's run, resumed with --rounds 2 (fresh drafts of the improved model)
     round2 = out("rediff-round2")
     if not os.path.exists(round2 + ".done") and not os.path.exists(round2):
         shutil.copyfile(ckpts[f"rediff-s{seed}"], round2)
-    ckpts["rediff-round2"] = run(cfg, "rediff-round2", [
-        "train_stage2.py", "--tiny", "--rounds", "2", "--out", round2, "--seed", str(seed),
-        "--drafts-per-round", str(cfg.drafts), *stage2_budget], round2)
-    ckpts["stage1-t-dependent"] = stage1("stage1-t-dependent", seed, "--t-dependent")
-    ckpts["stage1-syntax-only"] = stage1("stage1-syntax-only", seed, "--hallucination-frac", "0")
-    ckpts["stage1-hallucination-only"] = stage1("stage1-hallucination-only", seed, "--replace-prob", "0")
+    ckpts["rediff-round2"] = stage2("rediff-round2", seed, "--rounds", "2")
+    for name, flags in [("t-dependent", "--t-dependent"), ("syntax-only", "--hallucination-frac 0"),
+                        ("hallucination-only", "--replace-prob 0")]:  # the ablations
+        ckpts[f"stage1-{name}"] = stage1(f"stage1-{name}", seed, *flags.split())
     return ckpts
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The report
 
 METRICS = ("headline", "factuality", "coverage", "syntax", "repetition")
@@ -209,24 +209,24 @@ def pick(results: list[dict], refine: bool) -> dict:
 
 
 def mean_spread(values: list[float]) -> str:
-    mean = sum(values) / len(values)
-    return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}" if len(values) > 1 else f"{mean:.1f}"
+    mean, half_range = sum(values) / len(values), (max(values) - min(values)) / 2
+    return f"{mean:.1f} ± {half_range:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def table(rows: list[tuple[str, dict]], tps: list[int], metrics=("headline", "syntax")) -> list[str]:
+def table(rows: list[tuple], tps: list[int], metrics=("headline", "syntax")) -> list[str]:
     """A markdown table: one row per (model, metric), one column per tokens per step."""
     lines = ["| model | metric | " + " | ".join(f"{n} tok/step" for n in tps) + " |",
              "|---|---|" + "---|" * len(tps)]
     for label, by_tps in rows:
         for metric in metrics:
-            cells = ["–" if n not in by_tps else f"{by_tps[n][metric]:.1f}" if metric == "headline"
-                     else f"{by_tps[n][metric]:.3f}" for n in tps]  # "–": not evaluated at this speed
+            digits = 1 if metric == "headline" else 3  # "–": not evaluated at this speed
+            cells = ["–" if n not in by_tps else f"{by_tps[n][metric]:.{digits}f}" for n in tps]
             lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " |")
     return lines
 
 
 def keep_ratio(by_tps: dict, tps: list[int], metric: str = "headline") -> float:
-    """Score at the fastest speed over score at the slowest (the F1 criterion); 0 when the slow score is 0."""
+    """Score at the fastest speed / at the slowest (the F1 criterion); 0 when the slow one is 0."""
     slow, fast = by_tps[min(tps)][metric], by_tps[max(tps)][metric]
     return fast / slow if slow > 0 else 0.0
 
