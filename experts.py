@@ -1,14 +1,14 @@
 """experts.py: the expert reviewers of Stage II (Section 3.3, Appendix 7 of arXiv 2510.19871).
 
-An expert reads a draft caption (with the image and the ground truth) and answers "right", or a list of
-{"org": wrong segment of the draft, "target": its correction} pairs. Three experts share one interface,
-`review(items) -> list of reviews`, where a review is RIGHT, a list of pairs, or None (no usable answer):
+An expert reads a draft caption (with the image and the ground truth) and answers "right", or a
+list of {"org": wrong segment of the draft, "target": its correction} pairs. Three experts share
+`review(items) -> list of reviews`; a review is RIGHT, a list of pairs, or None (no usable answer):
 
-    OracleExpert  the shapes world's expert (the default): it knows the scene graph; free, offline, exact
-    OpenAIExpert  any OpenAI-compatible chat endpoint (o4-mini in the paper); retried, cached on disk
-    AlignExpert   no LLM and no scene: equal-length blocks from aligning the draft with the ground truth
+    OracleExpert  the default, for the shapes world: knows the scene graph; free, offline, exact
+    OpenAIExpert  any OpenAI-compatible chat endpoint (o4-mini in the paper); retried, cached
+    AlignExpert   no LLM, no scene: equal-length blocks aligning the draft with the ground truth
 
-Every pair then goes through `validate_pairs`, which applies the paper's rules on token ids: org and target have
+Every pair then goes through `validate_pairs`, the paper's rules on token ids: org and target have
 the same token count and org occurs exactly once in the draft. Rejections are counted by reason.
 """
 from __future__ import annotations
@@ -49,11 +49,11 @@ class Item:
 
 
 class ExpertError(RuntimeError):
-    """A problem no retry can fix (no API key, key refused, unknown model): the run stops with this message."""
+    """A problem no retry can fix (no API key, key refused, unknown model): it stops the run."""
 
 
 class Expert:
-    """The interface: review(items) -> one review per item. `counts` accumulates statistics over all calls."""
+    """The interface: review(items) -> one review per item; `counts` sums statistics over calls."""
     name = "expert"
 
     def __init__(self):
@@ -65,8 +65,8 @@ class Expert:
     def review_one(self, item: Item):
         raise NotImplementedError
 
-# ----------------------------------------------------------------------------------------------------------------
-# Pair validation, shared by all experts (the rules of the paper's expert prompt, checked on token ids)
+# -------------------------------------------------------------------------------------------------
+# Pair validation, shared by all experts (the rules of the paper's expert prompt, on token ids)
 
 
 def occurrences(sequence: list, segment: list) -> list[int]:
@@ -76,12 +76,12 @@ def occurrences(sequence: list, segment: list) -> list[int]:
 
 
 def validate_pairs(pairs, draft_ids, tokenizer, counts: Counter) -> list[tuple[int, list[int]]]:
-    """Keep a pair only if org and target have the same token count and org occurs exactly once in the draft.
-
-    draft_ids: the draft's answer ids (cut at the first end-of-text). Returns (start, target ids) per kept pair,
-    sorted by start. Counts pairs_proposed, pairs_kept and rejected_<reason> for: malformed (not a dict of two
-    strings), empty, length_mismatch, unchanged, unknown_word (the target has words outside the vocabulary),
-    absent, repeated (org occurs more than once), overlap (with an earlier kept pair)."""
+    """Section 3.3's rules: keep a pair only if org and target have the same token count and org
+    occurs exactly once in draft_ids (the answer's ids, cut at the first end-of-text). Returns
+    (start, target ids) per kept pair, by start. Counts pairs_proposed, pairs_kept and
+    rejected_<reason>: malformed (not a dict of two strings), empty, length_mismatch, unchanged,
+    unknown_word (target words outside the vocabulary), absent, repeated (org occurs more than
+    once), overlap (with an earlier kept pair)."""
     draft_ids = [int(i) for i in draft_ids]
     if tokenizer.eos_id in draft_ids:
         draft_ids = draft_ids[:draft_ids.index(tokenizer.eos_id)]
@@ -89,7 +89,8 @@ def validate_pairs(pairs, draft_ids, tokenizer, counts: Counter) -> list[tuple[i
     for pair in pairs:
         counts["pairs_proposed"] += 1
         reason, starts, target = None, [], []
-        if not (isinstance(pair, dict) and isinstance(pair.get("org"), str) and isinstance(pair.get("target"), str)):
+        if not (isinstance(pair, dict) and isinstance(pair.get("org"), str)
+                and isinstance(pair.get("target"), str)):
             reason = "malformed"
         else:
             org, target = tokenizer.encode(pair["org"]), tokenizer.encode(pair["target"])
@@ -100,7 +101,7 @@ def validate_pairs(pairs, draft_ids, tokenizer, counts: Counter) -> list[tuple[i
                 reason = "length_mismatch"
             elif org == target:
                 reason = "unchanged"
-            elif getattr(tokenizer, "unk_id", None) in target:  # byte-level BPE (LLaDA) has no unknown token
+            elif getattr(tokenizer, "unk_id", None) in target:  # LLaDA's byte-level BPE has none
                 reason = "unknown_word"
             elif not starts:
                 reason = "absent"
@@ -118,9 +119,9 @@ def validate_pairs(pairs, draft_ids, tokenizer, counts: Counter) -> list[tuple[i
 
 
 def smallest_unique_span(words: list[str], start: int, end: int) -> tuple[int, int]:
-    """The shortest window [s, e) around the changed words [start, end) whose words occur exactly once in the
-    draft (Stage II's pairs must be found by their text); of equal lengths, the leftmost. The whole draft always
-    qualifies, so there is an answer."""
+    """The shortest window [s, e) around the changed words [start, end) whose words occur exactly
+    once in the draft (Section 3.3: pairs are found by their text); of equal lengths, the leftmost.
+    The whole draft always qualifies, so there is an answer."""
     for size in range(end - start, len(words) + 1):
         for s in range(max(0, end - size), min(start, len(words) - size) + 1):
             if len(occurrences(words, words[s:s + size])) == 1:
@@ -129,10 +130,10 @@ def smallest_unique_span(words: list[str], start: int, end: int) -> tuple[int, i
 
 
 def pairs_from_rewrite(words: list[str], fixed: list[str], span=smallest_unique_span) -> list[dict]:
-    """Turn an equal-length rewrite of a draft's words into {org, target} pairs: each run of changed words,
-    widened only as far as needed for its org to occur exactly once in the draft (smallest_unique_span), so as
-    few unchanged words as the uniqueness rule allows enter Eq. 4; overlapping spans are merged. span: the
-    widening rule, (words, start, end) -> (start, end)."""
+    """An equal-length rewrite of a draft's words -> Section 3.3's {org, target} pairs: each run of
+    changed words, widened only as far as its org needs to occur exactly once in the draft (span:
+    (words, start, end) -> (start, end), smallest_unique_span), so as few unchanged words as the
+    uniqueness rule allows enter Eq. 4; overlapping spans are merged."""
     assert len(words) == len(fixed), "an equal-length rewrite"
     changed = [i for i, (a, b) in enumerate(zip(words, fixed)) if a != b]
     runs = []
@@ -144,35 +145,34 @@ def pairs_from_rewrite(words: list[str], fixed: list[str], span=smallest_unique_
     spans = []
     for start, end in runs:
         start, end = span(words, start, end)
-        if spans and start < spans[-1][1]:  # overlaps the previous span: merge (a superset stays unique)
+        if spans and start < spans[-1][1]:  # overlaps the last span: merge (still unique)
             spans[-1][1] = max(spans[-1][1], end)
         else:
             spans.append([start, end])
     return [{"org": " ".join(words[s:e]), "target": " ".join(fixed[s:e])} for s, e in spans]
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The oracle: the shapes world's expert
 
 
 def true_sentences(scene: dict) -> list[tuple[tuple, list[str]]]:
-    """Every true sentence the caption templates can say about `scene`, as (claim, words without ".")."""
+    """Every true sentence the templates can say about `scene`, as (claim, words without ".")."""
     objects = scene["objects"]
+    n = len(objects)
     texts = [template.format(size=o["size"], colour=o["colour"], shape=o["shape"],
                              pos=shapes.POSITIONS[o["row"] * shapes.GRID + o["col"]])
              for o in objects for template in shapes.OBJECT_TEMPLATES]
-    if 1 <= len(objects) <= len(shapes.NUMBERS):
-        templates = shapes.SINGULAR_COUNT_TEMPLATES if len(objects) == 1 else shapes.PLURAL_COUNT_TEMPLATES
-        texts += [t.format(many=shapes.NUMBERS[len(objects) - 1]) for t in templates]
+    if 1 <= n <= len(shapes.NUMBERS):
+        templates = shapes.SINGULAR_COUNT_TEMPLATES if n == 1 else shapes.PLURAL_COUNT_TEMPLATES
+        texts += [t.format(many=shapes.NUMBERS[n - 1]) for t in templates]
     names = [(o["colour"], o["shape"]) for o in objects]
-    unique = [name for name in names if names.count(name) == 1]  # as in the captions: unambiguous names only
-    texts += [shapes.RELATION_TEMPLATE.format(colour_a=a[0], shape_a=a[1], rel=rel, colour_b=b[0], shape_b=b[1])
+    unique = [name for name in names if names.count(name) == 1]  # the captions' rule: unique names
+    relate = shapes.RELATION_TEMPLATE.format
+    texts += [relate(colour_a=a[0], shape_a=a[1], rel=rel, colour_b=b[0], shape_b=b[1])
               for a in unique for b in unique if a != b for rel in shapes.RELATIONS]
-    found = []
-    for text in texts:
-        parsed = shapes.parse_sentence(text.split())
-        if parsed is not None and shapes.claim_holds(parsed[0], scene):
-            found.append((parsed[0], text.split()))
-    return found
+    sentences = [(shapes.parse_sentence(words), words) for words in map(str.split, texts)]
+    return [(parsed[0], words) for parsed, words in sentences
+            if parsed is not None and shapes.claim_holds(parsed[0], scene)]
 
 
 class OracleExpert(Expert):
@@ -183,11 +183,10 @@ class OracleExpert(Expert):
     claim holds in the scene, and no earlier sentence made the same claim. A wrong sentence of n
     words is replaced by the true sentence of n words (or two true sentences joined by ".", for a
     lost "."; a last sentence without "." may gain one) that, first, makes no claim already made
-    elsewhere in the draft (when every rewrite does, a false sentence still becomes a true one)
-    and, second, changes the fewest words. Right sentences are never touched: the ground truth's
-    wording and order never leak in. A sentence with no true rewrite of its length is left alone
-    and counted (unrepairable_sentences); so is a repeated sentence whose only rewrites are
-    repeats too."""
+    elsewhere in the draft (when every rewrite does, a false sentence still becomes a true one) and,
+    second, changes the fewest words. Right sentences are never touched: the ground truth's wording
+    and order never leak in. A sentence with no true rewrite of its length is left alone and counted
+    (unrepairable_sentences); so is a repeated sentence whose only rewrites are repeats too."""
     name = "oracle"
 
     def review_one(self, item: Item):
@@ -198,7 +197,7 @@ class OracleExpert(Expert):
         if not spans:
             self.counts["empty_drafts"] += 1
             return []
-        stated, wrong = set(), []  # right sentences' claims; wrong ones' (start, end, is_true_repeat)
+        stated, wrong = set(), []  # right sentences' claims; wrong ones' (start, end, true repeat)
         for start, end in spans:
             parsed = shapes.parse_sentence(words[start:end])
             true = parsed is not None and shapes.claim_holds(parsed[0], item.scene)
@@ -222,32 +221,34 @@ class OracleExpert(Expert):
 
     @staticmethod
     def repair(sentence: list[str], truths, stated: set, unterminated: bool = False):
-        """(claims, words) of the best same-length true rewrite of `sentence`, or None if there is none.
+        """(claims, words) of the best same-length true rewrite of `sentence`, or None (none is).
         unterminated: the sentence ends the draft without a ".", so a rewrite may end with one."""
         by_length: dict[int, list] = {}
         for claim, words in truths:
             by_length.setdefault(len(words), []).append((claim, words))
         candidates = []
-        for n, end in [(len(sentence), [])] + ([(len(sentence) - 1, ["."])] if unterminated else []):
+        for end in ([], ["."]) if unterminated else ([],):
+            n = len(sentence) - len(end)
             candidates += [({claim}, words + end) for claim, words in by_length.get(n, [])]
-            for length, firsts in by_length.items():  # two sentences joined by "." (the draft lost a ".")
+            for length, firsts in by_length.items():  # two sentences joined by "." (a lost ".")
                 candidates += [({c1, c2}, w1 + ["."] + w2 + end) for c1, w1 in firsts
                                for c2, w2 in by_length.get(n - 1 - length, []) if c1 != c2]
         if not candidates:
             return None
-        return min(candidates, key=lambda c: (bool(c[0] & stated), sum(a != b for a, b in zip(sentence, c[1]))))
+        edits = lambda words: sum(a != b for a, b in zip(sentence, words))  # noqa: E731
+        return min(candidates, key=lambda c: (bool(c[0] & stated), edits(c[1])))  # new claims first
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Alignment with the ground truth: for data without an LLM (and without a scene graph)
 
 
 class AlignExpert(Expert):
-    """Equal-length replacement blocks from a word alignment (difflib) of the draft with the ground truth.
+    """Section 3.3's review by a word alignment (difflib) of the draft with the ground truth.
 
-    Weakness: it treats the ground truth as the only right caption. A true sentence that the draft says in other
-    words, or in another order, is "corrected" towards the ground truth's wording, so the model is taught the
-    ground truth's style rather than its own mistakes. Unequal blocks (insertions, deletions, replacements of
-    another length) are skipped and counted (unequal_blocks)."""
+    Weakness: the ground truth is taken as the only right caption. A true sentence the draft says in
+    other words or order is "corrected" towards the ground truth's wording: the model learns its
+    style, not its own mistakes. Unequal blocks (insertions, deletions, replacements of another
+    length) are skipped and counted (unequal_blocks)."""
     name = "align"
 
     def review_one(self, item: Item):
@@ -262,39 +263,40 @@ class AlignExpert(Expert):
                 self.counts["unequal_blocks"] += 1
         return pairs_from_rewrite(draft, fixed)
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # An OpenAI-compatible chat endpoint (o4-mini in the paper)
 
-PROMPT_RULES = """You review a draft image caption written by another model. You get the image, a ground-truth \
-caption and the draft.
+PROMPT_RULES = """You review a draft image caption written by another model. You get the image, \
+a ground-truth caption and the draft.
 
 Find the errors in the draft:
 - hallucinations: objects, attributes, counts, positions or relations that contradict the image;
 - syntactic chaos: repeated words, incoherent or ungrammatical phrases.
 
 Rules:
-1. Judge the draft against the image. The ground truth is only a reference: describing things in another order \
-or in other words is not an error.
-2. Each correction replaces one segment of the draft ("org") with a corrected segment ("target") that has EXACTLY \
-the same number of words and punctuation marks.
-3. Keep every edit minimal and local: change only what is wrong. Never rephrase, reorder or shorten correct text, \
-and do not copy the ground truth's wording.
-4. Copy each "org" verbatim from the draft. It must occur exactly once in the draft: include neighbouring words \
-if needed to make it unique.
+1. Judge the draft against the image. The ground truth is only a reference: describing things in \
+another order or in other words is not an error.
+2. Each correction replaces one segment of the draft ("org") with a corrected segment ("target") \
+that has EXACTLY the same number of words and punctuation marks.
+3. Keep every edit minimal and local: change only what is wrong. Never rephrase, reorder or \
+shorten correct text, and do not copy the ground truth's wording.
+4. Copy each "org" verbatim from the draft. It must occur exactly once in the draft: include \
+neighbouring words if needed to make it unique.
 
 If the draft has no errors, answer with the single word: right
 Otherwise answer with only a JSON list, for example:
 [{"org": "a red circle", "target": "a blue circle"}]"""
 
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
+NO_KEY = ("the openai expert needs OPENAI_API_KEY in the environment (for a local server any value "
+          "works, e.g. OPENAI_API_KEY=local)")
 
 
 def parse_review(text: str):
-    """An expert's answer -> RIGHT, a list of pairs, or None (malformed). Code fences and text around the JSON
-    list are tolerated; an empty list means right."""
+    """An expert's answer (Section 3.3) -> RIGHT, a list of pairs, or None (malformed). Code fences
+    and text around the JSON list are tolerated; an empty list means right."""
     text = (text or "").strip()
-    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
-    if fenced:
+    if fenced := re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL):
         text = fenced.group(1).strip()
     if text.strip("\"'`.!* \n").lower() == RIGHT:
         return RIGHT
@@ -317,8 +319,8 @@ def parse_review(text: str):
 
 
 def image_payload(image, min_side: int) -> tuple[bytes, str, str]:
-    """(digest source, mime type, base64 data) of an image: PIL images are upscaled (nearest neighbour) until the
-    short side is >= min_side and sent as PNG; encoded bytes are sent as they are."""
+    """(digest source, mime type, base64 data) of an image: PIL images are upscaled (nearest
+    neighbour) until the short side is >= min_side and sent as PNG; encoded bytes go as they are."""
     if isinstance(image, (bytes, bytearray)):
         mime = "image/jpeg" if image[:3] == b"\xff\xd8\xff" else "image/png"
         return bytes(image), mime, base64.b64encode(image).decode()
@@ -329,22 +331,21 @@ def image_payload(image, min_side: int) -> tuple[bytes, str, str]:
         image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    pixels = f"{image.mode} {image.size}".encode() + image.tobytes()  # independent of the PNG encoder's version
+    pixels = f"{image.mode} {image.size}".encode() + image.tobytes()  # not the PNG encoder's bytes
     return pixels, "image/png", base64.b64encode(buffer.getvalue()).decode()
 
 
 class AnswerCache:
-    """Append-only JSONL of expert answers, one {"key", "model", "draft", "answer"} object per line, keyed by the
-    sha256 of the request. Every answer is flushed and fsynced when it arrives, so a crash loses at most the line
-    being written; a torn or unreadable line is skipped on load (counted in `bad_lines`). No secret is written."""
+    """Append-only JSONL of expert answers, one {"key", "model", "draft", "answer"} per line, keyed
+    by the request's sha256. Each answer is flushed and fsynced on arrival (a crash loses at most
+    the line being written); a torn or unreadable line is skipped on load, counted in `bad_lines`.
+    No secret is written."""
 
     def __init__(self, path: str | None):
         self.path, self.answers, self.bad_lines = path, {}, 0
         if path and os.path.exists(path):
             with open(path, "rb") as f:
-                for line in f.read().split(b"\n"):
-                    if not line.strip():
-                        continue
+                for line in filter(bytes.strip, f.read().split(b"\n")):  # the non-blank lines
                     try:
                         record = json.loads(line.decode("utf-8"))
                         self.answers[record["key"]] = record["answer"]
@@ -372,14 +373,14 @@ class AnswerCache:
 
 
 def rank_cache_path(path: str, rank: int) -> str:
-    """Where rank `rank` > 0 of a multi-process Stage II run appends its new answers: only rank 0 writes the shared
-    cache, so no two processes ever append to one file."""
+    """Where rank `rank` > 0 of a multi-process Stage II run appends its new answers: only rank 0
+    writes the shared cache, so no two processes ever append to one file."""
     return f"{path}.rank{rank}"
 
 
 def merge_rank_caches(path: str) -> int:
-    """Move the answers of every per-rank file (rank_cache_path) into the cache at `path`, then delete those files;
-    returns how many answers were new. Torn or unreadable lines are skipped, as on load."""
+    """Move the answers of every per-rank file (rank_cache_path) into the cache at `path`, then
+    delete those files; returns how many were new. Torn or unreadable lines are skipped."""
     import glob
     cache, moved = AnswerCache(path), 0
     for part in sorted(glob.glob(glob.escape(path) + ".rank*")):
@@ -401,25 +402,26 @@ def merge_rank_caches(path: str) -> int:
 class OpenAIExpert(Expert):
     """Any OpenAI-compatible chat endpoint through the `openai` package (o4-mini in the paper).
 
-    The key comes from OPENAI_API_KEY only, and only when a request must be made; it is never printed or saved.
-    Each request sends the prompt's rules, the ground truth, the draft and the image (a base64 PNG data URL).
-    Connection errors, timeouts, 408/409/429 and 5xx are retried with exponential backoff (honouring
-    Retry-After), then skipped and counted (failed); other 4xx are skipped and counted (http_<code>), except
-    401/403/404, which stop the run. Malformed answers are counted and skipped. At most `max_in_flight` requests
-    run at once. Answers are cached by sha256(model, prompt, image, draft, ground truth): a rerun pays nothing."""
+    The key is read from OPENAI_API_KEY only when a request must be made, never printed or saved.
+    A request sends the prompt's rules, the ground truth, the draft and the image (a base64 PNG
+    data URL). Connection errors, timeouts, 408/409/429 and 5xx are retried with exponential
+    backoff (honouring Retry-After), then skipped and counted (failed); other 4xx are skipped and
+    counted (http_<code>), but 401/403/404 stop the run. Malformed answers are counted, skipped.
+    At most `max_in_flight` requests run at once. Answers are cached by sha256(model, prompt,
+    image, draft, ground truth): a rerun pays nothing."""
     name = "openai"
-    parse = staticmethod(parse_review)  # answer text -> review, or None if malformed (tools/judge.py swaps in its own)
+    parse = staticmethod(parse_review)  # text -> review or None; tools/judge.py swaps in its own
 
-    def __init__(self, model: str = "o4-mini", base_url: str | None = None, cache_path: str | None = None,
-                 max_in_flight: int = 8, max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0,
-                 timeout: float = 120.0, min_image_side: int = 384):
+    def __init__(self, model: str = "o4-mini", base_url: str | None = None,
+                 cache_path: str | None = None, max_in_flight: int = 8, max_retries: int = 6,
+                 backoff: float = 1.0, max_backoff: float = 60.0, timeout: float = 120.0,
+                 min_image_side: int = 384):
         super().__init__()
         self.model, self.base_url, self.max_in_flight = model, base_url, max(1, max_in_flight)
-        self.max_retries, self.backoff, self.max_backoff, self.timeout = max_retries, backoff, max_backoff, timeout
-        self.min_image_side = min_image_side
+        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
+        self.timeout, self.min_image_side = timeout, min_image_side
         self.cache = AnswerCache(cache_path)
-        self._client = None
-        self._lock = threading.Lock()
+        self._client, self._lock = None, threading.Lock()
 
     def _count(self, name: str) -> None:
         with self._lock:  # counts are updated from the worker threads
@@ -429,8 +431,7 @@ class OpenAIExpert(Expert):
         if self._client is None:
             key = os.environ.get("OPENAI_API_KEY")
             if not key:
-                raise ExpertError("the openai expert needs OPENAI_API_KEY in the environment (for a local server "
-                                  "any value works, e.g. OPENAI_API_KEY=local)")
+                raise ExpertError(NO_KEY)
             import openai
             self._client = openai.OpenAI(api_key=key, base_url=self.base_url or None, max_retries=0,
                                          timeout=self.timeout)
@@ -444,8 +445,10 @@ class OpenAIExpert(Expert):
         if item.image is not None:
             pixels, mime, data = image_payload(item.image, self.min_image_side)
             digest = hashlib.sha256(pixels).hexdigest()
-            content.append({"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}})
-        key = hashlib.sha256(json.dumps([self.model, prompt, digest, item.draft, item.truth]).encode()).hexdigest()
+            url = f"data:{mime};base64,{data}"
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        identity = json.dumps([self.model, prompt, digest, item.draft, item.truth])
+        key = hashlib.sha256(identity.encode()).hexdigest()
         return key, [{"role": "user", "content": content}]
 
     def ask(self, messages) -> str | None:
@@ -461,11 +464,13 @@ class OpenAIExpert(Expert):
             except openai.APIStatusError as err:
                 status = err.status_code
                 if status in (401, 403):
-                    raise ExpertError(f"the expert endpoint refused the key (HTTP {status}): check OPENAI_API_KEY") from None
+                    raise ExpertError(f"the expert endpoint refused the key (HTTP {status}): "
+                                      "check OPENAI_API_KEY") from None
                 if status == 404:
-                    raise ExpertError(f"the expert endpoint knows no model {self.model!r} or no chat API (HTTP 404): "
-                                      f"check --expert-model and --expert-base-url (tools/judge.py: --model and "
-                                      f"--base-url)") from None
+                    raise ExpertError(f"the expert endpoint knows no model {self.model!r} or no "
+                                      "chat API (HTTP 404): check --expert-model and "
+                                      "--expert-base-url (tools/judge.py: --model and "
+                                      "--base-url)") from None
                 if status not in RETRY_STATUS and status < 500:
                     self._count(f"http_{status}")
                     return None
@@ -482,7 +487,7 @@ class OpenAIExpert(Expert):
                 break
             self._count("retries")
             delay = min(self.max_backoff, max(wait, self.backoff * 2 ** attempt))
-            time.sleep(delay * (1 + 0.25 * random.random()))  # jitter: parallel workers do not retry in lockstep
+            time.sleep(delay * (1 + 0.25 * random.random()))  # jitter: no lockstep retries
         self._count("failed")
         return None
 
@@ -497,22 +502,21 @@ class OpenAIExpert(Expert):
                 todo[key] = (messages, item.draft)
         if todo:
             pool = ThreadPoolExecutor(self.max_in_flight)
-            futures = {pool.submit(self.ask, messages): (key, draft) for key, (messages, draft) in todo.items()}
+            futures = {pool.submit(self.ask, messages): (key, draft)
+                       for key, (messages, draft) in todo.items()}
             try:
-                for future in tqdm(as_completed(futures), total=len(futures), desc=self.name, dynamic_ncols=True):
+                for future in tqdm(as_completed(futures), total=len(futures), desc=self.name,
+                                   dynamic_ncols=True):
                     key, draft = futures[future]
                     text = future.result()
                     if text is not None:
                         self.cache.put(key, text, model=self.model, draft=draft)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
-        reviews = []
-        for key in keys:
-            text = self.cache.get(key)
-            review = None if text is None else self.parse(text)
-            if text is not None and review is None:
-                self.counts["malformed"] += 1
-            reviews.append(review)
+        texts = [self.cache.get(key) for key in keys]
+        reviews = [None if text is None else self.parse(text) for text in texts]
+        self.counts.update("malformed" for text, review in zip(texts, reviews)
+                           if text is not None and review is None)
         return reviews
 
 
@@ -537,8 +541,7 @@ def check_endpoint(base_url: str | None, flag: str, cache_path: str | None = Non
     if cache_path and os.path.isfile(cache_path) and os.path.getsize(cache_path) > 0:
         return
     if not os.environ.get("OPENAI_API_KEY"):
-        raise ExpertError("the openai expert needs OPENAI_API_KEY in the environment (for a local "
-                          "server any value works, e.g. OPENAI_API_KEY=local)")
+        raise ExpertError(NO_KEY)
     if url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(url.hostname):
         return
     try:
@@ -551,10 +554,8 @@ def check_endpoint(base_url: str | None, flag: str, cache_path: str | None = Non
 def make_expert(kind: str, model: str = "o4-mini", base_url: str | None = None,
                 cache_path: str | None = None, max_in_flight: int = 8) -> Expert:
     """The expert of Section 3.3 by name: oracle, align or openai."""
-    if kind == "oracle":
-        return OracleExpert()
-    if kind == "align":
-        return AlignExpert()
-    if kind == "openai":
-        return OpenAIExpert(model, base_url, cache_path, max_in_flight)
-    raise ValueError(f"unknown expert {kind!r}: choose oracle, openai or align")
+    experts = {"oracle": OracleExpert, "align": AlignExpert,
+               "openai": lambda: OpenAIExpert(model, base_url, cache_path, max_in_flight)}
+    if kind not in experts:
+        raise ValueError(f"unknown expert {kind!r}: choose oracle, openai or align")
+    return experts[kind]()
