@@ -86,7 +86,7 @@ class ShapesData:
         P = len(self.prompt)
         for i in index:
             scene = self.scenes[i]
-            caption = shapes.caption_for(scene, rng, self.world)
+            caption = shapes.make_caption(scene, rng, self.world)
             pair = shapes.hallucination_pair(scene, caption, rng) if rng.random() < hallucination_frac else None
             row = self.prompt + answer_ids(self.tokenizer, caption, self.answer_len, self.stats)
             ids.append(row)

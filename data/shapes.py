@@ -1,4 +1,4 @@
-"""shapes.py: the built-in procedural shapes world: scene graphs, images, varied captions and their grammar."""
+"""shapes.py: the built-in procedural shapes world: scene graphs, images, captions, grammar."""
 from __future__ import annotations
 
 import math
@@ -7,20 +7,21 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The world's words.
 
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SIZES = ["small", "large"]
-# One word per position: a caption's position is then one token the model can match to an image cell (with two-word
-# names like "top left" the toy model did not learn to bind words to cells in 1000 steps).
-POSITIONS = ["top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right"]
+# One word per position, one token the model can match to an image cell (with two-word names like
+# "top left" the toy model did not learn to bind words to cells in 1000 steps).
+POSITIONS = ["top-left", "top", "top-right", "left", "center", "right",
+             "bottom-left", "bottom", "bottom-right"]
 NUMBERS = ["one", "two", "three", "four"]
 RELATIONS = ["left of", "right of", "above", "below"]
 GRID = 3  # the image is a GRID x GRID board of cells, POSITIONS in row-major order
 
-# Caption templates, one sentence each, without the final "." (captions add " ." after every sentence).
+# Caption templates, one sentence each, without the final "." (captions add " ." to each sentence).
 # A {slot} stands for one value of SLOT_VALUES[slot's name before "_"]; values may be several words.
 OBJECT = "{size} {colour} {shape}"
 OBJECT_TEMPLATES = [
@@ -36,14 +37,15 @@ SINGULAR_COUNT_TEMPLATES = ["there is one object", "there is one shape",
 PLURAL_COUNT_TEMPLATES = ["there are {many} objects", "there are {many} shapes",
                           "the image shows {many} objects", "the image shows {many} shapes"]
 RELATION_TEMPLATE = "the {colour_a} {shape_a} is {rel} the {colour_b} {shape_b}"
-ALL_TEMPLATES = OBJECT_TEMPLATES + SINGULAR_COUNT_TEMPLATES + PLURAL_COUNT_TEMPLATES + [RELATION_TEMPLATE]
+ALL_TEMPLATES = (OBJECT_TEMPLATES + SINGULAR_COUNT_TEMPLATES + PLURAL_COUNT_TEMPLATES
+                 + [RELATION_TEMPLATE])
 SLOT_VALUES = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "pos": POSITIONS,
                "many": NUMBERS[1:], "rel": RELATIONS}
 VOCAB = sorted({".", ","}
                | {w for t in ALL_TEMPLATES for w in t.split() if not w.startswith("{")}
                | {w for values in SLOT_VALUES.values() for v in values for w in v.split()})
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The grammar: a sentence (list of words, no ".") matches a template exactly, or it does not parse.
 
 
@@ -53,22 +55,22 @@ def _slot_kind(token: str) -> str:
 
 def _max_words(template: str) -> int:
     """Most words a sentence of this template can have, with its "."."""
-    return 1 + sum(max(len(v.split()) for v in SLOT_VALUES[_slot_kind(t)]) if t.startswith("{") else 1
-                   for t in template.split())
+    longest = {kind: max(len(v.split()) for v in values) for kind, values in SLOT_VALUES.items()}
+    return 1 + sum(longest[_slot_kind(t)] if t.startswith("{") else 1 for t in template.split())
 
 
 def _match(template: list[str], words: list[str], i: int, j: int, slots: dict) -> dict | None:
-    """Match template[i:] against words[j:]; slots maps slot name -> (value, start, end) word span."""
+    """Match template[i:] against words[j:]; slots: slot name -> (value, start, end) word span."""
     if i == len(template):
         return slots if j == len(words) else None
     token = template[i]
     if not token.startswith("{"):
-        return _match(template, words, i + 1, j + 1, slots) if j < len(words) and words[j] == token else None
+        return _match(template, words, i + 1, j + 1, slots) if words[j:j + 1] == [token] else None
     for n in (1, 2):  # slot values are one or two words ("left of")
         phrase = " ".join(words[j:j + n])
         if j + n <= len(words) and phrase in SLOT_VALUES[_slot_kind(token)]:
-            found = _match(template, words, i + 1, j + n, {**slots, token.strip("{}"): (phrase, j, j + n)})
-            if found is not None:
+            filled = {**slots, token.strip("{}"): (phrase, j, j + n)}
+            if (found := _match(template, words, i + 1, j + n, filled)) is not None:
                 return found
     return None
 
@@ -78,8 +80,8 @@ _LONGEST_SENTENCE = max(_max_words(t) for t in ALL_TEMPLATES)
 
 
 def sentence_spans(words: list[str]) -> list[tuple[int, int]]:
-    """[start, end) word ranges of the sentences of a caption: split at ".", which is left out; a trailing fragment
-    without "." is a sentence too, empty sentences are not."""
+    """[start, end) word ranges of a caption's sentences: split at ".", which is left out; a
+    trailing fragment without "." is a sentence too, empty sentences are not."""
     spans, start = [], 0
     for k, w in enumerate(words + ["."]):
         if w == ".":
@@ -97,30 +99,33 @@ def _claim_of(template: str, slots: dict) -> tuple:
         return ("count", 1)
     if template in PLURAL_COUNT_TEMPLATES:
         return ("count", NUMBERS.index(value["many"]) + 1)
-    a, b, rel = (value["colour_a"], value["shape_a"]), (value["colour_b"], value["shape_b"]), value["rel"]
-    # Canonical direction, so "A right of B" and "B left of A" are one claim (for the repetition metric).
+    a, b = (value["colour_a"], value["shape_a"]), (value["colour_b"], value["shape_b"])
+    rel = value["rel"]
+    # Canonical direction: "A right of B" and "B left of A" are one claim (the repetition metric).
     if rel in ("right of", "below"):
         a, b, rel = b, a, {"right of": "left of", "below": "above"}[rel]
     return ("relation", *a, rel, *b)
 
 
+def _matches(words: list[str]):
+    """(template, slots) of each template a sentence matches, lazily, in ALL_TEMPLATES' order."""
+    if words and len(words) < _LONGEST_SENTENCE:  # cheap rejection: fast on long garbage
+        for template, template_words in zip(ALL_TEMPLATES, _TEMPLATE_WORDS):
+            if (slots := _match(template_words, words, 0, 0, {})) is not None:
+                yield template, slots
+
+
 def parse_sentence(words: list[str]) -> tuple[tuple, dict] | None:
-    """(claim, slots) for a sentence matching a template, else None. Claims are hashable tuples: ("object", size,
-    colour, shape, pos), ("count", n), ("relation", colour, shape, "left of" or "above", colour, shape)."""
-    if not words or len(words) >= _LONGEST_SENTENCE:  # cheap rejection keeps the scorer fast on long garbage
-        return None
-    for template, template_words in zip(ALL_TEMPLATES, _TEMPLATE_WORDS):
-        slots = _match(template_words, words, 0, 0, {})
-        if slots is not None:
-            return _claim_of(template, slots), slots
-    return None
+    """(claim, slots) of a sentence that matches a template, else None. Claims are hashable tuples:
+    ("object", size, colour, shape, pos), ("count", n), ("relation", colour, shape, rel, colour,
+    shape) with rel "left of" or "above"."""
+    template, slots = next(_matches(words), (None, None))
+    return None if template is None else (_claim_of(template, slots), slots)
 
 
 def matching_template(words: list[str]) -> str | None:
     """The template (of ALL_TEMPLATES) a sentence matches, or None."""
-    if not words or len(words) >= _LONGEST_SENTENCE:
-        return None
-    return next((t for t, tw in zip(ALL_TEMPLATES, _TEMPLATE_WORDS) if _match(tw, words, 0, 0, {}) is not None), None)
+    return next((template for template, _ in _matches(words)), None)
 
 
 def cell_of(pos: str) -> tuple[int, int]:
@@ -132,8 +137,8 @@ def claim_holds(claim: tuple, scene: dict) -> bool:
     objects = scene["objects"]
     if claim[0] == "object":
         _, size, colour, shape, pos = claim
-        row, col = cell_of(pos)
-        return any((o["shape"], o["colour"], o["size"], o["row"], o["col"]) == (shape, colour, size, row, col)
+        wanted = (shape, colour, size, *cell_of(pos))
+        return any((o["shape"], o["colour"], o["size"], o["row"], o["col"]) == wanted
                    for o in objects)
     if claim[0] == "count":
         return claim[1] == len(objects)
@@ -143,11 +148,11 @@ def claim_holds(claim: tuple, scene: dict) -> bool:
                for a in objects if (a["colour"], a["shape"]) == (colour_a, shape_a)
                for b in objects if (b["colour"], b["shape"]) == (colour_b, shape_b))
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Configuration, determinism and scene graphs.
 
-SPLIT_ID = {"train": 0, "val": 1, "test": 2}  # distinct ids: the splits draw from disjoint seed sequences
-REFERENCE_SIZE, REFERENCE_JITTER = 48, 1.5    # jitter of 1.5 px at 48 px, scaled with the image size
+SPLIT_ID = {"train": 0, "val": 1, "test": 2}  # distinct ids: the splits' seeds are disjoint
+REFERENCE_SIZE, REFERENCE_JITTER = 48, 1.5    # jitter of 1.5 px at 48 px, scaled with image size
 LONGEST_OBJECT_SENTENCE = max(_max_words(t) for t in OBJECT_TEMPLATES)
 
 
@@ -163,42 +168,48 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         assert 1 <= self.min_objects <= self.max_objects <= GRID * GRID
-        if self.max_words < self.max_objects * LONGEST_OBJECT_SENTENCE:
-            raise ValueError(f"captions of up to {self.max_words} words cannot hold {self.max_objects} object sentences "
-                             f"of up to {LONGEST_OBJECT_SENTENCE} words; allow at least "
-                             f"{self.max_objects * LONGEST_OBJECT_SENTENCE} words (train_stage1.py: --answer-len "
-                             f"{self.max_objects * LONGEST_OBJECT_SENTENCE + 1} or more)")
+        need = self.max_objects * LONGEST_OBJECT_SENTENCE
+        if self.max_words < need:
+            raise ValueError(f"captions of up to {self.max_words} words cannot hold "
+                             f"{self.max_objects} object sentences of up to "
+                             f"{LONGEST_OBJECT_SENTENCE} words; allow at least {need} words "
+                             f"(train_stage1.py: --answer-len {need + 1} or more)")
 
     @property
     def jitter_px(self) -> float:
-        return self.jitter if self.jitter is not None else REFERENCE_JITTER * self.image_size / REFERENCE_SIZE
+        scaled = REFERENCE_JITTER * self.image_size / REFERENCE_SIZE
+        return self.jitter if self.jitter is not None else scaled
 
 
 def scene_rng(split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([SPLIT_ID[split], index])
 
 
+def _pick(rng: np.random.Generator, options: list):  # one of the options, uniformly: one rng draw
+    return options[rng.integers(len(options))]
+
+
 def make_scene(rng: np.random.Generator, cfg: WorldConfig) -> dict:
     """1-4 objects, at most one per cell, as a JSON-able scene graph."""
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     cells = rng.choice(GRID * GRID, size=n, replace=False)
-    return {"objects": [{"shape": SHAPES[rng.integers(len(SHAPES))], "colour": COLOURS[rng.integers(len(COLOURS))],
-                         "size": SIZES[rng.integers(len(SIZES))], "row": int(c) // GRID, "col": int(c) % GRID}
+    return {"objects": [{"shape": _pick(rng, SHAPES), "colour": _pick(rng, COLOURS),
+                         "size": _pick(rng, SIZES), "row": int(c) // GRID, "col": int(c) % GRID}
                         for c in cells]}
 
-# ----------------------------------------------------------------------------------------------------------------
-# Rendering: drawn SUPERSAMPLE times larger and downsampled, so small shapes keep recognisable edges.
+# -------------------------------------------------------------------------------------------------
+# Rendering: drawn SUPERSAMPLE times larger and downsampled: small shapes keep recognisable edges.
 
 PALETTE = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30)}
 BACKGROUND, BACKGROUND_JITTER = (225, 225, 225), 8
-SHADE_JITTER = 18                        # per-channel colour jitter, so colours are ranges, not exact values
+SHADE_JITTER = 18                        # per-channel colour jitter: colours are ranges, not values
 RADIUS = {"small": 0.22, "large": 0.40}  # object radius as a fraction of a cell side
 SIZE_JITTER = 0.08                       # relative radius jitter
 SUPERSAMPLE = 4
 STAR_INNER = 0.45                        # inner / outer radius of the five-pointed star
 CROSS_ARM = 0.35                         # half-width of a cross arm / its radius
-SQUARE_HALF = 0.85                       # half-side / radius: a square of half-side r looks bigger than a circle
+SQUARE_HALF = 0.85                       # half-side / radius: a square of half-side r looks bigger
 
 
 def _polygon(cx: float, cy: float, r: float, shape: str) -> list[tuple[float, float]]:
@@ -207,19 +218,23 @@ def _polygon(cx: float, cy: float, r: float, shape: str) -> list[tuple[float, fl
         h = r * SQUARE_HALF
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "triangle":
-        return [(cx + r * math.cos(a), cy - r * math.sin(a)) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
-    if shape == "star":  # ten corners, alternately on the outer and the inner radius, starting straight up
-        corners = [(r if k % 2 == 0 else r * STAR_INNER, math.pi / 2 + k * math.pi / 5) for k in range(10)]
+        corners = (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)  # angles, from straight up
+        return [(cx + r * math.cos(a), cy - r * math.sin(a)) for a in corners]
+    if shape == "star":  # ten corners, on the outer and the inner radius in turn, from straight up
+        corners = [(r if k % 2 == 0 else r * STAR_INNER, math.pi / 2 + k * math.pi / 5)
+                   for k in range(10)]
         return [(cx + rr * math.cos(a), cy - rr * math.sin(a)) for rr, a in corners]
     w = r * CROSS_ARM  # cross: a plus sign, traced clockwise from the top arm
-    steps = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+    steps = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w),
+             (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
     return [(cx + x, cy + y) for x, y in steps]
 
 
 def render(scene: dict, rng: np.random.Generator, cfg: WorldConfig) -> Image.Image:
     side = cfg.image_size * SUPERSAMPLE
     cell = side / GRID
-    background = tuple(int(c + rng.integers(-BACKGROUND_JITTER, BACKGROUND_JITTER + 1)) for c in BACKGROUND)
+    background = tuple(int(c + rng.integers(-BACKGROUND_JITTER, BACKGROUND_JITTER + 1))
+                       for c in BACKGROUND)
     image = Image.new("RGB", (side, side), background)
     draw = ImageDraw.Draw(image)
     for o in scene["objects"]:
@@ -234,7 +249,7 @@ def render(scene: dict, rng: np.random.Generator, cfg: WorldConfig) -> Image.Ima
             draw.polygon(_polygon(cx, cy, r, o["shape"]), fill=fill)
     return image.resize((cfg.image_size, cfg.image_size), Image.LANCZOS)
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Captions: random object order, random templates, optional count and relation sentences.
 
 MAX_RELATIONS = 2
@@ -245,38 +260,36 @@ def _fill(template: str, **values: str) -> str:
 
 
 def _object_sentence(o: dict, rng: np.random.Generator) -> str:
-    template = OBJECT_TEMPLATES[rng.integers(len(OBJECT_TEMPLATES))]
-    pos = POSITIONS[o["row"] * GRID + o["col"]]
-    return _fill(template, size=o["size"], colour=o["colour"], shape=o["shape"], pos=pos)
+    template = _pick(rng, OBJECT_TEMPLATES)
+    return _fill(template, size=o["size"], colour=o["colour"], shape=o["shape"],
+                 pos=POSITIONS[o["row"] * GRID + o["col"]])
 
 
 def _count_sentence(n: int, rng: np.random.Generator) -> str:
     templates = SINGULAR_COUNT_TEMPLATES if n == 1 else PLURAL_COUNT_TEMPLATES
-    return _fill(templates[rng.integers(len(templates))], many=NUMBERS[n - 1])
+    return _fill(_pick(rng, templates), many=NUMBERS[n - 1])
 
 
 def _true_relations(a: dict, b: dict) -> list[str]:
-    """Every relation word that is true of "a ... b" (left of = strictly smaller column, above = smaller row)."""
+    """The relation words true of "a ... b" (left of: a smaller column; above: a smaller row)."""
     horizontal = ["left of" if a["col"] < b["col"] else "right of"] if a["col"] != b["col"] else []
     vertical = ["above" if a["row"] < b["row"] else "below"] if a["row"] != b["row"] else []
     return horizontal + vertical
 
 
 def _relation_sentences(scene: dict, rng: np.random.Generator, cfg: WorldConfig) -> list[str]:
-    """Up to MAX_RELATIONS true relations between objects whose (colour, shape) names them uniquely."""
+    """Up to MAX_RELATIONS true relations between objects that (colour, shape) names uniquely."""
     names = [(o["colour"], o["shape"]) for o in scene["objects"]]
     unique = [o for o, name in zip(scene["objects"], names) if names.count(name) == 1]
-    pairs = [(a, b) for i, a in enumerate(unique) for b in unique[i + 1:]]  # unordered: never say one pair twice
+    pairs = [(a, b) for i, a in enumerate(unique) for b in unique[i + 1:]]  # each pair once
     sentences = []
     for k in rng.permutation(len(pairs))[:MAX_RELATIONS]:
         if rng.random() >= cfg.p_relation:
             continue
-        a, b = pairs[k]
-        if rng.random() < 0.5:
-            a, b = b, a
+        a, b = pairs[k][::-1] if rng.random() < 0.5 else pairs[k]  # in either order
         true = _true_relations(a, b)  # never empty: two objects never share a cell
         sentences.append(_fill(RELATION_TEMPLATE, colour_a=a["colour"], shape_a=a["shape"],
-                               rel=true[rng.integers(len(true))], colour_b=b["colour"], shape_b=b["shape"]))
+                               rel=_pick(rng, true), colour_b=b["colour"], shape_b=b["shape"]))
     return sentences
 
 
@@ -285,14 +298,15 @@ def _n_words(sentences: list[str]) -> int:
 
 
 def make_caption(scene: dict, rng: np.random.Generator, cfg: WorldConfig) -> str:
-    """A random true caption: every object once, in random order and templates, plus optional count/relations."""
+    """A random true caption: each object once, in random order and templates, optional count and
+    relations. A fresh caption of an existing scene too, e.g. a new one every epoch."""
     objects = [scene["objects"][k] for k in rng.permutation(len(scene["objects"]))]
     body = [_object_sentence(o, rng) for o in objects]
     relations = _relation_sentences(scene, rng, cfg)
     count = [_count_sentence(len(objects), rng)] if rng.random() < cfg.p_count else []
     count_first = rng.random() < 0.5
-    while _n_words(body + relations + count) > cfg.max_words and (relations or count):  # drop optional ones
-        if relations:
+    while _n_words(body + relations + count) > cfg.max_words and (relations or count):
+        if relations:  # the optional sentences go, relations first, until the caption fits
             relations.pop()
         else:
             count = []
@@ -301,33 +315,25 @@ def make_caption(scene: dict, rng: np.random.Generator, cfg: WorldConfig) -> str
     return " ".join(count + body if count_first else body + count)
 
 
-def caption_for(scene: dict, rng: np.random.Generator, cfg: WorldConfig) -> str:
-    """A fresh caption of an existing scene, e.g. a new one every epoch (same as make_caption)."""
-    return make_caption(scene, rng, cfg)
-
-
 def sample(split: str, index: int, cfg: WorldConfig | None = None) -> dict:
-    """Example `index` of `split`: image, caption and scene all drawn from the one rng of (split, index)."""
+    """Example `index` of `split`: scene, image and caption, from the one rng of (split, index)."""
     cfg = cfg or WorldConfig()
     rng = scene_rng(split, index)
     scene = make_scene(rng, cfg)
     image = render(scene, rng, cfg)
-    return {"image": image, "caption": make_caption(scene, rng, cfg), "scene": scene, "index": index}
+    return dict(image=image, caption=make_caption(scene, rng, cfg), scene=scene, index=index)
 
-# ----------------------------------------------------------------------------------------------------------------
-# Hallucination pairs (ViCrit style): one attribute, count word or position phrase swapped for a false one.
+# -------------------------------------------------------------------------------------------------
+# Hallucination pairs (Section 3.2, ViCrit style): one attribute, count or position made false.
 
 
 def hallucination_pair(scene: dict, caption: str, rng: np.random.Generator) -> dict | None:
-    """dict(correct, wrong, span): `wrong` differs from `caption` only in words[span[0]:span[1]], by a value of the
-    same slot with the same number of words that makes that sentence's claim false; None if there is none."""
+    """dict(correct, wrong, span): `wrong` differs from `caption` only in words[span[0]:span[1]], by
+    a same-slot value of as many words that makes its sentence's claim false; None if none does."""
     words = caption.split()
-    options = []  # (span in caption words, list of false replacements), one entry per slot of each sentence
+    options = []  # ((start, end) in the caption's words, false values), one per slot of a sentence
     for start, end in sentence_spans(words):
-        parsed = parse_sentence(words[start:end])
-        if parsed is None:
-            continue
-        _, slots = parsed
+        _, slots = parse_sentence(words[start:end]) or (None, {})  # no slots: it does not parse
         for name, (value, s, e) in slots.items():
             if _slot_kind(name) == "rel":  # relation words are not among the hallucination kinds
                 continue
@@ -343,6 +349,6 @@ def hallucination_pair(scene: dict, caption: str, rng: np.random.Generator) -> d
                 options.append(((start + s, start + e), wrong))
     if not options:
         return None
-    (s, e), wrong = options[rng.integers(len(options))]  # pick a slot first, so positions do not dominate
-    new_words = words[:s] + wrong[rng.integers(len(wrong))].split() + words[e:]
+    (s, e), wrong = _pick(rng, options)  # a slot first, so that positions do not dominate
+    new_words = words[:s] + _pick(rng, wrong).split() + words[e:]
     return {"correct": caption, "wrong": " ".join(new_words), "span": (s, e)}

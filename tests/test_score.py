@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data.score import METRICS, normalise, score_caption, score_captions
-from data.shapes import VOCAB, WorldConfig, caption_for, sample
+from data.shapes import VOCAB, WorldConfig, make_caption, sample
 
 # Red large circle top-left, blue small square at the right, yellow large star at the bottom.
 SCENE = {"objects": [{"shape": "circle", "colour": "red", "size": "large", "row": 0, "col": 0},
@@ -87,7 +87,7 @@ def test_ground_truth_captions_score_100_on_every_split():
         texts, scenes = [], []
         for i in range(200):
             s = sample(split, i, cfg)
-            texts += [s["caption"], caption_for(s["scene"], rng, cfg)]
+            texts += [s["caption"], make_caption(s["scene"], rng, cfg)]
             scenes += [s["scene"]] * 2
         means = score_captions(texts, scenes)
         assert means["n_captions"] == 400

@@ -8,8 +8,8 @@ import torch
 
 import shapes_aids
 from data.score import score_caption
-from data.shapes import (COLOURS, GRID, PALETTE, POSITIONS, VOCAB, WorldConfig, caption_for,
-                         hallucination_pair, make_scene, render, sample, scene_rng)
+from data.shapes import (COLOURS, GRID, PALETTE, POSITIONS, VOCAB, WorldConfig, hallucination_pair,
+                         make_caption, make_scene, render, sample, scene_rng)
 
 SCENE_3 = {"objects": [{"shape": "circle", "colour": "red", "size": "large", "row": 0, "col": 0},
                        {"shape": "square", "colour": "blue", "size": "small", "row": 1, "col": 2},
@@ -48,13 +48,13 @@ def test_captions_use_vocab_and_fit_max_words():
     for i in range(100):
         rng = scene_rng("val", i)
         scene = make_scene(rng, tight)
-        caption = caption_for(scene, rng, tight)
+        caption = make_caption(scene, rng, tight)
         assert len(caption.split()) <= 48 and score_caption(caption, scene)["headline"] == 100
 
 
 def test_many_distinct_captions_per_scene():
     rng = np.random.default_rng(0)
-    captions = {caption_for(SCENE_3, rng, WorldConfig()) for _ in range(50)}
+    captions = {make_caption(SCENE_3, rng, WorldConfig()) for _ in range(50)}
     assert len(captions) >= 10
 
 

@@ -31,7 +31,7 @@ def captions():
     for i in range(N_CAPTIONS):
         s = shapes.sample("train", i)
         rng = np.random.default_rng(i)
-        other = shapes.caption_for(s["scene"], rng, shapes.WorldConfig())
+        other = shapes.make_caption(s["scene"], rng, shapes.WorldConfig())
         pair = shapes.hallucination_pair(s["scene"], other, rng)
         out += [s["caption"], other] + ([pair["wrong"]] if pair else [])
     return out
