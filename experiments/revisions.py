@@ -1,13 +1,15 @@
-"""experiments/revisions.py: how much does the refining sampler revise inside the sentences that end garbled? Exploratory.
+"""experiments/revisions.py: how much does the refining sampler revise inside the sentences that
+end garbled? Exploratory.
 
-One explanation of Stage II hurting fast decoding: the oracle rewrites a garbled sentence into one of many true
-sentences of the same length, and the refining sampler (Section 3.4) re-predicts every position of a half-written
-sentence independently, so it may mix the words of different rewrites and keep changing them. This captions held-out
-test scenes with the refining sampler and the trace on, splits each final caption into sentences, and reports, for
-sentences that do not parse (garbled) and sentences that do, the revisions (visible tokens changed) per step inside
-the sentence, per sentence, and the share of their tokens changed two or more times (back-and-forth revisions).
+Why Stage II might hurt fast decoding: the oracle rewrites a garbled sentence into one of many true
+sentences of its length, and the refining sampler (Section 3.4) re-predicts each position of a
+half-written sentence independently, so it may mix different rewrites and keep changing them. This
+captions held-out test scenes (refining, trace on), splits each caption into sentences and reports,
+for sentences that parse and those that do not (garbled), the revisions (visible tokens changed)
+per step and per sentence, and the share of tokens changed two or more times (back and forth).
 
-    python experiments/revisions.py --ckpt runs/repro/stage1-s0.safetensors runs/repro/rediff-s0.safetensors
+    python experiments/revisions.py --ckpt runs/repro/stage1-s0.safetensors \
+        runs/repro/rediff-s0.safetensors
 """
 import argparse
 import os
@@ -27,17 +29,19 @@ from sample import caption_images  # noqa: E402
 
 @torch.no_grad()
 def revision_stats(path: str, tokens_per_step: int, n: int, seed: int) -> dict:
-    """{garbled | parses: {sentences, revisions per step, revisions per sentence, share changed twice}}."""
+    """{garbled | parses: {sentences, revisions per step and per sentence, share changed twice}}."""
     model, meta = load_for(path, "revisions.py --ckpt", needs=("tokenizer", "world", "answer_len"))
     model.eval()
     tokenizer, world = tokenizer_from_dict(meta["tokenizer"]), shapes.WorldConfig(**meta["world"])
     samples = [shapes.sample("test", i, world) for i in held_out_indices(n, seed)]
-    images = image_to_tensor([s["image"] for s in samples], model.cfg.vision.mean, model.cfg.vision.std)
-    (ids, trace), _ = caption_images(model, tokenizer, images, meta["answer_len"], tokens_per_step, True,
-                                     return_trace=True)
+    vision = model.cfg.vision
+    images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)
+    (ids, trace), _ = caption_images(model, tokenizer, images, meta["answer_len"], tokens_per_step,
+                                     True, return_trace=True)
     changed = torch.stack([entry["changed"] for entry in trace])                       # (S, B, G)
     period = tokenizer.encode(".")[0]
-    stats = {kind: {"sentences": 0, "tokens": 0, "revisions": 0, "twice": 0} for kind in ("garbled", "parses")}
+    stats = {kind: {"sentences": 0, "tokens": 0, "revisions": 0, "twice": 0}
+             for kind in ("garbled", "parses")}
     for row, sample in enumerate(samples):
         answer = ids[row].tolist()
         for a, b in sentence_spans(answer, period, tokenizer.eos_id):
@@ -61,15 +65,16 @@ def main():
     ap.add_argument("--ckpt", nargs="+", required=True, help="checkpoints to caption with")
     ap.add_argument("--tokens-per-step", type=int, default=8, help="tokens committed per step")
     ap.add_argument("--n", type=int, default=200, help="held-out test scenes")
-    ap.add_argument("--seed", type=int, default=0,
-                    help="which held-out scenes (tools/eval.py --seed)")
+    ap.add_argument("--seed", type=int, default=0, help="held-out scenes (tools/eval.py --seed)")
     args = ap.parse_args()
-    print(f"| checkpoint | sentences | n | revisions per step | revisions per sentence | tokens changed >= 2x |")
+    print("| checkpoint | sentences | n | revisions per step | revisions per sentence "
+          "| tokens changed >= 2x |")
     print("|---|---|---|---|---|---|")
     for path in args.ckpt:
         for kind, s in revision_stats(path, args.tokens_per_step, args.n, args.seed).items():
-            print(f"| {os.path.basename(path)} | {kind} | {s['sentences']} | {s['revisions per step']:.3f} | "
-                  f"{s['revisions per sentence']:.2f} | {s['tokens changed twice or more']:.1%} |")
+            print(f"| {os.path.basename(path)} | {kind} | {s['sentences']} "
+                  f"| {s['revisions per step']:.3f} | {s['revisions per sentence']:.2f} "
+                  f"| {s['tokens changed twice or more']:.1%} |")
 
 
 if __name__ == "__main__":
