@@ -1,11 +1,13 @@
-"""experiments/oracle_spans.py: how many of the oracle's corrected tokens does it actually change? Exploratory.
+"""experiments/oracle_spans.py: how many of the oracle's corrected tokens does it actually
+change? Exploratory.
 
-Eq. 4 trains on every token of each corrected segment; a segment must occur once in the draft, so it can hold
-unchanged words around the changed ones. This drafts captions of fresh training scenes with a checkpoint (as
-train_stage2.py does), has the oracle rewrite them, and turns each rewrite into pairs two ways: the smallest unique
-window around each run of changed words (experts.pairs_from_rewrite) and the earlier rule that grew a window
-alternately right and left until it was unique. It prints, per drafting speed, the corrected tokens, the share of
-them that the oracle changed, and the corrected tokens per draft.
+Eq. 4 trains on every token of each corrected segment; a segment must occur once in the draft, so
+it can hold unchanged words around the changed ones. This drafts captions of fresh training scenes
+with a checkpoint (as train_stage2.py does), has the oracle rewrite them, and turns each rewrite
+into pairs two ways: the smallest unique window around each run of changed words
+(experts.pairs_from_rewrite) and the earlier rule that grew a window alternately right and left
+until it was unique. It prints, per drafting speed, the corrected tokens, the share of them the
+oracle changed, and the corrected tokens per draft.
 
     python experiments/oracle_spans.py --ckpt runs/repro/stage1-s0.safetensors --drafts 768
 """
@@ -27,7 +29,7 @@ from train_stage2 import DRAFT_OFFSET  # noqa: E402
 
 
 def grown_span(words: list[str], start: int, end: int) -> tuple[int, int]:
-    """The earlier rule: widen [start, end) one word at a time, right then left, until it occurs once."""
+    """The earlier rule: widen [start, end) by a word, right then left in turn, until unique."""
     grow_right = True
     while len(experts.occurrences(words, words[start:end])) > 1:
         if (grow_right and end < len(words)) or start == 0:
@@ -40,21 +42,25 @@ def grown_span(words: list[str], start: int, end: int) -> tuple[int, int]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="the checkpoint that drafts (e.g. a Stage I model)")
+    ap.add_argument("--ckpt", required=True, help="the drafting checkpoint (e.g. a Stage I model)")
     ap.add_argument("--drafts", type=int, default=768, help="drafts, spread over --tokens-per-step")
-    ap.add_argument("--tokens-per-step", type=int, nargs="+", default=[1, 4, 8], help="drafting speeds")
+    ap.add_argument("--tokens-per-step", type=int, nargs="+", default=[1, 4, 8],
+                    help="drafting speeds")
     args = ap.parse_args()
     model, meta = load_for(args.ckpt, "--ckpt", needs=("tokenizer", "world", "answer_len"))
     model.eval()
     tokenizer, world = tokenizer_from_dict(meta["tokenizer"]), shapes.WorldConfig(**meta["world"])
-    rules = {"smallest unique window": experts.smallest_unique_span, "grown right, then left": grown_span}
+    vision = model.cfg.vision
+    rules = {"smallest unique window": experts.smallest_unique_span,
+             "grown right, then left": grown_span}
     stats = {(speed, rule): Counter() for speed in args.tokens_per_step for rule in rules}
     per_speed = args.drafts // len(args.tokens_per_step)
     for k, speed in enumerate(args.tokens_per_step):
-        samples = [shapes.sample("train", DRAFT_OFFSET + k * per_speed + i, world) for i in range(per_speed)]
-        images = image_to_tensor([s["image"] for s in samples], model.cfg.vision.mean, model.cfg.vision.std)
+        first = DRAFT_OFFSET + k * per_speed  # train_stage2.py's drafting scenes
+        samples = [shapes.sample("train", first + i, world) for i in range(per_speed)]
+        images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)
         with torch.no_grad():
-            ids, _ = caption_images(model, tokenizer, images, meta["answer_len"], speed, refine=True)
+            ids, _ = caption_images(model, tokenizer, images, meta["answer_len"], speed, True)
         for row, sample in zip(ids, samples):
             words, fixed = rewrite(decode_answer(tokenizer, row), sample["scene"])
             for rule, span in rules.items():
@@ -64,16 +70,17 @@ def main():
                     org, target = pair["org"].split(), pair["target"].split()
                     s["corrected"] += len(org)
                     s["changed"] += sum(a != b for a, b in zip(org, target))
-    print("| tok/step | span rule | corrected tokens | changed by the oracle | corrected per draft |")
-    print("|---|---|---|---|---|")
+    print("| tok/step | span rule | corrected tokens | changed by the oracle "
+          "| corrected per draft |\n|---|---|---|---|---|")
     for (speed, rule), s in stats.items():
-        print(f"| {speed} | {rule} | {s['corrected']} | {s['changed'] / max(1, s['corrected']):.1%} | "
-              f"{s['corrected'] / max(1, s['drafts']):.2f} |")
+        changed = s["changed"] / max(1, s["corrected"])
+        print(f"| {speed} | {rule} | {s['corrected']} | {changed:.1%} "
+              f"| {s['corrected'] / max(1, s['drafts']):.2f} |")
 
 
 def rewrite(draft: str, scene: dict) -> tuple[list[str], list[str]]:
-    """The draft's words and the oracle's equal-length rewrite of them (the words themselves when it is right),
-    caught where the oracle hands them to pairs_from_rewrite."""
+    """The draft's words and the oracle's equal-length rewrite of them (the words themselves when
+    right), caught where the oracle hands them to pairs_from_rewrite."""
     caught = {}
     real = experts.pairs_from_rewrite
     experts.pairs_from_rewrite = lambda words, fixed: caught.update(words=words, fixed=fixed) or []
