@@ -1,16 +1,19 @@
-"""experiments/last_step.py: are the garbled sentences of fast decoding the ones finished at the last step? Exploratory.
+"""experiments/last_step.py: are the garbled sentences of fast decoding the ones finished at the
+last step? Exploratory.
 
-With the refining sampler (Section 3.4) every visible token is re-predicted at every step, except the tokens committed
-at the last step: nothing comes after them. At 8 tokens per step a 48-token answer takes 6 steps, so 8 of its 48
-positions (17 %) are committed unrevised; the paper's 128-token answers at 16 steps leave 6 %. For each checkpoint this
-captions held-out test scenes (tools/eval.py's), splits every caption into sentences, and reports, for sentences that
-parse and sentences that do not (data/score.py), the share holding a token committed at the last step. Then it asks
-what revising those tokens would be worth: the headline (data/score.py) of the captions as they are (S steps), after
-one extra forward pass that re-predicts every answer token and commits nothing
-(caption_with_a_final_pass: S + 1 passes; not the paper's sampler), and of the ordinary sampler
-given S + 1 steps (as many forward passes).
+With the refining sampler (Section 3.4) every visible token is re-predicted at every step, except
+the tokens committed at the last step: nothing comes after them. At 8 tokens per step a 48-token
+answer takes 6 steps, so 8 of its 48 positions (17 %) are committed unrevised; the paper's
+128-token answers at 16 steps leave 6 %. For each checkpoint this captions held-out test scenes
+(tools/eval.py's), splits every caption into sentences, and reports, for sentences that parse and
+those that do not (data/score.py), the share holding a token committed at the last step. Then it
+asks what revising those tokens would be worth: the headline (data/score.py) of the captions as
+they are (S steps), after one extra forward pass that re-predicts every answer token and commits
+nothing (caption_with_a_final_pass: S + 1 passes; not the paper's sampler), and of the ordinary
+sampler given S + 1 steps (as many forward passes).
 
-    python experiments/last_step.py --ckpt runs/repro/stage1-s0.safetensors [more ...] --tokens-per-step 8 --n 200
+    python experiments/last_step.py --ckpt runs/repro/stage1-s0.safetensors [more ...] \
+        --tokens-per-step 8 --n 200
 """
 import argparse
 import os
@@ -29,7 +32,7 @@ from sample import ModelLogits, banned_ids, caption_images, decode_answer, steps
 
 
 def sentence_spans(ids: list[int], period: int, eos: int) -> list[tuple[int, int]]:
-    """[start, end) token spans of the sentences of one answer (each ends with its period), cut at end-of-text."""
+    """[start, end) spans of an answer's sentences (each ending at a period), cut at end-of-text."""
     spans, start = [], 0
     for k, t in enumerate(ids):
         if t == eos:
@@ -67,25 +70,26 @@ def caption_with_a_final_pass(model, tokenizer, images, answer_len: int, tokens_
 
 @torch.no_grad()
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", nargs="+", required=True, help="checkpoints to caption with")
     ap.add_argument("--tokens-per-step", type=int, default=8, help="tokens committed per step")
     ap.add_argument("--n", type=int, default=200, help="held-out test scenes")
-    ap.add_argument("--seed", type=int, default=0,
-                    help="which held-out scenes (tools/eval.py --seed)")
+    ap.add_argument("--seed", type=int, default=0, help="held-out scenes (tools/eval.py --seed)")
     args = ap.parse_args()
     for path in args.ckpt:
-        model, meta = load_for(path, "last_step.py --ckpt", needs=("tokenizer", "world", "answer_len"))
+        needs = ("tokenizer", "world", "answer_len")
+        model, meta = load_for(path, "last_step.py --ckpt", needs=needs)
         model.eval()
-        tokenizer, world, answer_len = tokenizer_from_dict(meta["tokenizer"]), shapes.WorldConfig(**meta["world"]), \
-            meta["answer_len"]
+        tokenizer, answer_len = tokenizer_from_dict(meta["tokenizer"]), meta["answer_len"]
+        world, vision = shapes.WorldConfig(**meta["world"]), model.cfg.vision
         samples = [shapes.sample("test", i, world) for i in held_out_indices(args.n, args.seed)]
-        images = image_to_tensor([s["image"] for s in samples], model.cfg.vision.mean, model.cfg.vision.std)
+        images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)
         (ids, trace), _ = caption_images(model, tokenizer, images, answer_len, args.tokens_per_step,
                                          True, return_trace=True)
-        last_new = trace[-1]["new"]                                                   # (B, G) committed last
+        last_new = trace[-1]["new"]                                       # (B, G) committed last
         period = tokenizer.encode(".")[0]
-        counts = {True: [0, 0], False: [0, 0]}  # parses -> [sentences, of which hold a last-step token]
+        counts = {True: [0, 0], False: [0, 0]}  # parses -> [sentences, with a last-step token]
         for row, sample in enumerate(samples):
             answer = ids[row].tolist()
             for a, b in sentence_spans(answer, period, tokenizer.eos_id):
@@ -97,17 +101,18 @@ def main():
         texts = lambda answers: [decode_answer(tokenizer, a) for a in answers]  # noqa: E731
         headline = lambda answers: score_captions(texts(answers), scenes)["headline"]  # noqa: E731
         steps = len(trace)
-        per_step = [k for k in range(1, answer_len + 1) if steps_for(answer_len, k) == steps + 1]  # S + 1 steps
+        # tokens per step that take S + 1 steps
+        per_step = [k for k in range(1, answer_len + 1) if steps_for(answer_len, k) == steps + 1]
         more = caption_images(model, tokenizer, images, answer_len, per_step[0], True)[0] \
             if per_step else None
         polished = caption_with_a_final_pass(model, tokenizer, images, answer_len,
                                              args.tokens_per_step)
         share = lambda c: c[1] / max(1, c[0])  # noqa: E731
-        print(f"{path}: {args.tokens_per_step} tok/step, {len(trace)} steps | sentences that parse: "
-              f"{counts[True][0]}, {share(counts[True]):.0%} hold a last-step token | that do not: "
-              f"{counts[False][0]}, {share(counts[False]):.0%}\n    headline: {steps} steps {headline(ids):.1f} | "
-              f"+ one re-prediction pass {headline(polished):.1f} | {steps + 1} steps "
-              f"{headline(more) if more is not None else float('nan'):.1f}")
+        print(f"{path}: {args.tokens_per_step} tok/step, {len(trace)} steps | sentences that "
+              f"parse: {counts[True][0]}, {share(counts[True]):.0%} hold a last-step token | that "
+              f"do not: {counts[False][0]}, {share(counts[False]):.0%}\n    headline: {steps} "
+              f"steps {headline(ids):.1f} | + one re-prediction pass {headline(polished):.1f} | "
+              f"{steps + 1} steps {headline(more) if more is not None else float('nan'):.1f}")
 
 
 if __name__ == "__main__":
