@@ -1,28 +1,29 @@
 """score.py: the exact scorer of shapes-world captions against their scene graphs.
 
-A caption is normalised (lowercase; "." and "," split off words; whitespace collapsed) and split into sentences at
-"." (a non-empty trailing fragment without "." is a sentence too). A sentence *parses* if it matches one of the
-caption templates of data/shapes.py word for word; it then makes exactly one claim: an object claim (size, colour,
-shape at a position), a count claim, or a spatial relation claim, each of which is true or false of the scene.
+A caption is normalised (lowercase; "." and "," split off words; whitespace collapsed) and split
+into sentences at "." (a non-empty trailing fragment without "." is a sentence too). A sentence
+*parses* if it matches one of the caption templates of data/shapes.py word for word; it then makes
+exactly one claim: an object claim (size, colour, shape at a position), a count claim, or a spatial
+relation claim, each of which is true or false of the scene.
 
-    factuality = true claims / (claims + unparsed sentences)   every unparsed sentence counts as a false claim,
-                                                               so chaos cannot hide; 0 with no sentence at all
+    factuality = true claims / (claims + unparsed sentences): each unparsed sentence counts as a
+                 false claim, so chaos cannot hide (0 with no sentence at all)
     coverage   = fraction of the scene's objects named by at least one true object claim
-    syntax     = parsed sentences / sentences                  (0 with no sentence)
-    repetition = repeated sentences / sentences                a sentence is repeated if the same normalised
-                                                               sentence, or the same claim in another template,
-                                                               came earlier in the caption (0 with no sentence)
+    syntax     = parsed sentences / sentences (0 with no sentence)
+    repetition = repeated sentences / sentences (0 with no sentence); a sentence is repeated if the
+                 same normalised sentence, or the same claim in another template, came earlier
     headline   = 100 * harmonic_mean(factuality, coverage) * (1 - repetition), in [0, 100]
 
-Ground-truth captions score factuality 1, coverage 1, syntax 1, repetition 0 and headline 100. The scorer never
-raises on any string: garbage simply scores 0.
+Ground-truth captions score factuality 1, coverage 1, syntax 1, repetition 0 and headline 100. The
+scorer never raises on any string: garbage simply scores 0.
 
-false_object_claims sorts the false object claims by what went wrong, object_claims_by_template counts them per
-sentence template (the model's binding errors; experiments/errors.py).
+false_object_claims sorts the false object claims by what went wrong, object_claims_by_template
+counts them per sentence template (the model's binding errors; experiments/errors.py).
 """
 from __future__ import annotations
 
-from data.shapes import OBJECT_TEMPLATES, cell_of, claim_holds, matching_template, parse_sentence, sentence_spans
+from data.shapes import (OBJECT_TEMPLATES, cell_of, claim_holds, matching_template, parse_sentence,
+                         sentence_spans)
 
 METRICS = ["headline", "factuality", "coverage", "syntax", "repetition",
            "n_sentences", "n_claims", "n_true", "n_unparsed"]
@@ -47,13 +48,12 @@ def score_caption(text: str, scene: dict) -> dict:
     words = normalise(text)
     sentences = [tuple(words[s:e]) for s, e in sentence_spans(words)]
     n_claims = n_true = n_unparsed = n_repeated = 0
-    seen_sentences: set[tuple] = set()
-    seen_claims: set[tuple] = set()
-    covered: set[tuple[int, int]] = set()  # cells of true object claims; a cell holds at most one object
+    seen_sentences, seen_claims = set(), set()  # normalised sentences (tuples of words), claims
+    covered: set[tuple[int, int]] = set()  # cells of true object claims (one object per cell)
     for sentence in sentences:
         parsed = parse_sentence(list(sentence))
         claim = parsed[0] if parsed is not None else None
-        # Why both checks: a verbatim repeat of garbage is a repeat too, and so is one fact in a new template.
+        # Both: a verbatim repeat of garbage is a repeat, and so is one fact in another template.
         n_repeated += sentence in seen_sentences or (claim is not None and claim in seen_claims)
         seen_sentences.add(sentence)
         if claim is None:
@@ -70,9 +70,9 @@ def score_caption(text: str, scene: dict) -> dict:
     coverage = len(covered) / len(scene["objects"]) if scene["objects"] else 0.0
     syntax = n_claims / n if n else 0.0
     repetition = n_repeated / n if n else 0.0
-    return {"headline": 100 * _harmonic_mean(factuality, coverage) * (1 - repetition),
-            "factuality": factuality, "coverage": coverage, "syntax": syntax, "repetition": repetition,
-            "n_sentences": n, "n_claims": n_claims, "n_true": n_true, "n_unparsed": n_unparsed}
+    return dict(headline=100 * _harmonic_mean(factuality, coverage) * (1 - repetition),
+                factuality=factuality, coverage=coverage, syntax=syntax, repetition=repetition,
+                n_sentences=n, n_claims=n_claims, n_true=n_true, n_unparsed=n_unparsed)
 
 
 def score_captions(texts: list[str], scenes: list[dict]) -> dict:
@@ -85,7 +85,8 @@ def score_captions(texts: list[str], scenes: list[dict]) -> dict:
 
 FALSE_OBJECT_KINDS = {
     "misplaced": "an object of the scene (size, colour and shape) at another object's cell",
-    "wrong attributes": "a cell that holds an object, with a size / colour / shape no object has there",
+    "wrong attributes": "a cell that holds an object, with a size / colour / shape no object "
+                        "has there",
     "empty cell, real object": "an object of the scene at an empty cell",
     "empty cell, no such object": "a cell that is empty, and an object the scene does not have",
 }
@@ -93,7 +94,8 @@ FALSE_OBJECT_KINDS = {
 
 def false_object_claims(text: str, scene: dict) -> dict:
     """How many false object claims of a caption are of each kind of FALSE_OBJECT_KINDS."""
-    objects = {(o["row"], o["col"]): (o["size"], o["colour"], o["shape"]) for o in scene["objects"]}
+    objects = {(o["row"], o["col"]): (o["size"], o["colour"], o["shape"])
+               for o in scene["objects"]}
     kinds = dict.fromkeys(FALSE_OBJECT_KINDS, 0)
     words = normalise(text)
     for start, end in sentence_spans(words):
@@ -110,7 +112,7 @@ def false_object_claims(text: str, scene: dict) -> dict:
 
 
 def object_claims_by_template(text: str, scene: dict) -> dict:
-    """{object template: [object sentences written with it, how many of them are false]} for one caption."""
+    """One caption's {object template: [object sentences written with it, how many are false]}."""
     counts = {t: [0, 0] for t in OBJECT_TEMPLATES}
     words = normalise(text)
     for start, end in sentence_spans(words):
