@@ -1,23 +1,23 @@
-"""data/tokenizer.py: text <-> token ids: a word-level tokenizer for the shapes world, CLIP's BPE for real captions.
+"""data/tokenizer.py: text <-> token ids: words (the shapes world), CLIP's BPE (real captions).
 
 Both share one small interface:
 
-    encode(text, stats=None) -> list[int]    unknown words -> unk_id, counted in stats["unknown"]
-    decode(ids, skip_special=True) -> str    words joined by single spaces (the project's text convention)
+    encode(text, stats=None) -> list[int]   unknown words -> unk_id, counted in stats["unknown"]
+    decode(ids, skip_special=True) -> str   words joined by single spaces (the text convention)
     pad_id, mask_id, eos_id (== eot_id), unk_id, image_id, vocab_size, special_ids, ordinary_ids
-    to_dict() -> JSON-able dict              saved in checkpoints; tokenizer_from_dict(d) rebuilds the tokenizer
+    to_dict() -> JSON-able dict             saved in checkpoints; tokenizer_from_dict(d) rebuilds it
 
-Text convention: lowercase words and punctuation separated by single spaces ("there is a red circle ."). encode also
-takes ordinary user text ("There is a red circle.") and normalises it the same way. encode never produces a special
-id, whatever the text says: "<mask>" typed by a user is an unknown word, not the mask token.
+Text convention: lowercase words and punctuation separated by single spaces ("there is a red
+circle ."). encode normalises user text ("There is a red circle.") the same way, and never produces
+a special id, whatever the text says: "<mask>" typed by a user is an unknown word, not the mask.
 """
 from __future__ import annotations
 
 import re
 
 PAD, MASK, EOS, UNK, IMAGE = "<pad>", "<mask>", "<eos>", "<unk>", "<image>"
-SPECIALS = [PAD, MASK, EOS, UNK, IMAGE]  # fixed order: every tokenizer numbers its specials in this order
-PUNCTUATION = ",.!?;:"                   # split off the words they are glued to: "circle." -> "circle", "."
+SPECIALS = [PAD, MASK, EOS, UNK, IMAGE]  # every tokenizer numbers its specials in this order
+PUNCTUATION = ",.!?;:"                   # split off their words: "circle." -> "circle", "."
 _WORD_OR_MARK = re.compile(f"[{re.escape(PUNCTUATION)}]|[^\\s{re.escape(PUNCTUATION)}]+")
 
 
@@ -32,16 +32,16 @@ def _count_unknown(stats: dict | None, n: int) -> None:
 
 
 class Tokenizer:
-    """The shared part: named special ids. A subclass numbers SPECIALS from `first_special` upwards."""
+    """The shared part: named special ids; a subclass numbers SPECIALS from `first_special` on."""
 
-    def _set_specials(self, first_special: int, vocab_size: int, reserved: tuple[int, ...] = ()) -> None:
-        """`reserved`: more ids that encode never produces (they count as special: banned in generation,
-        never drawn as random replacements, skipped by decode)."""
-        self.pad_id, self.mask_id, self.eos_id, self.unk_id, self.image_id = range(
-            first_special, first_special + len(SPECIALS))
+    def _set_specials(self, first_special: int, vocab_size: int, reserved: tuple = ()) -> None:
+        """`reserved`: more ids that encode never produces (they count as special: banned in
+        generation, never drawn as random replacements, skipped by decode)."""
+        specials = range(first_special, first_special + len(SPECIALS))
+        self.pad_id, self.mask_id, self.eos_id, self.unk_id, self.image_id = specials
         self.eot_id = self.eos_id  # end of text is also end of turn: one caption is one turn
         self.vocab_size = vocab_size
-        self.special_ids = list(range(first_special, first_special + len(SPECIALS))) + list(reserved)
+        self.special_ids = list(specials) + list(reserved)
         special = set(self.special_ids)
         self.ordinary_ids = [i for i in range(vocab_size) if i not in special]
 
@@ -54,24 +54,25 @@ class Tokenizer:
 
 
 class WordTokenizer(Tokenizer):
-    """One word (or punctuation mark) = one token. SPECIALS take ids 0..4, then `words` in the given order."""
+    """One word (or punctuation mark) = one token: SPECIALS are ids 0..4, then `words` in order."""
 
     def __init__(self, words):
         words = list(words)
-        for word in words:
-            if not isinstance(word, str) or split_words(word) != [word] or word in SPECIALS:
-                raise ValueError(f"word {word!r} cannot be a vocabulary entry: entries must be lowercase, contain no "
-                                 f"whitespace, be one punctuation mark or contain none of {PUNCTUATION!r}, "
-                                 f"and not be a special token {SPECIALS}")
-        if len(set(words)) != len(words):
-            raise ValueError(f"duplicate words in the vocabulary: {sorted({w for w in words if words.count(w) > 1})}")
-        self.words = SPECIALS + words  # id -> word
-        self.index = {w: i for i, w in enumerate(words, start=len(SPECIALS))}  # word -> id, specials excluded
+        bad = [w for w in words if not isinstance(w, str) or split_words(w) != [w] or w in SPECIALS]
+        if bad:
+            raise ValueError(f"word {bad[0]!r} cannot be a vocabulary entry: entries must be "
+                             "lowercase, contain no whitespace, be one punctuation mark or contain "
+                             f"none of {PUNCTUATION!r}, and not be a special token {SPECIALS}")
+        repeated = sorted({w for w in words if words.count(w) > 1})
+        if repeated:
+            raise ValueError(f"duplicate words in the vocabulary: {repeated}")
+        self.words = SPECIALS + words  # id -> word; self.index: word -> id, without the specials
+        self.index = {w: i for i, w in enumerate(words, start=len(SPECIALS))}
         self._set_specials(0, len(self.words))
 
     @classmethod
     def for_shapes_world(cls) -> WordTokenizer:
-        """The built-in world's vocabulary plus the prompt's words. Keep this order: checkpoints depend on it."""
+        """The shapes world's vocabulary and the prompt's words, in the order checkpoints use."""
         from data.shapes import VOCAB
         return cls(sorted(set(VOCAB) | {"describe", "image"}))
 
@@ -92,27 +93,28 @@ _HYPHEN = re.compile(r"(\w) - (?=\w)")
 
 
 class ClipBpeTokenizer(Tokenizer):
-    """open_clip's bundled CLIP BPE (49,408 ids, ships in the wheel, works offline); SPECIALS appended after it.
+    """open_clip's bundled CLIP BPE (49,408 ids, in the wheel, works offline), then SPECIALS.
 
-    CLIP's own start/end-of-text markers are never produced by encode and count as special ids. The BPE forgets
-    where the spaces were, so decode writes every word and punctuation mark separated by one space:
-    decode(encode("A dog, running.")) == "a dog , running ." (the project's text convention); a hyphen between two
-    words stays attached ("top-left"), as the shapes world spells its positions."""
+    CLIP's own start/end-of-text markers are never produced by encode and count as special ids.
+    The BPE forgets where the spaces were, so decode separates every word and punctuation mark by
+    one space: decode(encode("A dog, running.")) == "a dog , running ." (the text convention); a
+    hyphen between two words stays attached ("top-left"), as the shapes world spells positions."""
 
     def __init__(self):
         from open_clip.tokenizer import SimpleTokenizer
-        self.bpe = SimpleTokenizer()
-        clip_markers = (self.bpe.sot_token_id, self.bpe.eot_token_id)
-        # Text that spells a marker ("<end_of_text>") would make open_clip emit the marker id: we split it apart.
-        self._marker_text = re.compile("|".join(re.escape(self.bpe.decoder[i]) for i in clip_markers), re.IGNORECASE)
-        self._set_specials(self.bpe.vocab_size, self.bpe.vocab_size + len(SPECIALS), reserved=clip_markers)
+        bpe = self.bpe = SimpleTokenizer()
+        clip_markers = (bpe.sot_token_id, bpe.eot_token_id)
+        # Text that spells a marker ("<end_of_text>") would make open_clip emit its id: split it.
+        spelled = "|".join(re.escape(bpe.decoder[i]) for i in clip_markers)
+        self._marker_text = re.compile(spelled, re.IGNORECASE)
+        self._set_specials(bpe.vocab_size, bpe.vocab_size + len(SPECIALS), reserved=clip_markers)
 
     def encode(self, text: str, stats: dict | None = None) -> list[int]:
-        """BPE ids without open_clip's start/end tokens. Byte-level BPE knows every string: nothing is unknown."""
+        """BPE ids without open_clip's start/end tokens (byte-level BPE knows every string)."""
         ids, start = [], 0
         for marker in self._marker_text.finditer(text):
-            ids += self.bpe.encode(text[start:marker.start()])
-            ids += self.bpe.encode(marker.group()[0]) + self.bpe.encode(marker.group()[1:])  # "<" then the rest
+            ids += self.bpe.encode(text[start:marker.start()]) + self.bpe.encode(marker.group()[0])
+            ids += self.bpe.encode(marker.group()[1:])  # a marker's "<" on its own, then the rest
             start = marker.end()
         ids += self.bpe.encode(text[start:])
         _count_unknown(stats, 0)
@@ -145,7 +147,8 @@ def tokenizer_from_dict(d) -> Tokenizer:
     if kind == "word":
         words = d.get("words")
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-            raise ValueError(f"tokenizer field 'words' must be a list of strings, got {words!r:.80}")
+            raise ValueError("tokenizer field 'words' must be a list of strings, got "
+                             f"{words!r:.80}")
         try:
             return WordTokenizer(words)
         except ValueError as e:
