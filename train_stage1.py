@@ -88,6 +88,9 @@ class TrainConfig(llada_v_train.LLaDAVFlags):
                               "answer (Prefix-DLM), so the sampler's --prefix-cache is exact")
     vision_pretrain_steps: int = option(400, "steps of per-cell attribute pretraining of a "
                                         "fresh vision tower (0: none)", at_least=0)
+    vision_bar: float = option(0.0, "repeat the tower's pretraining (at most 4 rounds, each at "
+                               "half the rate) until this share of held-out occupied cells is "
+                               "right; 0: one round (--tiny sets 0.99)", at_least=0, at_most=1)
     answer_len: int = option(64, "answer length in tokens (captions padded with end-of-text)",
                              at_least=2)
     n_scenes: int = option(20000, "training scenes pre-rendered (each draw gets a fresh caption)",
@@ -116,7 +119,7 @@ PRESETS = {"tiny": {"help": "the CPU recipe: a base model (Eq. 1 masks), then St
                             "with --init-from Stage I only, with --objective mask the base only",
                     "values": dict(d_model=96, n_layers=4, n_heads=4, steps=3000, batch_size=32,
                                    answer_len=48, image_features="attributes",
-                                   vision_pretrain_steps=500, n_scenes=10000,
+                                   vision_pretrain_steps=500, vision_bar=0.99, n_scenes=10000,
                                    mask_loss="balanced", eval_every=1000),
                     "stage1": dict(steps=600, lr=1e-3, warmup=20, n_scenes=3000)}}
 TINY_BASE = "base"  # the recipe's base model: base.safetensors (or base.dcp) in --out's folder
@@ -347,7 +350,8 @@ class ShapesRun:
               f"parameters on {device}")
         if not (cfg.resume or cfg.init_from) and cfg.vision_pretrain_steps > 0:
             shapes_aids.pretrain_vision(model, data, cfg.vision_pretrain_steps, 128, device,
-                                        cfg.seed, label=label + ": " if label else "")
+                                        cfg.seed, label=label + ": " if label else "",
+                                        held_out=self.val_data, bar=cfg.vision_bar)
         freeze_vision(model)  # the tower (and its attribute head) stays frozen
         train_model = distributed.wrap(model, ctx, cfg.param_dtype,
                                        cfg.activation_checkpointing)  # DDP / FSDP2 / the model
