@@ -9,9 +9,8 @@ Each of --rounds rounds:
                 count (experts.py);
   3. alignment  each kept pair is located in the draft's token ids: the mistake mask marks its
                 positions, and the refined target is the draft with the corrections applied;
-  4. fine-tune  Eq. 4: the input is the model's own draft (no masking), the loss the
-                cross-entropy on the mistake positions only; --stage1-mix of every batch is
-                ordinary Stage I data;
+  4. fine-tune  Eq. 4: the input is the model's own draft (no masking), the loss the cross-entropy
+                on the mistake positions only; --stage1-mix of every batch is ordinary Stage I data;
 then a checkpoint and the round's statistics.
 
     python train_stage2.py --tiny --init-from out/stage1.safetensors --out out/stage2.safetensors
