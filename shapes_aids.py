@@ -55,39 +55,40 @@ def vision_lr(step: int, steps: int) -> float:
     return VISION_LR * (0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def all_right(logits, labels) -> torch.Tensor:
+    """(B, N): whether shape, colour and size are all right; logits 3 x (B, N, classes), labels
+    (B, N, 3)."""
+    return torch.stack([lg.argmax(-1) == labels[..., k] for k, lg in enumerate(logits)]).all(0)
+
+
 def cell_accuracy(model, head, data, device) -> float:
-    """Share of `data`'s occupied cells whose shape, colour and size the tower + head all get
-    right (held-out scenes: the bar of pretrain_vision)."""
-    sizes, index = attribute_classes(), list(range(len(data)))
+    """Share of `data`'s occupied cells that the tower and head get all right (pretrain_vision's
+    bar, on held-out scenes)."""
     was_training = model.vision_tower.training
     model.vision_tower.eval()
     with torch.no_grad():
-        logits = head(model.vision_tower(data.images(index).to(device))).split(sizes, dim=-1)
+        tokens = model.vision_tower(data.images(list(range(len(data)))).to(device))  # (B, N, Dv)
+        logits = head(tokens).split(attribute_classes(), dim=-1)
     model.vision_tower.train(was_training)
     labels = cell_labels(data.scenes, model.cfg.vision.grid, device)           # (B, N, 3)
-    right = torch.stack([lg.argmax(-1) == labels[..., k]
-                         for k, lg in enumerate(logits)]).all(0)                # (B, N)
-    return right[labels[..., 0] > 0].float().mean().item()
+    return all_right(logits, labels)[labels[..., 0] > 0].float().mean().item()
 
 
 def pretrain_vision(model, data, steps: int, batch_size: int, device, seed: int,
-                    label: str = "", held_out=None, bar: float = 0.0,
-                    max_rounds: int = 4) -> float:
-    """Per-cell attribute classification on patch tokens (standing in for SigLIP's pretraining).
-    One round is `steps` steps of a warm-up + cosine schedule. With `bar` > 0 and held-out scenes,
-    rounds repeat (each at half the previous peak rate, at most max_rounds) until the held-out
-    occupied-cell accuracy reaches `bar`: some seeds leave the tower confusing small shapes after
-    one round. Returns the last accuracy measured (held-out, else the last training batch's)."""
-    grid = model.cfg.vision.grid
+                    label: str = "", held_out=None, bar: float = 0.0, max_rounds: int = 4):
+    """Per-cell attribute classification on patch tokens (standing in for SigLIP's pretraining):
+    rounds of `steps` steps (warm-up and cosine), each at half the previous peak rate, until the
+    held-out accuracy (cell_accuracy) reaches `bar` (at most max_rounds; one round without a bar
+    or held-out scenes): one round leaves some seeds' towers confusing small shapes. Returns the
+    last accuracy measured (held-out, else the last batch's)."""
+    grid, sizes = model.cfg.vision.grid, attribute_classes()
     if grid % 3:
         raise ValueError(f"vision pretraining needs the patch grid ({grid}) to be a multiple of "
                          f"the 3 x 3 scene grid")
-    sizes = attribute_classes()
     # With image_features "attributes" the classifier is the model's own attribute head (kept and
     # frozen afterwards); otherwise a throwaway head that only shapes the tower's patch tokens.
     head = (model.attribute_head if hasattr(model, "attribute_head")
-            else nn.Linear(model.cfg.vision.width, sum(sizes)))
-    head = head.to(device)
+            else nn.Linear(model.cfg.vision.width, sum(sizes))).to(device)
     if head.out_features != sum(sizes):
         raise ValueError(f"the attribute head has {head.out_features} classes, the shapes world "
                          f"{sum(sizes)}")
@@ -96,8 +97,8 @@ def pretrain_vision(model, data, steps: int, batch_size: int, device, seed: int,
     rng = np.random.default_rng([seed, 10**6])
     for round_ in range(max_rounds if bar > 0 and held_out is not None else 1):
         name = label + "vision pretraining" + (f" (round {round_ + 1})" if round_ else "")
-        bar_ = tqdm(range(steps), desc=name, dynamic_ncols=True)
-        for step in bar_:
+        progress = tqdm(range(steps), desc=name, dynamic_ncols=True)
+        for step in progress:
             for group in optimizer.param_groups:
                 group["lr"] = vision_lr(step, steps) * 0.5 ** round_
             index = rng.integers(len(data), size=batch_size)
@@ -109,11 +110,8 @@ def pretrain_vision(model, data, steps: int, batch_size: int, device, seed: int,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            correct = torch.stack([lg.argmax(-1) == labels[..., k]
-                                   for k, lg in enumerate(logits)]).all(0)      # (B, N)
-            bar_.set_postfix(loss=f"{loss.item():.3f}",
-                             cell_acc=f"{correct.float().mean().item():.3f}")
-        accuracy = correct.float().mean().item()
+            accuracy = all_right(logits, labels).float().mean().item()
+            progress.set_postfix(loss=f"{loss.item():.3f}", cell_acc=f"{accuracy:.3f}")
         if held_out is None:
             break
         accuracy = cell_accuracy(model, head, held_out, device)
