@@ -4,12 +4,12 @@ sharded DCP folders are read here and written by distributed.py).
 
 Shape legend used in the comments:
     B batch, L sequence length, D language-model width, H attention heads, Hkv key/value heads,
-    Dh head width, F MLP hidden width, V vocabulary, N image tokens, Dv vision width, S image side (px).
+    Dh head width, F MLP hidden width, V vocabulary, N image tokens, Dv vision width,
+    S image side (px).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import warnings
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from shapes_aids import attribute_features
 
-# ----------------------------------------------------------------------------------------------------------------
-# Language model (LLaDA): RMSNorm in float32, RoPE (rotate-half), full bidirectional attention, SwiGLU, no biases.
+# --------------------------------------------------------------------------------------------------
+# Language model (LLaDA): float32 RMSNorm, rotate-half RoPE, no causal mask, SwiGLU, no biases.
 
 
 @dataclass
@@ -46,7 +46,7 @@ class LMConfig:
         return self.n_kv_heads or self.n_heads
 
 
-# The real LLaDA-8B language model, exactly (its published config.json); used to check the parameter count on the meta device.
+# The real LLaDA-8B language model (its published config.json); tests count it on the meta device.
 LLADA_8B = LMConfig(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                     mlp_hidden=12288, rope_theta=500000.0, norm_eps=1e-5)
 
@@ -63,16 +63,17 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(seq_len: int, head_dim: int, theta: float, device):
     """cos and sin tables for rotary embeddings in the rotate-half layout, each (L, Dh)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (L, Dh/2)
-    angles = torch.cat([angles, angles], dim=-1)                                               # (L, Dh)
+    f32 = dict(device=device, dtype=torch.float32)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, **f32) / head_dim)   # (Dh/2,)
+    angles = torch.outer(torch.arange(seq_len, **f32), inv_freq)                 # (L, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)                                 # (L, Dh)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, H, L, Dh): the first half of each head pairs with the second half (rotate-half layout)."""
+    """Rotate x (B, H, L, Dh), rotate-half layout: each head's first half pairs with its second."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -87,28 +88,30 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, past_kv=None, new_kv: list | None = None, query_from: int = 0, allowed=None):
-        """x (B, L, D) -> (B, L - query_from, D). Off by default, for the sampler's prefix cache (LLaDA.forward):
-        past_kv: (k, v) (B, Hkv, Lp, Dh) of earlier positions that x's tokens attend to as well; new_kv: a list that
-        receives this call's (k, v) after RoPE; query_from: positions before it serve as keys and values only.
-        allowed (L, Lp + L) bool: which keys each query may see (LLaDA.forward's prefix_len); None: all."""
+    def forward(self, x, cos, sin, past_kv=None, new_kv: list | None = None, query_from: int = 0,
+                allowed=None):
+        """x (B, L, D) -> (B, L - query_from, D). The rest, off by default, serves the sampler's
+        prefix cache (LLaDA.forward): past_kv: (k, v) (B, Hkv, Lp, Dh) of earlier positions that
+        x's tokens attend to as well; new_kv: a list that receives this call's (k, v) after RoPE;
+        query_from: positions before it serve as keys and values only; allowed (L, Lp + L) bool:
+        which keys each query may see (LLaDA.forward's prefix_len), None: all."""
         B, L, _ = x.shape
-        xq = x[:, query_from:] if query_from else x     # (B, Lq, D) (no slice op at all in training: same graph)
-        Lq = xq.shape[1]
-        q = self.q_proj(xq).view(B, Lq, self.n_heads, self.head_dim).transpose(1, 2)    # (B, H, Lq, Dh)
-        k = self.k_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
-        v = self.v_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
+        xq = x[:, query_from:] if query_from else x  # (B, Lq, D); training: no slice, same graph
+        Lq, Dh = xq.shape[1], self.head_dim
+        q = self.q_proj(xq).view(B, Lq, self.n_heads, Dh).transpose(1, 2)         # (B, H, Lq, Dh)
+        k = self.k_proj(x).view(B, L, self.kv_heads, Dh).transpose(1, 2)          # (B, Hkv, L, Dh)
+        v = self.v_proj(x).view(B, L, self.kv_heads, Dh).transpose(1, 2)          # (B, Hkv, L, Dh)
         q, k = apply_rope(q, cos[query_from:], sin[query_from:]), apply_rope(k, cos, sin)
         if new_kv is not None:
             new_kv.append((k, v))
-        if past_kv is not None:
-            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)  # (B, Hkv, Lp + L, Dh)
-        if self.kv_heads != self.n_heads:  # grouped KV heads: each KV head serves n_heads / kv_heads query heads
-            k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)              # (B, H, L, Dh)
-            v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)              # (B, H, L, Dh)
-        mask = None if allowed is None else allowed[query_from:]                       # (Lq, Lp + L)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dh): no mask: all see all
-        return self.o_proj(y.transpose(1, 2).reshape(B, Lq, -1))                       # (B, Lq, D)
+        if past_kv is not None:  # k, v: (B, Hkv, Lp + L, Dh)
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        if self.kv_heads != self.n_heads:  # grouped KV heads: each serves `group` query heads
+            group = self.n_heads // self.kv_heads
+            k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))           # (B, H, L, Dh)
+        mask = None if allowed is None else allowed[query_from:]  # (Lq, Lp + L); None: all see all
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)               # (B, H, Lq, Dh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, Lq, -1))                  # (B, Lq, D)
 
 
 class SwiGLU(nn.Module):
@@ -130,14 +133,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, past_kv=None, new_kv: list | None = None, query_from: int = 0, allowed=None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, past_kv, new_kv, query_from, allowed)  # (B, Lq, D)
-        x = (x[:, query_from:] if query_from else x) + h
+    def forward(self, x, cos, sin, past_kv=None, new_kv: list | None = None, query_from: int = 0,
+                allowed=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, past_kv, new_kv, query_from, allowed)
+        x = (x[:, query_from:] if query_from else x) + h                           # (B, Lq, D)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LLaDA(nn.Module):
-    """The LLaDA mask predictor: parameter names follow the LLaMA-style names of LLaDA-V checkpoints."""
+    """The LLaDA mask predictor; its parameter names are LLaDA-V checkpoints' LLaMA-style ones."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -145,50 +149,49 @@ class LLaDA(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied from the embedding
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied: its own weights
 
     def forward(self, inputs_embeds: torch.Tensor, past_kv: list | None = None, keep_kv: int = 0,
                 logits_from: int = 0, prefix_len: int = 0):
-        """inputs_embeds (B, L, D) -> logits (B, L - logits_from, V). The defaults give the plain forward pass.
+        """inputs_embeds (B, L, D) -> logits (B, L - logits_from, V); the defaults: the plain pass.
 
         The sampler's options (sample.ModelLogits):
-        - logits_from: only positions from here on get logits; the last layer computes its queries (and MLP) only
-          there too. Exact: the other positions still serve as keys and values.
-        - keep_kv = n: also return the keys and values of the first n positions, one (k, v) (B, Hkv, n, Dh) per
-          layer: (logits, kv).
-        - past_kv: such a list from an earlier call (a prefix cache, the idea of Fast-dLLM's approximate KV cache);
-          inputs_embeds then holds only the positions after that prefix, and they attend to the cached prefix as
-          well as to each other. Approximate: in bidirectional attention the prefix's keys and values depend on
-          the later tokens, which have changed since the cache was built.
-        - prefix_len = P > 0 (not LLaDA: LaViDa's Prefix-DLM mask, for models trained with it): the first P
-          positions (image + prompt) attend only to each other, never to the answer, so their keys and values do
-          not depend on it and a prefix cache of them is exact."""
-        Lp = 0 if past_kv is None else past_kv[0][0].shape[2]                              # cached positions
-        L = inputs_embeds.shape[1]
+        - logits_from: only positions from here on get logits; the last layer computes its queries
+          (and MLP) only there too. Exact: the other positions still serve as keys and values.
+        - keep_kv = n: also return the keys and values of the first n positions, one (k, v)
+          (B, Hkv, n, Dh) per layer: (logits, kv).
+        - past_kv: such a list from an earlier call (a prefix cache, as Fast-dLLM's approximate KV
+          cache); inputs_embeds then holds only the later positions, which attend to the cached
+          prefix and to each other. Approximate: in bidirectional attention the prefix's keys and
+          values depend on the later tokens, which have changed since the cache was built.
+        - prefix_len = P > 0 (not LLaDA: LaViDa's Prefix-DLM mask, for models trained with it):
+          the first P positions (image + prompt) attend only to each other, never to the answer,
+          so their keys and values do not depend on it and a prefix cache of them is exact."""
+        x, L = inputs_embeds, inputs_embeds.shape[1]                                # (B, L, D)
+        Lp = 0 if past_kv is None else past_kv[0][0].shape[2]                   # cached positions
         allowed = None
         if prefix_len > Lp:  # some queries are prefix positions: they must not see the answer
-            where = torch.arange(Lp + L, device=inputs_embeds.device)                     # (Lp + L,) positions
-            allowed = (where[Lp:, None] >= prefix_len) | (where[None, :] < prefix_len)    # (L, Lp + L)
-        cos, sin = rope_tables(Lp + L, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.device)
-        cos, sin = cos[Lp:], sin[Lp:]                                                      # (L, Dh): positions Lp..
-        x = inputs_embeds                                                                  # (B, L, D)
+            where = torch.arange(Lp + L, device=x.device)                              # (Lp + L,)
+            allowed = (where[Lp:, None] >= prefix_len) | (where[None, :] < prefix_len)  # (L, Lp+L)
+        cos, sin = rope_tables(Lp + L, self.cfg.head_dim, self.cfg.rope_theta, x.device)
+        cos, sin = cos[Lp:], sin[Lp:]                                     # (L, Dh): positions Lp..
         new_kv = [] if keep_kv else None
         for i, layer in enumerate(self.layers):
-            last = i == len(self.layers) - 1
-            x = layer(x, cos, sin, past_kv[i] if past_kv else None, new_kv, logits_from if last else 0, allowed)
-        logits = self.lm_head(self.norm(x))                                                # (B, L - logits_from, V)
+            query_from = logits_from if i == len(self.layers) - 1 else 0  # the last layer only
+            x = layer(x, cos, sin, past_kv[i] if past_kv else None, new_kv, query_from, allowed)
+        logits = self.lm_head(self.norm(x))                                # (B, L - logits_from, V)
         if keep_kv:
             return logits, [(k[:, :, :keep_kv], v[:, :, :keep_kv]) for k, v in new_kv]
         return logits
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Vision tower (open_clip) and projector
 
 
 @dataclass
 class VisionConfig:
-    image_size: int = 48          # S; the shapes world's 3 x 3 grid lines up with 16 px patches at 48 px
+    image_size: int = 48          # S; at 48 px, 16 px patches match the shapes world's 3 x 3 grid
     patch_size: int = 16
     width: int = 128              # Dv
     layers: int = 2
@@ -204,18 +207,18 @@ class VisionConfig:
 
 
 class VisionTower(nn.Module):
-    """Patch tokens (not the pooled embedding) of an open_clip vision transformer: (B, 3, S, S) -> (B, N, Dv)."""
+    """Patch tokens of an open_clip ViT, not its pooled embedding: (B, 3, S, S) -> (B, N, Dv)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        import open_clip  # imported here: open_clip (and torchvision) load slowly and only the VLM needs them
+        import open_clip  # here: it (and torchvision) loads slowly, and only the VLM needs it
         if cfg.open_clip_name:
-            clip = open_clip.create_model(cfg.open_clip_name, pretrained=cfg.open_clip_pretrained or None)
-            self.visual = clip.visual
+            pretrained = cfg.open_clip_pretrained or None
+            self.visual = open_clip.create_model(cfg.open_clip_name, pretrained=pretrained).visual
         else:
             self.visual = open_clip.transformer.VisionTransformer(
-                image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers,
-                heads=cfg.heads, mlp_ratio=4.0, output_dim=cfg.width)
+                image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width,
+                layers=cfg.layers, heads=cfg.heads, mlp_ratio=4.0, output_dim=cfg.width)
         if hasattr(self.visual, "output_tokens"):
             self.visual.output_tokens = True
 
@@ -224,25 +227,25 @@ class VisionTower(nn.Module):
             tokens = self.visual.trunk.forward_features(images)
             prefix = getattr(self.visual.trunk, "num_prefix_tokens", 0)
             return tokens[:, prefix:]                   # (B, N, Dv)
-        _, tokens = self.visual(images)                 # (B, N, Dv): patch tokens after the final LayerNorm
+        _, tokens = self.visual(images)                 # (B, N, Dv), after the final LayerNorm
         return tokens
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos positions for a grid x grid patch layout, (grid * grid, dim); half the channels per axis."""
+    """Fixed 2-D sin-cos positions (grid * grid, dim) of a patch grid; dim / 2 per axis."""
     quarter = dim // 4
     freqs = 1.0 / 100.0 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
     coords = torch.arange(grid, dtype=torch.float32)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")                              # (grid, grid) each
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")                 # (grid, grid) each
     parts = []
     for axis in (rows.flatten(), cols.flatten()):
-        angles = torch.outer(axis, freqs)                                                    # (N, dim/4)
+        angles = torch.outer(axis, freqs)                                       # (N, dim/4)
         parts += [angles.sin(), angles.cos()]
-    table = torch.cat(parts, dim=-1)                                                         # (N, 4 * quarter)
-    return F.pad(table, (0, dim - table.shape[1]))                                           # (N, dim)
+    table = torch.cat(parts, dim=-1)                                            # (N, 4 * quarter)
+    return F.pad(table, (0, dim - table.shape[1]))                              # (N, dim)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The vision-language model
 
 
@@ -250,26 +253,25 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 class VLMConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
-    image_token_id: int = 4       # the tokenizer's image placeholder id: one placeholder per image token
-    image_pos_embed: bool = True  # add fixed 2-D positions to image tokens (eases grounding in the toy world)
-    # What the language model sees of the image. "patches": LLaVA's mlp2x_gelu projector on the tower's patch tokens
-    # (the paper's set-up). "attributes": the tower's per-patch attribute classifier (trained with the tower, frozen
-    # with it) gives class probabilities, and a linear projector (LLaVA-1's) maps them plus the patch's one-hot
-    # position, scaled by its occupancy (shapes_aids.attribute_features), to image tokens: an information
-    # bottleneck a tiny LM learns to read in minutes, where raw patch tokens stayed at chance
+    image_token_id: int = 4       # the tokenizer's image placeholder id: one per image token
+    image_pos_embed: bool = True  # add fixed 2-D positions to image tokens (toy-world grounding)
+    # What the LM sees of the image. "patches": LLaVA's mlp2x_gelu projector on the tower's patch
+    # tokens (the paper's set-up). "attributes": a linear projector (LLaVA-1's) on the class
+    # probabilities of the tower's per-patch attribute classifier (trained and frozen with it) and
+    # the patch's one-hot cell scaled by occupancy (shapes_aids.attribute_features): a bottleneck
+    # a tiny LM learns to read in minutes, where raw patch tokens stayed at chance
     # (docs/toy_world.md).
     image_features: str = "patches"
-    attribute_classes: list = field(default_factory=list)  # "attributes": classes per attribute group, 0 = empty
-    # 0: fully bidirectional, as LLaDA-V. P > 0: the first P positions (image + prompt) never attend to the answer
-    # (LaViDa's Prefix-DLM mask), which makes the sampler's prefix cache exact (train_stage1.py --prefix-dlm).
+    attribute_classes: list = field(default_factory=list)  # classes per attribute group, 0 = empty
+    # 0: bidirectional (LLaDA-V). P > 0: LaViDa's Prefix-DLM mask (train_stage1.py --prefix-dlm):
+    # the first P positions (image + prompt) never see the answer: an exact sampler prefix cache.
     prefix_dlm_len: int = 0
 
     @staticmethod
     def from_dict(d: dict) -> "VLMConfig":
         d = dict(d)
         vision = dict(d.pop("vision"))
-        for key in ("mean", "std"):
-            vision[key] = tuple(vision[key])
+        vision.update(mean=tuple(vision["mean"]), std=tuple(vision["std"]))  # JSON gave lists
         return VLMConfig(lm=LMConfig(**d.pop("lm")), vision=VisionConfig(**vision), **d)
 
 
@@ -278,34 +280,36 @@ class VLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = VisionTower(cfg.vision)
-        vision_width = cfg.vision.width
+        Dv, D = cfg.vision.width, cfg.lm.d_model
         if cfg.image_features == "attributes":
             if not cfg.attribute_classes:
-                raise ValueError("image_features 'attributes' needs attribute_classes (classes per group)")
+                raise ValueError("image_features 'attributes' needs attribute_classes "
+                                 "(classes per group)")
             n_attributes = sum(cfg.attribute_classes)
-            self.attribute_head = nn.Linear(vision_width, n_attributes)
-            self.mm_projector = nn.Linear(n_attributes + self.n_image_tokens, cfg.lm.d_model)  # LLaVA-1's "linear"
-        elif cfg.image_features == "patches":
-            self.mm_projector = nn.Sequential(  # LLaVA's "mlp2x_gelu"
-                nn.Linear(vision_width, cfg.lm.d_model), nn.GELU(), nn.Linear(cfg.lm.d_model, cfg.lm.d_model))
+            self.attribute_head = nn.Linear(Dv, n_attributes)
+            self.mm_projector = nn.Linear(n_attributes + self.n_image_tokens, D)  # LLaVA-1 "linear"
+        elif cfg.image_features == "patches":  # LLaVA's "mlp2x_gelu"
+            self.mm_projector = nn.Sequential(nn.Linear(Dv, D), nn.GELU(), nn.Linear(D, D))
         else:
-            raise ValueError(f"image_features {cfg.image_features!r}: use 'patches' or 'attributes'")
+            raise ValueError(f"image_features {cfg.image_features!r}: use 'patches' or "
+                             "'attributes'")
         self.lm = LLaDA(cfg.lm)
         if cfg.image_pos_embed and cfg.image_features == "patches":
-            self.register_buffer("image_pos", sincos_2d(cfg.vision.grid, vision_width), persistent=False)
+            self.register_buffer("image_pos", sincos_2d(cfg.vision.grid, Dv), persistent=False)
         self.lm.apply(self._init_weights)          # open_clip initialises its own tower
         self.mm_projector.apply(self._init_weights)
         if cfg.image_features == "attributes":
-            # Like embedding tables (N(0, 1)): image tokens ~50x larger than the small word embeddings keep their
-            # attribute and cell content through the layers; at std 0.02 the toy LM never bound words to cells.
+            # N(0, 1), as embedding tables: image tokens ~50x the small word embeddings keep their
+            # attribute and cell content through the layers; at std 0.02 the toy LM never bound
+            # words to cells.
             nn.init.normal_(self.mm_projector.weight, std=1.0)
 
     @staticmethod
     def _init_weights(module):
-        # Small token embeddings: PyTorch's default N(0, 1) drowns the other inputs (toy-world calibration notes).
-        # Linear layers N(0, 1 / fan_in): unit-scale activations at any width. GPT-2's fixed std 0.02 is that scale
-        # at width ~2,500; at the toy width 96 it is 5x too small, attention starts uniform and the toy LM learned to
-        # pick out image tokens more slowly (docs/toy_world.md).
+        # Small token embeddings: PyTorch's N(0, 1) drowns the other inputs (toy-world calibration
+        # notes). Linear layers N(0, 1 / fan_in): unit-scale activations at any width; GPT-2's 0.02
+        # is that scale at width ~2,500, 5x too small at the toy width 96, where attention starts
+        # uniform and the toy LM learned to find image tokens more slowly (docs/toy_world.md).
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
         elif isinstance(module, nn.Linear):
@@ -320,34 +324,34 @@ class VLM(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) -> projected image tokens (B, N, D), computed once per caption, not
         per step (LLaVA's vision tower and projector, as LLaDA-V)."""
-        feats = self.vision_tower(images)                                         # (B, N, Dv)
+        feats = self.vision_tower(images)                                        # (B, N, Dv)
         if self.cfg.image_features == "attributes":  # the toy tower's head (shapes_aids.py)
-            head_logits = self.attribute_head(feats)                              # (B, N, A)
+            head_logits = self.attribute_head(feats)                             # (B, N, A)
             features = attribute_features(head_logits, self.cfg.attribute_classes)  # (B, N, A + N)
-            return self.mm_projector(features)                                    # (B, N, D)
+            return self.mm_projector(features)                                   # (B, N, D)
         if self.cfg.image_pos_embed:
-            # Added before the projector, where the tower's layer-normed features have the same
-            # scale as the table (added after it, the fixed table would be ~20x larger than the
-            # small-init projected content).
+            # Added before the projector, at the scale of the tower's layer-normed features (after
+            # it, the fixed table would be ~20x larger than the small-init projected content).
             feats = feats + self.image_pos.to(feats.dtype)
-        return self.mm_projector(feats)                                           # (B, N, D)
+        return self.mm_projector(feats)                                          # (B, N, D)
 
-    def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None, past_kv: list | None = None,
-                keep_kv: int = 0, logits_from: int = 0, images: torch.Tensor | None = None):
+    def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+                past_kv: list | None = None, keep_kv: int = 0, logits_from: int = 0,
+                images: torch.Tensor | None = None):
         """Token ids (B, L) with image placeholders -> logits (B, L, V).
 
-        The k-th placeholder of a row receives that row's k-th image token. A row may hold fewer placeholders
-        than image tokens, or none (classifier-free guidance masks the whole prompt, image included).
-        past_kv, keep_kv, logits_from: the sampler's prefix cache and partial logits, see LLaDA.forward.
-        images (B, 3, S, S) instead of image_embeds: encoded here, so a training step is one call of the module
-        (DDP and FSDP act around forward calls; distributed.py)."""
+        The k-th placeholder of a row receives that row's k-th image token. A row may hold fewer
+        placeholders than image tokens, or none (classifier-free guidance masks the whole prompt,
+        image included). past_kv, keep_kv, logits_from: see LLaDA.forward. images (B, 3, S, S)
+        instead of image_embeds: encoded here, so a training step is one call of the module (DDP
+        and FSDP act around forward calls; distributed.py)."""
         if images is not None:
-            image_embeds = self.encode_images(images)                                     # (B, N, D)
-        x = self.lm.embed_tokens(ids)                                                     # (B, L, D)
+            image_embeds = self.encode_images(images)                            # (B, N, D)
+        x = self.lm.embed_tokens(ids)                                            # (B, L, D)
         if image_embeds is not None:
-            is_image = ids == self.cfg.image_token_id                                     # (B, L)
-            slot = (is_image.cumsum(dim=1) - 1).clamp(0, image_embeds.shape[1] - 1)      # (B, L): which image token
-            spliced = image_embeds.gather(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, L, D)
+            is_image = ids == self.cfg.image_token_id                            # (B, L)
+            slot = (is_image.cumsum(dim=1) - 1).clamp(0, image_embeds.shape[1] - 1)  # (B, L): k - 1
+            spliced = image_embeds.gather(1, slot.unsqueeze(-1).expand_as(x))    # (B, L, D)
             x = torch.where(is_image.unsqueeze(-1), spliced.to(x.dtype), x)
         return self.lm(x, past_kv, keep_kv, logits_from, self.cfg.prefix_dlm_len)
 
@@ -355,38 +359,36 @@ class VLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Device
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu; an explicit name is checked so a missing backend gives a clear error."""
+    """cuda, then mps, then cpu; an explicit name is checked: a missing backend is a clear error."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: this PyTorch sees no CUDA device; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SystemExit(f"--device {name}: this PyTorch sees no CUDA device; "
+                         "use --device cpu or auto")
+    if name == "mps" and not has_mps:
         raise SystemExit("--device mps: MPS is not available here; use --device cpu or auto")
     return torch.device(name)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: one safetensors file; the JSON description (configs, tokenizer, stage, step) lives in its metadata.
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: one safetensors file; its metadata: configs, tokenizer, stage, step (JSON).
 
 CKPT_FORMAT = "rediff-ckpt-v1"
 
 
 def _atomic_write(path: str, write_fn) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename: a kill at any moment leaves either
-    the old file or the new one, never a torn one."""
+    """Write through a temporary file in the same folder, fsync, then rename: a kill at any moment
+    leaves either the old file or the new one, never a torn one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     prefix = f".tmp-{os.path.basename(path)}-"
-    for stale in os.listdir(folder):  # left by a writer killed mid-write (kill -9): one writer per path, so unused
+    for stale in os.listdir(folder):  # left by a writer killed mid-write; one writer per path
         if stale.startswith(prefix):
             os.remove(os.path.join(folder, stale))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".safetensors")
@@ -415,31 +417,29 @@ def _flatten_optimizer(optimizer) -> tuple[dict, dict]:
 
 
 def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    """The optimizer's state_dict from _flatten_optimizer's two parts."""
     state: dict = {}
-    for key, value in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = value
-    for key, value in meta["plain"].items():
-        pid, name = key.split(".", 1)
+    for key, value in [*tensors.items(), *meta["plain"].items()]:  # "optim.3.exp_avg", "3.step"
+        pid, name = key.removeprefix("optim.").split(".", 1)
         state.setdefault(int(pid), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: str, model: VLM, meta: dict, optimizer=None, extra_tensors: dict | None = None) -> None:
-    """Save weights, optionally the optimizer, and `meta` (must hold "tokenizer"; "stage", "step", "train_config"...)."""
+def save_checkpoint(path: str, model: VLM, meta: dict, optimizer=None, extra_tensors=None):
+    """Save weights, the optimizer if given, and `meta` (needs "tokenizer"; "stage", "step"...)."""
     from safetensors.torch import save_file
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     description = {"format": CKPT_FORMAT, "model_config": asdict(model.cfg), **meta}
     if optimizer is not None:
-        optim_tensors, optim_meta = _flatten_optimizer(optimizer)
+        optim_tensors, description["optimizer"] = _flatten_optimizer(optimizer)
         tensors.update(optim_tensors)
-        description["optimizer"] = optim_meta
     tensors.update(extra_tensors or {})
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"rediff": json.dumps(description)}))
+    metadata = {"rediff": json.dumps(description)}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_checkpoint(path: str) -> tuple[dict, dict]:
-    """(tensors, description) of a checkpoint file, with clear errors for a missing or foreign file."""
+    """(tensors, description) of a checkpoint file; clear errors for a missing or foreign file."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     if os.path.isdir(path):
@@ -448,22 +448,27 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
                          f"(distributed.py), and it has none; a Hugging Face LLaDA-V / ReDiff "
                          f"folder has a config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist: train one first (python train_stage1.py --tiny)")
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist: train one first "
+                                f"(python train_stage1.py --tiny)")
     try:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get("rediff")
         tensors = load_file(path)
     except Exception as err:  # safetensors raises its own error types for torn or foreign files
-        raise ValueError(f"checkpoint {path!r} is not a readable safetensors file ({err}); re-save or re-train it") from err
+        raise ValueError(f"checkpoint {path!r} is not a readable safetensors file ({err}); "
+                         f"re-save or re-train it") from err
     if raw is None:
-        raise ValueError(f"checkpoint {path!r} has no 'rediff' metadata: it was not written by this project's "
-                         f"save_checkpoint (for Hugging Face LLaDA-V folders pass the folder, not a shard)")
+        raise ValueError(f"checkpoint {path!r} has no 'rediff' metadata: it was not written by "
+                         f"this project's save_checkpoint (for Hugging Face LLaDA-V folders pass "
+                         f"the folder, not a shard)")
     try:
         description = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint {path!r}: its 'rediff' metadata is not valid JSON ({err})") from None
+        raise ValueError(f"checkpoint {path!r}: its 'rediff' metadata is not valid JSON "
+                         f"({err})") from None
     if not isinstance(description, dict) or description.get("format") != CKPT_FORMAT:
-        raise ValueError(f"checkpoint {path!r}: field 'format' is {description.get('format')!r}, expected {CKPT_FORMAT!r}")
+        raise ValueError(f"checkpoint {path!r}: field 'format' is {description.get('format')!r}, "
+                         f"expected {CKPT_FORMAT!r}")
     return tensors, description
 
 
@@ -475,8 +480,7 @@ META_FILE = "meta.json"
 
 
 def read_dcp_meta(path: str) -> dict:
-    """meta.json of a DCP folder, with clear errors for a missing, half-written or foreign
-    folder."""
+    """meta.json of a DCP folder; clear errors for a missing, half-written or foreign folder."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isdir(path):
         hint = (f" (an interrupted save left {path}.old: rename it to {path})"
@@ -494,12 +498,11 @@ def read_dcp_meta(path: str) -> dict:
 
 
 def load_dcp_state(path: str, state: dict) -> None:
-    """Fill `state` in place from the folder's shards, resharded to however this run holds the
-    tensors."""
+    """Fill `state` in place from the folder's shards, resharded to how this run holds them."""
     import torch.distributed.checkpoint as dcp  # here: it loads slowly, only DCP folders need it
     try:
-        with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single
-            warnings.simplefilter("ignore", UserWarning)  # process": as meant
+        with warnings.catch_warnings():  # "torch.distributed is disabled": one process, as meant
+            warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path),
                      no_dist=not dist.is_initialized())
     except Exception as err:  # DCP reports missing or mis-shaped tensors with its own exceptions
@@ -508,12 +511,10 @@ def load_dcp_state(path: str, state: dict) -> None:
 
 
 def load_dcp(path: str, device="cpu"):
-    """load_checkpoint for a DCP folder (it calls this): (model rebuilt from the saved config,
-    meta)."""
+    """load_checkpoint for a DCP folder: (model rebuilt from the saved config, meta)."""
     meta = read_dcp_meta(path)
     model = VLM(VLMConfig.from_dict(meta["model_config"]))
-    state = {"model": model.state_dict()}
-    load_dcp_state(path, state)  # in place, into the model's own tensors
+    load_dcp_state(path, {"model": model.state_dict()})  # in place, into the model's own tensors
     meta["extra_tensors"] = {}
     return model.to(device), meta
 
@@ -548,8 +549,7 @@ def load_checkpoint(path: str, device="cpu", optimizer=None) -> tuple[VLM, dict]
                              f"resumed; use --init-from")
         optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         try:
-            optimizer.load_state_dict(_unflatten_optimizer(optim_tensors,
-                                                           description["optimizer"]))
+            optimizer.load_state_dict(_unflatten_optimizer(optim_tensors, description["optimizer"]))
         except (KeyError, ValueError, RuntimeError) as err:
             raise ValueError(f"checkpoint {path!r}: its optimizer state does not fit this run's "
                              f"trainable parameters ({err}); start a new run from its weights "
@@ -559,10 +559,12 @@ def load_checkpoint(path: str, device="cpu", optimizer=None) -> tuple[VLM, dict]
     return model.to(device), description
 
 
-def load_for(path: str, purpose: str, stages=None, needs=(), fix: str = "", device="cpu", optimizer=None):
-    """load_checkpoint for a script's --init-from or --resume: every problem becomes a SystemExit that names `purpose`,
-    the file, what it holds, what was expected and `fix`, never a state-dict traceback.
-    stages: the accepted values of the checkpoint's "stage" (None: any); needs: metadata fields the caller reads."""
+def load_for(path: str, purpose: str, stages=None, needs=(), fix: str = "", device="cpu",
+             optimizer=None):
+    """load_checkpoint for a script's --init-from or --resume: every problem becomes a SystemExit
+    that names `purpose`, the file, what it holds, what was expected and `fix`, never a
+    state-dict traceback. stages: the accepted values of the checkpoint's "stage" (None: any);
+    needs: metadata fields the caller reads."""
     fix = f". Fix: {fix}" if fix else ""
     try:
         model, meta = load_checkpoint(path, device, optimizer)
@@ -570,10 +572,10 @@ def load_for(path: str, purpose: str, stages=None, needs=(), fix: str = "", devi
         raise SystemExit(f"{purpose}: {err}{fix}") from None
     stage = meta.get("stage")
     if stages is not None and stage not in stages:
-        raise SystemExit(f"{purpose}: {path} is a checkpoint of kind {stage!r} (step {meta.get('step')}), "
-                         f"expected {' or '.join(map(repr, stages))}{fix}")
-    missing = [k for k in needs if k not in meta]
+        raise SystemExit(f"{purpose}: {path} is a checkpoint of kind {stage!r} (step "
+                         f"{meta.get('step')}), expected {' or '.join(map(repr, stages))}{fix}")
+    missing = ", ".join(k for k in needs if k not in meta)
     if missing:
-        raise SystemExit(f"{purpose}: {path} (kind {stage!r}) lacks the metadata field(s) {', '.join(missing)}, "
-                         f"written by every training script of this project{fix}")
+        raise SystemExit(f"{purpose}: {path} (kind {stage!r}) lacks the metadata field(s) "
+                         f"{missing}, written by every training script of this project{fix}")
     return model, meta
