@@ -3,8 +3,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# One thread per process: the test machine has 2 cores, and the scripts the tests start run beside pytest itself;
-# oversubscribed torch threads make small operations tens of times slower.
+# One thread per process: the test machine has 2 cores, and the scripts the tests start run
+# beside pytest itself; oversubscribed torch threads make small operations tens of times slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
