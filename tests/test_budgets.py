@@ -1,6 +1,7 @@
 """The line budgets stated in the README's file tree hold: each file, the paper's path, and all the
 Python outside tests/ and workshop/ (non-blank lines), so the code's size never drifts unnoticed;
-and the paper's path keeps at least a quarter of its lines for comments and docstrings."""
+the paper's path keeps at least a quarter of its lines for comments and docstrings; and no line of
+that Python is over 100 characters."""
 import glob
 import io
 import os
@@ -11,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_PATH = ["rediff.py", "model.py", "train_stage1.py", "train_stage2.py", "sample.py"]
 TOTALS = {"paper path": PAPER_PATH, "all Python": None}  # None: every .py outside tests/, workshop/
 MIN_COMMENT_SHARE = 0.25
+MAX_COLUMNS = 100  # the style's longest line, outside tests/ and workshop/
 TREE_LINE = re.compile(r"^(\S+(?: \S+)?)\s{2,}(\d+)\s{2,}\S")  # name, budget, description
 
 
@@ -49,6 +51,13 @@ def test_every_budget_holds():
             over.append(f"{name}: {count} non-blank lines, budget {budget}")
     assert not over, "over budget (shorten the code, or raise the README's budget with a reason): " \
         + "; ".join(over)
+
+
+def test_lines_are_at_most_100_characters():
+    long = [f"{path}:{number}" for path in all_python()
+            for number, line in enumerate(open(os.path.join(ROOT, path)), 1)
+            if len(line.rstrip("\n")) > MAX_COLUMNS]
+    assert not long, f"lines over {MAX_COLUMNS} characters (wrap them): {', '.join(long[:20])}"
 
 
 def test_every_top_level_python_file_has_a_budget():

@@ -35,8 +35,8 @@ def test_cell_accuracy_counts_occupied_cells_only():
 
     assert shapes_aids.cell_accuracy(model, always((0, 0, 0)), held_out, "cpu") == 0.0
     occupied = labels[..., 0] > 0
-    first = labels[occupied][0].tolist()                  # one object's classes: right where they
-    same = (labels[occupied] == torch.tensor(first)).all(-1).float().mean().item()  # all three match
+    first = labels[occupied][0].tolist()  # one object's classes: right where all three match
+    same = (labels[occupied] == torch.tensor(first)).all(-1).float().mean().item()
     assert abs(shapes_aids.cell_accuracy(model, always(first), held_out, "cpu") - same) < 1e-6
 
 
