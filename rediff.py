@@ -235,7 +235,8 @@ class Step(NamedTuple):
 
 
 def denoise_steps(predict, x, prompt_len: int, num_blocks: int, steps_per_block: int, mask_id: int,
-                  refine: bool = False, threshold: float | None = None, stops=None, on_block=None):
+                  refine: bool = False, threshold: float | None = None, stops=None, on_block=None,
+                  threshold_floor: bool = False):
     """The reverse process (LLaDA's sampler; with refine=True ReDiff's, Section 3.4) as a generator:
     x (B, L), the prompt then the answer (masks, or a draft's tokens), is updated in place and a
     Step is yielded after every step.
@@ -249,10 +250,9 @@ def denoise_steps(predict, x, prompt_len: int, num_blocks: int, steps_per_block:
     logits: no extra forward pass); only masked positions are newly committed.
 
     Extensions, off by default: threshold (Fast-dLLM: commit every masked position whose confidence
-    >= threshold, at least the most confident one, until the block holds no mask; steps_per_block is
-    then unused); stops (a stop rule: which rows run and which positions may be committed; NoStop:
-    every row, everywhere); on_block(start), called before a block's first step (a prefix cache
-    rebuilds there), not for a block that no row runs."""
+    >= threshold and at least the most confident one, or with threshold_floor the schedule's count,
+    until the block holds no mask); stops (a stop rule: which rows run, which positions they may
+    commit; NoStop: all); on_block(start), called before each block a row runs (cache rebuilds)."""
     stops = stops or NoStop(x, prompt_len, mask_id)
     block_length = (x.shape[1] - prompt_len) // num_blocks
     for block in range(num_blocks):
@@ -276,6 +276,8 @@ def denoise_steps(predict, x, prompt_len: int, num_blocks: int, steps_per_block:
                 commit = commit_most_confident(confidence, candidates, schedule[:, step])
             else:
                 commit = confident_or_best(confidence, candidates, threshold)
+                if threshold_floor:  # and at least the schedule's count (so <= steps_per_block)
+                    commit |= commit_most_confident(confidence, candidates, schedule[:, step])
             before = x[:, start:end].clone()                                             # (B, Lb)
             if refine:  # Section 3.4: every token visible before this step takes its prediction
                 x[:, start:end] = torch.where(~masked & running[:, None], x0, before)
