@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from html import escape
 
 import torch
 
@@ -34,10 +35,7 @@ def steps_for(gen_length: int, tokens_per_step: int, num_blocks: int = 1) -> int
     the number of blocks. When tokens_per_step does not divide gen_length, the transfer schedule
     spreads the remainder, so no step commits more than tokens_per_step tokens (64 tokens at 3 per
     step: 22 steps, twenty of 3 and two of 2)."""
-    if tokens_per_step < 1:
-        raise ValueError(f"--tokens-per-step must be >= 1, got {tokens_per_step}")
-    steps = math.ceil(gen_length / tokens_per_step)
-    return math.ceil(steps / num_blocks) * num_blocks
+    return math.ceil(math.ceil(gen_length / tokens_per_step) / num_blocks) * num_blocks
 
 
 def check_block_length(block_length: int, gen_length: int, what: str) -> None:
@@ -66,8 +64,9 @@ def schedule_text(gen_length: int, tokens_per_step: int, block_length: int = 0) 
 
 
 def draft_ids(tokenizer, text: str, gen_length: int) -> list[int]:
-    """--draft -> its answer ids, at most gen_length. Words the vocabulary lacks (they become <unk>)
-    and tokens cut off at gen_length are named in a warning on stderr, never dropped silently."""
+    """--draft -> the answer's gen_length ids: its words, then masks. Words the vocabulary lacks
+    (they become <unk>) and tokens cut off at gen_length are named in a warning on stderr, never
+    dropped silently."""
     words = dict.fromkeys(split_words(text))
     unknown = ", ".join(repr(w) for w in words if tokenizer.unk_id in tokenizer.encode(w))
     if unknown:
@@ -78,7 +77,7 @@ def draft_ids(tokenizer, text: str, gen_length: int) -> list[int]:
     if len(ids) > gen_length:
         print(f"warning: --draft has {len(ids)} tokens, more than the {gen_length}-token answer: "
               f"its last {len(ids) - gen_length} are dropped", file=sys.stderr)
-    return ids[:gen_length]
+    return ids[:gen_length] + [tokenizer.mask_id] * (gen_length - len(ids))
 
 
 HF_FILES = ("config.json", "tokenizer.json")  # a Hugging Face folder's files beside its weights
@@ -218,18 +217,15 @@ def trace_html(tokenizer, trace, row: int = 0) -> str:
     for entry in trace:
         cells = []
         for pos, token in enumerate(entry["ids"][row].tolist()):
-            word = ("·" if token == tokenizer.mask_id
-                    else tokenizer.decode([token], skip_special=False))
-            word = word.replace("&", "&amp;").replace("<", "&lt;")
+            word = escape("·" if token == tokenizer.mask_id
+                          else tokenizer.decode([token], skip_special=False))
             if entry["changed"][row, pos] and previous is not None:
-                old = tokenizer.decode([int(previous[pos])], skip_special=False)
-                old = old.replace("<", "&lt;")
-                cells.append(f'<span class="rev"><s>{old}</s> {word}</span>')
-            elif entry["new"][row, pos]:
-                cells.append(f'<span class="new">{word}</span>')
+                old = escape(tokenizer.decode([int(previous[pos])], skip_special=False))
+                word, kind = f"<s>{old}</s> {word}", "rev"
             else:
-                kind = "mask" if token == tokenizer.mask_id else "old"
-                cells.append(f'<span class="{kind}">{word}</span>')
+                kind = ("new" if entry["new"][row, pos]
+                        else "mask" if token == tokenizer.mask_id else "old")
+            cells.append(f'<span class="{kind}">{word}</span>')
         previous = entry["ids"][row]
         rows.append(f"<tr><td>step {entry['step']}</td><td>{' '.join(cells)}</td></tr>")
     style = (".new{background:#c8f7c5}.rev{background:#ffd59e}.mask{color:#bbb}"
@@ -243,9 +239,9 @@ def trace_html(tokenizer, trace, row: int = 0) -> str:
 # --------------------------------------------------------------------------------------------------
 # The demo: one held-out scene with both samplers, then both samplers' mean score
 
-DEMO_CKPT = "out/stage1.safetensors"          # what the demo's training command writes
-DEMO_TRAIN = "python train_stage1.py --tiny"  # the demo's training command
+DEMO_CKPT = "out/stage1.safetensors"  # what the demo's training command writes
 MASK_TRAINED = "stage1-mask"  # train_stage1.py --objective mask: Eq. 1, never trained to revise
+SAMPLERS = {True: "refining", False: "frozen"}  # Section 3.4's sampler, LLaDA's
 
 
 @dataclass
@@ -253,34 +249,28 @@ class SampleConfig:
     ckpt: str = option(DEMO_CKPT, "checkpoint written by train_stage1.py / train_stage2.py, or a "
                        "Hugging Face LLaDA-V / ReDiff folder")
     image: str = option("", "caption this image file instead of a held-out shapes-world scene")
-    scene_seed: int = option(0, "which held-out scene to caption: the one the evaluation's "
-                             "held-out pool draws with this seed (its ground truth is printed and "
-                             "scored)", at_least=0)
+    scene_seed: int = option(0, "the held-out scene the evaluation's pool draws with this seed "
+                             "(its ground truth is printed and scored)", at_least=0)
     tokens_per_step: int = option(8, "tokens committed per step; steps = ceil(gen_length / "
                                   "tokens_per_step)", at_least=1)
-    gen_length: int = option(0, "answer length in tokens (0: the checkpoint's training answer "
-                             "length)", at_least=0)
+    gen_length: int = option(0, "answer length in tokens (0: the checkpoint's)", at_least=0)
     block_length: int = option(0, "semi-autoregressive block length, dividing the answer length "
                                "(0: one block, as in the paper)", at_least=0)
     temperature: float = option(0.0, "Gumbel-noise temperature (0: greedy)", at_least=0)
     # "auto" until pick_sampler reads the checkpoint; --refine / --no-refine set True / False
-    refine: bool = option("auto", "re-predict visible tokens at every step (ReDiff, Section 3.4) "
-                          "or, --no-refine, freeze them; auto: refine unless the checkpoint is "
-                          "mask-trained")
-    draft: str = option("", "a caption (with errors) to start from as visible tokens; the model "
-                        "refines and completes it")
-    trace: bool = option(True, "print the refinement step by step (new tokens green, revised "
-                         "tokens yellow)")
+    refine: bool = option("auto", "re-predict visible tokens at every step (Section 3.4) or, "
+                          "--no-refine, freeze them; auto: refine unless mask-trained")
+    draft: str = option("", "a caption (with errors) to start from as visible tokens")
+    trace: bool = option(True, "print the refinement step by step (new green, revised yellow)")
     trace_out: str = option("", "write the trace as an HTML page to this file")
-    n_mean: int = option(48, "then the mean score of both samplers over this many held-out "
-                         "scenes (0: off)", at_least=0)
+    n_mean: int = option(48, "then both samplers' mean score over this many held-out scenes (0: "
+                         "off)", at_least=0)
     device: str = option("auto", "auto, cpu, cuda or mps")
     seed: int = option(0, "random seed (only matters with --temperature > 0)", at_least=0)
     prefix_cache: bool = option(False, "reuse the image + prompt keys/values within a block "
-                                "(Fast-dLLM's approximate KV cache): faster, approximate")
+                                "(Fast-dLLM's approximate KV cache)")
     threshold: float = option(0.0, "commit every masked token with confidence >= P, at least one "
-                              "a step (Fast-dLLM); 0: the fixed --tokens-per-step schedule",
-                              at_least=0, at_most=1)
+                              "a step (Fast-dLLM); 0: --tokens-per-step", at_least=0, at_most=1)
 
 
 def pick_sampler(refine, meta: dict, ckpt: str) -> tuple[bool, str]:
@@ -295,10 +285,6 @@ def pick_sampler(refine, meta: dict, ckpt: str) -> tuple[bool, str]:
         return False, (f"{ckpt} is mask-trained ({stage}), never trained to revise: refinement "
                        f"would hurt it (--refine to try)")
     return True, f"{ckpt} ({stage}) was trained to revise (--no-refine to freeze)"
-
-
-def sampler_name(refine: bool) -> str:
-    return "refining" if refine else "frozen"
 
 
 def score_text(scores: dict) -> str:
@@ -324,6 +310,17 @@ def speed_text(cfg: SampleConfig, gen_length: int) -> str:
     return text
 
 
+def print_trace_and_caption(cfg: SampleConfig, tokenizer, trace, text: str) -> None:
+    """The trace on the terminal (--trace) and as an HTML page (--trace-out), then the caption."""
+    if trace and cfg.trace:
+        print("\n".join(trace_lines(tokenizer, trace, color=sys.stdout.isatty())))
+    if trace and cfg.trace_out:
+        with open(cfg.trace_out, "w", encoding="utf-8") as f:
+            f.write(trace_html(tokenizer, trace))
+        print(f"trace written to {cfg.trace_out}")
+    print(f"caption      : {text}")
+
+
 def caption_and_show(model, tokenizer, images, drafts, scene, gen_length: int, refine: bool,
                      cfg: SampleConfig, show_trace: bool) -> str:
     """Caption one image with one sampler and print the trace (on request), the caption, its
@@ -338,16 +335,10 @@ def caption_and_show(model, tokenizer, images, drafts, scene, gen_length: int, r
     seconds = time.perf_counter() - start
     ids, trace = out if want_trace else (out, None)
     text = decode_answer(tokenizer, ids[0])
-    if want_trace and cfg.trace:
-        print("\n".join(trace_lines(tokenizer, trace, color=sys.stdout.isatty())))
-    if want_trace and cfg.trace_out:
-        with open(cfg.trace_out, "w", encoding="utf-8") as f:
-            f.write(trace_html(tokenizer, trace))
-        print(f"trace written to {cfg.trace_out}")
-    print(f"caption      : {text}")
+    print_trace_and_caption(cfg, tokenizer, trace, text)
     if scene is not None:
         print(f"score        : {score_text(score_caption(text, scene))}")
-    print(f"decoding     : {sampler_name(refine)}, {speed_text(cfg, gen_length)}, "
+    print(f"decoding     : {SAMPLERS[refine]}, {speed_text(cfg, gen_length)}, "
           f"{passes} forward passes, {gen_length / seconds:.0f} tokens/s ({seconds:.2f} s)")
     return text
 
@@ -372,7 +363,8 @@ def mean_scores(model, tokenizer, world, gen_length: int, refine: bool, cfg: Sam
 
 def caption_real_weights(cfg: SampleConfig) -> str:
     """--ckpt is a Hugging Face LLaDA-V / ReDiff folder: load it with llada_v.py and caption
-    --image (the refining sampler unless --no-refine)."""
+    --image (the refining sampler unless --no-refine) with the official LLaDA-V sampler's rules
+    (banned ids, stop at <|eot_id|>)."""
     from llada_v import caption, load_llada_v  # llada_v imports this file
     if not cfg.image:
         raise SystemExit(f"{cfg.ckpt} is a LLaDA-V / ReDiff folder: give the photo to caption "
@@ -380,27 +372,14 @@ def caption_real_weights(cfg: SampleConfig) -> str:
     if cfg.draft:
         raise SystemExit("--draft works with this project's checkpoints only, not with a "
                          "LLaDA-V / ReDiff folder: drop it")
-    refine = cfg.refine is not False  # auto: refine, as ReDiff does
-    gen_length = cfg.gen_length or 128
+    refine, gen_length = cfg.refine is not False, cfg.gen_length or 128  # auto: refine, as ReDiff
     check_block_length(cfg.block_length, gen_length, "the answer")
     loaded = load_llada_v(cfg.ckpt, pick_device(cfg.device))
-    want_trace = bool(cfg.trace or cfg.trace_out)
-    # the official LLaDA-V sampler's rules (banned ids, stop at <|eot_id|>), logits for the answer
-    out = caption(cfg.ckpt, cfg.image, cfg.tokens_per_step, refine, gen_length,
-                  temperature=cfg.temperature, device=cfg.device, seed=cfg.seed,
-                  return_trace=want_trace, loaded=loaded,
-                  block_length=cfg.block_length or None, prefix_cache=cfg.prefix_cache,
-                  threshold=cfg.threshold or None)
-    if cfg.trace:
-        print("\n".join(trace_lines(loaded[1], out["trace"], color=sys.stdout.isatty())))
-    if cfg.trace_out:
-        with open(cfg.trace_out, "w", encoding="utf-8") as f:
-            f.write(trace_html(loaded[1], out["trace"]))
-    print(f"caption      : {out['text']}")
-    speed = f"threshold {cfg.threshold}" if cfg.threshold else f"{cfg.tokens_per_step} tokens/step"
-    if cfg.prefix_cache:
-        speed += ", prefix cache (refresh once per block)"
-    print(f"sampler      : {sampler_name(refine)}, {speed}, "
+    out = caption(cfg.ckpt, cfg.image, cfg.tokens_per_step, refine, gen_length, device=cfg.device,
+                  seed=cfg.seed, return_trace=bool(cfg.trace or cfg.trace_out), loaded=loaded,
+                  **sampler_options(cfg))
+    print_trace_and_caption(cfg, loaded[1], out["trace"], out["text"])
+    print(f"decoding     : {SAMPLERS[refine]}, {speed_text(cfg, gen_length)}, "
           f"{out['forward_passes']} forward passes ({out['seconds']:.2f} s)")
     return out["text"]
 
@@ -412,9 +391,6 @@ def main(argv=None):
     if os.path.isdir(cfg.ckpt) and not os.path.isfile(os.path.join(cfg.ckpt, DCP_META)):
         check_hf_folder(cfg.ckpt, "--ckpt")
         return caption_real_weights(cfg)
-    if not os.path.exists(cfg.ckpt):
-        make = DEMO_TRAIN if cfg.ckpt == DEMO_CKPT else f"{DEMO_TRAIN} --out {cfg.ckpt}"
-        raise SystemExit(f"--ckpt: checkpoint {cfg.ckpt} does not exist; make it with: {make}")
     check_writable(cfg.trace_out, "--trace-out")
     device = pick_device(cfg.device)
     model, meta = load_for(cfg.ckpt, "--ckpt", needs=("tokenizer", "world", "answer_len"),
@@ -426,7 +402,7 @@ def main(argv=None):
     what = "--gen-length" if cfg.gen_length else f"{cfg.ckpt}'s answer"
     check_block_length(cfg.block_length, gen_length, what)
     world, vision = shapes.WorldConfig(**meta["world"]), model.cfg.vision
-    print(f"sampler      : {sampler_name(refine)}: {why}")
+    print(f"sampler      : {SAMPLERS[refine]}: {why}")
     scene = None
     if cfg.image:
         picture = open_image(cfg.image).resize((vision.image_size, vision.image_size))
@@ -437,14 +413,11 @@ def main(argv=None):
         print(f"scene        : held-out test scene {index} (--scene-seed {cfg.scene_seed})")
         print(f"ground truth : {sample['caption']}")
     images = image_to_tensor([picture], vision.mean, vision.std)
-    drafts = None
-    if cfg.draft:
-        words = draft_ids(tokenizer, cfg.draft, gen_length)
-        drafts = torch.tensor([words + [tokenizer.mask_id] * (gen_length - len(words))],
-                              device=device)
+    drafts = (torch.tensor([draft_ids(tokenizer, cfg.draft, gen_length)], device=device)
+              if cfg.draft else None)                                              # (1, G)
     text = caption_and_show(model, tokenizer, images, drafts, scene, gen_length, refine, cfg,
                             show_trace=True)
-    print(f"\nfor comparison, the {sampler_name(not refine)} sampler on the same input:")
+    print(f"\nfor comparison, the {SAMPLERS[not refine]} sampler on the same input:")
     caption_and_show(model, tokenizer, images, drafts, scene, gen_length, not refine, cfg,
                      show_trace=False)
     if cfg.n_mean:
@@ -453,7 +426,7 @@ def main(argv=None):
         means = {r: mean_scores(model, tokenizer, world, gen_length, r, cfg)
                  for r in (refine, not refine)}
         for r, scores in means.items():
-            print(f"{sampler_name(r):12s} : {score_text(scores)}")
+            print(f"{SAMPLERS[r]:12s} : {score_text(scores)}")
         gap = means[True]["headline"] - means[False]["headline"]
         print(f"verdict      : refining - frozen = {gap:+.1f} headline points")
     return text

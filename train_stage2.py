@@ -47,7 +47,7 @@ from data.score import score_captions
 from data.tokenizer import tokenizer_from_dict
 from experts import (RIGHT, Item, check_endpoint, make_expert, merge_rank_caches, rank_cache_path,
                      validate_pairs)
-from model import load_checkpoint
+from model import load_for
 from sample import caption_images, decode_answer
 from train_stage1 import (TrainConfig, freeze_vision, set_learning_rate, training_loss,
                           warmup_cosine)
@@ -60,12 +60,11 @@ INIT_STAGES = ("stage1-revision", "stage1-mask", "stage2")
 @dataclass
 class Stage2Config(llada_v_train.LLaDAVStage2Flags):
     """The shapes world's flags, then those of a LLaDA-V / ReDiff folder (llada_v_train.py)."""
-    init_from: str = option("", "required: the Stage I checkpoint (or a base model, --objective "
-                            "mask) to start from; a Hugging Face LLaDA-V / ReDiff folder: the real "
+    init_from: str = option("", "required: the Stage I checkpoint (a base model, --objective mask: "
+                            "Stage II alone); a Hugging Face LLaDA-V / ReDiff folder: the real "
                             "model, with its own defaults and the flags from --data-json on")
-    out: str = option("out/stage2.safetensors", "checkpoint to write (atomically) after every "
-                      "round: NAME.safetensors, one file (weights only; NAME.dcp folders are "
-                      "train_stage1.py's)")
+    out: str = option("out/stage2.safetensors", "NAME.safetensors written (atomically, weights "
+                      "only) after every round")
     resume: bool = option(False, "continue the run saved at --out after its last finished round")
     stop_at: int = option(0, "stop after this round, as an interruption would; 0: all --rounds",
                           at_least=0)
@@ -73,8 +72,8 @@ class Stage2Config(llada_v_train.LLaDAVStage2Flags):
                          "most of the gain)", at_least=1)
     drafts_per_round: int = option(1536, "drafts per round, on fresh training scenes (the paper: "
                                    "about 10k)", at_least=1)
-    tokens_per_step: list = option([1, 4, 8], "drafting speeds; the scenes of a round are spread "
-                                   "over them", nargs="+", type=int, at_least=1)
+    tokens_per_step: list = option([1, 4, 8], "drafting speeds, the round's scenes spread over "
+                                   "them", nargs="+", type=int, at_least=1)
     draft_batch: int = option(128, "captions drafted together", at_least=1)
     expert: str = option("oracle", "who reviews the drafts: oracle (knows the scene), openai (an "
                          "LLM), align (word alignment with the ground truth)",
@@ -82,33 +81,27 @@ class Stage2Config(llada_v_train.LLaDAVStage2Flags):
     expert_model: str = option("o4-mini", "--expert openai: the chat model")
     expert_base_url: str = option("", "--expert openai: an OpenAI-compatible endpoint (empty: "
                                   "api.openai.com); the key is read from OPENAI_API_KEY only")
-    max_in_flight: int = option(8, "--expert openai: most requests at once (per process)",
-                                at_least=1)
-    cache: str = option("out/expert_cache.jsonl", "--expert openai: append-only answer cache "
-                        "(empty: none)")
-    stage1_mix: float = option(0.25, "fraction of every batch that is Stage I data (0 = none), "
-                               "with the initial checkpoint's objective", at_least=0, less_than=1)
+    max_in_flight: int = option(8, "--expert openai: most requests at once per process", at_least=1)
+    cache: str = option("out/expert_cache.jsonl", "--expert openai: answer cache (empty: none)")
+    stage1_mix: float = option(0.25, "share of every batch that is Stage I data, with the initial "
+                               "checkpoint's objective (0: none)", at_least=0, less_than=1)
     n_scenes: int = option(4000, "scenes pre-rendered for the Stage I mix", at_least=1)
     steps: int = option(300, "optimizer steps per round", at_least=1)
-    batch_size: int = option(64, "samples per step (own drafts + Stage I mix; with several "
-                             "processes: all of them)", at_least=1)
-    lr: float = option(3e-4, "peak learning rate (AdamW; cosine to lr * min_lr_frac, restarted "
-                       "every round)", more_than=0)
-    min_lr_frac: float = option(0.1, "the cosine schedule ends at lr * min_lr_frac",
-                                at_least=0, at_most=1)
+    batch_size: int = option(64, "samples per step, all processes together", at_least=1)
+    lr: float = option(3e-4, "peak learning rate (AdamW; cosine, restarted every round)",
+                       more_than=0)
+    min_lr_frac: float = option(0.1, "the cosine ends at lr * min_lr_frac", at_least=0, at_most=1)
     warmup: int = option(10, "linear warm-up steps (the paper: 3 percent of the steps)", at_least=0)
     weight_decay: float = option(0.01, "AdamW weight decay", at_least=0)
     grad_clip: float = option(1.0, "gradient-norm clip", more_than=0)
     seed: int = option(0, "seed for batches and the Stage I mix", at_least=0)
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
-    parallel: str = option("auto", "several processes (torchrun): ddp or fsdp, drafts and expert "
-                           "calls split over the ranks; auto: ddp under torchrun, none otherwise",
-                           choices=["auto", "none", "ddp", "fsdp"])
-    param_dtype: str = option("auto", "--parallel fsdp: dtype of the gathered parameters for "
-                              "compute; auto: bfloat16 on CUDA, float32 elsewhere",
-                              choices=["auto", "bfloat16", "float32"])
-    activation_checkpointing: bool = option(False, "recompute each transformer block's "
-                                            "activations in the backward pass (less memory)")
+    parallel: str = option("auto", "torchrun: ddp or fsdp, drafts and expert calls split over the "
+                           "ranks; auto: ddp under torchrun", choices=distributed.MODES)
+    param_dtype: str = option("auto", "--parallel fsdp: dtype of the gathered parameters; auto: "
+                              "bfloat16 on CUDA", choices=["auto", "bfloat16", "float32"])
+    activation_checkpointing: bool = option(False, "recompute each block's activations in the "
+                                            "backward pass (less memory)")
 
 
 PRESETS = {"tiny": {"help": "a CPU-sized run, the reproduction's recipe: 3072 drafts, 120 steps x "
@@ -141,29 +134,25 @@ def make_drafts(model, source, cfg: Stage2Config, round_index: int, ctx) -> list
         if j % ctx.world == ctx.rank:  # else another rank's chunk
             out = source.caption(model, [items[k] for k in chunk], speeds[chunk[0]])  # (b, G)
             ids.update(zip(chunk, out.tolist()))
-    if ctx.world > 1:  # every rank gets every draft (JSON keys come back as strings)
-        ids = {int(k): row for share in ctx.gather(ids) for k, row in share.items()}
+    # every rank gets every draft (JSON keys come back as strings)
+    ids = {int(k): row for share in ctx.gather(ids) for k, row in share.items()}
     return [source.draft(item, torch.tensor(ids[k]), speeds[k]) for k, item in enumerate(items)]
 
 # -------------------------------------------------------------------------------------------------
 # 2. Expert review
 
 
-def review_drafts(expert, drafts: list[dict], ctx=None, image_of=None) -> tuple[list, Counter]:
-    """(the expert's review of every draft, the expert's statistics for them). ctx
-    (distributed.Context): each rank reviews its own contiguous share (its own API calls) and every
-    rank gets all reviews, in draft order. image_of(draft): the image the expert sees, read when
-    asked (LLaDA-V drafts); None: draft["image"]."""
-    share = ctx.part(len(drafts)) if ctx else range(len(drafts))
-    before = Counter(expert.counts)
-    mine = drafts[share.start:share.stop]
+def review_drafts(expert, drafts: list[dict], ctx, image_of=None) -> tuple[list, Counter]:
+    """(the expert's review of every draft, the expert's statistics for them): each rank reviews
+    its own contiguous share (its own API calls) and every rank gets all reviews, in draft order.
+    image_of(draft): the image the expert sees, read when asked (LLaDA-V drafts); None:
+    draft["image"]."""
+    share, before = ctx.part(len(drafts)), Counter(expert.counts)
     reviews = expert.review([Item(d["text"], d["truth"], d["scene"],
-                                  image_of(d) if image_of else d["image"]) for d in mine])
-    counts = expert.counts - before
-    if ctx and ctx.world > 1:
-        reviews = [review for part in ctx.gather(reviews) for review in part]
-        counts = sum((Counter(c) for c in ctx.gather(dict(counts))), Counter())
-    return reviews, counts
+                                  image_of(d) if image_of else d["image"])
+                             for d in drafts[share.start:share.stop]])
+    counts = sum((Counter(c) for c in ctx.gather(dict(expert.counts - before))), Counter())
+    return [review for part in ctx.gather(reviews) for review in part], counts
 
 # -------------------------------------------------------------------------------------------------
 # 3. Alignment
@@ -188,11 +177,9 @@ def align(drafts: list[dict], reviews: list, tokenizer, counts: Counter) -> list
             counts["no_answer"] += 1
         elif review == RIGHT:
             counts["right"] += 1
+        elif not (kept := validate_pairs(review, draft["ids"].tolist(), tokenizer, counts)):
+            counts["no_valid_pair"] += 1
         else:
-            kept = validate_pairs(review, draft["ids"].tolist(), tokenizer, counts)
-            if not kept:
-                counts["no_valid_pair"] += 1
-                continue
             refined, mistake = apply_corrections(draft["ids"], kept)
             counts["corrected_tokens"] += int(mistake.sum())  # the positions Eq. 4 trains on
             counts["changed_tokens"] += int((refined != draft["ids"]).sum())  # the expert's changes
@@ -231,37 +218,26 @@ def finetune(run, samples: list, cfg: Stage2Config, round_index: int, ctx) -> li
 
 def load_start(cfg: Stage2Config, device):
     """(model, meta, first round) from --init-from, or --out with --resume; else a clear message."""
-    if cfg.resume:
-        path, wanted = cfg.out, ("stage2",)
-        if not os.path.exists(path):
-            raise SystemExit(f"--resume: there is no run to resume at {path}; start one with "
-                             "--init-from")
-    elif not cfg.init_from:
+    if cfg.resume and not os.path.exists(cfg.out):
+        raise SystemExit(f"--resume: there is no run to resume at {cfg.out}; start one with "
+                         "--init-from")
+    if not (cfg.resume or cfg.init_from):
         raise SystemExit("--init-from is required: a Stage I checkpoint (python train_stage1.py "
                          "--tiny) or a base model (python train_stage1.py --objective mask)")
-    else:
-        path, wanted = cfg.init_from, INIT_STAGES
-        if os.path.abspath(cfg.init_from) == os.path.abspath(cfg.out):
-            raise SystemExit(f"--out {cfg.out} would overwrite --init-from; choose another --out")
-    try:
-        model, meta = load_checkpoint(path, device)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"cannot start Stage II from {path}: {err}") from None
-    kind = meta.get("stage")
-    missing = [k for k in ("tokenizer", "world", "answer_len") if k not in meta]
-    if kind not in wanted or missing:
-        lacks = f" without {', '.join(missing)}" if missing else ""
-        needs = "a stage2 checkpoint to resume" if cfg.resume else f"one of {', '.join(wanted)}"
-        fix = (f"to start Stage II from it, pass --init-from {path} and another --out"
-               if cfg.resume else "train one with train_stage1.py (Stage I) first")
-        raise SystemExit(f"{path} is a checkpoint of kind {kind!r}{lacks}; Stage II needs {needs}. "
-                         f"Fix: {fix}")
-    if kind == "stage1-mask":  # a legitimate experiment (Stage II alone), but not ReDiff: say so
+    if not cfg.resume and os.path.abspath(cfg.init_from) == os.path.abspath(cfg.out):
+        raise SystemExit(f"--out {cfg.out} would overwrite --init-from; choose another --out")
+    path = cfg.out if cfg.resume else cfg.init_from
+    fix = (f"to start Stage II from it, pass --init-from {path} and another --out" if cfg.resume
+           else "train one with train_stage1.py (Stage I) first")
+    model, meta = load_for(path, "--resume" if cfg.resume else "--init-from",
+                           ("stage2",) if cfg.resume else INIT_STAGES,
+                           ("tokenizer", "world", "answer_len"), fix, device)
+    if meta["stage"] == "stage1-mask":  # a legitimate experiment (Stage II alone), not ReDiff
         print(f"note: {path} is a mask-trained model (stage1-mask) without Stage I revision "
               f"training: this run is Stage II alone. For ReDiff, train Stage I first: "
               f"python train_stage1.py --init-from {path}")
     first_round = meta.get("round", 0) if cfg.resume else 0
-    print(f"loaded {path} (stage {kind}, step {meta.get('step')}"
+    print(f"loaded {path} (stage {meta['stage']}, step {meta.get('step')}"
           f"{', round ' + str(first_round) if cfg.resume else ''})")
     return model, meta, first_round
 
@@ -277,10 +253,11 @@ def stage1_config(meta: dict):
 
 def draft_quality(drafts: list[dict]) -> dict:
     """Mean headline score (data/score.py) of the round's drafts per drafting speed."""
-    speeds = sorted({d["tokens_per_step"] for d in drafts})
-    by_speed = {s: [d for d in drafts if d["tokens_per_step"] == s] for s in speeds}
+    by_speed: dict[int, list] = {}
+    for d in drafts:
+        by_speed.setdefault(d["tokens_per_step"], []).append(d)
     return {s: score_captions([d["text"] for d in ds], [d["scene"] for d in ds])["headline"]
-            for s, ds in by_speed.items()}
+            for s, ds in sorted(by_speed.items())}
 
 
 def round_report(r: int, cfg: Stage2Config, drafts, quality, counts: Counter, samples,
@@ -289,27 +266,26 @@ def round_report(r: int, cfg: Stage2Config, drafts, quality, counts: Counter, sa
     tag = f"round {r + 1}/{cfg.rounds}"
     per_speed = ", ".join(f"{s} tok/step: {sum(d['tokens_per_step'] == s for d in drafts)} drafts, "
                           f"headline {q:.1f}" for s, q in quality.items())
-    rejects = {k: v for k, v in sorted(counts.items()) if k.startswith("rejected_")}
-    rejected = ", ".join(f"{k[len('rejected_'):]} {v}" for k, v in rejects.items()) or "none"
+    rejects = {k[len("rejected_"):]: v for k, v in sorted(counts.items())
+               if k.startswith("rejected_")}
     shown = ("right", "no_answer", "no_valid_pair", "corrected_tokens", "changed_tokens")
     other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())
                       if not k.startswith(("rejected_", "pairs_")) and k not in shown)
-    n_mistake = sum(int(s["mistake"].sum()) for s in samples)
     changed = counts["changed_tokens"] / max(1, counts["corrected_tokens"])
     lines = [f"{tag} | drafts made {len(drafts)} ({per_speed})",
              f"{tag} | expert {expert_name}: right {counts['right']}, no answer "
              f"{counts['no_answer']}, pairs proposed {counts['pairs_proposed']}, kept "
-             f"{counts['pairs_kept']}, rejected {sum(rejects.values())} ({rejected})"
+             f"{counts['pairs_kept']}, rejected {sum(rejects.values())} ("
+             + (", ".join(f"{k} {v}" for k, v in rejects.items()) or "none") + ")"
              + (f" | {other}" if other else ""),
              f"{tag} | alignment: {len(samples)} training samples ({counts['no_valid_pair']} "
-             f"drafts left with no valid pair), {n_mistake} mistake tokens ({changed:.0%} of them "
-             "changed by the expert)"]
+             f"drafts left with no valid pair), {sum(int(s['mistake'].sum()) for s in samples)} "
+             f"mistake tokens ({changed:.0%} of them changed by the expert)"]
     if samples:
-        example = samples[0]
-        fixes = "; ".join(f"{p['org']!r} -> {p['target']!r}" for p in example["pairs"]
+        fixes = "; ".join(f"{p['org']!r} -> {p['target']!r}" for p in samples[0]["pairs"]
                           if isinstance(p, dict))
-        lines += [f"  example draft ({example['tokens_per_step']} tok/step): {example['text']}",
-                  f"  expert fixes: {fixes}"]
+        lines += [f"  example draft ({samples[0]['tokens_per_step']} tok/step): "
+                  f"{samples[0]['text']}", f"  expert fixes: {fixes}"]
     return lines
 
 
@@ -329,9 +305,9 @@ class ShapesStage2:
         self.tokenizer = tokenizer_from_dict(self.meta["tokenizer"])
         self.world = shapes.WorldConfig(**self.meta["world"])
         self.answer_len, self.s1 = self.meta["answer_len"], stage1_config(self.meta)
-        self.history = self.meta.get("history", []) if cfg.resume else []
-        self.step = self.meta.get("step", 0) if cfg.resume else 0
-        self.state, self.t0, self.mix_data = cfg.out if cfg.resume else cfg.init_from, 0.0, None
+        resumed = self.meta if cfg.resume else {}
+        self.history, self.step = resumed.get("history", []), resumed.get("step", 0)
+        self.state, self.mix_data = cfg.out if cfg.resume else cfg.init_from, None
         if cfg.stage1_mix > 0:
             vision = self.model.cfg.vision
             self.mix_data = ShapesData(self.tokenizer, self.world, "train", cfg.n_scenes,
@@ -419,8 +395,8 @@ class ShapesStage2:
 
     def end_round(self, r: int, drafts, counts: Counter, samples, losses, expert_name: str):
         """The round's statistics and history entry, and the checkpoint (weights only)."""
-        quality = draft_quality(drafts)
-        for line in round_report(r, self.cfg, drafts, quality, counts, samples, expert_name):
+        cfg, meta, quality = self.cfg, self.meta, draft_quality(drafts)
+        for line in round_report(r, cfg, drafts, quality, counts, samples, expert_name):
             tqdm.write(line)
         if not samples:
             tqdm.write(f"round {r + 1}: no training samples (nothing to correct, or no valid "
@@ -430,7 +406,6 @@ class ShapesStage2:
                              "samples": len(samples),
                              "draft_headline": {str(k): v for k, v in quality.items()},
                              "expert": dict(counts), **{f"{k}_loss": v for k, v in parts.items()}})
-        cfg, meta = self.cfg, self.meta
         distributed.save_file(cfg.out, self.model, {  # weights only; rank 0 writes them
             "stage": "stage2", "round": r + 1, "step": self.step, "train_config": asdict(cfg),
             "stage1_config": asdict(self.s1),
@@ -445,18 +420,6 @@ class ShapesStage2:
                    f"checkpoint {cfg.out} | {time.perf_counter() - self.t0:.0f} s")
 
 
-def check_round_flags(cfg) -> None:
-    """Refuse, before any drafting, a batch with no row left for own drafts and an unusable expert
-    endpoint (none is asked about recorded drafts, --drafts-json)."""
-    if cfg.batch_size - round(cfg.batch_size * cfg.stage1_mix) < 1:
-        raise UsageError(f"--batch-size {cfg.batch_size} with --stage1-mix {cfg.stage1_mix} leaves "
-                         f"no row for the model's own drafts; raise --batch-size or lower "
-                         f"--stage1-mix")
-    if cfg.expert == "openai" and not cfg.drafts_json:
-        check_writable(cfg.cache, "--cache")
-        check_endpoint(cfg.expert_base_url, "--expert-base-url", cfg.cache)  # before any drafting
-
-
 def main(argv=None):
     """Section 3.3's rounds: draft, expert review, alignment, fine-tuning (Eq. 4), checkpoint; on
     the shapes world (ShapesStage2) or a LLaDA-V / ReDiff folder (llada_v_train.Stage2Run)."""
@@ -467,7 +430,13 @@ def main(argv=None):
         llada_v_train.check_flags(cfg)
     else:
         check_checkpoint_out(cfg.out, sharded=False)
-    check_round_flags(cfg)
+    if cfg.batch_size - round(cfg.batch_size * cfg.stage1_mix) < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} with --stage1-mix {cfg.stage1_mix} leaves "
+                         f"no row for the model's own drafts; raise --batch-size or lower "
+                         f"--stage1-mix")
+    if cfg.expert == "openai" and not cfg.drafts_json:  # recorded drafts ask no expert
+        check_writable(cfg.cache, "--cache")
+        check_endpoint(cfg.expert_base_url, "--expert-base-url", cfg.cache)  # before any drafting
     ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of torchrun's
     run = llada_v_train.Stage2Run(cfg, ctx) if real else ShapesStage2(cfg, ctx)
     if run.first_round >= cfg.rounds:
@@ -493,7 +462,7 @@ def main(argv=None):
         run.end_round(r, drafts, counts, samples, losses, expert.name)
         if r + 1 == cfg.stop_at:
             print(f"stopped after round {r + 1} (--stop-at); continue with --resume")
-            return run.model
+            break
     return run.model
 
 
