@@ -3,39 +3,15 @@ train a Hugging Face LLaDA-V / ReDiff folder (--init-from FOLDER): its flags and
 memory plan check, caption batches, the optimizer options, micro-batches, the training state and
 the export.
 
-Stage I, as train_stage1.py runs it on the real model:
-
     python train_stage1.py --init-from LLaDA-V --data-json captions.json --image-root images \\
         --out out/rediff-s1 --optimizer adamw8bit --master-dtype bfloat16 \\
         --activation-checkpointing --grad-accum 8                               # one 80 GB GPU
-    torchrun --nproc_per_node 8 train_stage1.py --init-from LLaDA-V --parallel fsdp \\
-        --activation-checkpointing --data-json captions.json --image-root images \\
-        --vicrit-jsonl vicrit.jsonl --batch-size 32 --out out/rediff-s1
 
-What a run writes:
-  --out      a Hugging Face folder in LLaDA-V's own layout (llada_v.export_hf), which
-             llada_v.load_llada_v and sample.py --ckpt read. Written at the end.
-  OUT.dcp    the resumable training state (weights, Adam, step, loss history): a sharded DCP folder
-             (distributed.py), every --eval-every steps, at --stop-at and at the end. --resume
-             continues it with any number of processes.
-
-A step: the global batch's masks and corruptions are drawn on its answers alone (one process's
-draws, whatever the padding); each process takes its rows (distributed.py), in --grad-accum
-micro-batches of batch_size / (processes x grad_accum) rows, each padded to its own longest row;
-gradients add up over the micro-batches. One process with --grad-accum 2 and two with
---grad-accum 1 run the same micro-batches, so they train the same weights. Everything trains: the
-language model, projector and image_newline at --lr, the vision tower at its own --vision-lr (the
-official scripts: 1e-6 against 5e-6; --vision-lr 0 freezes it).
-
-Stage II, as train_stage2.py runs it: each round drafts the next --drafts-per-round images of
---data-json with the current model (one block of --gen-length, the official sampler's rules; rows
-of one prompt length together), an LLM expert reviews them (--expert openai; the image, the
-reference caption, the draft), Eq. 4 trains on the corrected segments with --stage1-mix of Stage I
-rows (the settings the --init-from export was trained with). --drafts-json trains ReDiff's own
-Stage II records instead: their drafts and corrections as they are, no drafting and no expert.
-
-    OPENAI_API_KEY=... python train_stage2.py --init-from out/rediff-s1 --data-json captions.json \
-        --image-root images --out out/rediff-s2
+A run writes --out, a Hugging Face folder in LLaDA-V's own layout (llada_v.export_hf), at the end,
+and OUT.dcp, the training state that --resume continues in any number of processes (distributed.py),
+every --eval-every steps. A step's masks and corruptions are drawn on the global batch's answers;
+each process runs its rows in --grad-accum micro-batches, each padded to its own longest row, and
+adds up their gradients: one process with --grad-accum 2 trains the weights of two with 1.
 """
 from __future__ import annotations
 
@@ -54,8 +30,7 @@ import distributed
 import rediff
 from cli import UsageError, check_folder_out, option, show_config
 from data.captions import CaptionData, load_captions, take
-from data.loaders import open_image
-from data.loaders import DataError, load_llava_json
+from data.loaders import DataError, load_llava_json, open_image
 from experts import Expert, occurrences
 from llada_v import (MASK_ID, answer_logits, anyres_images, export_hf, generate_answer,
                      load_llada_v, read_state)
@@ -75,58 +50,43 @@ def selected(path: str) -> bool:
 @dataclass
 class LLaDAVFlags:
     """train_stage1.py's flags for --init-from FOLDER, after the shapes world's (TrainConfig)."""
-    data_json: str = option("", "--init-from FOLDER: LLaVA / ShareGPT4V conversation JSON (the "
-                            "first human turn is the question, the next assistant turn the "
-                            "caption)")
-    image_root: str = option("", "--init-from FOLDER: the folder the data's image paths are "
-                             "relative to (empty: the folder of --data-json)")
-    vicrit_train_json: str = option("", "--init-from FOLDER: ViCrit-Train hallucination pairs as "
-                                    "released (original_caption, changed_caption, solution_*)")
-    vicrit_jsonl: str = option("", "--init-from FOLDER: hallucination pairs (JSONL with image, "
-                               "caption, hallucinated)")
-    skip_missing: bool = option(False, "--init-from FOLDER: skip (and count) records whose image "
-                                "file is missing")
-    skip_bad: bool = option(False, "--init-from FOLDER: skip (and count) malformed records")
-    vision_lr: float = option(1e-6, "--init-from FOLDER: peak learning rate of the vision tower "
-                              "(the official scripts: 1e-6); 0 freezes it", at_least=0)
-    optimizer: str = option("adamw", "--init-from FOLDER: adamw (torch, 8 bytes a parameter in "
-                            "float32) or adamw8bit (torchao, about 2 bytes a parameter)",
-                            choices=["adamw", "adamw8bit"])
-    master_dtype: str = option("float32", "--init-from FOLDER: dtype of the trained weights and "
-                               "gradients (bfloat16 needs --optimizer adamw8bit)",
-                               choices=["float32", "bfloat16"])
-    grad_accum: int = option(1, "--init-from FOLDER: micro-batches per step in each process, "
-                             "their gradients added up", at_least=1)
-    save_dtype: str = option("bfloat16", "--init-from FOLDER: dtype of the exported --out shards "
-                             "(float32: exactly the trained weights)",
+    data_json: str = option("", "FOLDER: captions as LLaVA / ShareGPT4V conversation JSON")
+    image_root: str = option("", "FOLDER: the folder image paths are relative to (empty: "
+                             "--data-json's)")
+    vicrit_train_json: str = option("", "FOLDER: ViCrit-Train hallucination pairs as released")
+    vicrit_jsonl: str = option("", "FOLDER: hallucination pairs (image, caption, hallucinated)")
+    skip_missing: bool = option(False, "FOLDER: skip (and count) records without their image")
+    skip_bad: bool = option(False, "FOLDER: skip (and count) malformed records")
+    vision_lr: float = option(1e-6, "FOLDER: the vision tower's peak learning rate; 0 freezes it",
+                              at_least=0)
+    optimizer: str = option("adamw", "FOLDER: adamw (torch, 8 bytes a parameter in float32) or "
+                            "adamw8bit (torchao, about 2)", choices=["adamw", "adamw8bit"])
+    master_dtype: str = option("float32", "FOLDER: dtype of the trained weights and gradients "
+                               "(bfloat16 needs adamw8bit)", choices=["float32", "bfloat16"])
+    grad_accum: int = option(1, "FOLDER: micro-batches per step in each process", at_least=1)
+    save_dtype: str = option("bfloat16", "FOLDER: dtype of the exported --out shards",
                              choices=["bfloat16", "float32"])
-    shard_gb: float = option(5.0, "--init-from FOLDER: largest exported shard in GB", more_than=0)
-    device_memory_gib: float = option(0.0, "--init-from FOLDER: one device's memory in GiB for "
-                                      "the memory plan; 0: the device's own", at_least=0)
-    plan_image: str = option("640x480", "--init-from FOLDER: WIDTHxHEIGHT of the image a sample "
-                             "of the memory plan holds")
-    ignore_memory_plan: bool = option(False, "--init-from FOLDER: go on when the memory plan "
-                                      "does not fit (it is an estimate)")
-    save: bool = option(True, "--init-from FOLDER: write the training state and the export "
-                        "(--no-save: nothing, a smoke test)")
+    shard_gb: float = option(5.0, "FOLDER: largest exported shard in GB", more_than=0)
+    device_memory_gib: float = option(0.0, "FOLDER: one device's memory in GiB for the memory "
+                                      "plan (0: the device's own)", at_least=0)
+    plan_image: str = option("640x480", "FOLDER: WIDTHxHEIGHT of a memory plan's sample image")
+    ignore_memory_plan: bool = option(False, "FOLDER: go on when the memory plan does not fit")
+    save: bool = option(True, "FOLDER: write the training state and the export")
 
 
 @dataclass
 class LLaDAVStage2Flags(LLaDAVFlags):
-    """train_stage2.py's flags for --init-from FOLDER: Stage I's (the mix rows' data and pairs,
-    the optimizer, the export), the drafts' length, and recorded drafts."""
-    gen_length: int = option(128, "--init-from FOLDER: draft length in tokens, one block (the "
-                             "paper: 128)", at_least=1)
-    drafts_json: str = option("", "--init-from FOLDER: ReDiff's Stage II records (LLaVA JSON, the "
-                              "model's draft as the answer, its corrections in \"revise\"), "
-                              "trained with Eq. 4 as they are: no drafting, no expert")
+    """train_stage2.py's flags for --init-from FOLDER: Stage I's, the drafts' length, and recorded
+    drafts."""
+    gen_length: int = option(128, "FOLDER: draft length in tokens, one block", at_least=1)
+    drafts_json: str = option("", "FOLDER: ReDiff's Stage II records (LLaVA JSON, the draft as "
+                              "the answer, its corrections in \"revise\"), trained as they are")
 
 
 # --init-from FOLDER: the real model's defaults (the paper's recipe) for the flags not given
-STAGE1_DEFAULTS = dict(out="out/llada-v-stage1", steps=0, batch_size=32, lr=5e-6, min_lr_frac=0.0,
-                       warmup=-1, weight_decay=0.0, answer_len=128)
-STAGE2_DEFAULTS = dict(out="out/llada-v-stage2", steps=0, batch_size=32, lr=5e-6, min_lr_frac=0.0,
-                       warmup=-1, weight_decay=0.0, drafts_per_round=10000, draft_batch=16,
+RECIPE = dict(steps=0, batch_size=32, lr=5e-6, min_lr_frac=0.0, warmup=-1, weight_decay=0.0)
+STAGE1_DEFAULTS = dict(RECIPE, out="out/llada-v-stage1", answer_len=128)
+STAGE2_DEFAULTS = dict(RECIPE, out="out/llada-v-stage2", drafts_per_round=10000, draft_batch=16,
                        expert="openai", cache="out/expert_cache_llada_v.jsonl")
 SHAPES_ONLY = {"tiny", "mask_loss", "hallucination_form", "d_model", "n_layers", "n_heads",
                "image_size", "patch_size", "vision_width", "vision_layers", "image_features",
@@ -134,31 +94,24 @@ SHAPES_ONLY = {"tiny", "mask_loss", "hallucination_form", "d_model", "n_layers",
 WARMUP_FRAC = 0.03  # steps 0 (one epoch) and warmup -1: the paper's 3 percent of the steps
 
 
-def given_flags(argv: list) -> set:
-    """The config fields a command line sets (--no-save sets save)."""
-    return {arg[2:].split("=")[0].removeprefix("no-").replace("-", "_") for arg in argv
-            if arg.startswith("--")}
-
-
 def choose(cfg, argv: list, defaults: dict) -> bool:
     """Whether cfg trains a LLaDA-V / ReDiff folder (--init-from FOLDER). Then the flags not given
     take the real model's defaults, and a flag of the shapes world is refused; otherwise a flag of
     the folder's is. Returns the choice."""
-    given = given_flags(argv)
-    if selected(cfg.init_from):
-        wrong = sorted(given & SHAPES_ONLY)
-        if wrong:
-            raise UsageError(f"--{wrong[0].replace('_', '-')}: a flag of the shapes world; with "
-                             f"--init-from {cfg.init_from} the model is the folder's; leave it out")
-        for name, value in defaults.items():
-            if name not in given:
-                setattr(cfg, name, value)
-        return True
-    wrong = sorted(given & {f.name for f in fields(LLaDAVStage2Flags)})
+    given = {arg[2:].split("=")[0].removeprefix("no-").replace("-", "_") for arg in argv
+             if arg.startswith("--")}  # --no-save sets save
+    real = selected(cfg.init_from)
+    wrong = sorted(given & (SHAPES_ONLY if real else {f.name for f in fields(LLaDAVStage2Flags)}))
     if wrong:
-        raise UsageError(f"--{wrong[0].replace('_', '-')}: a flag of the real model; give "
-                         f"--init-from a Hugging Face LLaDA-V / ReDiff folder")
-    return False
+        flag = "--" + wrong[0].replace("_", "-")
+        raise UsageError(f"{flag}: a flag of the shapes world; with --init-from {cfg.init_from} "
+                         f"the model is the folder's; leave it out" if real else
+                         f"{flag}: a flag of the real model; give --init-from a Hugging Face "
+                         f"LLaDA-V / ReDiff folder")
+    if real:
+        for name in set(defaults) - given:
+            setattr(cfg, name, defaults[name])
+    return real
 
 
 def check_flags(cfg) -> None:
@@ -166,11 +119,10 @@ def check_flags(cfg) -> None:
     bfloat16 weights without the stochastic rounding of --optimizer adamw8bit (with plain rounding
     a step of lr 5e-6 is below half of bf16's spacing for most weights and is lost), hallucination
     pairs with Eq. 1, an export --out that is not a folder, the shapes world's oracle expert."""
-    for name in ("config.json", "tokenizer.json"):  # a folder without meta.json is not a DCP one
-        if not os.path.isfile(os.path.join(cfg.init_from, name)):
-            raise SystemExit(f"--init-from {cfg.init_from}: no {name} (nor a sharded checkpoint's "
-                             f"meta.json); give a downloaded LLaDA-V / ReDiff folder "
-                             f"(huggingface-cli download GSAI-ML/LLaDA-V --local-dir DIR)")
+    if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):  # nor meta.json (DCP)
+        raise SystemExit(f"--init-from {cfg.init_from}: no config.json (nor a sharded checkpoint's "
+                         f"meta.json); give a downloaded LLaDA-V / ReDiff folder "
+                         f"(huggingface-cli download GSAI-ML/LLaDA-V --local-dir DIR)")
     if not cfg.data_json:
         raise SystemExit("--data-json is required with --init-from FOLDER (--help lists the flags)")
     check_hf_folder(cfg.init_from, "--init-from")
@@ -186,6 +138,7 @@ def check_flags(cfg) -> None:
     if getattr(cfg, "expert", "") == "oracle":
         raise UsageError("--expert oracle knows the shapes world's scenes; with --init-from FOLDER "
                          "choose --expert openai or align")
+
 
 @dataclass
 class MixSettings:
@@ -204,36 +157,15 @@ def mix_settings(folder: str) -> MixSettings:
     return MixSettings(**{f.name: saved[f.name] for f in fields(MixSettings) if f.name in saved})
 
 # --------------------------------------------------------------------------------------------------
-# Training pieces: optimizer options, micro-batches, mixed precision, the state on disk
-
-
-def ordinary_ids(model, tokenizer) -> torch.Tensor:
-    """Every id of the vocabulary that is not special: Stage I's random replacement tokens."""
-    special = set(tokenizer.special_ids)
-    vocab = min(tokenizer.tok.get_vocab_size(), model.cfg.lm.vocab_size)
-    return torch.tensor([i for i in range(vocab) if i not in special])
-
-
-def make_optimizer(groups: list, cfg):
-    """AdamW over the parameter groups: torch's (states in the weights' dtype), or torchao's
-    AdamW8bit (block-wise 8-bit states; with bfloat16 weights it rounds each update stochastically,
-    so that a step of lr 5e-6 is not lost to bf16's 8-bit mantissa)."""
-    betas = (0.9, 0.999)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
-    try:  # imported here: an optional dependency whose import takes seconds
-        from torchao.optim import AdamW8bit
-    except ImportError:
-        raise SystemExit("--optimizer adamw8bit needs torchao: pip install -r requirements.txt") \
-            from None
-    return AdamW8bit(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
-                     bf16_stochastic_round=cfg.master_dtype == "bfloat16")
+# Training pieces: optimizer options, micro-batches, mixed precision, resume
 
 
 def prepare_training(model, ctx, cfg):
     """Set what trains (everything; the vision tower only with --vision-lr > 0), wrap (DDP / FSDP2 /
-    the model itself, with activation checkpointing), build the optimizer with the tower in a group
-    of its own (lr_scale: the loop's learning rate times it) -> (train_model, params, optimizer)."""
+    the model itself, with activation checkpointing), build AdamW with the tower in a group of its
+    own (lr_scale: the loop's learning rate times it) -> (train_model, params, optimizer). AdamW is
+    torch's (states in the weights' dtype) or torchao's AdamW8bit (block-wise 8-bit states; with
+    bfloat16 weights it rounds each update stochastically, so that lr 5e-6 is not lost)."""
     tower_trains = cfg.vision_lr > 0
     model.requires_grad_(True)
     model.vision_tower.requires_grad_(tower_trains)
@@ -247,7 +179,16 @@ def prepare_training(model, ctx, cfg):
     if tower_trains:
         groups.append({"params": [p for p in params if id(p) in tower],
                        "lr_scale": cfg.vision_lr / cfg.lr})
-    optimizer = make_optimizer(groups, cfg)
+    adam = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, **adam)
+    else:
+        try:  # imported here: an optional dependency whose import takes seconds
+            from torchao.optim import AdamW8bit
+        except ImportError:
+            raise SystemExit("--optimizer adamw8bit needs torchao: pip install -r "
+                             "requirements.txt") from None
+        optimizer = AdamW8bit(groups, **adam, bf16_stochastic_round=cfg.master_dtype == "bfloat16")
     count = lambda ps: sum(p.numel() for p in ps) / 1e9  # noqa: E731  (a DTensor counts whole)
     print(f"model {count(model.parameters()):.3f} B parameters ({count(params):.3f} B trainable) "
           f"on {ctx.device}, {ctx.world} process(es), parallel {ctx.mode}, optimizer "
@@ -268,12 +209,12 @@ def micro_batches(n_rows: int, ctx, grad_accum: int) -> list[slice]:
     return [slice(mine.start + j * m, mine.start + (j + 1) * m) for j in range(grad_accum)]
 
 
-def autocast_for(cfg, ctx):
-    """bf16 autocast on CUDA without FSDP (FSDP2 casts through its MixedPrecisionPolicy instead);
-    else nothing."""
+def autocast_for(cfg, ctx, drafting: bool = False):
+    """bf16 autocast on CUDA, but not to train under FSDP (FSDP2 casts through its
+    MixedPrecisionPolicy); else nothing."""
     dtype = distributed.resolve_dtype(cfg.param_dtype, ctx.device)
     return (torch.autocast(ctx.device.type, dtype=dtype)
-            if dtype != torch.float32 and ctx.mode != "fsdp" else nullcontext())
+            if dtype != torch.float32 and (drafting or ctx.mode != "fsdp") else nullcontext())
 
 
 def accumulate(train_model, ctx, micro: list, autocast, loss_of) -> tuple[torch.Tensor, dict]:
@@ -284,42 +225,13 @@ def accumulate(train_model, ctx, micro: list, autocast, loss_of) -> tuple[torch.
     total, sums = 0.0, {}
     for j, rows in enumerate(micro):
         last = j == len(micro) - 1
-        sync = train_model.no_sync() if ctx.mode == "ddp" and not last else nullcontext()
-        with sync:
+        with train_model.no_sync() if ctx.mode == "ddp" and not last else nullcontext():
             with autocast:
                 loss, parts = loss_of(rows)
             (loss / len(micro)).backward()
         total = total + loss.detach() / len(micro)
         sums = {k: sums.get(k, 0.0) + v.detach() / len(micro) for k, v in parts.items()}
     return total, sums
-
-
-def load_state(path: str, model, optimizer) -> dict:
-    """--resume: weights and Adam state from the DCP folder (resharded to this run's processes);
-    returns its meta.json. torchao keeps learning rates in tensors; they are saved as numbers."""
-    tensor_lr = [isinstance(group["lr"], torch.Tensor) for group in optimizer.param_groups]
-    try:
-        meta = distributed.load_dcp_weights(path, model)
-        distributed.load_dcp_optimizer(path, model, optimizer)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"--resume: {err}. Fix: point --out at a run of this script") from None
-    for group, was_tensor in zip(optimizer.param_groups, tensor_lr):
-        if was_tensor and not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]))
-    return meta
-
-
-def save_state(path: str, model, optimizer, meta: dict, ctx) -> None:
-    """distributed.save_dcp, with learning rates that torchao keeps in tensors written as numbers
-    (meta.json)."""
-    rates = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = float(group["lr"])
-    try:
-        distributed.save_dcp(path, model, optimizer, meta, ctx)
-    finally:
-        for group, lr in zip(optimizer.param_groups, rates):
-            group["lr"] = lr
 
 
 RESUME_FREE = {"resume", "stop_at", "out", "eval_every", "device", "parallel", "save",
@@ -349,16 +261,79 @@ def check_resume(cfg, meta: dict, world: int = 1) -> None:
               f"continuation will not match an uninterrupted run")
 
 
-def report_peak_memory(plan, device) -> None:
-    """On CUDA: the measured peak beside the memory plan's total."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        reserved = torch.cuda.max_memory_reserved(device)
-        print(f"peak memory allocated {peak / GIB:.2f} GiB (reserved {reserved / GIB:.2f} GiB); "
-              f"the plan said {plan.total / GIB:.2f} GiB")
+class FolderRun:
+    """What a Stage I and a Stage II run on a LLaDA-V / ReDiff folder share (check_flags passed):
+    the memory plan printed before any weight is loaded, the captions, then (load) the folder, its
+    caption data and the optimizer; the training state on disk, the closing lines and the export.
+    """
+
+    def __init__(self, cfg, ctx, objective: str):
+        self.cfg, self.ctx, self.state = cfg, ctx, cfg.out.rstrip("/") + ".dcp"
+        self.plan = check_memory(cfg, ctx)  # before any weight is loaded
+        self.captions, self.pairs = load_captions(cfg, objective)
+
+    def load(self, answer_len: int) -> dict | None:
+        """Load the folder, build the caption data, the replacement tokens of Stage I (every id
+        that is not special, drawn on the CPU) and the optimizer -> --resume's meta.json (None)."""
+        cfg, ctx = self.cfg, self.ctx
+        print(show_config(cfg))
+        model, tokenizer = load_llada_v(cfg.init_from, ctx.device, MASTER_DTYPES[cfg.master_dtype])
+        self.model, self.tokenizer = model, tokenizer
+        self.data = CaptionData(self.captions, self.pairs, model, tokenizer, answer_len, cfg.seed)
+        special, vocab = set(tokenizer.special_ids), tokenizer.tok.get_vocab_size()
+        self.ordinary = torch.tensor([i for i in range(min(vocab, model.cfg.lm.vocab_size))
+                                      if i not in special])
+        self.train_model, self.params, self.optimizer = prepare_training(model, ctx, cfg)
+        self.autocast = autocast_for(cfg, ctx)
+        return self.load_state() if cfg.resume else None
+
+    def load_state(self) -> dict:
+        """--resume: weights and Adam state from OUT.dcp (resharded to this run's processes) ->
+        its meta.json. torchao keeps learning rates in tensors; they are saved as numbers."""
+        try:
+            meta = distributed.load_dcp_weights(self.state, self.model)
+            distributed.load_dcp_optimizer(self.state, self.model, self.optimizer)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"--resume: {err}. Fix: point --out at a run of this script") from None
+        if self.cfg.optimizer == "adamw8bit":
+            for group in self.optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]))
+        return meta
+
+    def save_state(self, meta: dict) -> None:
+        """distributed.save_dcp at OUT.dcp, learning rates written as numbers (--no-save: none)."""
+        if not self.cfg.save:
+            return
+        rates = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(group["lr"])
+        try:
+            distributed.save_dcp(self.state, self.model, self.optimizer, meta, self.ctx)
+        finally:
+            for group, lr in zip(self.optimizer.param_groups, rates):
+                group["lr"] = lr
+
+    def close(self, done: str, meta: dict | None) -> None:
+        """Say what the data cut and the peak memory (CUDA: beside the plan's total); export --out
+        with meta (None: the run is not over)."""
+        cfg, device = self.cfg, self.ctx.device
+        self.data.warn()
+        if device.type == "cuda":
+            print(f"peak memory allocated {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB "
+                  f"(reserved {torch.cuda.max_memory_reserved(device) / GIB:.2f} GiB); the plan "
+                  f"said {self.plan.total / GIB:.2f} GiB")
+        if not cfg.save:
+            print(f"{done}; nothing written (--no-save)")
+        elif meta is None:
+            print(f"{done}; training state {self.state}")
+        else:
+            export_hf(cfg.out, self.model, self.ctx, cfg.init_from, MASTER_DTYPES[cfg.save_dtype],
+                      cfg.shard_gb, meta)
+            print(f"{done}; Hugging Face folder {cfg.out} (sample.py --ckpt {cfg.out} --image "
+                  f"PHOTO), training state {self.state}")
 
 # --------------------------------------------------------------------------------------------------
-# The losses on caption batches: Eq. 1 and Eq. 2-3 on the answers
+# Stage I: Eq. 1 and Eq. 2-3 on caption batches, the pieces train_stage1.py's loop calls
 
 
 def corrupt(batch, cfg, ordinary, generator) -> dict:
@@ -393,37 +368,22 @@ def rows_loss(model, data: CaptionData, batch, noisy: dict, rows: slice, cfg,
         return loss, {"mask": loss}
     return rediff.typed_losses(logits, targets, noisy["types"][rows].to(device), p)
 
-# --------------------------------------------------------------------------------------------------
-# Stage I: the pieces train_stage1.py's loop calls
 
-
-class Stage1Run:
-    """A Stage I run on a LLaDA-V / ReDiff folder (check_flags passed), set up for train_stage1's
-    loop: the memory plan printed (before any weight is loaded), captions read, the folder loaded,
-    the optimizer built, with --resume the state of OUT.dcp loaded. The loop calls batch,
+class Stage1Run(FolderRun):
+    """A Stage I run on a LLaDA-V / ReDiff folder, set up for train_stage1's loop (--steps 0: one
+    pass over the captions), with --resume the state of OUT.dcp loaded. The loop calls batch,
     backward, evaluate, save and finish (as it does train_stage1.ShapesRun's)."""
     draw_device = "cpu"  # masks and corruptions are drawn on the CPU (any padding, any processes)
 
     def __init__(self, cfg, ctx):
-        self.cfg, self.ctx, self.state = cfg, ctx, cfg.out.rstrip("/") + ".dcp"
         self.micro = micro_batches(cfg.batch_size, ctx, cfg.grad_accum)  # refuses an uneven batch
-        self.plan = check_memory(cfg, ctx)  # before any weight is loaded
-        captions, pairs = load_captions(cfg, cfg.objective)
-        dtype = MASTER_DTYPES[cfg.master_dtype]
-        model, tokenizer = load_llada_v(cfg.init_from, ctx.device, dtype)
-        self.model, self.tokenizer = model, tokenizer
-        self.data = CaptionData(captions, pairs, model, tokenizer, cfg.answer_len, cfg.seed)
-        cfg.steps = cfg.steps or math.ceil(len(captions) / cfg.batch_size)
+        super().__init__(cfg, ctx, cfg.objective)
+        cfg.steps = cfg.steps or math.ceil(len(self.captions) / cfg.batch_size)
         cfg.warmup = cfg.warmup if cfg.warmup >= 0 else max(1, round(WARMUP_FRAC * cfg.steps))
-        print(show_config(cfg))
-        self.ordinary = ordinary_ids(model, tokenizer)  # replacement tokens (drawn on the CPU)
-        self.train_model, self.params, self.optimizer = prepare_training(model, ctx, cfg)
-        self.autocast = autocast_for(cfg, ctx)
-        self.start_step, self.history = 0, []
-        if cfg.resume:
-            meta = load_state(self.state, model, self.optimizer)
+        meta = self.load(cfg.answer_len)
+        self.start_step, self.history = (meta["step"], meta["history"]) if meta else (0, [])
+        if meta:
             check_resume(cfg, meta, ctx.world)
-            self.start_step, self.history = meta["step"], meta["history"]
             print(f"resumed {self.state} at step {self.start_step}")
 
     def batch(self, step: int):
@@ -448,43 +408,23 @@ class Stage1Run:
                                                    if k != "step"))
         return entry
 
+    def meta(self, step: int) -> dict:
+        return {"stage": "llada-v-stage1-" + self.cfg.objective, "step": step,
+                "train_config": asdict(self.cfg), "history": self.history}
+
     def save(self, step: int) -> None:
-        """The training state at OUT.dcp (--no-save: nothing)."""
-        if self.cfg.save:
-            meta = {"stage": "llada-v-stage1-" + self.cfg.objective, "step": step,
-                    "train_config": asdict(self.cfg), "history": self.history}
-            save_state(self.state, self.model, self.optimizer, meta, self.ctx)
+        self.save_state(self.meta(step))
 
     def finish(self, step: int) -> None:
-        """Say what the data cut, the peak memory, and (when the run is done) export --out."""
-        self.data.warn()
-        report_peak_memory(self.plan, self.ctx.device)
         last = self.history[-1]["train_loss"] if self.history else float("nan")
-        if step < self.cfg.steps or not self.cfg.save:
-            print(f"done: {step} steps, last loss {last:.4f}; "
-                  + ("nothing written (--no-save)" if not self.cfg.save else
-                     f"training state {self.state}"))
-            return
-        dtype = MASTER_DTYPES[self.cfg.save_dtype]
-        state = {"stage": "llada-v-stage1-" + self.cfg.objective, "step": step,
-                 "train_config": asdict(self.cfg), "history": self.history}
-        export_hf(self.cfg.out, self.model, self.ctx, self.cfg.init_from, dtype,
-                  self.cfg.shard_gb, state)
-        print(f"done: {step} steps, last loss {last:.4f}; Hugging Face folder {self.cfg.out} "
-              f"(sample.py --ckpt {self.cfg.out} --image PHOTO), training state {self.state}")
+        self.close(f"done: {step} steps, last loss {last:.4f}",
+                   self.meta(step) if step >= self.cfg.steps else None)
 
 # --------------------------------------------------------------------------------------------------
 # Stage II: the pieces train_stage2.py's rounds call
 
 DRAFT_STREAM = 2      # take() streams: 0 and 1 are the Stage I captions and pairs (the mix), 2 the
 PICK_STREAM = 1000    # drafts, PICK_STREAM + round the order a round's corrected drafts train in
-
-
-def answer_text(tokenizer, ids: list[int]) -> str:
-    """Answer ids -> the caption's text, cut at the first end of turn / end of text (as
-    llada_v.caption)."""
-    cut = min([ids.index(s) for s in tokenizer.stop_ids if s in ids] + [len(ids)])
-    return tokenizer.decode(ids[:cut]).strip()
 
 
 def expert_image(path: str):
@@ -497,13 +437,10 @@ def expert_image(path: str):
 
 
 def in_context(review, draft: dict, tokenizer, counts: Counter):
-    """The expert's rules that need the draft's text, before experts.validate_pairs checks the rest
-    on token ids:
-    - org must occur exactly once in the draft's text (else counted as rejected_absent /
-      rejected_repeated, dropped);
-    - a byte-level BPE spells a word after a space (" red") differently from one at the start
-      ("red"): when only the spaced spelling occurs in the draft's ids, org and target get the
-      leading space the text had."""
+    """The expert's rules that need the draft's text (experts.validate_pairs checks the rest on
+    ids): org occurs exactly once in it (else rejected_absent / rejected_repeated); a byte-level
+    BPE spells " red" otherwise than "red": when only the spaced spelling is in the draft's ids,
+    org and target get the leading space the text had."""
     if not isinstance(review, list):
         return review
     ids, kept = draft["ids"].tolist(), []
@@ -552,11 +489,10 @@ def eq4_loss(model, data: CaptionData, batch: Eq4Batch, rows: slice, device):
 
 
 def drafting_replica(model, ctx, cfg):
-    """The module that drafts. Without FSDP: the model itself (autocast casts on the fly). Under
-    FSDP2: one replica in the compute dtype (bfloat16 on CUDA), built parameter by parameter from
-    the gathered shards: the peak is that replica and one gathered tensor, never a whole float32
-    state dict beside a float32 replica (about 67 GB for 8B). Every rank must call it (the gathers
-    are collectives)."""
+    """The module that drafts: the model itself, but under FSDP2 one replica in the compute dtype
+    built parameter by parameter from the gathered shards (the peak: that replica and one gathered
+    tensor, never a float32 state dict beside a float32 replica, 67 GB for 8B). Every rank calls
+    it (the gathers are collectives)."""
     if ctx.mode != "fsdp":
         return model
     dtype = distributed.resolve_dtype(cfg.param_dtype, ctx.device)
@@ -574,7 +510,7 @@ def drafting_replica(model, ctx, cfg):
         else:
             module._buffers[attr] = value
         del full
-    return replica.eval()
+    return replica
 
 
 def load_recorded(cfg) -> list[dict]:
@@ -584,10 +520,8 @@ def load_recorded(cfg) -> list[dict]:
     root = cfg.image_root or os.path.dirname(os.path.abspath(cfg.drafts_json))
     try:
         records, stats = load_llava_json(cfg.drafts_json, root, cfg.skip_missing, cfg.skip_bad)
-    except DataError as err:
-        raise SystemExit(f"--drafts-json: {err}") from None
-    except FileNotFoundError:
-        raise SystemExit(f"--drafts-json {cfg.drafts_json}: file not found") from None
+    except (DataError, FileNotFoundError) as err:
+        raise SystemExit(f"--drafts-json {cfg.drafts_json}: {err}") from None
     recorded = [r for r in records if "revise" in r]
     if not recorded:
         raise SystemExit(f"--drafts-json {cfg.drafts_json}: no record with \"revise\" "
@@ -607,39 +541,27 @@ class RecordedCorrections(Expert):
         return list(item.scene)
 
 
-class Stage2Run:
-    """A Stage II run on a LLaDA-V / ReDiff folder (check_flags passed), set up before the rounds
-    (memory plan, captions, the folder, the optimizer kept over all rounds, --resume's state), and
-    the pieces a round of train_stage2.py calls: the drafting source of make_drafts (draft_items,
-    caption, draft), the images the expert sees (image_of), the text rules of the expert's answers
-    (in_context), the fine-tuning steps (start_round, backward) and end_round (statistics, history,
-    training state; the export after the last round)."""
+class Stage2Run(FolderRun):
+    """A Stage II run on a LLaDA-V / ReDiff folder (one optimizer over all rounds): each round
+    drafts the next --drafts-per-round images with the current model (draft_items, caption, draft;
+    one block of --gen-length, the official sampler's rules), an expert reviews them (image_of,
+    in_context), Eq. 4 trains on the corrected segments with --stage1-mix of Stage I rows
+    (start_round, backward), end_round keeps the state. --drafts-json: recorded drafts instead."""
 
     def __init__(self, cfg, ctx):
-        self.cfg, self.ctx, self.state = cfg, ctx, cfg.out.rstrip("/") + ".dcp"
         self.mix = mix_settings(cfg.init_from)
         self.n_mix = round(cfg.batch_size * cfg.stage1_mix)
         self.n_own = cfg.batch_size - self.n_mix
         self.own_micro = micro_batches(self.n_own, ctx, cfg.grad_accum)  # refuses an uneven split
         self.mix_micro = (micro_batches(self.n_mix, ctx, cfg.grad_accum) if self.n_mix
                           else [None] * cfg.grad_accum)
-        self.plan = check_memory(cfg, ctx)  # before any weight is loaded
-        self.captions, pairs = load_captions(cfg, self.mix.objective)
+        super().__init__(cfg, ctx, self.mix.objective)
         self.recorded = load_recorded(cfg) if cfg.drafts_json else []
         self.expert = RecordedCorrections() if self.recorded else None  # else --expert's
-        dtype = MASTER_DTYPES[cfg.master_dtype]
-        model, tokenizer = load_llada_v(cfg.init_from, ctx.device, dtype)
-        self.model, self.tokenizer = model, tokenizer
-        self.data = CaptionData(self.captions, pairs, model, tokenizer, self.mix.answer_len,
-                                cfg.seed)
-        print(show_config(cfg))
         print(f"Stage I mix: {cfg.stage1_mix:.0%} of each batch, {asdict(self.mix)}")
-        self.ordinary = ordinary_ids(model, tokenizer)
-        self.train_model, self.params, self.optimizer = prepare_training(model, ctx, cfg)
-        self.autocast = autocast_for(cfg, ctx)
+        meta = self.load(self.mix.answer_len)
         self.first_round, self.step, self.history = 0, 0, []
-        if cfg.resume:
-            meta = load_state(self.state, model, self.optimizer)
+        if meta:
             if "round" not in meta:
                 raise SystemExit(f"--resume: {self.state} holds a {meta.get('stage')!r} run, not "
                                  f"Stage II; start Stage II from its export with --init-from")
@@ -665,27 +587,27 @@ class Stage2Run:
         """Draft answers (b, G) of items with one prompt length: the refining sampler, one block,
         greedy, with the official sampler's rules (llada_v.generate_answer); or the recorded
         drafts' own answers."""
+        length = self.cfg.gen_length
         if self.recorded:
             return torch.tensor([self.data.answer(self.tokenizer.encode(item["wrong"]), False,
-                                                  self.cfg.gen_length) for item in items])
+                                                  length) for item in items])
         images = anyres_images(model, [item["image_path"] for item in items])
         prompt = torch.tensor([item["prompt_ids"] for item in items], device=self.ctx.device)
-        dtype = distributed.resolve_dtype(self.cfg.param_dtype, self.ctx.device)
-        cast = (torch.autocast(self.ctx.device.type, dtype=dtype) if dtype != torch.float32
-                else nullcontext())
-        with cast:
+        with autocast_for(self.cfg, self.ctx, drafting=True):
             embeds = model.embed_views(*images)                                     # (b, N, D)
-            steps = math.ceil(self.cfg.gen_length / speed)
-            out, _ = generate_answer(model, embeds, prompt, self.cfg.gen_length, steps)  # (b, G)
-        return out
+            out, _ = generate_answer(model, embeds, prompt, length, math.ceil(length / speed))
+        return out                                                                  # (b, G)
 
     def draft(self, item: dict, ids: torch.Tensor, speed: int) -> dict:
+        """A draft's record; its text cut at the first end of turn / end of text (as
+        llada_v.caption), a recorded draft's corrections as its "scene" (RecordedCorrections)."""
+        answer = ids.tolist()
+        cut = min([answer.index(s) for s in self.tokenizer.stop_ids if s in answer] + [len(answer)])
         return {"image_path": item["image_path"], "truth": item["caption"],
                 "prompt": item["prompt_ids"], "tokens_per_step": speed, "ids": ids,
-                "text": answer_text(self.tokenizer, ids.tolist()), "image": None,
-                "scene": item.get("revise")}  # a recorded draft's corrections (RecordedCorrections)
+                "text": self.tokenizer.decode(answer[:cut]).strip(), "image": None,
+                "scene": item.get("revise")}
 
-    # review
     def image_of(self, draft: dict):
         """The image an LLM expert sees, read from disk when its review is asked for."""
         return (expert_image(draft["image_path"])
@@ -730,55 +652,25 @@ class Stage2Run:
     def end_round(self, r: int, drafts, counts: Counter, samples, losses, expert_name: str):
         """The round's statistics and history entry, the training state, and after the last
         round the export (--out)."""
-        cfg = self.cfg
+        cfg, tag = self.cfg, f"round {r + 1}/{self.cfg.rounds}"
+        mistakes = sum(int(s["mistake"].sum()) for s in samples)
         self.history.append({"round": r + 1, "step": self.step, "drafts": len(drafts),
                              "samples": len(samples), "expert": dict(counts), "losses": losses,
-                             "mistake_tokens": sum(int(s["mistake"].sum()) for s in samples)})
-        for line in report(r, cfg, drafts, counts, samples, losses, expert_name):
-            print(line)
+                             "mistake_tokens": mistakes})
+        speeds = sorted(Counter(d["tokens_per_step"] for d in drafts).items())
+        answers = {"right": counts["right"], **dict(sorted(counts.items()))}
+        print(f"{tag} | drafts {len(drafts)} ({', '.join(f'{s} tok/step {n}' for s, n in speeds)})"
+              f"\n{tag} | expert {expert_name}: {', '.join(f'{k} {v}' for k, v in answers.items())}"
+              f"\n{tag} | {len(samples)} drafts to train on, {mistakes} mistake tokens")
+        if samples:
+            print(f"  example draft: {samples[0]['text'][:300]!r}; its pairs (kept or not): "
+                  f"{samples[0]['pairs']!r:.300}")
+        if losses:
+            last = ", ".join(f"{k} {v:.4f}" for k, v in losses[-1].items() if k != "step")
+            print(f"{tag} | {len(losses)} steps, total loss {losses[0]['total']:.4f} -> {last}")
         meta = {"stage": "llada-v-stage2", "round": r + 1, "step": self.step,
                 "train_config": asdict(cfg), "stage1_config": asdict(self.mix),
                 "history": self.history}
-        if cfg.save:
-            save_state(self.state, self.model, self.optimizer, meta, self.ctx)
+        self.save_state(meta)
         if r + 1 == cfg.rounds:
-            self.data.warn()
-            report_peak_memory(self.plan, self.ctx.device)
-            if cfg.save:
-                export_hf(cfg.out, self.model, self.ctx, cfg.init_from,
-                          MASTER_DTYPES[cfg.save_dtype], cfg.shard_gb, meta)
-            print(f"done: {cfg.rounds} round(s), {self.step} steps; Hugging Face folder {cfg.out} "
-                  f"(sample.py --ckpt {cfg.out} --image PHOTO), training state {self.state}")
-
-
-def report(r: int, cfg, drafts, counts: Counter, samples, losses, expert_name: str) -> list[str]:
-    """The round's statistics: drafts per speed, the expert's answers and pairs, training drafts,
-    losses."""
-    tag = f"round {r + 1}/{cfg.rounds}"
-    speeds = ", ".join(f"{s} tok/step {sum(d['tokens_per_step'] == s for d in drafts)}"
-                       for s in sorted(set(cfg.tokens_per_step)))
-    words = sum(len(d["text"].split()) for d in drafts) / max(1, len(drafts))
-    rejected = {k[len("rejected_"):]: v for k, v in sorted(counts.items())
-                if k.startswith("rejected_")}
-    other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())
-                      if not k.startswith(("rejected_", "pairs_"))
-                      and k not in ("right", "no_answer", "no_valid_pair"))
-    lines = [f"{tag} | drafts {len(drafts)} ({speeds}), {words:.1f} words on average",
-             f"{tag} | expert {expert_name}: right {counts['right']}, no answer "
-             f"{counts['no_answer']}, pairs proposed {counts['pairs_proposed']}, kept "
-             f"{counts['pairs_kept']}, rejected {sum(rejected.values())} "
-             f"({', '.join(f'{k} {v}' for k, v in rejected.items()) or 'none'})"
-             + (f" | {other}" if other else ""),
-             f"{tag} | {len(samples)} drafts to train on ({counts['no_valid_pair']} left with no "
-             f"valid pair), {sum(int(s['mistake'].sum()) for s in samples)} mistake tokens"]
-    if samples:
-        fixes = "; ".join(f"{p['org']!r} -> {p['target']!r}" for p in samples[0]["pairs"]
-                          if isinstance(p, dict))
-        lines += [f"  example draft ({samples[0]['tokens_per_step']} tok/step): "
-                  f"{samples[0]['text'][:300]}", f"  its pairs (kept or not): {fixes[:300]}"]
-    else:
-        lines.append(f"{tag} | no draft to train on (all right, or no valid pair)")
-    if losses:
-        last = ", ".join(f"{k} {v:.4f}" for k, v in losses[-1].items() if k != "step")
-        lines.append(f"{tag} | {len(losses)} steps, total loss {losses[0]['total']:.4f} -> {last}")
-    return lines
+            self.close(f"done: {cfg.rounds} round(s), {self.step} steps", meta)

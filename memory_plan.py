@@ -69,25 +69,15 @@ def parameter_counts(config) -> tuple[int, int, int]:
     return _COUNTED[key]
 
 
-def image_layout_counts(config, image_size: tuple[int, int]) -> tuple[int, int]:
-    """(image tokens, views the tower sees) of an image of this (width, height) (llada_v's anyres
-    rules)."""
-    v = config.vision
-    if config.image_aspect_ratio == "pad":
-        return v.grid ** 2 + 1, 1
-    layout = anyres_layout(image_size, config.grid_pinpoints, v.image_size, v.grid,
-                           config.max_crops)
-    return layout.tokens, 1 + layout.rows * layout.cols
-
-
 def memory_plan(config, flags, device_bytes: int, world: int = 1, device_type: str = "cuda",
                 image_size: tuple[int, int] = (640, 480)) -> MemoryPlan:
     """The memory one device needs to train the model of `config` (llada_v.LLaDAVConfig) with
     `flags` (train_stage1.py's: optimizer, master_dtype, param_dtype, parallel,
     activation_checkpointing, batch_size, grad_accum, answer_len, vision_lr; train_stage2.py's
     add gen_length and the drafting replica) in `world` processes: weights, their compute copies,
-    gradients, optimizer states, activations of a micro-batch of samples of image_size, and a fixed
-    overhead. Pure arithmetic; the per-token activation count is an estimate."""
+    gradients, optimizer states, activations of a micro-batch of samples of image_size (llada_v's
+    anyres rules), and a fixed overhead. Pure arithmetic; the per-token activation count is an
+    estimate."""
     n_all, n_tower, n_root = parameter_counts(config)
     n_train = n_all - (0 if flags.vision_lr > 0 else n_tower)
     mode = flags.parallel if flags.parallel != "auto" else ("ddp" if world > 1 else "none")
@@ -95,7 +85,7 @@ def memory_plan(config, flags, device_bytes: int, world: int = 1, device_type: s
     master = 2 if flags.master_dtype == "bfloat16" else 4
     fp32 = flags.param_dtype == "float32" or (flags.param_dtype == "auto" and device_type != "cuda")
     compute = 4 if fp32 else 2
-    lm, n_layers = config.lm, config.lm.n_layers
+    lm, v, n_layers = config.lm, config.vision, config.lm.n_layers
     parts = {"weights": n_all * master // shard}
     if mode == "fsdp":  # gathered in the compute dtype: the root unit, and two layers at a time
         parts["gathered weights"] = (n_root + 2 * (n_all - n_tower - n_root) // n_layers) * compute
@@ -108,7 +98,12 @@ def memory_plan(config, flags, device_bytes: int, world: int = 1, device_type: s
     parts["optimizer states"] = int(n_train * per_param) // shard
     # activations of one sample
     answer = max(getattr(flags, "answer_len", 0), getattr(flags, "gen_length", 0))
-    image_tokens, views = image_layout_counts(config, image_size)
+    if config.image_aspect_ratio == "pad":
+        image_tokens, views = v.grid ** 2 + 1, 1
+    else:
+        layout = anyres_layout(image_size, config.grid_pinpoints, v.image_size, v.grid,
+                               config.max_crops)
+        image_tokens, views = layout.tokens, 1 + layout.rows * layout.cols
     seq = TEXT_TOKENS + image_tokens + answer
     d, f = STORED_PER_TOKEN
     block = (d * lm.d_model + f * lm.mlp_hidden) * compute          # bytes a token, one layer
@@ -117,7 +112,6 @@ def memory_plan(config, flags, device_bytes: int, world: int = 1, device_type: s
     else:
         act = seq * n_layers * block
     act += answer * lm.vocab_size * (compute + 8)  # answer logits, float32 log-softmax, gradient
-    v = config.vision
     tokens = views * v.grid ** 2
     act += tokens * (v.width + 2 * lm.d_model) * compute            # the projector's inputs
     if flags.vision_lr > 0:
@@ -176,28 +170,23 @@ def device_memory(device: torch.device, cfg) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def parse_size(text: str, flag: str) -> tuple[int, int]:
-    """"640x480" -> (640, 480), or a one-line error naming the flag."""
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-        if width > 0 and height > 0:
-            return width, height
-    except ValueError:
-        pass
-    raise UsageError(f"{flag} {text!r}: give WIDTHxHEIGHT in pixels, e.g. 640x480")
-
-
-def check_memory(cfg, ctx) -> MemoryPlan:
-    """Print the memory plan from --init-from's config.json and the flags; refuse one that does not
-    fit, naming the flags that would make it fit (--ignore-memory-plan goes on regardless)."""
+def check_memory(cfg, ctx, device_type: str = "", refuse: bool = True) -> MemoryPlan:
+    """Print the memory plan on ctx's device (or one of device_type) from --init-from's config.json
+    and the flags; refuse one that does not fit, naming the flags that would make it fit
+    (--ignore-memory-plan goes on regardless; refuse=False prints the refusal instead)."""
     path = os.path.join(cfg.init_from, "config.json")
     with open(path) as f:
         config = config_from_hf(json.load(f), path)
     if config.vision is None:
         raise SystemExit(f"--init-from {cfg.init_from} is a text-only LLaDA checkpoint: captioning "
                          f"needs LLaDA-V")
-    image = parse_size(cfg.plan_image, "--plan-image")
-    args = (device_memory(ctx.device, cfg), ctx.world, ctx.device.type, image)
+    width, _, height = cfg.plan_image.lower().partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) and int(height)):
+        raise UsageError(f"--plan-image {cfg.plan_image!r}: give WIDTHxHEIGHT in pixels, e.g. "
+                         f"640x480")
+    image = (int(width), int(height))
+    device_type = device_type or ctx.device.type
+    args = (device_memory(ctx.device, cfg), ctx.world, device_type, image)
     plan = memory_plan(config, cfg, *args)
     print(plan.text())
     if plan.fits or cfg.ignore_memory_plan:
@@ -205,7 +194,10 @@ def check_memory(cfg, ctx) -> MemoryPlan:
     fix = fitting_flags(config, cfg, *args)
     advice = (f"add {' '.join(fix)}" if fix else "no flag of this script makes it fit on one "
               "device: use more GPUs (torchrun --nproc_per_node N ... --parallel fsdp)")
-    raise SystemExit(f"memory plan: {plan.total / GIB:.1f} GiB per device, but {ctx.device} has "
-                     f"{plan.device_bytes / GIB:.1f} GiB; {advice} (or --ignore-memory-plan to try "
-                     f"anyway)")
-
+    refusal = (f"memory plan: {plan.total / GIB:.1f} GiB per device, but {device_type} has "
+               f"{plan.device_bytes / GIB:.1f} GiB; {advice} (or --ignore-memory-plan to try "
+               f"anyway)")
+    if refuse:
+        raise SystemExit(refusal)
+    print(refusal)
+    return plan
