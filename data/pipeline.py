@@ -25,7 +25,7 @@ def image_to_tensor(images, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.
 
 def held_out_indices(n: int, seed: int) -> list[int]:
     """Not in the paper: the toy world's held-out evaluation scenes, n distinct test-split indices
-    out of SCENE_POOL drawn by seed, sorted (shared by the evaluation, sample.py, experiments)."""
+    out of SCENE_POOL drawn by seed, sorted (shared by the evaluation and sample.py)."""
     rng = np.random.default_rng(seed)
     return sorted(rng.choice(SCENE_POOL, size=n, replace=False).tolist())
 

@@ -16,14 +16,10 @@ relation claim, each of which is true or false of the scene.
 
 Ground-truth captions score factuality 1, coverage 1, syntax 1, repetition 0 and headline 100. The
 scorer never raises on any string: garbage simply scores 0.
-
-false_object_claims sorts the false object claims by what went wrong, object_claims_by_template
-counts them per sentence template (the model's binding errors; experiments/errors.py).
 """
 from __future__ import annotations
 
-from data.shapes import (OBJECT_TEMPLATES, cell_of, claim_holds, matching_template, parse_sentence,
-                         sentence_spans)
+from data.shapes import cell_of, claim_holds, parse_sentence, sentence_spans
 
 METRICS = ["headline", "factuality", "coverage", "syntax", "repetition",
            "n_sentences", "n_claims", "n_true", "n_unparsed"]
@@ -81,46 +77,3 @@ def score_captions(texts: list[str], scenes: list[dict]) -> dict:
     scores = [score_caption(t, s) for t, s in zip(texts, scenes)]
     means = {m: sum(s[m] for s in scores) / len(scores) if scores else 0.0 for m in METRICS}
     return {**means, "n_captions": len(scores)}
-
-
-FALSE_OBJECT_KINDS = {
-    "misplaced": "an object of the scene (size, colour and shape) at another object's cell",
-    "wrong attributes": "a cell that holds an object, with a size / colour / shape no object "
-                        "has there",
-    "empty cell, real object": "an object of the scene at an empty cell",
-    "empty cell, no such object": "a cell that is empty, and an object the scene does not have",
-}
-
-
-def false_object_claims(text: str, scene: dict) -> dict:
-    """How many false object claims of a caption are of each kind of FALSE_OBJECT_KINDS."""
-    objects = {(o["row"], o["col"]): (o["size"], o["colour"], o["shape"])
-               for o in scene["objects"]}
-    kinds = dict.fromkeys(FALSE_OBJECT_KINDS, 0)
-    words = normalise(text)
-    for start, end in sentence_spans(words):
-        parsed = parse_sentence(words[start:end])
-        if parsed is None or parsed[0][0] != "object" or claim_holds(parsed[0], scene):
-            continue
-        _, size, colour, shape, pos = parsed[0]
-        real = (size, colour, shape) in objects.values()
-        if cell_of(pos) in objects:
-            kinds["misplaced" if real else "wrong attributes"] += 1
-        else:
-            kinds["empty cell, real object" if real else "empty cell, no such object"] += 1
-    return kinds
-
-
-def object_claims_by_template(text: str, scene: dict) -> dict:
-    """One caption's {object template: [object sentences written with it, how many are false]}."""
-    counts = {t: [0, 0] for t in OBJECT_TEMPLATES}
-    words = normalise(text)
-    for start, end in sentence_spans(words):
-        sentence = words[start:end]
-        parsed = parse_sentence(sentence)
-        if parsed is None or parsed[0][0] != "object":
-            continue
-        written = counts[matching_template(sentence)]
-        written[0] += 1
-        written[1] += not claim_holds(parsed[0], scene)
-    return counts

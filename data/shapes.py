@@ -123,11 +123,6 @@ def parse_sentence(words: list[str]) -> tuple[tuple, dict] | None:
     return None if template is None else (_claim_of(template, slots), slots)
 
 
-def matching_template(words: list[str]) -> str | None:
-    """The template (of ALL_TEMPLATES) a sentence matches, or None."""
-    return next((template for template, _ in _matches(words)), None)
-
-
 def cell_of(pos: str) -> tuple[int, int]:
     return divmod(POSITIONS.index(pos), GRID)
 

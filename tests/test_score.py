@@ -118,25 +118,3 @@ def test_fuzz_never_raises_and_stays_in_range():
     assert _in_range(score_caption(b"\xff\xfe there is one object .", SCENE))  # bytes are tolerated too
     assert score_captions([], [])["headline"] == 0
 
-
-def test_false_object_claims_are_sorted_by_what_went_wrong():
-    """Hand-checked against SCENE: red large circle top-left, small blue square right, large yellow star bottom."""
-    from data.score import false_object_claims
-    text = ("there is a large red circle at the right . "       # a real object at another object's cell
-            "a small red square is at the right . "             # an occupied cell, attributes no object has
-            "the center has a large yellow star . "             # a real object at an empty cell
-            "the top has a small green cross . "                # an empty cell and no such object
-            "there is a large red circle at the top-left . "    # true: not counted
-            "there are two objects . garbled words .")          # not object claims: not counted
-    assert false_object_claims(text, SCENE) == {"misplaced": 1, "wrong attributes": 1,
-                                                "empty cell, real object": 1, "empty cell, no such object": 1}
-    assert sum(false_object_claims("", SCENE).values()) == 0
-
-
-def test_object_claims_are_counted_per_template():
-    from data.score import object_claims_by_template
-    counts = object_claims_by_template(f"{CIRCLE} there is a small red square at the right . {SQUARE} "
-                                       "there are three objects .", SCENE)
-    assert counts["there is a {size} {colour} {shape} at the {pos}"] == [2, 1]   # CIRCLE true, the red square false
-    assert counts["a {size} {colour} {shape} is at the {pos}"] == [1, 0]
-    assert sum(n for n, _ in counts.values()) == 3, "the count sentence is not an object claim"

@@ -66,7 +66,7 @@ def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step:
     (visible tokens changed; 0 frozen) and caption_steps. sampler: caption_images' options."""
     from data import shapes
     from data.pipeline import image_to_tensor
-    from data.score import false_object_claims, object_claims_by_template, score_captions
+    from data.score import score_captions
     from sample import caption_images, decode_answer
     vision = model.cfg.vision
     texts, scenes, passes, revised, written_in = [], [], 0, 0, 0
@@ -86,11 +86,6 @@ def evaluate(model, tokenizer, world, answer_len: int, indices, tokens_per_step:
     scores["caption_steps"] = written_in / len(texts)
     scores["words"] = sum(len(t.split()) for t in texts) / len(texts)  # up to the end-of-text
     scores["examples"] = texts[:3]
-    kinds = [false_object_claims(t, s) for t, s in zip(texts, scenes)]
-    scores["false_objects"] = {k: sum(c[k] for c in kinds) for k in kinds[0]} if kinds else {}
-    templates = [object_claims_by_template(t, s) for t, s in zip(texts, scenes)]
-    scores["object_templates"] = {k: [sum(c[k][i] for c in templates) for i in (0, 1)]
-                                  for k in templates[0]} if templates else {}  # [sentences, false]
     return scores
 
 

@@ -57,7 +57,7 @@ class ReproConfig:
     stage2_steps: int = option(120, "optimizer steps of every Stage II round", at_least=1)
     stage2_lr: float = option(1e-4, "peak learning rate of every Stage II round (a tenth of --lr: "
                               "the official scripts use one rate for both stages, but here --lr "
-                              "scored lower at every speed: experiments/fidelity.py lr)",
+                              "scored lower at every speed: docs/findings.md)",
                               more_than=0)
     seeds: list = option([0, 1, 2], "seeds of the headline comparison (F1): baseline and ReDiff "
                          "trained once per seed", nargs="+", type=int, at_least=0)
