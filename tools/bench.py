@@ -28,8 +28,14 @@ sys.path.insert(0, ROOT)
 
 import rediff  # noqa: E402
 from cli import check_writable, option, parse_config, run_main  # noqa: E402
-from data.pipeline import prompt_ids  # noqa: E402
+from data import shapes  # noqa: E402
+from data.pipeline import ShapesData, held_out_indices, image_to_tensor, prompt_ids  # noqa: E402
+from data.score import score_caption  # noqa: E402
+from data.tokenizer import WordTokenizer, tokenizer_from_dict  # noqa: E402
+from model import load_for  # noqa: E402
 from sample import ModelLogits, banned_ids, caption_images, decode_answer, steps_for  # noqa: E402
+from train_stage1 import (PRESETS as TRAIN_PRESETS, TrainConfig, build_model,  # noqa: E402
+                          freeze_vision, training_loss)
 
 # The performance targets the verdicts read (docs/speed.md)
 RECIPE_SECONDS = 300        # 1: train_stage1.py --tiny (base and Stage I) on an idle 2-core machine
@@ -61,11 +67,10 @@ class BenchConfig:
     json: str = option("", "also write every row as JSON to this file")
 
 
-PRESETS = {"quick": {"help": "a smoke run in seconds (the numbers mean little)",
-                     "values": dict(batch_sizes=[1, 2], tokens_per_step=[1, 8], gen_length=16,
-                                    repeats=1, cache_batch=2, long_patches=4, threshold=[0.9],
-                                    train_steps=1, train_batch=4, matmul_size=256,
-                                    headline_scenes=8)}}
+PRESETS = {"quick": {"help": "a smoke run in seconds (the numbers mean little)", "values": dict(
+    batch_sizes=[1, 2], tokens_per_step=[1, 8], gen_length=16, repeats=1, cache_batch=2,
+    long_patches=4, threshold=[0.9], train_steps=1, train_batch=4, matmul_size=256,
+    headline_scenes=8)}}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -162,14 +167,12 @@ def compare(runs: dict, base: tuple, versus: str, repeats: int, **columns) -> li
 
 
 def tiny_train_config(**changes):
-    from train_stage1 import PRESETS as TRAIN_PRESETS, TrainConfig
     return dataclasses.replace(TrainConfig(**TRAIN_PRESETS["tiny"]["values"]), **changes)
 
 
 def build(tokenizer, image_size: int, prefix_dlm: bool = False):
     """A VLM of the --tiny shape, random weights (seed 0), (image_size / 16)^2 image tokens;
     prefix_dlm: with the Prefix-DLM mask, under which the prefix cache is exact."""
-    from train_stage1 import build_model
     torch.manual_seed(0)
     config = tiny_train_config(image_size=image_size, prefix_dlm=prefix_dlm)
     return build_model(config, tokenizer).eval()
@@ -177,8 +180,6 @@ def build(tokenizer, image_size: int, prefix_dlm: bool = False):
 
 def inputs(model, batch: int, world=None):
     """Images (B, 3, S, S): test scenes 0..B-1 of a checkpoint's world, or random pixels."""
-    from data import shapes
-    from data.pipeline import image_to_tensor
     vision = model.cfg.vision
     if world is None:
         g = torch.Generator().manual_seed(0)
@@ -207,9 +208,8 @@ def bench_sampler(model, tokenizer, cfg: BenchConfig, world) -> list[dict]:
 
 
 def target_samplers(model, tokenizer, images, G: int, n: int, p: float, row_steps=None) -> dict:
-    """The sampler target's ingredients, frozen, at n tokens per step: the plain loop, our sampler,
-    + the prefix cache (exact under the Prefix-DLM mask), + the floored threshold p, all combined
-    (its steps per row into row_steps). {label: zero-argument function -> (ids (B, G), passes)}."""
+    """Target 3's ingredients, frozen, at n tokens per step ({label: zero-argument function -> (ids
+    (B, G), passes)}); all combined puts its steps per row into row_steps."""
     ours = partial(caption_images, model, tokenizer, images, G, n, False)
     floored = partial(floored_threshold, model, tokenizer, images, G, n, p)
     return {"plain loop": partial(plain_loop, model, tokenizer, images, G, steps_for(G, n)),
@@ -219,10 +219,9 @@ def target_samplers(model, tokenizer, images, G: int, n: int, p: float, row_step
 
 
 def bench_fast_paths(tokenizer, cfg: BenchConfig, trained=None, world=None) -> list[dict]:
-    """At batch --cache-batch: the prefix cache against no cache at the fewest --tokens-per-step,
-    on the tiny shape and the long prefix (bidirectional, and Prefix-DLM), and each --threshold
-    (rediff.generate's) on the tiny shape; then target 3's ingredients against the plain loop on
-    the long Prefix-DLM shape at the most (its random weights are never confident)."""
+    """At batch --cache-batch and the fewest --tokens-per-step, the prefix cache against no cache on
+    the tiny and the long prefix (bidirectional, Prefix-DLM), and each --threshold on the tiny; then
+    target 3's ingredients on the long Prefix-DLM (random weights: never confident) at the most."""
     rows, G, B, one = [], cfg.gen_length, cfg.cache_batch, min(cfg.tokens_per_step)
     long = cfg.long_patches * tiny_train_config().patch_size  # the image side
     for name, model, model_world in (("tiny", trained or build(tokenizer, 48), world),
@@ -252,13 +251,9 @@ def headline_check(model, tokenizer, world, cfg: BenchConfig) -> list[dict]:
     """Target 3's quality: the plain loop and all combined on --headline-scenes held-out scenes
     (tools/eval.py's, seed 0), scored per caption: the paired difference's mean and 95 % interval
     (the same scenes, so most captions cancel), and the combined sampler's steps a caption."""
-    from data import shapes
-    from data.pipeline import held_out_indices, image_to_tensor
-    from data.score import score_caption
     G, n, p = cfg.gen_length, max(cfg.tokens_per_step), cfg.threshold[0]
     indices, vision = held_out_indices(cfg.headline_scenes, 0), model.cfg.vision
-    scores = {"plain loop": [], "all combined": []}
-    passes, same, row_steps = 0, 0, []
+    scores, passes, same, row_steps = {"plain loop": [], "all combined": []}, 0, 0, []
     for lo in range(0, len(indices), 100):
         samples = [shapes.sample("test", i, world) for i in indices[lo:lo + 100]]
         images = image_to_tensor([s["image"] for s in samples], vision.mean, vision.std)
@@ -308,9 +303,6 @@ def training_flops(model, seq_len: int) -> float:
 def bench_training(tokenizer, cfg: BenchConfig, dtype: torch.dtype) -> list[dict]:
     """The --tiny training step (Stage I, Eq. 2-3: data, corruption, forward, backward, clip, AdamW)
     in dtype (bfloat16: autocast), and this machine's matmul rate in dtype (best of 3)."""
-    from data import shapes
-    from data.pipeline import ShapesData
-    from train_stage1 import freeze_vision, training_loss
     tcfg = tiny_train_config(batch_size=cfg.train_batch)
     model = build(tokenizer, tcfg.image_size)
     world = shapes.WorldConfig(image_size=tcfg.image_size, max_words=tcfg.answer_len - 1)
@@ -388,9 +380,7 @@ def verdict(ok: bool) -> str:
 def checks(rows: list[dict]) -> list[str]:
     """The earlier speed work's check, read off the rows: the sampler >= 1.5x the plain loop (each
     model's range of speed-ups), with the same ids."""
-    plain = [r for r in rows if "speedup_of_sampler" in r]
-    if not plain:
-        return []
+    plain = [r for r in rows if "speedup_of_sampler" in r]  # bench_sampler's and target 3's
     speedups = {r["model"]: [p["speedup_of_sampler"] for p in plain if p["model"] == r["model"]]
                 for r in plain}
     ranges = "; ".join(f"{m} {min(s):.2f}x" + (f" to {max(s):.2f}x" if len(s) > 1 else "")
@@ -424,7 +414,7 @@ def sampler_target_verdict(rows: list[dict]) -> str:
         line, low = line + " with its headline unchecked (--ckpt a Prefix-DLM base)", -math.inf
     else:
         diff, half = check["headline_diff"], Z95 * check["headline_se"]
-        low = diff - half
+        low = diff - half  # the 95 % interval's lower end
         line += (f" with headline {diff:+.2f} (95 % {low:+.2f} to {diff + half:+.2f}) over "
                  f"{check['scenes']} scenes, {check['caption_steps']:.2f} steps a caption")
     qualifying = exact + (floored if low >= -HEADLINE_POINTS else [])
@@ -460,17 +450,13 @@ def targets(rows: list[dict], bench_seconds: float) -> list[str]:
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, description=__doc__, presets=PRESETS)
     check_writable(cfg.json, "--json")
-    from data import shapes
-    from data.tokenizer import WordTokenizer, tokenizer_from_dict
-    from model import load_for
     load_before = os.getloadavg()[0]  # before any work of this run: was the machine idle?
     trained, world, tokenizer = None, None, WordTokenizer.for_shapes_world()
     if cfg.ckpt:
         trained, meta = load_for(cfg.ckpt, "--ckpt", needs=("tokenizer", "world", "answer_len"),
                                  fix="pass a checkpoint of train_stage1.py or train_stage2.py")
-        tokenizer, world = tokenizer_from_dict(meta["tokenizer"]), shapes.WorldConfig(
-            **meta["world"])
-        trained, cfg.gen_length = trained.eval(), meta["answer_len"]
+        tokenizer, cfg.gen_length = tokenizer_from_dict(meta["tokenizer"]), meta["answer_len"]
+        trained, world = trained.eval(), shapes.WorldConfig(**meta["world"])
     recipe = [time_recipe(load_before)] if cfg.time_recipe else []  # first: nothing else runs
     start = time.perf_counter()
     model = trained or build(tokenizer, 48)
@@ -483,8 +469,6 @@ def main(argv=None):
     bench_seconds = time.perf_counter() - start  # target 4: the headline check and recipe excluded
     if trained is not None and trained.cfg.prefix_dlm_len:
         rows += headline_check(trained, tokenizer, world, cfg)
-    elif trained is not None:
-        print(f"{cfg.ckpt} has no Prefix-DLM mask: no headline check (its cache is not exact)")
     rows += recipe
     print(markdown(rows), *checks(rows), *targets(rows, bench_seconds), sep="\n")
     if cfg.json:
