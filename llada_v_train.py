@@ -43,8 +43,8 @@ MASTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def selected(path: str) -> bool:
     """Whether --init-from names a folder that is not a DCP checkpoint: a Hugging Face LLaDA-V /
     ReDiff folder, which the training scripts train with this module's flags and pieces."""
-    dcp = os.path.isfile(os.path.join(path, distributed.META_FILE))
-    return bool(path) and os.path.isdir(path) and not dcp
+    return (bool(path) and os.path.isdir(path)
+            and not os.path.isfile(os.path.join(path, distributed.META_FILE)))
 
 
 @dataclass
@@ -488,31 +488,6 @@ def eq4_loss(model, data: CaptionData, batch: Eq4Batch, rows: slice, device):
     return rediff.refinement_loss(logits, refined, mistake)
 
 
-def drafting_replica(model, ctx, cfg):
-    """The module that drafts: the model itself, but under FSDP2 one replica in the compute dtype
-    built parameter by parameter from the gathered shards (the peak: that replica and one gathered
-    tensor, never a float32 state dict beside a float32 replica, 67 GB for 8B). Every rank calls
-    it (the gathers are collectives)."""
-    if ctx.mode != "fsdp":
-        return model
-    dtype = distributed.resolve_dtype(cfg.param_dtype, ctx.device)
-    # fully_shard subclasses the model: the replica is of the model's own class
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-    with torch.device("meta"):
-        replica = cls(model.cfg)
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # one at a time
-        owner, _, attr = name.rpartition(".")
-        module = replica.get_submodule(owner)
-        value = full.detach().to(ctx.device, dtype if full.is_floating_point() else full.dtype)
-        if attr in module._parameters:
-            module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
-        else:
-            module._buffers[attr] = value
-        del full
-    return replica
-
-
 def load_recorded(cfg) -> list[dict]:
     """--drafts-json: ReDiff's Stage II records (data.loaders.load_llava_json: "wrong" holds the
     model's draft, "revise" its corrections, "caption" the corrected answer); records without
@@ -571,9 +546,29 @@ class Stage2Run(FolderRun):
 
     # drafting: make_drafts captions draft_items, those of one speed and "group" together
     def drafting_model(self):
-        """The model that drafts, in eval mode (recorded drafts: the model itself, unused)."""
-        return (self.model if self.recorded else
-                drafting_replica(self.model, self.ctx, self.cfg)).eval()
+        """The model that drafts, in eval mode: the model itself (recorded drafts: unused), but
+        under FSDP2 one replica in the compute dtype built parameter by parameter from the gathered
+        shards (the peak: that replica and one gathered tensor, never a float32 state dict beside
+        a float32 replica, 67 GB for 8B). Every rank calls it (the gathers are collectives)."""
+        model, ctx = self.model, self.ctx
+        if self.recorded or ctx.mode != "fsdp":
+            return model.eval()
+        dtype = distributed.resolve_dtype(self.cfg.param_dtype, ctx.device)
+        # fully_shard subclasses the model: the replica is of the model's own class
+        cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+        with torch.device("meta"):
+            replica = cls(model.cfg)
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # one at a time
+            owner, _, attr = name.rpartition(".")
+            module = replica.get_submodule(owner)
+            value = full.detach().to(ctx.device, dtype if full.is_floating_point() else full.dtype)
+            if attr in module._parameters:
+                module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+            else:
+                module._buffers[attr] = value
+            del full
+        return replica.eval()
 
     def draft_items(self, round_index: int, n: int) -> list[dict]:
         """The next n records of a shuffled pass over the captions (or the recorded drafts), with

@@ -181,7 +181,7 @@ def args(folder, data_json, url, out, cache, *extra):
 @pytest.fixture(scope="module")
 def runs(wordy, dataset, tmp_path_factory):
     """single: 2 rounds in this process, 2 micro-batches a step. resumed: round 1 in 2 processes of
-    one micro-batch (torchrun, FSDP2 on gloo: drafts from drafting_replica) with --stop-at 1, then
+    one micro-batch (torchrun, FSDP2 on gloo: drafts from the drafting replica) with --stop-at 1, then
     round 2 in this process with --resume; both on single's --cache, so every answer must come from
     it."""
     d = tmp_path_factory.mktemp("stage2")
