@@ -15,20 +15,14 @@ from __future__ import annotations
 
 import re
 
-PAD, MASK, EOS, UNK, IMAGE = "<pad>", "<mask>", "<eos>", "<unk>", "<image>"
-SPECIALS = [PAD, MASK, EOS, UNK, IMAGE]  # every tokenizer numbers its specials in this order
-PUNCTUATION = ",.!?;:"                   # split off their words: "circle." -> "circle", "."
+SPECIALS = ["<pad>", "<mask>", "<eos>", "<unk>", "<image>"]  # numbered in this order by all
+PUNCTUATION = ",.!?;:"  # split off their words: "circle." -> "circle", "."
 _WORD_OR_MARK = re.compile(f"[{re.escape(PUNCTUATION)}]|[^\\s{re.escape(PUNCTUATION)}]+")
 
 
 def split_words(text: str) -> list[str]:
     """Lowercase `text` and split it into words, punctuation marks being words of their own."""
     return _WORD_OR_MARK.findall(text.lower())
-
-
-def _count_unknown(stats: dict | None, n: int) -> None:
-    if stats is not None:
-        stats["unknown"] = stats.get("unknown", 0) + n
 
 
 class Tokenizer:
@@ -42,8 +36,13 @@ class Tokenizer:
         self.eot_id = self.eos_id  # end of text is also end of turn: one caption is one turn
         self.vocab_size = vocab_size
         self.special_ids = list(specials) + list(reserved)
-        special = set(self.special_ids)
-        self.ordinary_ids = [i for i in range(vocab_size) if i not in special]
+        self.ordinary_ids = sorted(set(range(vocab_size)) - set(self.special_ids))
+
+    def _counted(self, ids: list[int], stats: dict | None) -> list[int]:
+        """ids, their unknown words added to stats["unknown"] (when stats is given)."""
+        if stats is not None:
+            stats["unknown"] = stats.get("unknown", 0) + ids.count(self.unk_id)
+        return ids
 
     def _check_ids(self, ids) -> list[int]:
         ids = [int(i) for i in ids]
@@ -78,8 +77,7 @@ class WordTokenizer(Tokenizer):
 
     def encode(self, text: str, stats: dict | None = None) -> list[int]:
         ids = [self.index.get(word, self.unk_id) for word in split_words(text)]
-        _count_unknown(stats, ids.count(self.unk_id))
-        return ids
+        return self._counted(ids, stats)
 
     def decode(self, ids, skip_special: bool = True) -> str:
         ids = self._check_ids(ids)
@@ -116,9 +114,7 @@ class ClipBpeTokenizer(Tokenizer):
             ids += self.bpe.encode(text[start:marker.start()]) + self.bpe.encode(marker.group()[0])
             ids += self.bpe.encode(marker.group()[1:])  # a marker's "<" on its own, then the rest
             start = marker.end()
-        ids += self.bpe.encode(text[start:])
-        _count_unknown(stats, 0)
-        return ids
+        return self._counted(ids + self.bpe.encode(text[start:]), stats)
 
     def decode(self, ids, skip_special: bool = True) -> str:
         ids, special = self._check_ids(ids), set(self.special_ids)
@@ -146,10 +142,9 @@ def tokenizer_from_dict(d) -> Tokenizer:
     kind = d.get("kind")
     if kind == "word":
         words = d.get("words")
-        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-            raise ValueError("tokenizer field 'words' must be a list of strings, got "
-                             f"{words!r:.80}")
         try:
+            if not isinstance(words, list):
+                raise ValueError(f"a list of strings is needed, got {words!r:.80}")
             return WordTokenizer(words)
         except ValueError as e:
             raise ValueError(f"tokenizer field 'words' is invalid: {e}") from None
