@@ -35,7 +35,8 @@ def steps_for(gen_length: int, tokens_per_step: int, num_blocks: int = 1) -> int
     the number of blocks. When tokens_per_step does not divide gen_length, the transfer schedule
     spreads the remainder, so no step commits more than tokens_per_step tokens (64 tokens at 3 per
     step: 22 steps, twenty of 3 and two of 2)."""
-    return math.ceil(math.ceil(gen_length / tokens_per_step) / num_blocks) * num_blocks
+    steps = math.ceil(gen_length / tokens_per_step)
+    return math.ceil(steps / num_blocks) * num_blocks
 
 
 def check_block_length(block_length: int, gen_length: int, what: str) -> None:

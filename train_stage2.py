@@ -268,6 +268,7 @@ def round_report(r: int, cfg: Stage2Config, drafts, quality, counts: Counter, sa
                           f"headline {q:.1f}" for s, q in quality.items())
     rejects = {k[len("rejected_"):]: v for k, v in sorted(counts.items())
                if k.startswith("rejected_")}
+    rejected = ", ".join(f"{k} {v}" for k, v in rejects.items()) or "none"
     shown = ("right", "no_answer", "no_valid_pair", "corrected_tokens", "changed_tokens")
     other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())
                       if not k.startswith(("rejected_", "pairs_")) and k not in shown)
@@ -275,8 +276,7 @@ def round_report(r: int, cfg: Stage2Config, drafts, quality, counts: Counter, sa
     lines = [f"{tag} | drafts made {len(drafts)} ({per_speed})",
              f"{tag} | expert {expert_name}: right {counts['right']}, no answer "
              f"{counts['no_answer']}, pairs proposed {counts['pairs_proposed']}, kept "
-             f"{counts['pairs_kept']}, rejected {sum(rejects.values())} ("
-             + (", ".join(f"{k} {v}" for k, v in rejects.items()) or "none") + ")"
+             f"{counts['pairs_kept']}, rejected {sum(rejects.values())} ({rejected})"
              + (f" | {other}" if other else ""),
              f"{tag} | alignment: {len(samples)} training samples ({counts['no_valid_pair']} "
              f"drafts left with no valid pair), {sum(int(s['mistake'].sum()) for s in samples)} "
@@ -398,9 +398,6 @@ class ShapesStage2:
         cfg, meta, quality = self.cfg, self.meta, draft_quality(drafts)
         for line in round_report(r, cfg, drafts, quality, counts, samples, expert_name):
             tqdm.write(line)
-        if not samples:
-            tqdm.write(f"round {r + 1}: no training samples (nothing to correct, or no valid "
-                       f"pair); no fine-tuning")
         parts = {k: v for k, v in losses[-1].items() if k != "step"} if losses else {}
         self.history.append({"round": r + 1, "step": self.step, "drafts": len(drafts),
                              "samples": len(samples),
