@@ -1,14 +1,11 @@
 """data/loaders.py: real-data loaders: images from disk, LLaVA / ShareGPT4V conversation JSON (with
 ReDiff's "revise" corrections), ViCrit-style pair JSONL and the ViCrit-Train JSON list.
 
-Every problem with the data raises DataError, whose message names the file, the record (index or
-line) and field, and the fix. The dataset loaders return `(records, stats)`:
-
-    records   list of plain dicts, one per usable example (keys listed in each loader's docstring)
-    stats     {"skipped_missing": n, "skipped_bad": n}: examples left out by skip_missing / skip_bad
-
-Image files are checked for existence here; they are decoded later, by open_image, when a batch
-needs them. Image paths in the data are resolved under `image_root`; a path that leads outside it
+Every problem with the data raises DataError, naming the file, the record (index or line), the
+field and the fix. The dataset loaders return (records, stats): records, plain dicts (keys in each
+loader's docstring); stats, {"skipped_missing": n, "skipped_bad": n}, the examples left out by
+skip_missing (image missing) and skip_bad (malformed). Images are checked for existence here and
+decoded later, by open_image. Image paths resolve under `image_root`; one leading outside it
 ("../", an absolute path elsewhere, a symlink pointing out) is always a DataError (never skipped)
 unless allow_outside_root=True.
 """
@@ -23,35 +20,29 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_TAG = "<image>"               # LLaVA's placeholder for the image inside the human turn
 HUMAN_ROLES = ("human", "user")     # values of a turn's "from" field
 ASSISTANT_ROLES = ("gpt", "assistant")
-REVISE_FIELD = "revise"             # ReDiff's records: [{"org": wrong text, "target": correction}]
 VICRIT_TRAIN_FIELDS = ("original_caption", "changed_caption", "solution_original",
                        "solution_target")
-WHITE = (255, 255, 255, 255)        # transparent pixels are shown on opaque white
-UINT16_TO_UINT8 = 257               # 65535 / 255: maps the 16-bit range exactly onto the 8-bit one
-FLOAT_TO_UINT8 = 255                # float images are taken to be in [0, 1]
 
 
 class DataError(ValueError):
     """Bad input data: the message names the file, the record and field (or line), and the fix."""
 
-
-# -------------------------------------------------------------------------------------------------
-# Images
+# Images -------------------------------------------------------------------------------------------
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB. Pillow's convert() clips 16-bit and float values instead of
-    scaling them (a 16-bit photo comes out almost all white): those are rescaled here first."""
-    if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grey; older Pillows say "I"
-        grey = np.clip(np.asarray(im, dtype=np.float64), 0, UINT16_TO_UINT8 * 255) / UINT16_TO_UINT8
+    scaling them (a 16-bit photo comes out almost all white): 16-bit grey (older Pillows say "I")
+    is mapped from [0, 65535], float from [0, 1], onto [0, 255] first."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        top = 1.0 if im.mode == "F" else 65535.0
+        grey = np.clip(np.asarray(im, dtype=np.float64), 0, top) * (255 / top)
         im = Image.fromarray(np.round(grey).astype(np.uint8))
-    elif im.mode == "F":
-        grey = np.clip(np.asarray(im, dtype=np.float64), 0, 1) * FLOAT_TO_UINT8
-        im = Image.fromarray(np.round(grey).astype(np.uint8))
-    # an alpha channel, or ("transparency") a P, L or RGB image with a tRNS colour
+    # an alpha channel, or ("transparency") a P, L or RGB image with a tRNS colour: on white
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")  # also makes a copy detached from the file
 
 
@@ -63,22 +54,18 @@ def open_image(path) -> Image.Image:
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not an image file; give the path of an image")
     if not path.is_file():
-        raise DataError(f"{path}: image file not found; check the path (and the image root it is "
-                        "relative to)")
+        raise DataError(f"{path}: image file not found; check the path (and its image root)")
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not later inside a batch
             return _to_rgb(im)
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image Pillow can read; replace the file or remove it from "
-                        "the data") from None
+        raise DataError(f"{path}: not an image Pillow can read; replace or remove it") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: the image is damaged or truncated ({e}); re-download or "
                         "re-encode it") from None
 
-
-# -------------------------------------------------------------------------------------------------
-# Shared checks
+# Shared checks ------------------------------------------------------------------------------------
 
 
 def _decode_utf8(data: bytes, path: Path, line: int | None = None) -> str:
@@ -107,63 +94,10 @@ def _field(record, name: str, where: str, path: Path) -> str:
     return value
 
 
-class _Source:
-    """A data file being read: its path, the image root, and the skipping asked for, counted in
-    `stats`: skip_missing for examples whose image is missing, skip_bad for malformed ones."""
-
-    def __init__(self, path, image_root, skip_missing: bool, skip_bad: bool,
-                 allow_outside_root: bool):
-        self.path, self.root = Path(path), Path(image_root)
-        self.allow_outside_root = allow_outside_root
-        self.skip = {"skipped_missing": skip_missing, "skipped_bad": skip_bad}
-        self.stats = {name: 0 for name in self.skip}
-
-    def skipped(self, kind: str, error: DataError) -> None:
-        """Count a skipped example, or raise when skipping that kind was not asked for."""
-        if not self.skip[kind]:
-            raise error
-        self.stats[kind] += 1
-
-    def image(self, relative: str, where: str) -> Path:
-        """root / relative, symlinks followed; a DataError outside the root (unless allowed)."""
-        resolved = (self.root / relative).resolve()  # an absolute `relative` replaces root
-        if not self.allow_outside_root and not resolved.is_relative_to(self.root.resolve()):
-            raise DataError(f"{self.path}: {where}: field 'image' {relative!r} resolves to "
-                            f"{resolved}, outside the image root {self.root.resolve()}; fix the "
-                            "path, or pass allow_outside_root=True if this is intended")
-        return resolved
-
-    def records(self, numbered, unit: str, parse, by_name: bool = False) -> list[dict]:
-        """The examples of `numbered`, (number, raw) pairs named f"{unit} {number}", that
-        parse(raw, number, where) -> (relative image path, record) accepts and whose image exists,
-        each record with its "image_path" after its "id". A DataError from parse is skipped with
-        skip_bad, a missing image with skip_missing. by_name: an image that is not at its path is
-        looked for by its file name alone under the image root."""
-        records = []
-        for number, raw in numbered:
-            where = f"{unit} {number}"
-            try:
-                relative, record = parse(raw, number, where)
-            except DataError as e:
-                self.skipped("skipped_bad", e)
-                continue
-            image = self.image(relative, where)
-            if by_name and not image.is_file():
-                image = self.image(Path(relative).name, where)
-            if image.is_file():
-                records.append({"id": record.pop("id"), "image_path": str(image), **record})
-            else:
-                self.skipped("skipped_missing", DataError(
-                    f"{self.path}: {where}: image file {image} not found; fix the path or image "
-                    "root, or pass skip_missing=True to skip (and count) such examples"))
-        return records
-
-
 def _json_list(path: Path, what: str) -> list:
     """A UTF-8 JSON file whose top level is a list, or a DataError naming the problem."""
-    text = _decode_utf8(path.read_bytes(), path)
     try:
-        data = json.loads(text)
+        data = json.loads(_decode_utf8(path.read_bytes(), path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
                         f"fix the file") from None
@@ -173,8 +107,50 @@ def _json_list(path: Path, what: str) -> list:
     return data
 
 
-# -------------------------------------------------------------------------------------------------
-# LLaVA / ShareGPT4V conversation JSON
+def _examples(path: Path, numbered, unit: str, parse, image_root, skip_missing: bool,
+              skip_bad: bool, allow_outside_root: bool, by_name: bool = False):
+    """(records, stats) of `numbered`, (number, raw) pairs named f"{unit} {number}": the records
+    that parse(raw, number, where) -> (relative image path, record) accepts, each with its
+    "image_path" (root / relative, symlinks followed) after its "id". A DataError from parse is
+    skipped with skip_bad, a missing image with skip_missing, counted in stats; an image outside
+    the root is a DataError unless allow_outside_root. by_name: an image not at its path is looked
+    for by its file name alone under the root."""
+    root, records = Path(image_root).resolve(), []
+    skip = {"skipped_missing": skip_missing, "skipped_bad": skip_bad}
+    stats = dict.fromkeys(skip, 0)
+
+    def skipped(kind: str, error: DataError) -> None:
+        if not skip[kind]:
+            raise error
+        stats[kind] += 1
+
+    def image(relative: str, where: str) -> Path:
+        resolved = (root / relative).resolve()  # an absolute `relative` replaces root
+        if not allow_outside_root and not resolved.is_relative_to(root):
+            raise DataError(f"{path}: {where}: field 'image' {relative!r} resolves to {resolved}, "
+                            f"outside the image root {root}; fix the path, or pass "
+                            "allow_outside_root=True if this is intended")
+        return resolved
+
+    for number, raw in numbered:
+        where = f"{unit} {number}"
+        try:
+            relative, record = parse(raw, number, where)
+        except DataError as e:
+            skipped("skipped_bad", e)
+            continue
+        found = image(relative, where)
+        if by_name and not found.is_file():
+            found = image(Path(relative).name, where)
+        if found.is_file():
+            records.append({"id": record.pop("id"), "image_path": str(found), **record})
+        else:
+            skipped("skipped_missing", DataError(
+                f"{path}: {where}: image file {found} not found; fix the path or image root, or "
+                "pass skip_missing=True to skip (and count) such examples"))
+    return records, stats
+
+# LLaVA / ShareGPT4V conversation JSON -------------------------------------------------------------
 
 
 def _first_turns(record: dict, where: str, path: Path) -> tuple[str, str]:
@@ -201,63 +177,52 @@ def load_llava_json(json_path, image_root, skip_missing: bool = False, skip_bad:
     """Read a LLaVA / ShareGPT4V conversation file: a JSON list of {"id", "image", "conversations":
     [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]}.
 
-    Returns (records, stats). Each record is {"id", "image_path", "prompt", "caption"}: the first
-    human turn without its "<image>" tag, and the first assistant turn after it ("id" defaults to
-    the record's index). A record of ReDiff's own data with a "revise" list of {"org", "target"}
-    corrections holds a wrong answer (a hallucinated caption or a model's draft): its record gets
-    "wrong" (the assistant turn as written), "caption" (the turn with the corrections applied) and
-    "revise" (the pairs). A missing image is a DataError, or with skip_missing=True skipped and
-    counted; a malformed record likewise with skip_bad=True. A file that is not UTF-8, not valid
-    JSON or not a list is always a DataError."""
-    source = _Source(json_path, image_root, skip_missing, skip_bad, allow_outside_root)
-    path = source.path
+    Each record is {"id" (default: the index), "image_path", "prompt" (the first human turn without
+    its "<image>" tag), "caption" (the first assistant turn after it)}. A record of ReDiff's own
+    data with a "revise" list of {"org", "target"} corrections holds a wrong answer (a
+    hallucinated caption or a model's draft): it also gets "wrong" (the assistant turn as
+    written), "revise" (the pairs), and "caption" is the turn with the corrections applied. A
+    file that is not UTF-8, not valid JSON or not a list is always a DataError."""
+    path = Path(json_path)
 
     def parse(record, index: int, where: str) -> tuple[str, dict]:
         if isinstance(record, dict) and "conversations" not in record and all(
                 name in record for name in VICRIT_TRAIN_FIELDS):
-            fields = ", ".join(VICRIT_TRAIN_FIELDS)
-            raise DataError(f"{path}: {where}: a ViCrit-Train record (fields {fields}), not a "
-                            "conversation; read this file with load_vicrit_train "
-                            "(--vicrit-train-json)")
+            raise DataError(f"{path}: {where}: a ViCrit-Train record with no 'conversations'; "
+                            "read this file with load_vicrit_train (--vicrit-train-json)")
         relative = _field(record, "image", where, path)
         prompt, caption = _first_turns(record, where, path)
         out = {"id": str(record.get("id", index)), "prompt": prompt.replace(IMAGE_TAG, "").strip(),
                "caption": caption.strip()}
-        if REVISE_FIELD in record:
-            corrected, pairs = _revised(record, caption, where, path)
+        if "revise" in record:
+            corrected, pairs = _revised(record["revise"], out["caption"], where, path)
             out.update(wrong=out["caption"], caption=corrected, revise=pairs)
         return relative, out
 
-    data = _json_list(path, "conversation records")
-    return source.records(enumerate(data), "record", parse), source.stats
+    return _examples(path, enumerate(_json_list(path, "conversation records")), "record", parse,
+                     image_root, skip_missing, skip_bad, allow_outside_root)
 
 
-def _revised(record: dict, answer: str, where: str, path: Path) -> tuple[str, list[dict]]:
+def _revised(pairs, answer: str, where: str, path: Path) -> tuple[str, list[dict]]:
     """ReDiff's "revise" corrections of an answer (its hallucinated caption, Stage I, or the
     model's draft, Stage II) -> (the corrected answer, the pairs): each org, which must occur in
     the answer, is replaced by its target at its first occurrence, one pair after the other."""
-    pairs = record[REVISE_FIELD]
     if not isinstance(pairs, list) or not pairs:
-        raise DataError(f"{path}: {where}: field '{REVISE_FIELD}' must be a non-empty list of "
-                        f"{{\"org\", \"target\"}} objects, got {pairs!r:.60}; fix or remove this "
-                        f"record")
-    corrected = answer.strip()
+        raise DataError(f"{path}: {where}: field 'revise' must be a non-empty list of "
+                        f"{{\"org\", \"target\"}} objects, got {pairs!r:.60}; fix or remove it")
     for k, pair in enumerate(pairs):
-        here = f"{where}, {REVISE_FIELD}[{k}]"
+        here = f"{where}, revise[{k}]"
         org, target = _field(pair, "org", here, path), _field(pair, "target", here, path)
         if org == target:
             raise DataError(f"{path}: {here}: 'org' equals 'target' ({org!r:.60}); a correction "
                             f"must change the text; fix or remove this pair")
-        if org not in corrected:
+        if org not in answer:
             raise DataError(f"{path}: {here}: 'org' {org!r:.60} does not occur in the assistant "
-                            f"turn; the assistant turn must hold the wrong text and 'revise' its "
-                            f"corrections; fix or remove this record")
-        corrected = corrected.replace(org, target, 1)
-    return corrected, [{"org": p["org"], "target": p["target"]} for p in pairs]
+                            f"turn, which must hold the wrong text; fix or remove this record")
+        answer = answer.replace(org, target, 1)
+    return answer, [{"org": p["org"], "target": p["target"]} for p in pairs]
 
-
-# -------------------------------------------------------------------------------------------------
-# ViCrit-style hallucination pairs (JSONL)
+# ViCrit-style hallucination pairs (JSONL) ---------------------------------------------------------
 
 
 def _pair(record, where: str, path: Path) -> tuple[str, str, tuple[int, int]]:
@@ -272,22 +237,17 @@ def _pair(record, where: str, path: Path) -> tuple[str, str, tuple[int, int]]:
     words, wrong_words = caption.split(), wrong.split()
     if len(words) != len(wrong_words):
         raise DataError(f"{path}: {where}: field '{names[0]}' has {len(wrong_words)} words but "
-                        f"'caption' has {len(words)}; a pair must differ by substitution only, "
-                        "with equal word counts")
+                        f"'caption' has {len(words)}; a pair must differ by substitution only")
     differ = [i for i, (a, b) in enumerate(zip(words, wrong_words)) if a != b]
     if not differ:
         raise DataError(f"{path}: {where}: field '{names[0]}' equals 'caption'; a pair needs one "
                         "corrupted span")
-    differ = (differ[0], differ[-1] + 1)  # the differing words, [first, last + 1)
-    if "span" not in record:
-        return caption, wrong, differ
-    span = record["span"]
-    valid = (isinstance(span, list) and len(span) == 2 and all(type(i) is int for i in span)
-             and 0 <= span[0] <= differ[0] and differ[1] <= span[1] <= len(words))
-    if not valid:
+    span = record.get("span", [differ[0], differ[-1] + 1])  # default: the differing words
+    if not (isinstance(span, list) and len(span) == 2 and all(type(i) is int for i in span)
+            and 0 <= span[0] <= differ[0] and differ[-1] < span[1] <= len(words)):
         raise DataError(f"{path}: {where}: field 'span' {span!r:.60} must be [start, end] word "
-                        f"indices covering the differing words {list(differ)} within {len(words)} "
-                        "words; fix it or leave it out")
+                        f"indices covering the differing words {[differ[0], differ[-1] + 1]} "
+                        f"within {len(words)} words; fix it or leave it out")
     return caption, wrong, (span[0], span[1])
 
 
@@ -295,16 +255,13 @@ def load_vicrit_jsonl(jsonl_path, image_root, skip_missing: bool = False, skip_b
                       allow_outside_root: bool = False) -> tuple[list[dict], dict]:
     """Read ViCrit-style pairs: one JSON object per line, {"image", "caption" (correct),
     "hallucinated" or "wrong" (a copy with one span of words replaced), optional "span": [start,
-    end), optional "id"}.
+    end), optional "id"}. Words are whitespace-separated; both captions have as many.
 
-    Words are whitespace-separated; the two captions must have equal word counts. Returns (records,
-    stats). Each record is {"id", "image_path", "caption", "wrong", "span": (start, end)}: the span
-    is given, or computed as the words that differ ("id" defaults to "line N"). A bad line (not
-    UTF-8, not JSON, blank, torn by an interrupted write, failing the checks) is a DataError naming
-    the line, or with skip_bad=True skipped and counted; a missing image likewise with
-    skip_missing=True."""
-    source = _Source(jsonl_path, image_root, skip_missing, skip_bad, allow_outside_root)
-    path = source.path
+    Each record is {"id" (default: "line N"), "image_path", "caption", "wrong", "span": (start,
+    end)}: the span given, or the words that differ. A bad line (not UTF-8, not JSON, blank, torn
+    by an interrupted write, failing the checks) is a DataError naming the line, or with
+    skip_bad=True skipped and counted."""
+    path = Path(jsonl_path)
     lines = path.read_bytes().split(b"\n")
     if lines[-1] == b"":
         lines.pop()  # the newline that ends the last line
@@ -317,8 +274,8 @@ def load_vicrit_jsonl(jsonl_path, image_root, skip_missing: bool = False, skip_b
         try:
             record = json.loads(text)
         except json.JSONDecodeError as e:
-            last = number == len(lines)
-            torn = " (the last line: probably cut off by an interrupted write)" if last else ""
+            torn = (" (the last line: probably cut off by an interrupted write)"
+                    if number == len(lines) else "")
             raise DataError(f"{path}: {where}{torn} is not valid JSON ({e.msg}, column {e.colno}); "
                             "fix or remove the line, or pass skip_bad=True to skip such lines"
                             ) from None
@@ -327,11 +284,10 @@ def load_vicrit_jsonl(jsonl_path, image_root, skip_missing: bool = False, skip_b
         return relative, {"id": str(record.get("id", where)), "caption": caption, "wrong": wrong,
                           "span": span}
 
-    return source.records(enumerate(lines, start=1), "line", parse), source.stats
+    return _examples(path, enumerate(lines, start=1), "line", parse, image_root, skip_missing,
+                     skip_bad, allow_outside_root)
 
-
-# -------------------------------------------------------------------------------------------------
-# ViCrit-Train (the ViCrit authors' JSON list; ReDiff's Stage I hallucination pairs come from it)
+# ViCrit-Train (the ViCrit authors' JSON list; ReDiff's Stage I hallucination pairs come from it) --
 
 
 def load_vicrit_train(json_path, image_root, skip_missing: bool = False, skip_bad: bool = False,
@@ -340,14 +296,12 @@ def load_vicrit_train(json_path, image_root, skip_missing: bool = False, skip_ba
     question), "original_caption", "changed_caption" (one phrase replaced), "solution_original"
     (that phrase as it was), "solution_target" (the phrase that replaced it)}.
 
-    Returns (records, stats). Each record is {"id" (the index), "image_path", "prompt", "caption"
-    (original_caption), "wrong" (changed_caption), "solutions": [solution_original,
-    solution_target]}. The image path is taken under image_root, and when no file is there, its
-    last component (ReDiff keeps the ViCrit images in one folder). Token counts are not checked
-    here: the caller keeps a pair when both captions, and both solutions, have as many tokens under
-    the model's tokenizer (data.captions.CaptionData). Errors and skipping as load_llava_json."""
-    source = _Source(json_path, image_root, skip_missing, skip_bad, allow_outside_root)
-    path = source.path
+    Each record is {"id" (the index), "image_path", "prompt", "caption" (original_caption),
+    "wrong" (changed_caption), "solutions": [solution_original, solution_target]}. An image not
+    at its path under image_root is looked for by its file name there (ReDiff keeps the ViCrit
+    images in one folder). Token counts are checked by the caller (data.captions.CaptionData).
+    Errors and skipping as load_llava_json."""
+    path = Path(json_path)
 
     def parse(record, index: int, where: str) -> tuple[str, dict]:
         names = [n for n in ("image", "image_path") if isinstance(record, dict) and n in record]
@@ -365,5 +319,5 @@ def load_vicrit_train(json_path, image_root, skip_missing: bool = False, skip_ba
                           "caption": original.strip(), "wrong": changed.strip(),
                           "solutions": [solution.strip(), target.strip()]}
 
-    data = _json_list(path, "ViCrit-Train records")
-    return source.records(enumerate(data), "record", parse, by_name=True), source.stats
+    return _examples(path, enumerate(_json_list(path, "ViCrit-Train records")), "record", parse,
+                     image_root, skip_missing, skip_bad, allow_outside_root, by_name=True)
