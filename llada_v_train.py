@@ -289,29 +289,29 @@ class FolderRun:
 
     def load_state(self) -> dict:
         """--resume: weights and Adam state from OUT.dcp (resharded to this run's processes) ->
-        its meta.json. torchao keeps learning rates in tensors; they are saved as numbers."""
+        its meta.json."""
         try:
             meta = distributed.load_dcp_weights(self.state, self.model)
             distributed.load_dcp_optimizer(self.state, self.model, self.optimizer)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"--resume: {err}. Fix: point --out at a run of this script") from None
+        self.tensor_rates()
+        return meta
+
+    def tensor_rates(self) -> None:
+        """torchao keeps learning rates in tensors (train_stage1.set_learning_rate fills them);
+        OUT.dcp holds them as numbers."""
         if self.cfg.optimizer == "adamw8bit":
             for group in self.optimizer.param_groups:
                 group["lr"] = torch.tensor(float(group["lr"]))
-        return meta
 
     def save_state(self, meta: dict) -> None:
-        """distributed.save_dcp at OUT.dcp, learning rates written as numbers (--no-save: none)."""
-        if not self.cfg.save:
-            return
-        rates = [group["lr"] for group in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(group["lr"])
-        try:
+        """distributed.save_dcp at OUT.dcp, learning rates as numbers (--no-save: nothing)."""
+        if self.cfg.save:
+            for group in self.optimizer.param_groups:
+                group["lr"] = float(group["lr"])
             distributed.save_dcp(self.state, self.model, self.optimizer, meta, self.ctx)
-        finally:
-            for group, lr in zip(self.optimizer.param_groups, rates):
-                group["lr"] = lr
+            self.tensor_rates()
 
     def close(self, done: str, meta: dict | None) -> None:
         """Say what the data cut and the peak memory (CUDA: beside the plan's total); export --out
@@ -652,10 +652,11 @@ class Stage2Run(FolderRun):
         self.history.append({"round": r + 1, "step": self.step, "drafts": len(drafts),
                              "samples": len(samples), "expert": dict(counts), "losses": losses,
                              "mistake_tokens": mistakes})
-        speeds = sorted(Counter(d["tokens_per_step"] for d in drafts).items())
-        answers = {"right": counts["right"], **dict(sorted(counts.items()))}
-        print(f"{tag} | drafts {len(drafts)} ({', '.join(f'{s} tok/step {n}' for s, n in speeds)})"
-              f"\n{tag} | expert {expert_name}: {', '.join(f'{k} {v}' for k, v in answers.items())}"
+        speeds = Counter(d["tokens_per_step"] for d in drafts)
+        speeds = ", ".join(f"{s} tok/step {n}" for s, n in sorted(speeds.items()))
+        answers = {"right": counts["right"], **dict(sorted(counts.items()))}  # right first
+        answers = ", ".join(f"{k} {v}" for k, v in answers.items())
+        print(f"{tag} | drafts {len(drafts)} ({speeds})\n{tag} | expert {expert_name}: {answers}"
               f"\n{tag} | {len(samples)} drafts to train on, {mistakes} mistake tokens")
         if samples:
             print(f"  example draft: {samples[0]['text'][:300]!r}; its pairs (kept or not): "
