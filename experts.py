@@ -14,6 +14,7 @@ the same token count and org occurs exactly once in the draft. Rejections are co
 from __future__ import annotations
 
 import base64
+import glob
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from difflib import SequenceMatcher
+from itertools import groupby
 from typing import Any
 
 from tqdm import tqdm
@@ -53,7 +55,8 @@ class ExpertError(RuntimeError):
 
 
 class Expert:
-    """The interface: review(items) -> one review per item; `counts` sums statistics over calls."""
+    """The interface: review(items) -> one review per item (by default review_one(item) each);
+    `counts` sums statistics over calls."""
     name = "expert"
 
     def __init__(self):
@@ -62,11 +65,7 @@ class Expert:
     def review(self, items: list[Item]) -> list:
         return [self.review_one(item) for item in items]
 
-    def review_one(self, item: Item):
-        raise NotImplementedError
-
-# -------------------------------------------------------------------------------------------------
-# Pair validation, shared by all experts (the rules of the paper's expert prompt, on token ids)
+# Pair validation, shared by all experts (the rules of the paper's expert prompt, on token ids) ---
 
 
 def occurrences(sequence: list, segment: list) -> list[int]:
@@ -88,27 +87,18 @@ def validate_pairs(pairs, draft_ids, tokenizer, counts: Counter) -> list[tuple[i
     kept, taken = [], set()
     for pair in pairs:
         counts["pairs_proposed"] += 1
-        reason, starts, target = None, [], []
         if not (isinstance(pair, dict) and isinstance(pair.get("org"), str)
                 and isinstance(pair.get("target"), str)):
-            reason = "malformed"
-        else:
-            org, target = tokenizer.encode(pair["org"]), tokenizer.encode(pair["target"])
-            starts = occurrences(draft_ids, org)
-            if not org:
-                reason = "empty"
-            elif len(org) != len(target):
-                reason = "length_mismatch"
-            elif org == target:
-                reason = "unchanged"
-            elif getattr(tokenizer, "unk_id", None) in target:  # LLaDA's byte-level BPE has none
-                reason = "unknown_word"
-            elif not starts:
-                reason = "absent"
-            elif len(starts) > 1:
-                reason = "repeated"
-            elif taken & set(range(starts[0], starts[0] + len(org))):
-                reason = "overlap"
+            counts["rejected_malformed"] += 1
+            continue
+        org, target = tokenizer.encode(pair["org"]), tokenizer.encode(pair["target"])
+        starts = occurrences(draft_ids, org)
+        reason = ("empty" if not org else "length_mismatch" if len(org) != len(target)
+                  else "unchanged" if org == target
+                  # LLaDA's byte-level BPE has no unknown id
+                  else "unknown_word" if getattr(tokenizer, "unk_id", None) in target
+                  else "absent" if not starts else "repeated" if len(starts) > 1
+                  else "overlap" if taken & set(range(starts[0], starts[0] + len(org))) else None)
         if reason:
             counts["rejected_" + reason] += 1
             continue
@@ -129,30 +119,25 @@ def smallest_unique_span(words: list[str], start: int, end: int) -> tuple[int, i
     raise AssertionError("unreachable: the whole draft occurs once")
 
 
-def pairs_from_rewrite(words: list[str], fixed: list[str], span=smallest_unique_span) -> list[dict]:
+def pairs_from_rewrite(words: list[str], fixed: list[str]) -> list[dict]:
     """An equal-length rewrite of a draft's words -> Section 3.3's {org, target} pairs: each run of
-    changed words, widened only as far as its org needs to occur exactly once in the draft (span:
-    (words, start, end) -> (start, end), smallest_unique_span), so as few unchanged words as the
-    uniqueness rule allows enter Eq. 4; overlapping spans are merged."""
+    changed words, widened (smallest_unique_span) only as far as its org needs to occur exactly
+    once in the draft, so as few unchanged words as the uniqueness rule allows enter Eq. 4;
+    overlapping spans are merged."""
     assert len(words) == len(fixed), "an equal-length rewrite"
     changed = [i for i, (a, b) in enumerate(zip(words, fixed)) if a != b]
-    runs = []
-    for i in changed:  # maximal runs of consecutive changed positions, [start, end)
-        if runs and runs[-1][1] == i:
-            runs[-1][1] = i + 1
-        else:
-            runs.append([i, i + 1])
+    # maximal runs of consecutive changed positions (position - rank is constant along a run)
+    runs = [[i for _, i in run] for _, run in groupby(enumerate(changed), lambda r: r[1] - r[0])]
     spans = []
-    for start, end in runs:
-        start, end = span(words, start, end)
+    for run in runs:
+        start, end = smallest_unique_span(words, run[0], run[-1] + 1)
         if spans and start < spans[-1][1]:  # overlaps the last span: merge (still unique)
             spans[-1][1] = max(spans[-1][1], end)
         else:
             spans.append([start, end])
     return [{"org": " ".join(words[s:e]), "target": " ".join(fixed[s:e])} for s, e in spans]
 
-# -------------------------------------------------------------------------------------------------
-# The oracle: the shapes world's expert
+# The oracle: the shapes world's expert ------------------------------------------------------------
 
 
 def true_sentences(scene: dict) -> list[tuple[tuple, list[str]]]:
@@ -238,8 +223,7 @@ class OracleExpert(Expert):
         edits = lambda words: sum(a != b for a, b in zip(sentence, words))  # noqa: E731
         return min(candidates, key=lambda c: (bool(c[0] & stated), edits(c[1])))  # new claims first
 
-# -------------------------------------------------------------------------------------------------
-# Alignment with the ground truth: for data without an LLM (and without a scene graph)
+# Alignment with the ground truth: for data without an LLM (and without a scene graph) -------------
 
 
 class AlignExpert(Expert):
@@ -263,8 +247,7 @@ class AlignExpert(Expert):
                 self.counts["unequal_blocks"] += 1
         return pairs_from_rewrite(draft, fixed)
 
-# -------------------------------------------------------------------------------------------------
-# An OpenAI-compatible chat endpoint (o4-mini in the paper)
+# An OpenAI-compatible chat endpoint (o4-mini in the paper) ----------------------------------------
 
 PROMPT_RULES = """You review a draft image caption written by another model. You get the image, \
 a ground-truth caption and the draft.
@@ -288,6 +271,7 @@ Otherwise answer with only a JSON list, for example:
 [{"org": "a red circle", "target": "a blue circle"}]"""
 
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
+MAX_BACKOFF, MIN_IMAGE_SIDE = 60.0, 384  # seconds between retries; pixels (smaller are upscaled)
 NO_KEY = ("the openai expert needs OPENAI_API_KEY in the environment (for a local server any value "
           "works, e.g. OPENAI_API_KEY=local)")
 
@@ -313,22 +297,19 @@ def parse_review(text: str):
         answer = [answer] if "org" in answer else lists[0] if len(lists) == 1 else None
     if isinstance(answer, str) and answer.strip().lower() == RIGHT:
         return RIGHT
-    if not isinstance(answer, list):
-        return None
-    return answer or RIGHT
+    return (answer or RIGHT) if isinstance(answer, list) else None
 
 
-def image_payload(image, min_side: int) -> tuple[bytes, str, str]:
-    """(digest source, mime type, base64 data) of an image: PIL images are upscaled (nearest
-    neighbour) until the short side is >= min_side and sent as PNG; encoded bytes go as they are."""
+def image_payload(image) -> tuple[bytes, str, str]:
+    """(digest source, mime type, base64 data) of an image: encoded bytes go as they are; a PIL
+    image is upscaled (nearest neighbour) until its short side is >= MIN_IMAGE_SIDE, sent as PNG."""
     if isinstance(image, (bytes, bytearray)):
         mime = "image/jpeg" if image[:3] == b"\xff\xd8\xff" else "image/png"
         return bytes(image), mime, base64.b64encode(image).decode()
     from PIL import Image
     image = image.convert("RGB")
-    factor = max(1, -(-min_side // min(image.size)))
-    if factor > 1:
-        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    factor = -(-MIN_IMAGE_SIDE // min(image.size))  # ceil: 1 (a copy) for large images
+    image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     pixels = f"{image.mode} {image.size}".encode() + image.tobytes()  # not the PNG encoder's bytes
@@ -337,19 +318,20 @@ def image_payload(image, min_side: int) -> tuple[bytes, str, str]:
 
 class AnswerCache:
     """Append-only JSONL of expert answers, one {"key", "model", "draft", "answer"} per line, keyed
-    by the request's sha256. Each answer is flushed and fsynced on arrival (a crash loses at most
-    the line being written); a torn or unreadable line is skipped on load, counted in `bad_lines`.
-    No secret is written."""
+    by the request's sha256: `answers` (key -> answer) and `fields` (key -> the other fields). Each
+    answer is flushed and fsynced on arrival (a crash loses at most the line being written); a
+    torn or unreadable line is skipped on load, counted in `bad_lines`. No secret is written."""
 
     def __init__(self, path: str | None):
-        self.path, self.answers, self.bad_lines = path, {}, 0
+        self.path, self.answers, self.fields, self.bad_lines = path, {}, {}, 0
         if path and os.path.exists(path):
             with open(path, "rb") as f:
                 for line in filter(bytes.strip, f.read().split(b"\n")):  # the non-blank lines
                     try:
                         record = json.loads(line.decode("utf-8"))
-                        self.answers[record["key"]] = record["answer"]
-                    except (ValueError, KeyError, TypeError):
+                        self.answers[record["key"]] = record.pop("answer")
+                        self.fields[record.pop("key")] = record
+                    except (ValueError, KeyError, TypeError, AttributeError):
                         self.bad_lines += 1
 
     def get(self, key: str):
@@ -362,8 +344,7 @@ class AnswerCache:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         line = json.dumps({"key": key, **fields, "answer": answer}) + "\n"
         with open(self.path, "ab+") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() > 0:
+            if f.seek(0, os.SEEK_END) > 0:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":  # a torn last line: start a fresh one so ours stays readable
                     line = "\n" + line
@@ -380,22 +361,14 @@ def rank_cache_path(path: str, rank: int) -> str:
 
 def merge_rank_caches(path: str) -> int:
     """Move the answers of every per-rank file (rank_cache_path) into the cache at `path`, then
-    delete those files; returns how many were new. Torn or unreadable lines are skipped."""
-    import glob
+    delete those files; returns how many were new."""
     cache, moved = AnswerCache(path), 0
-    for part in sorted(glob.glob(glob.escape(path) + ".rank*")):
-        with open(part, "rb") as f:
-            lines = f.read().split(b"\n")
-        for line in lines:
-            try:
-                record = json.loads(line.decode("utf-8"))
-                key, answer = record.pop("key"), record.pop("answer")
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue
+    for part in map(AnswerCache, sorted(glob.glob(glob.escape(path) + ".rank*"))):
+        for key, answer in part.answers.items():
             if cache.get(key) is None:
-                cache.put(key, answer, **record)
+                cache.put(key, answer, **part.fields[key])
                 moved += 1
-        os.remove(part)
+        os.remove(part.path)
     return moved
 
 
@@ -403,25 +376,22 @@ class OpenAIExpert(Expert):
     """Any OpenAI-compatible chat endpoint through the `openai` package (o4-mini in the paper).
 
     The key is read from OPENAI_API_KEY only when a request must be made, never printed or saved.
-    A request sends the prompt's rules, the ground truth, the draft and the image (a base64 PNG
-    data URL). Connection errors, timeouts, 408/409/429 and 5xx are retried with exponential
-    backoff (honouring Retry-After), then skipped and counted (failed); other 4xx are skipped and
-    counted (http_<code>), but 401/403/404 stop the run. Malformed answers are counted, skipped.
-    At most `max_in_flight` requests run at once. Answers are cached by sha256(model, prompt,
-    image, draft, ground truth): a rerun pays nothing."""
+    A request sends the prompt's rules, the ground truth, the draft and the image (a base64 data
+    URL, image_payload). Connection errors, timeouts, 408/409/429 and 5xx are retried with
+    exponential backoff (honouring Retry-After, at most MAX_BACKOFF seconds), then skipped and
+    counted (failed); other 4xx are skipped and counted (http_<code>), but 401/403/404 stop the
+    run. Malformed answers are counted, skipped. At most `max_in_flight` requests run at once.
+    Answers are cached by sha256(model, prompt, image, draft, truth): a rerun pays nothing."""
     name = "openai"
     parse = staticmethod(parse_review)  # text -> review or None; tools/judge.py swaps in its own
 
     def __init__(self, model: str = "o4-mini", base_url: str | None = None,
                  cache_path: str | None = None, max_in_flight: int = 8, max_retries: int = 6,
-                 backoff: float = 1.0, max_backoff: float = 60.0, timeout: float = 120.0,
-                 min_image_side: int = 384):
+                 backoff: float = 1.0, timeout: float = 120.0):
         super().__init__()
         self.model, self.base_url, self.max_in_flight = model, base_url, max(1, max_in_flight)
-        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
-        self.timeout, self.min_image_side = timeout, min_image_side
-        self.cache = AnswerCache(cache_path)
-        self._client, self._lock = None, threading.Lock()
+        self.max_retries, self.backoff, self.timeout = max_retries, backoff, timeout
+        self.cache, self._client, self._lock = AnswerCache(cache_path), None, threading.Lock()
 
     def _count(self, name: str) -> None:
         with self._lock:  # counts are updated from the worker threads
@@ -440,16 +410,14 @@ class OpenAIExpert(Expert):
     def request(self, item: Item) -> tuple[str, list]:
         """(cache key, chat messages) of one item."""
         prompt = f"{PROMPT_RULES}\n\nGround truth: {item.truth}\nDraft: {item.draft}"
-        content = [{"type": "text", "text": prompt}]
-        digest = ""
+        content, digest = [{"type": "text", "text": prompt}], ""
         if item.image is not None:
-            pixels, mime, data = image_payload(item.image, self.min_image_side)
+            pixels, mime, data = image_payload(item.image)
             digest = hashlib.sha256(pixels).hexdigest()
             url = f"data:{mime};base64,{data}"
             content.append({"type": "image_url", "image_url": {"url": url}})
         identity = json.dumps([self.model, prompt, digest, item.draft, item.truth])
-        key = hashlib.sha256(identity.encode()).hexdigest()
-        return key, [{"role": "user", "content": content}]
+        return hashlib.sha256(identity.encode()).hexdigest(), [{"role": "user", "content": content}]
 
     def ask(self, messages) -> str | None:
         """One answer's text, or None once the retries are spent (or on a non-retryable 4xx)."""
@@ -469,15 +437,15 @@ class OpenAIExpert(Expert):
                 if status == 404:
                     raise ExpertError(f"the expert endpoint knows no model {self.model!r} or no "
                                       "chat API (HTTP 404): check --expert-model and "
-                                      "--expert-base-url (tools/judge.py: --model and "
-                                      "--base-url)") from None
+                                      "--expert-base-url (tools/judge.py: --model, --base-url)"
+                                      ) from None
                 if status not in RETRY_STATUS and status < 500:
                     self._count(f"http_{status}")
                     return None
                 try:
                     wait = float(err.response.headers.get("retry-after", 0))
                 except (TypeError, ValueError):
-                    wait = 0.0
+                    pass
             except openai.APIConnectionError:  # includes timeouts
                 pass
             except openai.APIError:  # a response the SDK cannot read
@@ -486,20 +454,16 @@ class OpenAIExpert(Expert):
             if attempt == self.max_retries:
                 break
             self._count("retries")
-            delay = min(self.max_backoff, max(wait, self.backoff * 2 ** attempt))
+            delay = min(MAX_BACKOFF, max(wait, self.backoff * 2 ** attempt))
             time.sleep(delay * (1 + 0.25 * random.random()))  # jitter: no lockstep retries
         self._count("failed")
         return None
 
     def review(self, items: list[Item]) -> list:
-        keys, todo = [], {}
-        for item in items:
-            key, messages = self.request(item)
-            keys.append(key)
-            if self.cache.get(key) is not None:
-                self.counts["cache_hits"] += 1
-            elif key not in todo:
-                todo[key] = (messages, item.draft)
+        keyed = [(*self.request(item), item.draft) for item in items]  # (key, messages, draft)
+        self.counts.update("cache_hits" for key, *_ in keyed if self.cache.get(key) is not None)
+        todo = {key: (messages, draft) for key, messages, draft in keyed  # each new key once
+                if self.cache.get(key) is None}
         if todo:
             pool = ThreadPoolExecutor(self.max_in_flight)
             futures = {pool.submit(self.ask, messages): (key, draft)
@@ -513,23 +477,19 @@ class OpenAIExpert(Expert):
                         self.cache.put(key, text, model=self.model, draft=draft)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
-        texts = [self.cache.get(key) for key in keys]
+        texts = [self.cache.get(key) for key, *_ in keyed]
         reviews = [None if text is None else self.parse(text) for text in texts]
         self.counts.update("malformed" for text, review in zip(texts, reviews)
                            if text is not None and review is None)
         return reviews
 
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the openai client's own default
-CONNECT_TIMEOUT = 10.0                          # seconds for check_endpoint's one connection
-
-
 def check_endpoint(base_url: str | None, flag: str, cache_path: str | None = None) -> None:
     """Stop before any slow or paid work when no request could succeed: OPENAI_API_KEY unset, or an
     OpenAI-compatible endpoint that accepts no connection (a wrong URL, a server not started): one
-    TCP connection, no request. Skipped when cache_path already holds answers (a rerun may need no
-    request at all); the connection is not tried when a proxy carries the traffic."""
-    shown = base_url or DEFAULT_BASE_URL
+    TCP connection (10 s at most), no request. Skipped when cache_path already holds answers (a
+    rerun may need no request at all); the connection is not tried when a proxy carries it."""
+    shown = base_url or "https://api.openai.com/v1"  # the openai client's own default
     url = urllib.parse.urlsplit(shown)
     try:
         port = url.port or (443 if url.scheme == "https" else 80)
@@ -545,7 +505,7 @@ def check_endpoint(base_url: str | None, flag: str, cache_path: str | None = Non
     if url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(url.hostname):
         return
     try:
-        socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT).close()
+        socket.create_connection((url.hostname, port), timeout=10.0).close()
     except OSError as err:
         raise ExpertError(f"{flag} {shown}: cannot connect to {url.hostname}:{port} "
                           f"({err.strerror or err}); start the server or fix {flag}") from None
