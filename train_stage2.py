@@ -64,7 +64,7 @@ class Stage2Config(llada_v_train.LLaDAVStage2Flags):
                             "Stage II alone); a Hugging Face LLaDA-V / ReDiff folder: the real "
                             "model, with its own defaults and the flags from --data-json on")
     out: str = option("out/stage2.safetensors", "NAME.safetensors written (atomically, weights "
-                      "only) after every round")
+                      "only) after every round; NAME.dcp folders are train_stage1.py's")
     resume: bool = option(False, "continue the run saved at --out after its last finished round")
     stop_at: int = option(0, "stop after this round, as an interruption would; 0: all --rounds",
                           at_least=0)
