@@ -18,12 +18,11 @@ import torch
 from PIL import Image
 
 from data.loaders import DataError, load_llava_json, load_vicrit_jsonl, load_vicrit_train
-from llada_v import (CAPTION_QUESTION, EOS_ID, EOT_ID, AnyresImages, anyres_images,
-                     prompt_ids)
+from llada_v import CAPTION_QUESTION, EOS_ID, EOT_ID, AnyresImages, anyres_images, prompt_ids
 
 
 @functools.lru_cache(maxsize=4)
-def shuffled(n: int, seed: int, stream: int, epoch: int) -> np.ndarray:
+def shuffled(n: int, seed: int, stream: int, epoch: int) -> np.ndarray:  # one pass's order
     return np.random.default_rng([seed, stream, epoch]).permutation(n)
 
 
@@ -78,9 +77,6 @@ class CaptionData:
                 self.stats["pairs_dropped_token_counts_differ"] += 1
         self.sizes: dict[str, tuple] = {}
 
-    def __len__(self) -> int:
-        return len(self.captions)
-
     def image_size(self, path: str) -> tuple[int, int]:
         """(width, height) from the file header (no decoding): a row's placeholder count."""
         if path not in self.sizes:
@@ -122,8 +118,16 @@ class CaptionData:
 
     def rows(self, records: list, prompts: list, answers: torch.Tensor) -> Rows:
         """Records with their prompts (lists of ids) and answer inputs (b, A) -> the rows the model
-        sees: padded to these rows' longest, their images decoded."""
-        ids, answer_at, start = pack_rows(prompts, answers)
+        sees: prompt, answer, <|endoftext|> up to the longest row; answer_at: each answer position
+        counted from start, the first answer position of any row; the images decoded."""
+        lengths = torch.tensor([len(p) for p in prompts])                            # (b,)
+        A = answers.shape[1]
+        ids = torch.full((len(prompts), int(lengths.max()) + A), EOS_ID)             # (b, L)
+        for b, prompt in enumerate(prompts):
+            ids[b, :len(prompt)] = torch.tensor(prompt)
+            ids[b, len(prompt):len(prompt) + A] = answers[b]
+        start = int(lengths.min())
+        answer_at = (lengths - start)[:, None] + torch.arange(A)[None, :]           # (b, A)
         return Rows(ids, answer_at, start,
                     anyres_images(self.model, [r["image_path"] for r in records]))
 
@@ -138,21 +142,6 @@ class CaptionData:
         if cut or dropped:
             print(f"warning: {cut} caption draws cut to --answer-len (no end of turn learnt for "
                   f"them); {dropped} hallucination pairs dropped (token counts differ)")
-
-
-def pack_rows(prompts: list, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Prompts (lists of ids) and answers (b, A) -> (rows (b, L): prompt, answer, <|endoftext|> up
-    to the longest row; answer_at (b, A): the answer positions counted from start; start: the first
-    answer position of any row, from where the model computes logits)."""
-    lengths = torch.tensor([len(p) for p in prompts])                                # (b,)
-    A = answers.shape[1]
-    ids = torch.full((len(prompts), int(lengths.max()) + A), EOS_ID)                 # (b, L)
-    for b, prompt in enumerate(prompts):
-        ids[b, :len(prompt)] = torch.tensor(prompt)
-        ids[b, len(prompt):len(prompt) + A] = answers[b]
-    start = int(lengths.min())
-    answer_at = (lengths - start)[:, None] + torch.arange(A)[None, :]               # (b, A)
-    return ids, answer_at, start
 
 
 def load_captions(cfg, objective: str) -> tuple[list, list]:

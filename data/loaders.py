@@ -158,8 +158,7 @@ def _first_turns(record: dict, where: str, path: Path) -> tuple[str, str]:
     turns = record.get("conversations")
     if not isinstance(turns, list):
         problem = "is missing" if "conversations" not in record else "must be a list of turns"
-        raise DataError(f"{path}: {where}: field 'conversations' {problem}; fix or remove this "
-                        "record")
+        raise DataError(f"{path}: {where}: field 'conversations' {problem}; fix or remove it")
     prompt = None
     for k, turn in enumerate(turns):
         role = turn.get("from") if isinstance(turn, dict) else None
@@ -168,8 +167,7 @@ def _first_turns(record: dict, where: str, path: Path) -> tuple[str, str]:
         elif prompt is not None and role in ASSISTANT_ROLES:
             return prompt, _field(turn, "value", f"{where}, conversations[{k}]", path)
     raise DataError(f"{path}: {where}: field 'conversations' needs a turn from one of "
-                    f"{HUMAN_ROLES} followed by one from {ASSISTANT_ROLES}; fix or remove this "
-                    "record")
+                    f"{HUMAN_ROLES} followed by one from {ASSISTANT_ROLES}; fix or remove it")
 
 
 def load_llava_json(json_path, image_root, skip_missing: bool = False, skip_bad: bool = False,
@@ -231,8 +229,7 @@ def _pair(record, where: str, path: Path) -> tuple[str, str, tuple[int, int]]:
     names = [name for name in ("hallucinated", "wrong") if name in record]
     if len(names) != 1:
         raise DataError(f"{path}: {where}: give the corrupted caption in exactly one of the fields "
-                        f"'hallucinated' or 'wrong' (found {names or 'neither'}); fix or remove "
-                        "this record")
+                        f"'hallucinated' or 'wrong' (found {names or 'neither'}); fix it")
     wrong = _field(record, names[0], where, path)
     words, wrong_words = caption.split(), wrong.split()
     if len(words) != len(wrong_words):
@@ -262,15 +259,13 @@ def load_vicrit_jsonl(jsonl_path, image_root, skip_missing: bool = False, skip_b
     by an interrupted write, failing the checks) is a DataError naming the line, or with
     skip_bad=True skipped and counted."""
     path = Path(jsonl_path)
-    lines = path.read_bytes().split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()  # the newline that ends the last line
+    data = path.read_bytes()
+    lines = data.removesuffix(b"\n").split(b"\n") if data else []  # a last "\n" ends the last line
 
     def parse(raw: bytes, number: int, where: str) -> tuple[str, dict]:
         text = _decode_utf8(raw, path, number)
         if not text.strip():
-            raise DataError(f"{path}: {where} is blank; remove it (every line must hold one JSON "
-                            "object)")
+            raise DataError(f"{path}: {where} is blank; remove it (one JSON object per line)")
         try:
             record = json.loads(text)
         except json.JSONDecodeError as e:
