@@ -2,10 +2,9 @@
 
 The rule every script follows: an error the user caused (a flag's value, a path, a file's content,
 a checkpoint of the wrong kind, an endpoint that never answers) ends the command with one line on
-stderr that names the input and the fix, and a non-zero exit status: 2 for a bad flag value
-(argparse's own status), 1 otherwise. Tracebacks are for bugs. Values are checked where they are
-parsed (option's bounds); each script's `__main__` runs main() through run_main(), which turns the
-project's user-error exceptions into that one line.
+stderr naming the input and the fix, and exit status 2 for a bad flag value (as argparse), else 1.
+Tracebacks are for bugs. Values are checked when parsed (option's bounds); each script's
+`__main__` runs main() through run_main(), which turns user errors into that one line.
 """
 from __future__ import annotations
 
@@ -13,16 +12,15 @@ import argparse
 import dataclasses
 import json
 import math
+import operator
 import os
 import sys
 
 BAD_ARGUMENT_STATUS = 2   # argparse's exit status for a bad command line; UsageError's too
 USER_ERROR_STATUS = 1     # a bad file, checkpoint or endpoint
 INTERRUPTED_STATUS = 130  # Ctrl-C, as a shell reports it
-BOUNDS = {"at_least": (lambda v, b: v >= b, "at least"),
-          "more_than": (lambda v, b: v > b, "more than"),
-          "at_most": (lambda v, b: v <= b, "at most"),
-          "less_than": (lambda v, b: v < b, "less than")}
+BOUNDS = {"at_least": operator.ge, "more_than": operator.gt, "at_most": operator.le,
+          "less_than": operator.lt}  # option()'s bounds; a message names one as "at least", ...
 # (module, class) of the project's exceptions whose message names the input and the fix. A class
 # is only looked up when its module was imported (it cannot have been raised otherwise).
 USER_ERRORS = (("data.loaders", "DataError"), ("experts", "ExpertError"),
@@ -35,10 +33,10 @@ def option(default, help: str, **kw):
     """A config field with its --help text (list defaults are copied per instance). Bounds, checked
     when the flag is parsed (each element of a list): at_least, more_than, at_most, less_than; also
     choices, nargs, type."""
+    metadata = {"help": help, **kw}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default),
-                                 metadata={"help": help, **kw})
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 class UsageError(SystemExit):
@@ -70,25 +68,21 @@ def _bounded(kind, bounds: dict):
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         for name, bound in bounds.items():
-            holds, words = BOUNDS[name]
-            if not holds(value, bound):
+            if not BOUNDS[name](value, bound):
+                words = name.replace("_", " ")
                 raise argparse.ArgumentTypeError(f"must be {words} {bound}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its own messages
     return parse
 
 
-def _prog() -> str:
-    """The running script as its path from the repository root (tools/eval.py, also under
-    python -m tools.eval), or argparse's default, the file's name, for a script outside it."""
-    path = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(os.path.abspath(__file__)))
-    return os.path.basename(sys.argv[0]) if path.startswith(".") else path
-
-
 def parse_config(cls, argv=None, description: str = "", presets: dict | None = None):
     """Build `cls` from the command line. A preset (e.g. --tiny) sets many defaults at once;
-    explicit flags win."""
-    parser = _Parser(prog=_prog(), description=description, formatter_class=_HelpFormatter)
+    explicit flags win. The program's name: the script's path from the repository root
+    (tools/eval.py, also under python -m tools.eval), or its file name outside it."""
+    prog = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(os.path.abspath(__file__)))
+    prog = os.path.basename(sys.argv[0]) if prog.startswith(".") else prog
+    parser = _Parser(prog=prog, description=description, formatter_class=_HelpFormatter)
     for name, preset in (presets or {}).items():
         parser.add_argument(f"--{name}", action="store_true", help=preset["help"])
     own = vars(cls).get("__annotations__", {})  # a config's own flags first, then inherited ones
@@ -99,35 +93,20 @@ def parse_config(cls, argv=None, description: str = "", presets: dict | None = N
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_text)
-        elif f.metadata.get("nargs"):
-            default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
-                       else f.default)
-            parser.add_argument(flag, type=_bounded(f.metadata["type"], bounds),
-                                nargs=f.metadata["nargs"], default=default, help=help_text)
-        else:
-            name = f.type if isinstance(f.type, str) else f.type.__name__
-            kind = {"int": int, "float": float, "str": str}.get(name, str)
-            parser.add_argument(flag, type=_bounded(kind, bounds), default=f.default,
-                                help=help_text, choices=f.metadata.get("choices"))
+            continue
+        name = f.type if isinstance(f.type, str) else f.type.__name__
+        kind = f.metadata.get("type") or {"int": int, "float": float}.get(name, str)
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        parser.add_argument(flag, type=_bounded(kind, bounds), default=default, help=help_text,
+                            nargs=f.metadata.get("nargs"), choices=f.metadata.get("choices"))
     args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
-    explicit = _explicit_flags(argv)
+    explicit = {arg[2:].split("=", 1)[0].removeprefix("no-").replace("-", "_")  # flags typed
+                for arg in (sys.argv[1:] if argv is None else argv) if arg.startswith("--")}
     for name, preset in (presets or {}).items():
         if getattr(args, name):
-            for key, value in preset["values"].items():
-                if key not in explicit:
-                    values[key] = value
+            values.update({k: v for k, v in preset["values"].items() if k not in explicit})
     return cls(**values)
-
-
-def _explicit_flags(argv) -> set:
-    argv = sys.argv[1:] if argv is None else argv
-    names = set()
-    for arg in argv:
-        if arg.startswith("--"):
-            name = arg[2:].split("=", 1)[0]
-            names.add(name.removeprefix("no-").replace("-", "_"))
-    return names
 
 
 def show_config(cfg) -> str:
@@ -180,15 +159,6 @@ def check_folder_out(path: str, what: str, flag: str = "--out") -> None:
     check_writable(os.path.join(path, "out"), flag)
 
 
-def _user_error_types() -> tuple:
-    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS
-                 if module in sys.modules)
-
-
-def _say(message: str) -> None:
-    print(message if message.startswith("error") else f"error: {message}", file=sys.stderr)
-
-
 def run_main(main, argv=None):
     """Run a script's main(argv) as a command: a user error ends with one line on stderr and a
     non-zero exit status (UsageError: 2; SystemExit(message), the project's user-error exceptions,
@@ -196,24 +166,19 @@ def run_main(main, argv=None):
     shows."""
     try:
         main(argv)
-    except UsageError as err:
-        _say(str(err))
-        sys.exit(BAD_ARGUMENT_STATUS)
-    except SystemExit as err:
-        if err.code is None or isinstance(err.code, int):
-            raise
-        _say(str(err.code))
-        sys.exit(USER_ERROR_STATUS)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C); checkpoints are written whole or not at all", file=sys.stderr)
         sys.exit(INTERRUPTED_STATUS)
-    except OSError as err:
-        if err.filename is None:
+    except (SystemExit, Exception) as err:
+        user_errors = tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS
+                            if module in sys.modules)
+        if isinstance(err, SystemExit) and not (err.code is None or isinstance(err.code, int)):
+            message = str(err.code)
+        elif isinstance(err, OSError) and err.filename is not None:
+            message = f"{err.filename}: {err.strerror or err}; check the path and its permissions"
+        elif isinstance(err, user_errors):
+            message = str(err)
+        else:
             raise
-        _say(f"{err.filename}: {err.strerror or err}; check the path and its permissions")
-        sys.exit(USER_ERROR_STATUS)
-    except Exception as err:
-        if not isinstance(err, _user_error_types()):
-            raise
-        _say(str(err))
-        sys.exit(USER_ERROR_STATUS)
+        print(message if message.startswith("error") else f"error: {message}", file=sys.stderr)
+        sys.exit(BAD_ARGUMENT_STATUS if isinstance(err, UsageError) else USER_ERROR_STATUS)

@@ -10,14 +10,14 @@ The rules the training scripts follow (README, "Multi-GPU training"):
 - --batch-size is the GLOBAL batch. Every rank builds the whole batch from (seed, step), draws
   the masks and corruptions for all of it (one process's random draws), and runs the model on
   its own rows only.
-- Each rank's loss is normalised so that the MEAN over ranks is the whole batch's one-process
-  loss: Eq. 1-4's per-sample means over equal shards as they are; a loss over a token count
-  pooled over the batch (the word-class loss, shapes_aids.py) divides the rank's sum by the
-  whole batch's count / world size (Context.count). DDP and FSDP average gradients over ranks,
-  so each step's gradient is the one-process one, up to the order of float summation.
-- A .safetensors checkpoint path is one file (model.save_checkpoint); NAME.dcp a DCP folder: one
-  safetensors shard per writing rank plus meta.json, readable by any number of processes (the
-  training scripts refuse another --out ending); model.load_checkpoint reads both.
+- The MEAN over ranks of each rank's loss is the whole batch's one-process loss: Eq. 1-4's
+  per-sample means over equal shards as they are; a loss over a token count pooled over the
+  batch (shapes_aids.py's word-class loss) divides by the whole batch's count / world
+  (Context.count). DDP and FSDP average gradients over ranks: each step's gradient is the
+  one-process one, up to the order of float summation.
+- NAME.safetensors is one checkpoint file (model.save_checkpoint); NAME.dcp a DCP folder: one
+  safetensors shard per writing rank plus meta.json, readable by any number of processes;
+  model.load_checkpoint reads both.
 """
 from __future__ import annotations
 
@@ -86,12 +86,11 @@ class Context:
         """Every rank's JSON-able `obj`, in rank order, as UTF-8 bytes in tensors (no pickle)."""
         if self.world == 1:
             return [obj]
-        data = bytearray(json.dumps(obj).encode())
-        data = torch.frombuffer(data, dtype=torch.uint8).to(self.device)
-        sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world)]
-        dist.all_gather(sizes, torch.tensor([len(data)], device=self.device))
-        width = max(int(s) for s in sizes)
-        padded = torch.zeros(width, dtype=torch.uint8, device=self.device)
+        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        size = torch.tensor([len(data)], device=self.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size)
+        padded = torch.zeros(int(max(sizes)), dtype=torch.uint8, device=self.device)
         padded[:len(data)] = data
         out = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(out, padded)
@@ -102,20 +101,16 @@ class Context:
             dist.barrier()
 
 
-def launched() -> bool:
-    """Started by torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def setup(mode: str = "auto", device: str = "auto") -> Context:
     """Join the process group (once per process), pick this rank's device. auto: ddp under
     torchrun, else none. ddp / fsdp without torchrun: a group of one process (for debugging)."""
     if mode not in MODES:
         raise SystemExit(f"--parallel {mode!r}: choose one of {', '.join(MODES)}")
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun's variables
     if mode == "auto":
-        mode = "ddp" if launched() else "none"
+        mode = "ddp" if torchrun else "none"
     if mode == "none":
-        if launched() and int(os.environ["WORLD_SIZE"]) > 1:
+        if torchrun and int(os.environ["WORLD_SIZE"]) > 1:
             raise SystemExit("--parallel none under torchrun with several processes: each would "
                              "train its own copy on the whole batch; use --parallel ddp or fsdp")
         return Context("none", device=pick_device(device))
@@ -129,7 +124,7 @@ def setup(mode: str = "auto", device: str = "auto") -> Context:
         torch.cuda.set_device(where)
     if not dist.is_initialized():
         backend = "nccl" if where.type == "cuda" else "gloo"
-        if launched():
+        if torchrun:
             dist.init_process_group(backend)  # rendezvous through torchrun's environment variables
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -155,9 +150,8 @@ def quiet() -> None:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """--param-dtype: auto is bfloat16 on CUDA (the paper's training precision), else float32 (CPU
     bf16 is slow, and exact comparisons with a single-process run need float32)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    auto = "bfloat16" if device.type == "cuda" else "float32"
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[auto if name == "auto" else name]
 
 
 def checkpoint_blocks(blocks) -> None:
@@ -182,11 +176,10 @@ def wrap(model: nn.Module, ctx: Context, param_dtype: str = "auto",
         checkpoint_blocks(blocks)
     if ctx.mode == "none":
         return model
-    if ctx.mode == "ddp":
+    if ctx.mode == "ddp":  # buffers are constants (positions): never synchronised
         from torch.nn.parallel import DistributedDataParallel
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids,
-                                       forward_sync_buffers=False)  # buffers: constants (positions)
+        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     for tensor in list(model.parameters()) + list(model.buffers()):  # rank 0's weights for all,
         dist.broadcast(tensor.data, src=0)      # as DDP does (vision pretraining may differ on GPU)

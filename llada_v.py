@@ -44,15 +44,12 @@ from sample import ModelLogits, steps_for
 # --------------------------------------------------------------------------------------------------
 # Special ids of the LLaDA tokenizer (its published tokenizer.json); LLaDATokenizer checks them.
 
-BOS_ID = 126080           # <|startoftext|>
-EOS_ID = 126081           # <|endoftext|>: end of text, also the padding after an answer
-MASK_ID = 126336          # <|mdm_mask|>: the diffusion mask
-START_HEADER_ID = 126346  # <|start_header_id|>
-END_HEADER_ID = 126347    # <|end_header_id|>
-EOT_ID = 126348           # <|eot_id|>: end of turn, where a caption stops
-SPECIAL_TOKENS = {"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID, "<|mdm_mask|>": MASK_ID,
-                  "<|start_header_id|>": START_HEADER_ID, "<|end_header_id|>": END_HEADER_ID,
-                  "<|eot_id|>": EOT_ID}
+SPECIAL_TOKENS = {"<|startoftext|>": 126080,      # BOS
+                  "<|endoftext|>": 126081,        # EOS: end of text, the padding after an answer
+                  "<|mdm_mask|>": 126336,         # the diffusion mask
+                  "<|start_header_id|>": 126346, "<|end_header_id|>": 126347,
+                  "<|eot_id|>": 126348}           # end of turn, where a caption stops
+BOS_ID, EOS_ID, MASK_ID, START_HEADER_ID, END_HEADER_ID, EOT_ID = SPECIAL_TOKENS.values()
 # The official LLaDA-V sampler bans these (logit -inf, as the mask) and stops an answer at EOT_ID.
 SAMPLER_BANNED_IDS = (EOS_ID, BOS_ID, START_HEADER_ID, END_HEADER_ID)
 IMAGE_TOKEN_INDEX = -200  # LLaVA's image placeholder in prompt ids: no vocabulary id, never sampled
@@ -158,41 +155,36 @@ def config_from_hf(d: dict, path: str = "config.json") -> LLaDAVConfig:
     if d.get("rope_theta") is None:
         raise CheckpointMismatch(f"{path}: no \"rope_theta\" field (the RoPE base; LLaDA-V and "
                                  f"LLaDA-8B use 500000.0): add the model's original value")
-    if "d_model" in d:  # original LLaDA
-        unsupported = {k: d[k] for k in ("weight_tying", "include_bias") if d.get(k)}
-        lm = LMConfig(vocab_size=d.get("embedding_size") or d["vocab_size"], d_model=d["d_model"],
-                      n_layers=d["n_layers"], n_heads=d["n_heads"],
-                      n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
-                      mlp_hidden=d["mlp_hidden_size"], rope_theta=float(d["rope_theta"]),
-                      norm_eps=d.get("rms_norm_eps", 1e-5))
-    else:               # LLaDA-V / ReDiff
-        flags = ("tie_word_embeddings", "attention_bias", "mlp_bias", "rope_scaling")
-        unsupported = {k: d[k] for k in flags if d.get(k)}
-        heads = d["num_attention_heads"]
-        lm = LMConfig(vocab_size=d["vocab_size"], d_model=d["hidden_size"],
-                      n_layers=d["num_hidden_layers"], n_heads=heads,
-                      n_kv_heads=d.get("num_key_value_heads") or heads,
-                      mlp_hidden=d["intermediate_size"], rope_theta=float(d["rope_theta"]),
-                      norm_eps=d.get("rms_norm_eps", 1e-5))
+    flags = ("tie_word_embeddings", "attention_bias", "mlp_bias", "rope_scaling")
+    if "d_model" in d:  # original LLaDA: its OLMo names as LLaDA-V's
+        flags = ("weight_tying", "include_bias")
+        d = {**d, "vocab_size": d.get("embedding_size") or d["vocab_size"],
+             "hidden_size": d["d_model"], "num_hidden_layers": d["n_layers"],
+             "num_attention_heads": d["n_heads"], "num_key_value_heads": d.get("n_kv_heads"),
+             "intermediate_size": d["mlp_hidden_size"]}
+    heads = d["num_attention_heads"]
+    lm = LMConfig(vocab_size=d["vocab_size"], d_model=d["hidden_size"],
+                  n_layers=d["num_hidden_layers"], n_heads=heads,
+                  n_kv_heads=d.get("num_key_value_heads") or heads,
+                  mlp_hidden=d["intermediate_size"], rope_theta=float(d["rope_theta"]),
+                  norm_eps=d.get("rms_norm_eps", 1e-5))
+    unsupported = {k: d[k] for k in flags if d.get(k)}
     if unsupported:
         raise ValueError(f"config.json: {unsupported} not supported by model.py's LLaDA "
                          f"(untied, no bias, plain RoPE)")
     if "mm_vision_tower" not in d:
         return LLaDAVConfig(lm=lm, vision=None)
 
-    vision = SiglipConfig(select_layer=d.get("mm_vision_select_layer", -2))
-    for hf_name, ours in _VISION_FIELDS.items():
-        if hf_name in (d.get("vision_config") or {}):
-            setattr(vision, ours, d["vision_config"][hf_name])
-    problems = []
+    hf_vision = d.get("vision_config") or {}
+    vision = SiglipConfig(select_layer=d.get("mm_vision_select_layer", -2), **{
+        ours: hf_vision[name] for name, ours in _VISION_FIELDS.items() if name in hf_vision})
+    problems = [f"{key} {d[key]!r} (only {only})" for key, only in (
+        ("mm_projector_type", "mlp2x_gelu"), ("mm_vision_select_feature", "patch"))
+        if d.get(key, only) != only]
     if "siglip" not in d["mm_vision_tower"].lower():
         problems.append(f"mm_vision_tower {d['mm_vision_tower']!r} is not a SigLIP tower")
-    if d.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        problems.append(f"mm_projector_type {d['mm_projector_type']!r} (only mlp2x_gelu)")
     if d.get("mm_hidden_size", vision.width) != vision.width:
         problems.append(f"mm_hidden_size {d['mm_hidden_size']} != vision width {vision.width}")
-    if d.get("mm_vision_select_feature", "patch") != "patch":
-        problems.append(f"mm_vision_select_feature {d['mm_vision_select_feature']!r} (only patch)")
     if "unpad" not in d.get("mm_patch_merge_type", "spatial_unpad"):
         problems.append(f"mm_patch_merge_type {d['mm_patch_merge_type']!r} (only spatial_unpad)")
     aspect = d.get("image_aspect_ratio") or "anyres_max_4"
@@ -237,17 +229,6 @@ def select_best_resolution(image_size: tuple[int, int], candidates) -> tuple[int
     return best
 
 
-def unpad_window(rows: int, cols: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The (top, bottom, left, right) window of the padded canvas's rows x cols feature grid that
-    holds the image. The canvas is padded on two sides: centred on one axis, full on the other."""
-    width, height = image_size
-    if width / height > cols / rows:              # wider than the canvas: bars above and below
-        pad = (rows - int(height * (cols / width))) // 2
-        return pad, rows - pad, 0, cols
-    pad = (cols - int(width * (rows / height))) // 2  # taller: black bars left and right
-    return 0, rows, pad, cols - pad
-
-
 @dataclass
 class AnyresLayout:
     cols: int                       # crops across
@@ -259,12 +240,20 @@ class AnyresLayout:
 
 def anyres_layout(image_size: tuple[int, int], pinpoints, crop_size: int = 384, grid: int = 27,
                   max_crops: int | None = 4) -> AnyresLayout:
-    """What an image's tokens owe to its size alone: the crop grid, the unpad window, the
-    downsampled size and the token count. An unpadded grid of more than (1.1^2) x max_crops crops'
-    worth of features is resized by 1/times each way, times = sqrt(H W / (max_crops g^2))."""
+    """What an image's tokens owe to its size alone: the crop grid, the unpad window (the canvas
+    is padded on two sides: centred on one axis, full on the other), the downsampled size and the
+    token count. An unpadded grid of more than (1.1^2) x max_crops crops' worth of features is
+    resized by 1/times each way, times = sqrt(H W / (max_crops g^2))."""
+    width, height = image_size
     canvas_w, canvas_h = select_best_resolution(image_size, pinpoints)
     cols, rows = canvas_w // crop_size, canvas_h // crop_size
-    window = unpad_window(rows * grid, cols * grid, image_size)
+    h, w = rows * grid, cols * grid                                  # the canvas's feature grid
+    if width / height > w / h:                        # wider than the canvas: bars above and below
+        pad = (h - int(height * (w / width))) // 2
+        window = (pad, h - pad, 0, w)
+    else:                                                 # taller: black bars left and right
+        pad = (w - int(width * (h / height))) // 2
+        window = (0, h, pad, w - pad)
     h, w = window[1] - window[0], window[3] - window[2]
     times = 0 if max_crops is None else math.sqrt(h * w / (max_crops * grid ** 2))
     if times > 1.1:
@@ -272,10 +261,11 @@ def anyres_layout(image_size: tuple[int, int], pinpoints, crop_size: int = 384, 
     return AnyresLayout(cols, rows, window, (h, w), grid ** 2 + h * (w + 1))
 
 
-def resize_and_pad(image, size: tuple[int, int]):
-    """Fit a PIL image inside `size` (width, height) keeping its aspect ratio, centred on black."""
+def anyres_crops(image, pinpoints, crop_size: int = 384) -> list:
+    """PIL image -> [base view squashed to crop_size^2] + the canvas crops, row by row; the image
+    fits inside the canvas keeping its aspect ratio, centred on black."""
     from PIL import Image
-    (width, height), (tw, th) = image.size, size
+    (width, height), (tw, th) = image.size, select_best_resolution(image.size, pinpoints)
     scale_w, scale_h = tw / width, th / height       # LLaVA's float expressions: its rounding
     if scale_w < scale_h:
         nw, nh = tw, min(math.ceil(height * scale_w), th)
@@ -283,26 +273,9 @@ def resize_and_pad(image, size: tuple[int, int]):
         nw, nh = min(math.ceil(width * scale_h), tw), th
     canvas = Image.new("RGB", (tw, th), (0, 0, 0))
     canvas.paste(image.resize((nw, nh), Image.BICUBIC), ((tw - nw) // 2, (th - nh) // 2))
-    return canvas
-
-
-def anyres_crops(image, pinpoints, crop_size: int = 384) -> list:
-    """PIL image -> [base view squashed to crop_size^2] + the canvas crops, row by row."""
-    from PIL import Image
-    canvas_w, canvas_h = select_best_resolution(image.size, pinpoints)
-    canvas = resize_and_pad(image, (canvas_w, canvas_h))
     tiles = [canvas.crop((x, y, x + crop_size, y + crop_size))
-             for y in range(0, canvas_h, crop_size) for x in range(0, canvas_w, crop_size)]
+             for y in range(0, th, crop_size) for x in range(0, tw, crop_size)]
     return [image.resize((crop_size, crop_size), Image.BICUBIC)] + tiles
-
-
-def pad_to_square(image, mean=(0.5, 0.5, 0.5)):
-    """image_aspect_ratio "pad": centre the image on a square of the mean colour."""
-    from PIL import Image
-    side = max(image.size)
-    canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
-    canvas.paste(image, ((side - image.size[0]) // 2, (side - image.size[1]) // 2))
-    return canvas
 
 
 def merge_anyres_features(feats: torch.Tensor, layout: AnyresLayout,
@@ -378,21 +351,11 @@ class LLaDAV(nn.Module):
             self.image_newline = nn.Parameter(torch.zeros(cfg.lm.d_model))
         self.lm = LLaDA(cfg.lm)
 
-    def image_crops(self, image) -> list:
-        """PIL image -> the tower's views: anyres crops, or one padded square ("pad")."""
-        from PIL import Image
-        crop = self.cfg.vision.image_size
-        if self.cfg.image_aspect_ratio == "pad":
-            return [pad_to_square(image, self.cfg.vision.mean).resize((crop, crop), Image.BICUBIC)]
-        return anyres_crops(image, self.cfg.grid_pinpoints, crop)
-
     def image_layout(self, image_size: tuple[int, int]) -> AnyresLayout | None:
         """The anyres layout of an image of this (width, height); None for "pad"."""
-        if self.cfg.image_aspect_ratio == "pad":
-            return None
         cfg = self.cfg
-        return anyres_layout(image_size, cfg.grid_pinpoints, cfg.vision.image_size,
-                             cfg.vision.grid, cfg.max_crops)
+        return None if cfg.image_aspect_ratio == "pad" else anyres_layout(
+            image_size, cfg.grid_pinpoints, cfg.vision.image_size, cfg.vision.grid, cfg.max_crops)
 
     def n_image_tokens(self, image_size: tuple[int, int]) -> int:
         """N for an image of this (width, height), from the size alone: the prompt's placeholders"""
@@ -400,9 +363,19 @@ class LLaDAV(nn.Module):
         return self.cfg.vision.grid ** 2 + 1 if layout is None else layout.tokens
 
     def image_views(self, image) -> torch.Tensor:
-        """PIL image -> the tower's normalised views (n, 3, S, S), on the CPU (a data loader's)."""
+        """PIL image -> the tower's normalised views (n, 3, S, S), on the CPU (a data loader's):
+        anyres crops, or ("pad") the image centred on a square of the mean colour."""
+        from PIL import Image
         from data.pipeline import image_to_tensor
-        return image_to_tensor(self.image_crops(image), self.cfg.vision.mean, self.cfg.vision.std)
+        vision = self.cfg.vision
+        if self.cfg.image_aspect_ratio == "pad":
+            side = max(image.size)
+            square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in vision.mean))
+            square.paste(image, ((side - image.size[0]) // 2, (side - image.size[1]) // 2))
+            views = [square.resize((vision.image_size, vision.image_size), Image.BICUBIC)]
+        else:
+            views = anyres_crops(image, self.cfg.grid_pinpoints, vision.image_size)
+        return image_to_tensor(views, vision.mean, vision.std)
 
     def embed_views(self, views: torch.Tensor, sizes: list) -> torch.Tensor:
         """Several images' views, concatenated (sum n, 3, S, S), and their (width, height) -> their
@@ -477,8 +450,6 @@ LLADA_LAYER_NAMES = {  # original LLaDA (OLMo style): model.transformer.blocks.{
     "ff_proj.weight": "mlp.gate_proj.weight", "up_proj.weight": "mlp.up_proj.weight",
     "ff_out.weight": "mlp.down_proj.weight", "attn_norm.weight": "input_layernorm.weight",
     "ff_norm.weight": "post_attention_layernorm.weight"}
-# LLaDA-V / ReDiff (LLaMA style): model.layers.{i}.<name> -> lm.layers.{i}.<name>, the same name
-LLAMA_LAYER_NAMES = {name: name for name in LLADA_LAYER_NAMES.values()}
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 SIGLIP_LAYER_NAMES = {  # Hugging Face SigLIP encoder.layers.{i}.<name> -> timm blocks.{i}.<name>
     "layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj",
@@ -488,10 +459,10 @@ SIGLIP_LAYER_NAMES = {  # Hugging Face SigLIP encoder.layers.{i}.<name> -> timm 
 def checkpoint_names(cfg: LLaDAVConfig, naming: str) -> dict[str, list[str]]:
     """{our parameter name: the checkpoint keys it is made of}. One key, except timm's fused
     attention input: Hugging Face's q_proj, k_proj and v_proj stacked (in that order)."""
-    if naming == "llama":
+    if naming == "llama":  # LLaDA-V / ReDiff: model.layers.{i}.<name>, our names
         names = {"lm.embed_tokens.weight": ["model.embed_tokens.weight"],
                  "lm.norm.weight": ["model.norm.weight"], "lm.lm_head.weight": ["lm_head.weight"]}
-        layer_prefix, layer_names = "model.layers", LLAMA_LAYER_NAMES
+        layer_prefix, layer_names = "model.layers", {n: n for n in LLADA_LAYER_NAMES.values()}
     else:
         names = {"lm.embed_tokens.weight": ["model.transformer.wte.weight"],
                  "lm.norm.weight": ["model.transformer.ln_f.weight"],
@@ -506,27 +477,24 @@ def checkpoint_names(cfg: LLaDAVConfig, naming: str) -> dict[str, list[str]]:
     names.update({f"{t}patch_embed.proj.weight": [f"{v}embeddings.patch_embedding.weight"],
                   f"{t}patch_embed.proj.bias": [f"{v}embeddings.patch_embedding.bias"],
                   f"{t}pos_embed": [f"{v}embeddings.position_embedding.weight"],
-                  "image_newline": ["model.image_newline"]})
+                  "image_newline": ["model.image_newline"],
+                  **{f"mm_projector.{j}.{kind}": [f"model.mm_projector.{j}.{kind}"]
+                     for j in (0, 2) for kind in ("weight", "bias")}})
     for i in range(cfg.vision.used_layers):
         for kind in ("weight", "bias"):
             qkv = [f"{v}encoder.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv"]
             names[f"{t}blocks.{i}.attn.qkv.{kind}"] = qkv
             for theirs, ours in SIGLIP_LAYER_NAMES.items():
                 names[f"{t}blocks.{i}.{ours}.{kind}"] = [f"{v}encoder.layers.{i}.{theirs}.{kind}"]
-    for j in (0, 2):
-        for kind in ("weight", "bias"):
-            names[f"mm_projector.{j}.{kind}"] = [f"model.mm_projector.{j}.{kind}"]
     return names
 
 
 def ignored_key(key: str, cfg: LLaDAVConfig) -> bool:
     """Checkpoint keys known and left unused: SigLIP's post-layernorm and pooling head (features
     come before them), encoder layers past the used ones (the dropped last), cached RoPE tables."""
-    if key.endswith("rotary_emb.inv_freq"):
-        return True
-    if cfg.vision is None or not key.startswith(VISION_PREFIX):
-        return False
-    rest = key[len(VISION_PREFIX):]
+    rest = key.removeprefix(VISION_PREFIX)
+    if cfg.vision is None or rest == key:                                # not a vision key
+        return key.endswith("rotary_emb.inv_freq")
     layer = re.match(r"encoder\.layers\.(\d+)\.", rest)
     dropped_layer = layer is not None and int(layer.group(1)) >= cfg.vision.used_layers
     return rest.startswith(("post_layernorm.", "head.")) or dropped_layer
@@ -535,28 +503,6 @@ def ignored_key(key: str, cfg: LLaDAVConfig) -> bool:
 class CheckpointMismatch(ValueError):
     """The checkpoint folder does not describe a model this loader builds: a config.json field is
     missing, or the checkpoint's keys or shapes do not fit the model its config.json describes."""
-
-
-def _shard_files(model_dir: str) -> list[str]:
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
-    if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        return ["model.safetensors"]
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors.index.json or model.safetensors; "
-                            f"download the whole folder (e.g. huggingface-cli download <repo> "
-                            f"--local-dir DIR)")
-
-
-def _header_shapes(model_dir: str, shards: list[str]) -> dict[str, tuple]:
-    """{checkpoint key: shape}, read from the shard headers only (no tensor data)."""
-    from safetensors import safe_open
-    shapes = {}
-    for shard in shards:
-        with safe_open(os.path.join(model_dir, shard), framework="pt") as f:
-            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
-    return shapes
 
 
 def load_llada_v(model_dir: str, device="cpu",
@@ -574,8 +520,19 @@ def load_llada_v(model_dir: str, device="cpu",
     tokenizer = LLaDATokenizer(os.path.join(model_dir, "tokenizer.json"))
     with torch.device("meta"):
         model = LLaDAV(cfg)                                             # shapes only, no memory
-    shards = _shard_files(model_dir)
-    shapes = _header_shapes(model_dir, shards)
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors.index.json or "
+                                f"model.safetensors; download the whole folder")
+    shapes = {}                                    # {checkpoint key: shape}, from the headers only
+    for shard in shards:
+        with safe_open(os.path.join(model_dir, shard), framework="pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
     naming = "llada" if any(k.startswith("model.transformer.") for k in shapes) else "llama"
     names = checkpoint_names(cfg, naming)
 
@@ -602,10 +559,10 @@ def load_llada_v(model_dir: str, device="cpu",
     # Read shard by shard, tensor by tensor, onto the device; each replaces a meta parameter.
     owner = {key: ours for ours, keys in names.items() for key in keys}
     pending: dict[str, dict] = {}                              # parts of fused tensors seen so far
-    where = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}" \
-        if device.type == "cuda" else str(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     for shard in shards:
-        with safe_open(os.path.join(model_dir, shard), framework="pt", device=where) as f:
+        with safe_open(os.path.join(model_dir, shard), framework="pt", device=str(device)) as f:
             for key in (k for k in f.keys() if k in owner):
                 ours = owner[key]
                 parts = pending.setdefault(ours, {})
@@ -689,58 +646,52 @@ def read_state(path: str) -> dict:
 
 @torch.no_grad()
 def generate_answer(model: LLaDAV, image_embeds: torch.Tensor, prompt: torch.Tensor,
-                    gen_length: int, steps: int, refine: bool = True,
-                    block_length: int | None = None, temperature: float = 0.0, generator=None,
-                    return_trace: bool = False, prefix_cache: bool = False,
-                    threshold: float | None = None):
+                    gen_length: int, steps: int, refine: bool = True, prefix_cache: bool = False,
+                    **options):
     """rediff.generate with the official LLaDA-V sampler's rules: SAMPLER_BANNED_IDS (and the
     mask) at logit -inf, each row stopped at its first <|eot_id|> (rediff.StopRule).
     prompt (B, P) with the image placeholders, image_embeds (B or 1, N, D). Logits come from the
-    current block's start on (sample.ModelLogits, as prefix_cache; threshold: rediff.generate).
+    current block's start on (sample.ModelLogits, as prefix_cache). options: rediff.generate's
+    block_length, temperature, generator, return_trace, threshold.
     Returns (rediff.generate's output, forward passes)."""
     logits_fn = ModelLogits(model, image_embeds, prompt.shape[1], prefix_cache)
-    out = rediff.generate(logits_fn, prompt, gen_length, steps, block_length=block_length,
-                          temperature=temperature, refine=refine, mask_id=MASK_ID, eot_id=EOT_ID,
-                          banned_ids=SAMPLER_BANNED_IDS, return_trace=return_trace,
-                          generator=generator, threshold=threshold, on_block=logits_fn.begin_block)
+    out = rediff.generate(logits_fn, prompt, gen_length, steps, refine=refine, mask_id=MASK_ID,
+                          eot_id=EOT_ID, banned_ids=SAMPLER_BANNED_IDS,
+                          on_block=logits_fn.begin_block, **options)
     return out, logits_fn.forward_passes
 
 
 @torch.no_grad()
 def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: bool = True,
-            gen_length: int = 128, question: str = CAPTION_QUESTION, temperature: float = 0.0,
-            device="auto", dtype=None, seed: int = 0, return_trace: bool = False,
-            loaded: tuple | None = None, block_length: int | None = None,
-            prefix_cache: bool = False, threshold: float | None = None) -> dict:
+            gen_length: int = 128, question: str = CAPTION_QUESTION, device="auto", seed: int = 0,
+            return_trace: bool = False, loaded: tuple | None = None,
+            block_length: int | None = None, **options) -> dict:
     """Caption one image file with a LLaDA-V / ReDiff checkpoint folder as the paper evaluates: one
     block of gen_length tokens, steps = ceil(gen_length / tokens_per_step), greedy, refining
     (ReDiff) or frozen (LLaDA-V), the official sampler's banned ids and end-of-turn stop.
 
     loaded: a (model, tokenizer) pair from load_llada_v to caption many images without reloading.
-    block_length, prefix_cache, threshold: sample.py's options (off: the paper's).
+    block_length and options (temperature, prefix_cache, threshold): sample.py's (off: the paper's).
     Returns a dict: text, ids (G,), image_tokens, prompt_tokens, forward_passes, seconds, trace."""
-    if not image_path:
-        raise ValueError("captioning with a checkpoint folder needs an image file "
-                         "(--image photo.jpg)")
-    device = pick_device(device) if isinstance(device, str) else device
-    model, tokenizer = loaded or load_llada_v(model_dir, device, dtype)
+    model, tokenizer = loaded or load_llada_v(model_dir, pick_device(device))
     if model.cfg.vision is None:
         raise ValueError(f"{model_dir} is a text-only LLaDA checkpoint: it cannot caption images")
     device = next(model.parameters()).device
     start = time.perf_counter()
     image_embeds = model.encode_image(open_image(image_path))                  # (1, N, D)
-    n_image = image_embeds.shape[1]
-    prompt = torch.tensor([prompt_ids(tokenizer, n_image, question)], device=device)  # (1, P)
+    prompt = torch.tensor([prompt_ids(tokenizer, image_embeds.shape[1], question)],
+                          device=device)                                          # (1, P)
     generator = torch.Generator(device=device).manual_seed(seed)
     steps = steps_for(gen_length, tokens_per_step, gen_length // (block_length or gen_length))
     out, forward_passes = generate_answer(model, image_embeds, prompt, gen_length, steps, refine,
-                                          block_length, temperature, generator, return_trace,
-                                          prefix_cache, threshold)
+                                          block_length=block_length, generator=generator,
+                                          return_trace=return_trace, **options)
     ids, trace = out if return_trace else (out, None)
     answer = ids[0].tolist()
     cut = min([answer.index(s) for s in tokenizer.stop_ids if s in answer] + [len(answer)])
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"text": tokenizer.decode(answer[:cut]).strip(), "ids": ids[0], "image_tokens": n_image,
-            "prompt_tokens": prompt.shape[1], "forward_passes": forward_passes,
-            "seconds": time.perf_counter() - start, "trace": trace}
+    return {"text": tokenizer.decode(answer[:cut]).strip(), "ids": ids[0],
+            "image_tokens": image_embeds.shape[1], "prompt_tokens": prompt.shape[1],
+            "forward_passes": forward_passes, "seconds": time.perf_counter() - start,
+            "trace": trace}
