@@ -397,16 +397,6 @@ class OpenAIExpert(Expert):
         with self._lock:  # counts are updated from the worker threads
             self.counts[name] += 1
 
-    def client(self):
-        if self._client is None:
-            key = os.environ.get("OPENAI_API_KEY")
-            if not key:
-                raise ExpertError(NO_KEY)
-            import openai
-            self._client = openai.OpenAI(api_key=key, base_url=self.base_url or None, max_retries=0,
-                                         timeout=self.timeout)
-        return self._client
-
     def request(self, item: Item) -> tuple[str, list]:
         """(cache key, chat messages) of one item."""
         prompt = f"{PROMPT_RULES}\n\nGround truth: {item.truth}\nDraft: {item.draft}"
@@ -422,12 +412,17 @@ class OpenAIExpert(Expert):
     def ask(self, messages) -> str | None:
         """One answer's text, or None once the retries are spent (or on a non-retryable 4xx)."""
         import openai
-        client = self.client()
+        if self._client is None:  # made on the first request: a cached rerun needs no key
+            key = os.environ.get("OPENAI_API_KEY")
+            if not key:
+                raise ExpertError(NO_KEY)
+            self._client = openai.OpenAI(api_key=key, base_url=self.base_url or None, max_retries=0,
+                                         timeout=self.timeout)
         for attempt in range(self.max_retries + 1):
             self._count("requests")
             wait = 0.0
             try:
-                response = client.chat.completions.create(model=self.model, messages=messages)
+                response = self._client.chat.completions.create(model=self.model, messages=messages)
                 return (response.choices[0].message.content or "") if response.choices else ""
             except openai.APIStatusError as err:
                 status = err.status_code
