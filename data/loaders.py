@@ -2,12 +2,10 @@
 ReDiff's "revise" corrections), ViCrit-style pair JSONL and the ViCrit-Train JSON list.
 
 Every problem with the data raises DataError, naming the file, the record (index or line), the
-field and the fix. The dataset loaders return (records, stats): records, plain dicts (keys in each
-loader's docstring); stats, {"skipped_missing": n, "skipped_bad": n}, the examples left out by
-skip_missing (image missing) and skip_bad (malformed). Images are checked for existence here and
-decoded later, by open_image. Image paths resolve under `image_root`; one leading outside it
-("../", an absolute path elsewhere, a symlink pointing out) is always a DataError (never skipped)
-unless allow_outside_root=True.
+field and the fix. A loader returns (records: plain dicts, stats: {"skipped_missing": n,
+"skipped_bad": n}, the examples left out by skip_missing / skip_bad). Images are only checked for
+existence here (open_image decodes them). Image paths resolve under `image_root`; one leading out
+of it ("../", an absolute path, a symlink) is a DataError, never skipped, unless allow_outside_root.
 """
 from __future__ import annotations
 
@@ -293,9 +291,8 @@ def load_vicrit_train(json_path, image_root, skip_missing: bool = False, skip_ba
 
     Each record is {"id" (the index), "image_path", "prompt", "caption" (original_caption),
     "wrong" (changed_caption), "solutions": [solution_original, solution_target]}. An image not
-    at its path under image_root is looked for by its file name there (ReDiff keeps the ViCrit
-    images in one folder). Token counts are checked by the caller (data.captions.CaptionData).
-    Errors and skipping as load_llava_json."""
+    at its path is looked for by its file name under image_root (ReDiff keeps the ViCrit images
+    in one folder). Token counts are checked by the caller (data.captions.CaptionData)."""
     path = Path(json_path)
 
     def parse(record, index: int, where: str) -> tuple[str, dict]:
