@@ -55,8 +55,7 @@ class ExpertError(RuntimeError):
 
 
 class Expert:
-    """The interface: review(items) -> one review per item (by default review_one(item) each);
-    `counts` sums statistics over calls."""
+    """review(items) -> one review per item (review_one(item) each); `counts`: statistics."""
     name = "expert"
 
     def __init__(self):
@@ -161,17 +160,16 @@ def true_sentences(scene: dict) -> list[tuple[tuple, list[str]]]:
 
 
 class OracleExpert(Expert):
-    """Knows the scene; makes each sentence of the draft true and grammatical with minimal
-    equal-length edits (Section 3.3's expert, for the shapes world).
-
-    A sentence (the words between two ".") is right when it parses (data/shapes.py templates), its
-    claim holds in the scene, and no earlier sentence made the same claim. A wrong sentence of n
-    words is replaced by the true sentence of n words (or two true sentences joined by ".", for a
-    lost "."; a last sentence without "." may gain one) that, first, makes no claim already made
-    elsewhere in the draft (when every rewrite does, a false sentence still becomes a true one) and,
-    second, changes the fewest words. Right sentences are never touched: the ground truth's wording
-    and order never leak in. A sentence with no true rewrite of its length is left alone and counted
-    (unrepairable_sentences); so is a repeated sentence whose only rewrites are repeats too."""
+    """Section 3.3's expert for the shapes world: knows the scene; makes each sentence of the draft
+    true and grammatical with minimal equal-length edits. A sentence (the words between two ".") is
+    right when it parses (data/shapes.py templates), its claim holds in the scene, and no earlier
+    sentence made the same claim. A wrong sentence of n words is replaced by the true sentence of n
+    words (or two true sentences joined by ".", for a lost "."; a last sentence without "." may gain
+    one) that, first, makes no claim already made elsewhere in the draft (when every rewrite does, a
+    false sentence still becomes a true one) and, second, changes the fewest words. Right sentences
+    are never touched: the ground truth's wording and order never leak in. A sentence with no true
+    rewrite of its length is left alone and counted (unrepairable_sentences); so is a repeated
+    sentence whose only rewrites are repeats too."""
     name = "oracle"
 
     def review_one(self, item: Item):
