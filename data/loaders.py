@@ -16,8 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_TAG = "<image>"               # LLaVA's placeholder for the image inside the human turn
-HUMAN_ROLES = ("human", "user")     # values of a turn's "from" field
-ASSISTANT_ROLES = ("gpt", "assistant")
+HUMAN_ROLES, ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant")  # a turn's "from" values
 VICRIT_TRAIN_FIELDS = ("original_caption", "changed_caption", "solution_original",
                        "solution_target")
 
@@ -221,8 +220,8 @@ def _revised(pairs, answer: str, where: str, path: Path) -> tuple[str, list[dict
 # ViCrit-style hallucination pairs (JSONL) ---------------------------------------------------------
 
 
-def _pair(record, where: str, path: Path) -> tuple[str, str, tuple[int, int]]:
-    """(caption, wrong, span) of one JSONL record, checked."""
+def _pair(record, where: str, path: Path) -> dict:
+    """{"caption", "wrong", "span"} of one JSONL record, checked."""
     caption = _field(record, "caption", where, path)
     names = [name for name in ("hallucinated", "wrong") if name in record]
     if len(names) != 1:
@@ -243,7 +242,7 @@ def _pair(record, where: str, path: Path) -> tuple[str, str, tuple[int, int]]:
         raise DataError(f"{path}: {where}: field 'span' {span!r:.60} must be [start, end] word "
                         f"indices covering the differing words {[differ[0], differ[-1] + 1]} "
                         f"within {len(words)} words; fix it or leave it out")
-    return caption, wrong, (span[0], span[1])
+    return {"caption": caption, "wrong": wrong, "span": (span[0], span[1])}
 
 
 def load_vicrit_jsonl(jsonl_path, image_root, skip_missing: bool = False, skip_bad: bool = False,
@@ -273,9 +272,7 @@ def load_vicrit_jsonl(jsonl_path, image_root, skip_missing: bool = False, skip_b
                             "fix or remove the line, or pass skip_bad=True to skip such lines"
                             ) from None
         relative = _field(record, "image", where, path)
-        caption, wrong, span = _pair(record, where, path)
-        return relative, {"id": str(record.get("id", where)), "caption": caption, "wrong": wrong,
-                          "span": span}
+        return relative, {"id": str(record.get("id", where)), **_pair(record, where, path)}
 
     return _examples(path, enumerate(lines, start=1), "line", parse, image_root, skip_missing,
                      skip_bad, allow_outside_root)
