@@ -41,10 +41,6 @@ class LMConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
 
 # The real LLaDA-8B language model (its published config.json); tests count it on the meta device.
 LLADA_8B = LMConfig(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
@@ -82,10 +78,11 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
-        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.kv_heads = cfg.n_kv_heads or cfg.n_heads  # grouped KV heads (LLaDA-8B: all 32)
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, past_kv=None, new_kv: list | None = None, query_from: int = 0,
@@ -196,8 +193,6 @@ class VisionConfig:
     width: int = 128              # Dv
     layers: int = 2
     heads: int = 4
-    open_clip_name: str = ""      # e.g. "ViT-B-16": any open_clip model instead of the tiny ViT
-    open_clip_pretrained: str = ""  # a pretrained tag or a local checkpoint file for open_clip_name
     mean: tuple = (0.5, 0.5, 0.5)
     std: tuple = (0.5, 0.5, 0.5)
 
@@ -212,21 +207,12 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         import open_clip  # here: it (and torchvision) loads slowly, and only the VLM needs it
-        if cfg.open_clip_name:
-            pretrained = cfg.open_clip_pretrained or None
-            self.visual = open_clip.create_model(cfg.open_clip_name, pretrained=pretrained).visual
-        else:
-            self.visual = open_clip.transformer.VisionTransformer(
-                image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width,
-                layers=cfg.layers, heads=cfg.heads, mlp_ratio=4.0, output_dim=cfg.width)
-        if hasattr(self.visual, "output_tokens"):
-            self.visual.output_tokens = True
+        self.visual = open_clip.transformer.VisionTransformer(
+            image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width,
+            layers=cfg.layers, heads=cfg.heads, mlp_ratio=4.0, output_dim=cfg.width,
+            output_tokens=True)
 
     def forward(self, images):
-        if hasattr(self.visual, "trunk"):               # timm-backed open_clip models (e.g. SigLIP)
-            tokens = self.visual.trunk.forward_features(images)
-            prefix = getattr(self.visual.trunk, "num_prefix_tokens", 0)
-            return tokens[:, prefix:]                   # (B, N, Dv)
         _, tokens = self.visual(images)                 # (B, N, Dv), after the final LayerNorm
         return tokens
 
@@ -254,13 +240,10 @@ class VLMConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     image_token_id: int = 4       # the tokenizer's image placeholder id: one per image token
-    image_pos_embed: bool = True  # add fixed 2-D positions to image tokens (toy-world grounding)
     # What the LM sees of the image. "patches": LLaVA's mlp2x_gelu projector on the tower's patch
-    # tokens (the paper's set-up). "attributes": a linear projector (LLaVA-1's) on the class
-    # probabilities of the tower's per-patch attribute classifier (trained and frozen with it) and
-    # the patch's one-hot cell scaled by occupancy (shapes_aids.attribute_features): a bottleneck
-    # a tiny LM learns to read in minutes, where raw patch tokens stayed at chance
-    # (docs/toy_world.md).
+    # tokens (the paper's set-up). "attributes": a linear projector (LLaVA-1's) on the tower's
+    # per-patch attribute probabilities and occupied cells (shapes_aids.attribute_features): a
+    # tiny LM learns to read them in minutes; raw patch tokens stayed at chance (docs/toy_world.md).
     image_features: str = "patches"
     attribute_classes: list = field(default_factory=list)  # classes per attribute group, 0 = empty
     # 0: bidirectional (LLaDA-V). P > 0: LaViDa's Prefix-DLM mask (train_stage1.py --prefix-dlm):
@@ -269,8 +252,8 @@ class VLMConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "VLMConfig":
-        d = dict(d)
-        vision = dict(d.pop("vision"))
+        d = {k: v for k, v in d.items() if k != "image_pos_embed"}  # older files: always on
+        vision = {k: v for k, v in d.pop("vision").items() if not k.startswith("open_clip")}
         vision.update(mean=tuple(vision["mean"]), std=tuple(vision["std"]))  # JSON gave lists
         return VLMConfig(lm=LMConfig(**d.pop("lm")), vision=VisionConfig(**vision), **d)
 
@@ -294,7 +277,7 @@ class VLM(nn.Module):
             raise ValueError(f"image_features {cfg.image_features!r}: use 'patches' or "
                              "'attributes'")
         self.lm = LLaDA(cfg.lm)
-        if cfg.image_pos_embed and cfg.image_features == "patches":
+        if cfg.image_features == "patches":  # fixed 2-D positions (toy-world grounding)
             self.register_buffer("image_pos", sincos_2d(cfg.vision.grid, Dv), persistent=False)
         self.lm.apply(self._init_weights)          # open_clip initialises its own tower
         self.mm_projector.apply(self._init_weights)
@@ -329,10 +312,9 @@ class VLM(nn.Module):
             head_logits = self.attribute_head(feats)                             # (B, N, A)
             features = attribute_features(head_logits, self.cfg.attribute_classes)  # (B, N, A + N)
             return self.mm_projector(features)                                   # (B, N, D)
-        if self.cfg.image_pos_embed:
-            # Added before the projector, at the scale of the tower's layer-normed features (after
-            # it, the fixed table would be ~20x larger than the small-init projected content).
-            feats = feats + self.image_pos.to(feats.dtype)
+        # Fixed 2-D positions, added before the projector, at the scale of the tower's layer-normed
+        # features (after it, the table would be ~20x larger than the small-init projected content).
+        feats = feats + self.image_pos.to(feats.dtype)
         return self.mm_projector(feats)                                          # (B, N, D)
 
     def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
@@ -365,14 +347,11 @@ class VLM(nn.Module):
 
 def pick_device(name: str = "auto") -> torch.device:
     """cuda, then mps, then cpu; an explicit name is checked: a missing backend is a clear error."""
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    has = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: this PyTorch sees no CUDA device; "
-                         "use --device cpu or auto")
-    if name == "mps" and not has_mps:
-        raise SystemExit("--device mps: MPS is not available here; use --device cpu or auto")
+        return torch.device("cuda" if has["cuda"] else "mps" if has["mps"] else "cpu")
+    if not has.get(name.split(":")[0], True):
+        raise SystemExit(f"--device {name}: this PyTorch sees no such device; use --device auto")
     return torch.device(name)
 
 
@@ -425,7 +404,7 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: str, model: VLM, meta: dict, optimizer=None, extra_tensors=None):
+def save_checkpoint(path: str, model: VLM, meta: dict, optimizer=None):
     """Save weights, the optimizer if given, and `meta` (needs "tokenizer"; "stage", "step"...)."""
     from safetensors.torch import save_file
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -433,7 +412,6 @@ def save_checkpoint(path: str, model: VLM, meta: dict, optimizer=None, extra_ten
     if optimizer is not None:
         optim_tensors, description["optimizer"] = _flatten_optimizer(optimizer)
         tensors.update(optim_tensors)
-    tensors.update(extra_tensors or {})
     metadata = {"rediff": json.dumps(description)}
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -443,10 +421,8 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
     from safetensors import safe_open
     from safetensors.torch import load_file
     if os.path.isdir(path):
-        raise ValueError(f"checkpoint {path!r} is a folder: this project's checkpoints are "
-                         f".safetensors files or sharded DCP folders with a meta.json "
-                         f"(distributed.py), and it has none; a Hugging Face LLaDA-V / ReDiff "
-                         f"folder has a config.json")
+        raise ValueError(f"checkpoint {path!r} is a folder: none of the sharded DCP folders with "
+                         f"a meta.json (distributed.py), nor a LLaDA-V folder (config.json)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist: train one first "
                                 f"(python train_stage1.py --tiny)")
@@ -458,14 +434,12 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
         raise ValueError(f"checkpoint {path!r} is not a readable safetensors file ({err}); "
                          f"re-save or re-train it") from err
     if raw is None:
-        raise ValueError(f"checkpoint {path!r} has no 'rediff' metadata: it was not written by "
-                         f"this project's save_checkpoint (for Hugging Face LLaDA-V folders pass "
-                         f"the folder, not a shard)")
+        raise ValueError(f"checkpoint {path!r} has no 'rediff' metadata: not written by this "
+                         f"project (for a LLaDA-V folder pass the folder, not a shard)")
     try:
         description = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint {path!r}: its 'rediff' metadata is not valid JSON "
-                         f"({err})") from None
+        raise ValueError(f"checkpoint {path!r}: 'rediff' metadata not valid JSON ({err})") from None
     if not isinstance(description, dict) or description.get("format") != CKPT_FORMAT:
         raise ValueError(f"checkpoint {path!r}: field 'format' is {description.get('format')!r}, "
                          f"expected {CKPT_FORMAT!r}")
@@ -515,7 +489,6 @@ def load_dcp(path: str, device="cpu"):
     meta = read_dcp_meta(path)
     model = VLM(VLMConfig.from_dict(meta["model_config"]))
     load_dcp_state(path, {"model": model.state_dict()})  # in place, into the model's own tensors
-    meta["extra_tensors"] = {}
     return model.to(device), meta
 
 
@@ -532,17 +505,13 @@ def load_checkpoint(path: str, device="cpu", optimizer=None) -> tuple[VLM, dict]
         model = VLM(VLMConfig.from_dict(description["model_config"]))
     except (KeyError, TypeError, ValueError, AssertionError) as err:
         raise ValueError(f"checkpoint {path!r}: field 'model_config' is missing or not understood "
-                         f"({err!r}); it was written by another version of this project: "
-                         f"re-train it") from None
+                         f"({err!r}): another version of this code wrote it; re-train it") from None
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as err:  # mis-shaped tensors
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
         raise ValueError(f"checkpoint {path!r}: its weights do not fit its own model_config "
                          f"({err})") from None
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path!r} does not fit its own model_config: missing "
-                         f"{missing}, unexpected {unexpected}")
     if optimizer is not None:
         if "optimizer" not in description:
             raise ValueError(f"checkpoint {path!r} holds no optimizer state, so it cannot be "
@@ -554,8 +523,6 @@ def load_checkpoint(path: str, device="cpu", optimizer=None) -> tuple[VLM, dict]
             raise ValueError(f"checkpoint {path!r}: its optimizer state does not fit this run's "
                              f"trainable parameters ({err}); start a new run from its weights "
                              f"with --init-from") from None
-    description["extra_tensors"] = {k: v for k, v in tensors.items()
-                                    if not k.startswith(("model.", "optim."))}
     return model.to(device), description
 
 

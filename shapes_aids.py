@@ -135,10 +135,7 @@ def attribute_probs(head_logits: torch.Tensor, classes: list[int]) -> torch.Tens
 
 def empty_class_index(classes: list[int]) -> list[int]:
     """Column of class 0 (= empty cell) of each attribute group in attribute_probs' output."""
-    starts = [0]
-    for n in classes[:-1]:
-        starts.append(starts[-1] + n)
-    return starts
+    return [sum(classes[:k]) for k in range(len(classes))]
 
 
 def occupied_cells(probs: torch.Tensor, classes: list[int]) -> torch.Tensor:
@@ -165,16 +162,11 @@ def attribute_features(head_logits: torch.Tensor, classes: list[int]) -> torch.T
 WORD_CLASSES = ["content", "other", "eos"]  # --mask-loss balanced: one loss mean per class
 
 
-def attribute_ids(tokenizer) -> list[int]:
-    """Token ids of the shapes world's attribute words (colour, shape, size)."""
-    return [tokenizer.encode(word)[0] for word in shapes.COLOURS + shapes.SHAPES + shapes.SIZES]
-
-
 def word_classes(ids, tokenizer) -> torch.Tensor:
     """Per position (B, L): 0 = a content word only the image can tell (attribute or position),
     1 = any other word, 2 = end-of-text."""
-    positions = [tokenizer.encode(word)[0] for word in shapes.POSITIONS]  # one token each
-    content = torch.tensor(attribute_ids(tokenizer) + positions, device=ids.device)
+    words = shapes.COLOURS + shapes.SHAPES + shapes.SIZES + shapes.POSITIONS  # one token each
+    content = torch.tensor([tokenizer.encode(w)[0] for w in words], device=ids.device)
     classes = torch.ones_like(ids)
     classes[torch.isin(ids, content)] = 0
     classes[ids == tokenizer.eos_id] = 2

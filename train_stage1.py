@@ -36,78 +36,52 @@ from sample import caption_images, decode_answer
 @dataclass
 class TrainConfig(llada_v_train.LLaDAVFlags):
     """The shapes world's flags, then those of a LLaDA-V / ReDiff folder (llada_v_train.py)."""
-    objective: str = option("revision", "revision: Stage I (Eq. 2-3) from a base model "
-                            "(--init-from; --tiny trains the base first); mask: the base (Eq. 1)",
+    objective: str = option("revision", "revision: Stage I (Eq. 2-3); mask: the base (Eq. 1)",
                             choices=["revision", "mask"])
-    out: str = option("out/stage1.safetensors", "checkpoint to write (every --eval-every steps "
-                      "and at the end): NAME.safetensors one file, NAME.dcp a sharded folder")
-    init_from: str = option("", "start from this checkpoint's weights (e.g. a base model) with a "
-                            "fresh optimizer; the model's shape is the checkpoint's. A Hugging "
-                            "Face LLaDA-V / ReDiff folder: the real model, with its own defaults "
-                            "(lr 5e-6, batch 32, one epoch) and the flags from --data-json on")
-    stop_at: int = option(0, "stop (with a checkpoint) after this step, as an interruption "
-                          "would; 0: run to --steps", at_least=0)
-    resume: bool = option(False, "continue the run saved at --out: weights, optimizer, "
-                          "schedule and data position")
+    out: str = option("out/stage1.safetensors", "NAME.safetensors (one file) or NAME.dcp (sharded)")
+    init_from: str = option("", "start from these weights (a checkpoint or a LLaDA-V folder)")
+    stop_at: int = option(0, "stop with a checkpoint after this step; 0: at --steps", at_least=0)
+    resume: bool = option(False, "continue the run saved at --out")
     steps: int = option(6000, "optimizer steps", at_least=1)
-    batch_size: int = option(64, "samples per step (with several processes: all of them together)",
-                             at_least=1)
+    batch_size: int = option(64, "samples per step, all processes together", at_least=1)
     lr: float = option(2e-3, "peak learning rate (AdamW)", more_than=0)
-    min_lr_frac: float = option(0.1, "the cosine schedule ends at lr * min_lr_frac",
-                                at_least=0, at_most=1)
+    min_lr_frac: float = option(0.1, "the cosine ends at lr * min_lr_frac", at_least=0, at_most=1)
     warmup: int = option(100, "linear warm-up steps", at_least=0)
     weight_decay: float = option(0.01, "AdamW weight decay", at_least=0)
     grad_clip: float = option(1.0, "gradient-norm clip", more_than=0)
-    mask_loss: str = option("eq1", "--objective mask: eq1 (the paper's Eq. 1) or balanced (not "
-                            "in the paper: one mean per word class; --tiny sets it)",
+    mask_loss: str = option("eq1", "the base's loss: eq1, or balanced (one mean per word class)",
                             choices=["eq1", "balanced"])
-    replace_prob: float = option(0.1, "Stage I: chance that a visible answer token is replaced "
-                                 "by a random one (paper 0.1, official code 0.05)",
-                                 at_least=0, at_most=1)
-    t_dependent: bool = option(False, "Stage I: replacement rate min(t, replace_prob) instead "
-                               "of fixed (Table 5 ablation)")
-    hallucination_frac: float = option(0.25, "Stage I: share of each batch drawn as "
-                                       "hallucination pairs (0 = syntax errors only)",
-                                       at_least=0, at_most=1)
-    hallucination_form: str = option("rows", "Stage I: rows (the official code: a pair is a row "
-                                     "of its own) or visible (the paper's text)",
+    replace_prob: float = option(0.1, "Stage I: chance a visible answer token is replaced (paper "
+                                 "0.1, official code 0.05)", at_least=0, at_most=1)
+    t_dependent: bool = option(False, "Stage I: replacement rate min(t, --replace-prob) (Table 5)")
+    hallucination_frac: float = option(0.25, "Stage I: share of each batch drawn as hallucination "
+                                       "pairs", at_least=0, at_most=1)
+    hallucination_form: str = option("rows", "Stage I: rows (official code) or visible (the paper)",
                                      choices=["rows", "visible"])
     d_model: int = option(256, "language-model width", at_least=1)
     n_layers: int = option(6, "language-model layers", at_least=1)
     n_heads: int = option(8, "attention heads", at_least=1)
-    image_size: int = option(48, "shapes-world image side in px (a multiple of 3 * patch size)",
-                             at_least=1)
+    image_size: int = option(48, "image side in px (a multiple of 3 x --patch-size)", at_least=1)
     patch_size: int = option(16, "vision-tower patch size in px", at_least=1)
     vision_width: int = option(128, "vision-tower width", at_least=1)
     vision_layers: int = option(2, "vision-tower layers", at_least=1)
-    image_features: str = option("patches", "what the LM sees of the image: patches (LLaVA's "
-                                 "mlp2x_gelu projector, as the paper) or attributes (the toy "
-                                 "tower's attribute probabilities; --tiny sets it)",
-                                 choices=["patches", "attributes"])
-    prefix_dlm: bool = option(False, "not LLaDA-V: the image and prompt never attend to the "
-                              "answer (Prefix-DLM), so the sampler's --prefix-cache is exact")
-    vision_pretrain_steps: int = option(400, "steps of per-cell attribute pretraining of a "
-                                        "fresh vision tower (0: none)", at_least=0)
-    vision_bar: float = option(0.0, "repeat the tower's pretraining (at most 4 rounds, each at "
-                               "half the rate) until this share of held-out occupied cells is "
-                               "right; 0: one round (--tiny sets 0.99)", at_least=0, at_most=1)
-    answer_len: int = option(64, "answer length in tokens (captions padded with end-of-text)",
-                             at_least=2)
-    n_scenes: int = option(20000, "training scenes pre-rendered (each draw gets a fresh caption)",
-                           at_least=1)
-    eval_every: int = option(500, "steps between validation loss, a sample caption and a "
-                             "checkpoint", at_least=1)
+    image_features: str = option("patches", "what the LM reads: patches (mlp2x_gelu, the paper) or "
+                                 "attributes (the toy tower's)", choices=["patches", "attributes"])
+    prefix_dlm: bool = option(False, "LaViDa's Prefix-DLM mask, not LLaDA-V's (an exact cache)")
+    vision_pretrain_steps: int = option(400, "a fresh tower's pretraining steps", at_least=0)
+    vision_bar: float = option(0.0, "repeat the tower's pretraining until this held-out cell "
+                               "accuracy (0: once)", at_least=0, at_most=1)
+    answer_len: int = option(64, "answer length in tokens", at_least=2)
+    n_scenes: int = option(20000, "training scenes rendered", at_least=1)
+    eval_every: int = option(500, "steps between validation and checkpoints", at_least=1)
     seed: int = option(0, "seed for initialisation, data order and masking", at_least=0)
     device: str = option("auto", "auto (cuda, mps, cpu), cpu, cuda or mps")
-    compile: bool = option(False, "torch.compile the model (about a minute up front)")
-    parallel: str = option("auto", "several processes (torchrun): ddp, fsdp (sharded; needs a "
-                           "NAME.dcp --out); auto: ddp under torchrun, none otherwise",
+    compile: bool = option(False, "torch.compile the model")
+    parallel: str = option("auto", "ddp, fsdp (needs NAME.dcp --out); auto: ddp under torchrun",
                            choices=["auto", "none", "ddp", "fsdp"])
-    param_dtype: str = option("auto", "--parallel fsdp: dtype of the gathered parameters for "
-                              "compute; auto: bfloat16 on CUDA, float32 elsewhere",
+    param_dtype: str = option("auto", "fsdp compute dtype; auto: bfloat16 on CUDA",
                               choices=["auto", "bfloat16", "float32"])
-    activation_checkpointing: bool = option(False, "recompute each transformer block's "
-                                            "activations in the backward pass (less memory)")
+    activation_checkpointing: bool = option(False, "recompute activations in the backward pass")
 
 
 # The --tiny recipe, both phases in one place. `python train_stage1.py --tiny` trains the base
@@ -115,8 +89,7 @@ class TrainConfig(llada_v_train.LLaDAVFlags):
 # needs to read the image), then Stage I from the base's weights with "values" and "stage1",
 # each phase exactly as its own command would (flags given on the command line win in both).
 # With --init-from only Stage I runs, and "stage1" is not applied.
-PRESETS = {"tiny": {"help": "the CPU recipe: a base model (Eq. 1 masks), then Stage I from it; "
-                            "with --init-from Stage I only, with --objective mask the base only",
+PRESETS = {"tiny": {"help": "the CPU recipe: a base model (Eq. 1 masks), then Stage I from it",
                     "values": dict(d_model=96, n_layers=4, n_heads=4, steps=3000, batch_size=32,
                                    answer_len=48, image_features="attributes",
                                    vision_pretrain_steps=500, vision_bar=0.99, n_scenes=10000,
@@ -136,11 +109,6 @@ def warmup_cosine(step: int, steps: int, warmup: int, lr: float, min_lr_frac: fl
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, steps - warmup))
     return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """The learning rate of `step` under cfg's warm-up and cosine schedule."""
-    return warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr_frac)
 
 
 def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=None):
@@ -185,23 +153,18 @@ def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=No
 def validation_loss(model, val_data, tokenizer, device, n_batches: int = 4) -> float:
     """Eq. 1 on fixed validation batches (same masks every time), comparable across objectives."""
     model.eval()
-    losses = []
+    eq1, losses = TrainConfig(objective="mask", mask_loss="eq1"), []
     for k in range(n_batches):
-        batch = val_data.batch(k, 64).to(device)
         generator = torch.Generator(device=device).manual_seed(k)
-        noisy, is_masked, p = rediff.forward_mask(batch.ids, batch.answer_mask, tokenizer.mask_id,
-                                                  generator=generator)
-        logits = model(noisy, model.encode_images(batch.images))            # (B, L, V)
-        loss = rediff.masked_diffusion_loss(logits, batch.ids, is_masked, p, batch.answer_mask)
+        loss, _ = training_loss(model, val_data.batch(k, 64).to(device), eq1, tokenizer, generator)
         losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)
 
 
 def freeze_vision(model) -> None:
-    """The pretrained vision side (tower, and with image_features "attributes" its classifier
-    head) stays fixed in both stages, like a pretrained encoder (the toy tower:
-    shapes_aids.pretrain_vision)."""
+    """The vision side (tower, and with image_features "attributes" its classifier head) stays
+    fixed in both stages, like a pretrained encoder (the toy tower: shapes_aids.pretrain_vision)."""
     for part in (model.vision_tower, getattr(model, "attribute_head", None)):
         if part is not None:
             part.requires_grad_(False)
@@ -224,12 +187,6 @@ def build_model(cfg: TrainConfig, tokenizer):
                          prefix_dlm_len=prefix))
 
 
-# --init-from / --resume: the checkpoint decides the model's shape, so these flags are only checked
-# against it.
-SHAPE_FLAGS = {"d_model": ("lm", "d_model"), "n_layers": ("lm", "n_layers"),
-               "n_heads": ("lm", "n_heads"), "image_size": ("vision", "image_size"),
-               "patch_size": ("vision", "patch_size"), "vision_width": ("vision", "width"),
-               "vision_layers": ("vision", "layers"), "image_features": ("", "image_features")}
 RESUME_FREE = {"resume", "stop_at", "init_from", "out", "eval_every", "device", "compile",
                "parallel", "activation_checkpointing"}  # may change on --resume
 
@@ -240,10 +197,12 @@ def check_start(cfg: TrainConfig, model, meta: dict, source: str) -> None:
     on --resume another --objective. Other settings that differ from the resumed run's are listed
     (the continuation then differs from one run)."""
     defaults, flag = TrainConfig(), lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    saved = {name: getattr(getattr(model.cfg, part) if part else model.cfg, key)
-             for name, (part, key) in SHAPE_FLAGS.items()}
-    saved["answer_len"] = meta["answer_len"]
-    saved["prefix_dlm"] = model.cfg.prefix_dlm_len > 0
+    lm, vision = model.cfg.lm, model.cfg.vision  # the checkpoint decides the model's shape:
+    saved = dict(d_model=lm.d_model, n_layers=lm.n_layers, n_heads=lm.n_heads,
+                 image_size=vision.image_size, patch_size=vision.patch_size,
+                 vision_width=vision.width, vision_layers=vision.layers,
+                 image_features=model.cfg.image_features, answer_len=meta["answer_len"],
+                 prefix_dlm=model.cfg.prefix_dlm_len > 0)
     conflicts = [f"{flag(name)} {getattr(cfg, name)} but the checkpoint has {value}"
                  for name, value in saved.items()
                  if getattr(cfg, name) not in (getattr(defaults, name), value)]
@@ -266,32 +225,27 @@ def check_start(cfg: TrainConfig, model, meta: dict, source: str) -> None:
                   f"{', '.join(changed)}; the continuation will not match an uninterrupted run")
 
 
-def check_shape_flags(cfg: TrainConfig) -> None:
-    """A fresh run's model shape flags must build a model (with --init-from the checkpoint
-    decides)."""
+def check_flags(cfg: TrainConfig) -> None:
+    """Refuse, before any work, an --out or model shape that the run cannot use (one line, with the
+    fix); with --init-from or --resume the checkpoint decides the shape."""
+    check_checkpoint_out(cfg.out, sharded=True)
+    if cfg.parallel == "fsdp" and not distributed.is_dcp(cfg.out):
+        raise SystemExit(f"--parallel fsdp writes sharded checkpoints: give --out a folder name, "
+                         f"e.g. {cfg.out.removesuffix('.safetensors')}.dcp (python distributed.py "
+                         f"makes one file of it)")
+    if cfg.resume or cfg.init_from:
+        return
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
         raise UsageError(f"--d-model {cfg.d_model} / --n-heads {cfg.n_heads}: each head needs an "
                          f"even width (RoPE); choose --d-model a multiple of 2 x --n-heads")
     if cfg.image_size % (3 * cfg.patch_size):
         raise UsageError(f"--image-size {cfg.image_size}: must be a multiple of 3 x --patch-size "
-                         f"{cfg.patch_size} (the scene's 3 x 3 grid of cells), e.g. "
-                         f"{3 * cfg.patch_size}")
+                         f"(the scene's 3 x 3 cells), e.g. {3 * cfg.patch_size}")
     heads = max(1, cfg.vision_width // 32)  # build_model's vision heads
     if cfg.vision_width % heads:
         raise UsageError(f"--vision-width {cfg.vision_width}: must be a multiple of its {heads} "
                          f"attention heads (width // 32), e.g. {cfg.vision_width // heads * heads}")
 
-
-def check_flags(cfg: TrainConfig) -> None:
-    """Refuse, before any work, an --out or model shape that the run cannot use (one line, with the
-    fix)."""
-    check_checkpoint_out(cfg.out, sharded=True)
-    if not (cfg.resume or cfg.init_from):
-        check_shape_flags(cfg)
-    if cfg.parallel == "fsdp" and not distributed.is_dcp(cfg.out):
-        raise SystemExit(f"--parallel fsdp writes sharded checkpoints: give --out a folder name, "
-                         f"e.g. {cfg.out.removesuffix('.safetensors')}.dcp (python distributed.py "
-                         f"makes one file of it)")
 
 
 class ShapesRun:
@@ -308,43 +262,32 @@ class ShapesRun:
             world = shapes.WorldConfig(image_size=cfg.image_size, max_words=cfg.answer_len - 1)
         except ValueError as err:
             raise SystemExit(f"--answer-len {cfg.answer_len}: {err}") from None
-        self.start_step, optimizer_state, self.history = 0, None, []
+        self.start_step, self.history = 0, []
         if cfg.resume or cfg.init_from:
             source = cfg.out if cfg.resume else cfg.init_from
-            needs = ("tokenizer", "world", "answer_len", "step")
-            if cfg.resume:
-                model, meta = load_for(
-                    source, "--resume", ("stage1-mask", "stage1-revision"), needs, device=device,
-                    fix="--resume continues the Stage I run saved at --out: point --out at one, or "
-                    "drop --resume to start a new run (--init-from FILE to start from other "
-                    "weights; train_stage2.py --resume continues Stage II runs)")
-            else:
-                model, meta = load_for(
-                    source, "--init-from", ("stage1-mask", "stage1-revision", "stage2"), needs,
-                    device=device,
-                    fix="pass a checkpoint written by train_stage1.py or train_stage2.py")
+            fix = ("point --out at a Stage I run, or drop --resume to start a new one "
+                   "(train_stage2.py --resume continues Stage II runs)" if cfg.resume else
+                   "pass a checkpoint written by train_stage1.py or train_stage2.py")
+            stages = ("stage1-mask", "stage1-revision") + (() if cfg.resume else ("stage2",))
+            model, meta = load_for(source, "--resume" if cfg.resume else "--init-from", stages,
+                                   ("tokenizer", "world", "answer_len", "step"), fix, device)
             check_start(cfg, model, meta, source)
             tokenizer = tokenizer_from_dict(meta["tokenizer"])
             world = shapes.WorldConfig(**meta["world"])
             cfg.answer_len = meta["answer_len"]
             if cfg.resume:
                 self.start_step, self.history = meta["step"], meta.get("history", [])
-                optimizer_state = source
             print(f"loaded {source} (stage {meta['stage']}, step {meta['step']})")
         else:
             tokenizer = WordTokenizer.for_shapes_world()
             model = build_model(cfg, tokenizer).to(device)
             if cfg.objective == "revision":
-                print("note: Stage I from scratch. In the shapes world the from-scratch model "
-                      "learned to read the image only with --objective mask: train a base with "
-                      "it, then Stage I with --init-from BASE (python train_stage1.py --tiny does "
-                      "both)")
-        vision = model.cfg.vision
-        self.t0 = time.perf_counter()
-        data = ShapesData(tokenizer, world, "train", cfg.n_scenes, model.n_image_tokens,
-                          cfg.answer_len, cfg.seed, vision.mean, vision.std)
-        self.val_data = ShapesData(tokenizer, world, "val", 256, model.n_image_tokens,
-                                   cfg.answer_len, cfg.seed, vision.mean, vision.std)
+                print("note: Stage I from scratch; the from-scratch model learned to read the "
+                      "image only with --objective mask first (--tiny does both)")
+        vision, self.t0 = model.cfg.vision, time.perf_counter()
+        data, self.val_data = (ShapesData(tokenizer, world, split, n, model.n_image_tokens,
+                                          cfg.answer_len, cfg.seed, vision.mean, vision.std)
+                               for split, n in (("train", cfg.n_scenes), ("val", 256)))
         print(f"rendered {len(data)} train + {len(self.val_data)} val scenes in "
               f"{time.perf_counter() - self.t0:.1f} s; model {model.num_params() / 1e6:.2f} M "
               f"parameters on {device}")
@@ -352,21 +295,20 @@ class ShapesRun:
             shapes_aids.pretrain_vision(model, data, cfg.vision_pretrain_steps, 128, device,
                                         cfg.seed, label=label + ": " if label else "",
                                         held_out=self.val_data, bar=cfg.vision_bar)
-        freeze_vision(model)  # the tower (and its attribute head) stays frozen
+        model.train()
+        freeze_vision(model)  # the tower (and its attribute head) stays frozen, in eval mode
         train_model = distributed.wrap(model, ctx, cfg.param_dtype,
                                        cfg.activation_checkpointing)  # DDP / FSDP2 / the model
         self.params = [p for p in model.parameters() if p.requires_grad]  # after wrap: shards
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.95),
                                            weight_decay=cfg.weight_decay)
-        if optimizer_state and os.path.isdir(optimizer_state):  # resharded to this run's ranks
-            distributed.load_dcp_optimizer(optimizer_state, model, self.optimizer)
-        elif optimizer_state:
-            load_for(optimizer_state, "--resume", device=device, optimizer=self.optimizer)
+        if cfg.resume and os.path.isdir(cfg.out):  # resharded to this run's ranks
+            distributed.load_dcp_optimizer(cfg.out, model, self.optimizer)
+        elif cfg.resume:
+            load_for(cfg.out, "--resume", device=device, optimizer=self.optimizer)
         self.step_model = torch.compile(train_model) if cfg.compile else train_model
         self.cfg, self.ctx, self.model, self.tokenizer = cfg, ctx, model, tokenizer
         self.world, self.data, self.state = world, data, cfg.out
-        model.train()
-        model.vision_tower.eval()
 
     def batch(self, step: int):
         """The global batch of `step`, with Stage I's hallucination pairs."""
@@ -404,13 +346,11 @@ class ShapesRun:
             save_checkpoint(cfg.out, self.model, meta, self.optimizer)
 
     def finish(self, step: int) -> None:
-        names = {"truncated": "captions truncated to --answer-len",
-                 "unknown": "unknown words (mapped to <unk>)"}
-        for what, count in sorted(self.data.stats.items()):  # never silent, though the built-in
-            if count:                                        # world has neither
-                print(f"warning: {count} {names.get(what, what)} in the training batches")
+        """The end of the run: what it did, and every rank waits until the checkpoint is whole."""
+        if any(self.data.stats.values()):  # never silent, though the built-in world has neither
+            print(f"warning: truncated captions or unknown words: {self.data.stats}")
         print(f"done in {time.perf_counter() - self.t0:.0f} s; checkpoint {self.cfg.out}")
-        self.ctx.barrier()  # the checkpoint is whole before any rank reads it
+        self.ctx.barrier()
 
 
 def set_learning_rate(optimizer, lr: float) -> None:
@@ -435,7 +375,8 @@ def train(cfg: TrainConfig, label: str = ""):
     bar = tqdm(range(done, cfg.steps), initial=done, total=cfg.steps,
                desc=label or cfg.objective, dynamic_ncols=True)
     for step in bar:
-        set_learning_rate(run.optimizer, learning_rate(step, cfg))
+        set_learning_rate(run.optimizer, warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr,
+                                                       cfg.min_lr_frac))
         batch = run.batch(step)
         generator = torch.Generator(device=run.draw_device).manual_seed(cfg.seed * 1_000_003 + step)
         run.optimizer.zero_grad(set_to_none=True)
@@ -451,10 +392,9 @@ def train(cfg: TrainConfig, label: str = ""):
         due = done % cfg.eval_every == 0 or done == cfg.steps
         if due:
             run.history.append(run.evaluate(done, batch_loss, parts))
+        if due or done == cfg.stop_at:
             run.save(done)
         if done == cfg.stop_at:
-            if not due:
-                run.save(done)
             print(f"stopped at step {done} (--stop-at); continue with --resume")
             break
     bar.close()
@@ -466,41 +406,16 @@ def train(cfg: TrainConfig, label: str = ""):
 # The --tiny recipe in one command: the base model, then Stage I from it
 
 
-def flag_args(values: dict) -> list[str]:
-    """{"n_scenes": 3000} -> ["--n-scenes", "3000"]: preset values as the command line that gives
-    them."""
-    return [item for key, value in values.items()
-            for item in ("--" + key.replace("_", "-"), str(value))]
-
-
-def saved_run(path: str) -> dict | None:
-    """The description of the checkpoint at `path` (a file or a DCP folder); None when there is
-    none."""
+def saved_run(path: str) -> tuple[dict | None, bool]:
+    """(description, whether the run reached its --steps) of the checkpoint at `path` (a file or
+    a DCP folder); (None, False) when there is none."""
     if not os.path.exists(path):
-        return None
+        return None, False
     try:
-        return read_dcp_meta(path) if os.path.isdir(path) else read_checkpoint(path)[1]
+        meta = read_dcp_meta(path) if os.path.isdir(path) else read_checkpoint(path)[1]
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"{path}: {err}. Fix: move it away; --tiny writes there") from None
-
-
-def finished(meta: dict | None) -> bool:
-    """Whether a saved training run reached its --steps."""
-    steps = (meta or {}).get("train_config", {}).get("steps", math.inf)
-    return meta is not None and meta.get("step", 0) >= steps
-
-
-def other_settings(meta: dict, cfg: TrainConfig) -> list[str]:
-    """The settings of cfg (those that change the numbers) that a saved run was trained without."""
-    saved = meta.get("train_config") or {}
-    return [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in asdict(cfg).items()
-            if k not in RESUME_FREE and k in saved and saved[k] != v]
-
-
-def duration(seconds: float) -> str:
-    """130.4 -> '2 min 10 s'."""
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+    return meta, meta.get("step", 0) >= meta.get("train_config", {}).get("steps", math.inf)
 
 
 def train_tiny_recipe(cfg: TrainConfig, argv: list[str]):
@@ -517,7 +432,9 @@ def train_tiny_recipe(cfg: TrainConfig, argv: list[str]):
         raise UsageError(f"--out {cfg.out}: --tiny writes its base model there; name Stage I's "
                          f"checkpoint otherwise, e.g. {os.path.join(folder, 'stage1' + kind)}")
     base_args = [*argv, "--objective", "mask", "--out", base]
-    stage1_args = [*flag_args(PRESETS["tiny"]["stage1"]), *argv, "--init-from", base]
+    stage1_preset = [item for key, value in PRESETS["tiny"]["stage1"].items()  # as flags
+                     for item in ("--" + key.replace("_", "-"), str(value))]
+    stage1_args = [*stage1_preset, *argv, "--init-from", base]
     base_cfg = parse_config(TrainConfig, base_args, presets=PRESETS)
     check_flags(base_cfg)
     check_flags(parse_config(TrainConfig, stage1_args, presets=PRESETS))
@@ -531,15 +448,18 @@ def train_tiny_recipe(cfg: TrainConfig, argv: list[str]):
         phase_cfg = parse_config(TrainConfig, args + ([] if resume else ["--no-resume"]),
                                  presets=PRESETS)
         model = train(phase_cfg, label)
-        saved = saved_run(phase_cfg.out)
-        if not finished(saved):
+        saved, finished = saved_run(phase_cfg.out)
+        if not finished:
             return None  # stopped early (--stop-at): the phase said how to continue
         trained.append((what, phase_cfg.out, saved["step"], time.perf_counter() - start))
         return model
 
-    saved = saved_run(base)
-    if finished(saved):
-        changed = other_settings(saved, base_cfg)
+    saved, finished = saved_run(base)
+    if finished:
+        run = saved.get("train_config") or {}  # the settings that change the numbers:
+        changed = [f"--{k.replace('_', '-')} {run[k]} (now {v})"
+                   for k, v in asdict(base_cfg).items()
+                   if k not in RESUME_FREE and k in run and run[k] != v]
         if changed:
             raise SystemExit(f"{base} is a base model trained with other settings "
                              f"({', '.join(changed)}). Fix: delete it to train it again, or start "
@@ -560,7 +480,9 @@ def train_tiny_recipe(cfg: TrainConfig, argv: list[str]):
         return None
     print("\nthe --tiny recipe trained:")
     for what, path, steps, seconds in trained:
-        took = "reused" if seconds is None else duration(seconds)
+        minutes, secs = divmod(round(seconds or 0), 60)  # 130.4 -> 2 min 10 s
+        took = f"{minutes} min {secs} s" if minutes else f"{secs} s"
+        took = "reused" if seconds is None else took
         print(f"  {what}: {path}, {steps} steps, {took}")
     ckpt = "" if cfg.out == TrainConfig().out else f" --ckpt {cfg.out}"
     print(f"next: python sample.py --tokens-per-step 8{ckpt}")
