@@ -136,8 +136,7 @@ def setup(mode: str = "auto", device: str = "auto") -> Context:
 
 
 def quiet() -> None:
-    """Ranks other than 0 print nothing: stdout to /dev/null, tqdm bars off (tqdm's own mechanism
-    for its TQDM_* defaults). Errors still reach stderr."""
+    """Ranks other than 0 print nothing (stdout to /dev/null, no tqdm bars); errors reach stderr."""
     from tqdm import tqdm
     if getattr(sys.stdout, "name", "") != os.devnull:  # once per process
         sys.stdout = open(os.devnull, "w")
@@ -167,10 +166,9 @@ def wrap(model: nn.Module, ctx: Context, param_dtype: str = "auto",
          activation_checkpointing: bool = False):
     """The module that training steps call: the model itself (none), DDP(model), or the model
     sharded in place by FSDP2 (each transformer block and the vision tower a unit, the rest root).
-
     Call it after freezing parameters and before building the optimizer (FSDP2 replaces the
-    parameters with DTensor shards). `model` stays usable: DDP leaves it alone; under FSDP sample
-    from full_copy(). For model.VLM and llada_v.LLaDAV (both: .vision_tower and .lm.layers)."""
+    parameters with DTensor shards). Under FSDP sample from full_copy(). For model.VLM and
+    llada_v.LLaDAV (both: .vision_tower and .lm.layers)."""
     blocks = list(model.lm.layers)
     if activation_checkpointing:
         checkpoint_blocks(blocks)
@@ -229,9 +227,8 @@ def save_file(path: str, model: nn.Module, meta: dict, ctx: Context) -> None:
 
 def save_dcp(path: str, model: nn.Module, optimizer, meta: dict, ctx: Context) -> None:
     """A DCP folder: every rank writes its shard of the model and optimizer state as safetensors
-    (Hugging Face storage layout: loading never unpickles), rank 0 adds meta.json (configs, step,
-    history, the optimizer's hyper-parameters). Written to PATH.tmp, swapped in at the end: an
-    interruption leaves the last checkpoint whole. `model`: the plain or FSDP module, not DDP's."""
+    (loading never unpickles), rank 0 adds meta.json (configs, step, history, the optimizer's
+    hyper-parameters); written to PATH.tmp and swapped in. `model`: plain or FSDP, not DDP's."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     path = path.rstrip("/")
@@ -282,12 +279,10 @@ def load_dcp_weights(path: str, model: nn.Module) -> dict:
 def load_dcp_optimizer(path: str, model: nn.Module, optimizer) -> None:
     """Load a DCP folder's optimizer state into `optimizer` (built over `model` after wrap())."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict
-    meta = read_dcp_meta(path)
-    _, fresh = get_state_dict(model, optimizer)  # the tensors to load into, keyed by parameter name
-    state = {"optim": fresh["state"]}
+    groups = read_dcp_meta(path)["optimizer_param_groups"]
+    state = {"optim": get_state_dict(model, optimizer)[1]["state"]}  # tensors to load into, by name
     load_dcp_state(path, state)
-    set_optimizer_state_dict(model, optimizer, {"state": state["optim"],
-                                                "param_groups": meta["optimizer_param_groups"]})
+    set_optimizer_state_dict(model, optimizer, {"state": state["optim"], "param_groups": groups})
 
 # --------------------------------------------------------------------------------------------------
 # Command line: a DCP folder -> one .safetensors file

@@ -75,11 +75,10 @@ class LLaDATokenizer:
     def __init__(self, path: str):
         from tokenizers import Tokenizer
         self.tok = Tokenizer.from_file(path)
-        for text, expected in SPECIAL_TOKENS.items():
-            found = self.tok.token_to_id(text)
-            if found != expected:
-                raise ValueError(f"{path}: {text} has id {found}, expected {expected}: "
-                                 f"not a LLaDA tokenizer")
+        found = {text: self.tok.token_to_id(text) for text in SPECIAL_TOKENS}
+        if found != SPECIAL_TOKENS:
+            raise ValueError(f"{path}: not a LLaDA tokenizer: special ids {found}, expected "
+                             f"{SPECIAL_TOKENS}")
         self.mask_id, self.eos_id, self.eot_id = MASK_ID, EOT_ID, EOT_ID  # a caption ends its turn
         added = self.tok.get_added_tokens_decoder()                      # {id: AddedToken}
         self.special_ids = sorted(i for i, t in added.items() if t.special)
@@ -219,14 +218,12 @@ def select_best_resolution(image_size: tuple[int, int], candidates) -> tuple[int
     """The canvas (width, height) that keeps the most of the image's pixels after an aspect-keeping
     fit (at most the image's own), then the one wasting the fewest; the first wins a full tie."""
     width, height = image_size
-    best, best_effective, best_wasted = None, 0, float("inf")
-    for cw, ch in candidates:
-        scale = min(cw / width, ch / height)
+
+    def kept_then_not_wasted(canvas):
+        scale = min(canvas[0] / width, canvas[1] / height)
         effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = cw * ch - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (cw, ch), effective, wasted
-    return best
+        return effective, effective - canvas[0] * canvas[1]
+    return max(candidates, key=kept_then_not_wasted)        # max: the first of equal keys
 
 
 @dataclass
@@ -322,8 +319,8 @@ class SiglipTower(nn.Module):
 
 
 class AnyresImages(NamedTuple):
-    """A batch's images as LLaDAV takes them (its `images`, as model.VLM takes an image tensor):
-    every image's views, concatenated (sum n, 3, S, S), and each image's (width, height)."""
+    """A batch's images as LLaDAV's `images`: every image's views, concatenated (sum n, 3, S, S),
+    and each image's (width, height)."""
     views: torch.Tensor
     sizes: list
 
@@ -384,11 +381,9 @@ class LLaDAV(nn.Module):
         param = next(self.mm_projector.parameters())                    # feats: (sum n, g^2, D)
         feats = self.mm_projector(self.vision_tower(views.to(param.device, param.dtype)))
         tokens, start = [], 0
-        for size in sizes:
-            layout = self.image_layout(size)
+        for layout in map(self.image_layout, sizes):
             n = 1 if layout is None else 1 + layout.rows * layout.cols
-            own = feats[start:start + n]                                       # (n, g^2, D)
-            start += n
+            own, start = feats[start:start + n], start + n                     # (n, g^2, D)
             if layout is None:                                 # one view: its tokens, one newline
                 tokens.append(torch.cat([own[0], self.image_newline[None].to(own.dtype)]))
             else:
@@ -405,12 +400,10 @@ class LLaDAV(nn.Module):
                 images: AnyresImages | None = None) -> torch.Tensor:
         """ids (B, L), image placeholders = IMAGE_TOKEN_INDEX -> logits (B, L - logits_from, V); a
         row's k-th placeholder gets its k-th image token (of the one image_embeds row, if one).
-
-        past_kv, keep_kv, logits_from: the sampler's prefix cache and partial logits, the same call
-        as model.VLM's (LLaDA.forward), so sample.ModelLogits drives both; logits_from = the
-        answer's start skips the LM head (and the last layer's queries) on ~3,800 image and prompt
-        positions. images (one per row) instead of image_embeds: encoded here, so a training step
-        is one call of the module, as model.VLM's (DDP and FSDP act around forward calls)."""
+        past_kv, keep_kv, logits_from: the sampler's prefix cache and partial logits, as model.VLM
+        takes them (sample.ModelLogits drives both); logits_from = the answer's start skips the LM
+        head on ~3,800 image and prompt positions. images (one per row) instead of image_embeds:
+        encoded here, so a training step is one call of the module (DDP and FSDP act around it)."""
         if images is not None:
             image_embeds = self.embed_views(*images)                          # (B, N, D)
         x = self.lm.embed_tokens(ids.clamp(min=0))              # (B, L, D); placeholders replaced
@@ -508,7 +501,6 @@ class CheckpointMismatch(ValueError):
 def load_llada_v(model_dir: str, device="cpu",
                  dtype: torch.dtype | None = None) -> tuple[LLaDAV, LLaDATokenizer]:
     """A Hugging Face LLaDA-V / ReDiff (or original LLaDA) folder -> (model, eval mode; tokenizer).
-
     dtype: default bfloat16 on CUDA (the checkpoint's own: no conversion copy), else float32.
     Every missing, unexpected or mis-shaped key is in one CheckpointMismatch before any read."""
     from safetensors import safe_open
@@ -649,11 +641,9 @@ def generate_answer(model: LLaDAV, image_embeds: torch.Tensor, prompt: torch.Ten
                     gen_length: int, steps: int, refine: bool = True, prefix_cache: bool = False,
                     **options):
     """rediff.generate with the official LLaDA-V sampler's rules: SAMPLER_BANNED_IDS (and the
-    mask) at logit -inf, each row stopped at its first <|eot_id|> (rediff.StopRule).
-    prompt (B, P) with the image placeholders, image_embeds (B or 1, N, D). Logits come from the
-    current block's start on (sample.ModelLogits, as prefix_cache). options: rediff.generate's
-    block_length, temperature, generator, return_trace, threshold.
-    Returns (rediff.generate's output, forward passes)."""
+    mask) at logit -inf, each row stopped at its first <|eot_id|>. prompt (B, P) with the image
+    placeholders, image_embeds (B or 1, N, D); prefix_cache: sample.ModelLogits'; options:
+    rediff.generate's. Returns (rediff.generate's output, forward passes)."""
     logits_fn = ModelLogits(model, image_embeds, prompt.shape[1], prefix_cache)
     out = rediff.generate(logits_fn, prompt, gen_length, steps, refine=refine, mask_id=MASK_ID,
                           eot_id=EOT_ID, banned_ids=SAMPLER_BANNED_IDS,
@@ -669,8 +659,7 @@ def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: b
     """Caption one image file with a LLaDA-V / ReDiff checkpoint folder as the paper evaluates: one
     block of gen_length tokens, steps = ceil(gen_length / tokens_per_step), greedy, refining
     (ReDiff) or frozen (LLaDA-V), the official sampler's banned ids and end-of-turn stop.
-
-    loaded: a (model, tokenizer) pair from load_llada_v to caption many images without reloading.
+    loaded: load_llada_v's (model, tokenizer), to caption many images without reloading.
     block_length and options (temperature, prefix_cache, threshold): sample.py's (off: the paper's).
     Returns a dict: text, ids (G,), image_tokens, prompt_tokens, forward_passes, seconds, trace."""
     model, tokenizer = loaded or load_llada_v(model_dir, pick_device(device))
