@@ -7,9 +7,8 @@ works in one process, without torchrun.
     python distributed.py --dcp out/stage1.dcp --out out/stage1.safetensors  # one file, to share
 
 The rules the training scripts follow (README, "Multi-GPU training"):
-- --batch-size is the GLOBAL batch. Every rank builds the whole batch from (seed, step), draws
-  the masks and corruptions for all of it (one process's random draws), and runs the model on
-  its own rows only.
+- --batch-size is the GLOBAL batch: every rank builds all of it from (seed, step), draws all its
+  masks and corruptions (one process's random draws), and runs the model on its own rows only.
 - The MEAN over ranks of each rank's loss is the whole batch's one-process loss: Eq. 1-4's
   per-sample means over equal shards as they are; a loss over a token count pooled over the
   batch (shapes_aids.py's word-class loss) divides by the whole batch's count / world

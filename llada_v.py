@@ -417,10 +417,9 @@ class LLaDAV(nn.Module):
 
 
 def answer_logits(model, rows) -> torch.Tensor:
-    """The answer positions' logits (b, A, V) of rows (data.captions.Rows: ids, images, start,
-    answer_at); `model`: LLaDAV or its DDP / FSDP module. Logits start at rows.start; a pre-hook on
-    the final norm keeps each row's A answer positions, so the norm and LM head (V = 126k) never
-    see the gap between a short prompt's start and a long one's, nor the right padding."""
+    """The answer positions' logits (b, A, V) of data.captions.Rows; `model`: LLaDAV or its DDP /
+    FSDP module. Logits start at rows.start; a pre-hook on the final norm keeps each row's A answer
+    positions: the LM head (V = 126k) never sees the gap after a short prompt, nor the padding."""
     lm = getattr(model, "module", model).lm                          # DDP keeps it in .module
     index = rows.answer_at[..., None]                                               # (b, A, 1)
 
