@@ -266,16 +266,14 @@ class VLM(nn.Module):
         Dv, D = cfg.vision.width, cfg.lm.d_model
         if cfg.image_features == "attributes":
             if not cfg.attribute_classes:
-                raise ValueError("image_features 'attributes' needs attribute_classes "
-                                 "(classes per group)")
+                raise ValueError("image_features 'attributes' needs attribute_classes (per group)")
             n_attributes = sum(cfg.attribute_classes)
             self.attribute_head = nn.Linear(Dv, n_attributes)
             self.mm_projector = nn.Linear(n_attributes + self.n_image_tokens, D)  # LLaVA-1 "linear"
         elif cfg.image_features == "patches":  # LLaVA's "mlp2x_gelu"
             self.mm_projector = nn.Sequential(nn.Linear(Dv, D), nn.GELU(), nn.Linear(D, D))
         else:
-            raise ValueError(f"image_features {cfg.image_features!r}: use 'patches' or "
-                             "'attributes'")
+            raise ValueError(f"image_features {cfg.image_features!r}: use patches or attributes")
         self.lm = LLaDA(cfg.lm)
         if cfg.image_features == "patches":  # fixed 2-D positions (toy-world grounding)
             self.register_buffer("image_pos", sincos_2d(cfg.vision.grid, Dv), persistent=False)
@@ -466,8 +464,7 @@ def read_dcp_meta(path: str) -> dict:
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format") != DCP_FORMAT:
-        raise ValueError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected "
-                         f"{DCP_FORMAT!r}")
+        raise ValueError(f"{meta_path}: field 'format' {meta.get('format')!r}, not {DCP_FORMAT!r}")
     return meta
 
 

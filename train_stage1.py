@@ -95,7 +95,6 @@ PRESETS = {"tiny": {"help": "the CPU recipe: a base model (Eq. 1 masks), then St
                                    vision_pretrain_steps=500, vision_bar=0.99, n_scenes=10000,
                                    mask_loss="balanced", eval_every=1000),
                     "stage1": dict(steps=600, lr=1e-3, warmup=20, n_scenes=3000)}}
-TINY_BASE = "base"  # the recipe's base model: base.safetensors (or base.dcp) in --out's folder
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,8 +346,6 @@ class ShapesRun:
 
     def finish(self, step: int) -> None:
         """The end of the run: what it did, and every rank waits until the checkpoint is whole."""
-        if any(self.data.stats.values()):  # never silent, though the built-in world has neither
-            print(f"warning: truncated captions or unknown words: {self.data.stats}")
         print(f"done in {time.perf_counter() - self.t0:.0f} s; checkpoint {self.cfg.out}")
         self.ctx.barrier()
 
@@ -427,7 +424,7 @@ def train_tiny_recipe(cfg: TrainConfig, argv: list[str]):
     --stop-at)."""
     folder = os.path.dirname(cfg.out.rstrip("/"))
     kind = ".dcp" if distributed.is_dcp(cfg.out) else ".safetensors"
-    base = os.path.join(folder, TINY_BASE + kind)
+    base = os.path.join(folder, "base" + kind)  # the recipe's base model, beside --out
     if os.path.abspath(base) == os.path.abspath(cfg.out.rstrip("/")):
         raise UsageError(f"--out {cfg.out}: --tiny writes its base model there; name Stage I's "
                          f"checkpoint otherwise, e.g. {os.path.join(folder, 'stage1' + kind)}")
@@ -442,11 +439,10 @@ def train_tiny_recipe(cfg: TrainConfig, argv: list[str]):
     trained = []  # (what, checkpoint, steps, seconds; None: reused)
 
     def run_phase(label: str, what: str, args: list[str], resume: bool):
-        args = args + ["--resume"] if resume else args
+        args = args + ["--resume" if resume else "--no-resume"]  # argv may hold --resume
         print(f"phase {label}: {what}: python train_stage1.py {' '.join(args)}")
         start = time.perf_counter()
-        phase_cfg = parse_config(TrainConfig, args + ([] if resume else ["--no-resume"]),
-                                 presets=PRESETS)
+        phase_cfg = parse_config(TrainConfig, args, presets=PRESETS)
         model = train(phase_cfg, label)
         saved, finished = saved_run(phase_cfg.out)
         if not finished:
