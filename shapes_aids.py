@@ -32,17 +32,15 @@ def attribute_classes() -> list[int]:
 
 def cell_labels(scenes, grid: int, device) -> torch.Tensor:
     """Per patch (shape, colour, size) class ids, 0 = empty cell, (B, grid * grid, 3)."""
-    labels = torch.zeros(len(scenes), grid * grid, 3, dtype=torch.long)
+    labels = torch.zeros(len(scenes), grid, grid, 3, dtype=torch.long)
+    cell = torch.arange(grid) * 3 // grid  # the scene's row (or column) of each patch row (column)
     for b, scene in enumerate(scenes):
         for obj in scene["objects"]:
-            classes = torch.tensor([shapes.SHAPES.index(obj["shape"]) + 1,
-                                    shapes.COLOURS.index(obj["colour"]) + 1,
-                                    shapes.SIZES.index(obj["size"]) + 1])
-            for r in range(grid):
-                for c in range(grid):
-                    if r * 3 // grid == obj["row"] and c * 3 // grid == obj["col"]:
-                        labels[b, r * grid + c] = classes
-    return labels.to(device)
+            inside = (cell[:, None] == obj["row"]) & (cell[None, :] == obj["col"])  # (grid, grid)
+            labels[b, inside] = torch.tensor([shapes.SHAPES.index(obj["shape"]) + 1,
+                                              shapes.COLOURS.index(obj["colour"]) + 1,
+                                              shapes.SIZES.index(obj["size"]) + 1])
+    return labels.flatten(1, 2).to(device)                                     # (B, N, 3)
 
 
 def vision_lr(step: int, steps: int) -> float:
@@ -81,17 +79,11 @@ def pretrain_vision(model, data, steps: int, batch_size: int, device, seed: int,
     held-out accuracy (cell_accuracy) reaches `bar` (at most max_rounds; one round without a bar
     or held-out scenes): one round leaves some seeds' towers confusing small shapes. Returns the
     last accuracy measured (held-out, else the last batch's)."""
-    grid, sizes = model.cfg.vision.grid, attribute_classes()
-    if grid % 3:
-        raise ValueError(f"vision pretraining needs the patch grid ({grid}) to be a multiple of "
-                         f"the 3 x 3 scene grid")
+    grid, sizes = model.cfg.vision.grid, attribute_classes()  # grid: a multiple of 3 (check_flags)
     # With image_features "attributes" the classifier is the model's own attribute head (kept and
     # frozen afterwards); otherwise a throwaway head that only shapes the tower's patch tokens.
     head = (model.attribute_head if hasattr(model, "attribute_head")
             else nn.Linear(model.cfg.vision.width, sum(sizes))).to(device)
-    if head.out_features != sum(sizes):
-        raise ValueError(f"the attribute head has {head.out_features} classes, the shapes world "
-                         f"{sum(sizes)}")
     params = list(model.vision_tower.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=VISION_LR, weight_decay=0.0)
     rng = np.random.default_rng([seed, 10**6])
