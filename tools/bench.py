@@ -315,7 +315,9 @@ def bench_training(tokenizer, cfg: BenchConfig, dtype: torch.dtype) -> list[dict
                                   weight_decay=tcfg.weight_decay)
 
     def step(k):
+        data_start = time.perf_counter()
         batch = data.batch(k, tcfg.batch_size, tcfg.hallucination_frac)
+        data_seconds.append(time.perf_counter() - data_start)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss, _ = training_loss(model, batch, tcfg, tokenizer, torch.Generator().manual_seed(k))
         optimizer.zero_grad(set_to_none=True)
@@ -323,6 +325,7 @@ def bench_training(tokenizer, cfg: BenchConfig, dtype: torch.dtype) -> list[dict
         torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
         optimizer.step()
 
+    data_seconds = []  # of each step, building its batch (the first: the warm-up's)
     step(0)  # warm-up
     start = time.perf_counter()
     for k in range(1, cfg.train_steps + 1):
@@ -331,13 +334,20 @@ def bench_training(tokenizer, cfg: BenchConfig, dtype: torch.dtype) -> list[dict
     seq_len = len(data.prompt) + tcfg.answer_len
     tokens, flops = tcfg.batch_size * seq_len, training_flops(model, seq_len) * tcfg.batch_size
     a, b = (torch.randn(cfg.matmul_size, cfg.matmul_size, dtype=dtype) for _ in range(2))
-    a @ b  # warm-up
-    ceiling = 2 * cfg.matmul_size ** 3 / race({"mm": lambda: a @ b}, 3)["mm"][0]
+    own = (tokens, model.cfg.lm.d_model, model.cfg.lm.mlp_hidden)  # the MLP's (T, D) @ (D, F)
+    x, w = torch.randn(*own[:2], dtype=dtype), torch.randn(*own[1:], dtype=dtype)
+    a @ b, x @ w  # warm-up
+    best = race({"mm": lambda: a @ b, "own": lambda: [x @ w for _ in range(20)]}, 3)
+    ceiling = 2 * cfg.matmul_size ** 3 / best["mm"][0]
+    own_rate = 20 * 2 * math.prod(own) / best["own"][0]
     name = str(dtype).removeprefix("torch.")
     return [row("training step", model=f"tiny, {name}", seconds=seconds, batch=tcfg.batch_size,
                 tokens_per_s=tokens / seconds, flops_per_s=flops / seconds,
                 ratio=f"{tokens / seconds:,.0f} tok/s; {flops / seconds / 1e9:.1f} GFLOP/s = "
-                      f"{100 * flops / seconds / ceiling:.1f}% of the matmul rate"),
+                      f"{100 * flops / seconds / ceiling:.1f}% of the matmul rate; data "
+                      f"{1e3 * sum(data_seconds[1:]) / cfg.train_steps:.1f} of {1e3 * seconds:.0f} "
+                      f"ms; a matmul of the step's own shape {' x '.join(map(str, own))} at "
+                      f"{own_rate / 1e9:.1f} GFLOP/s"),
             row("matmul ceiling", model=f"{name} {cfg.matmul_size}^3", flops_per_s=ceiling,
                 seconds=2 * cfg.matmul_size ** 3 / ceiling, dtype=name, native_bf16=native_bf16(),
                 ratio=f"{ceiling / 1e9:.1f} GFLOP/s")]
