@@ -417,7 +417,8 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
              temperature: float = 0.0, refine: bool = False, mask_id: int = 126336,
              remasking: str = "low_confidence", cfg_scale: float = 0.0, stop_id: int | None = None,
              banned_ids=None, draft=None, return_trace: bool = False, generator=None,
-             threshold: float | None = None, on_block=None, eot_id: int | None = None):
+             threshold: float | None = None, on_block=None, eot_id: int | None = None,
+             threshold_floor: bool = False):
     """Caption by the reverse process: start from an all-[MASK] answer and commit the most confident
     tokens, block by block (denoise_steps). Frozen (refine=False) it is LLaDA's `generate`, token
     for token at T = 0 with the options below off; refining (refine=True) it is ReDiff's sampler.
@@ -428,7 +429,7 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
     answer ids (B, G), and with return_trace=True also one trace_entry per step.
 
     - temperature, remasking, cfg_scale, banned_ids: how a step predicts (step_predictor).
-    - threshold, on_block: denoise_steps'.
+    - threshold, threshold_floor, on_block: denoise_steps'.
     - stop_id: once every row's finished blocks hold stop_id, the remaining blocks are skipped and
       the answer holds stop_id from each row's first one on (EndOfText).
     - eot_id: the official LLaDA-V sampler's end of turn, each row on its own (StopRule). Refining
@@ -459,7 +460,7 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
     predict = step_predictor(logits_fn, P, mask_id, banned_ids, temperature, remasking, cfg_scale,
                              generator)
     steps_run = denoise_steps(predict, x, P, num_blocks, steps // num_blocks, mask_id, refine,
-                              threshold, stops, on_block)
+                              threshold, stops, on_block, threshold_floor)
     trace = [trace_entry(step, P, mask_id) for step in steps_run if return_trace]  # runs every step
     answer = stops.answer(x)
     return (answer, trace) if return_trace else answer

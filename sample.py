@@ -158,11 +158,12 @@ class ModelLogits:
 def caption_images(model, tokenizer, images, gen_length: int, tokens_per_step: int,
                    refine: bool = True, block_length: int | None = None, temperature: float = 0.0,
                    drafts=None, return_trace: bool = False, generator=None,
-                   prefix_cache: bool = False, threshold: float | None = None):
+                   prefix_cache: bool = False, threshold: float | None = None,
+                   threshold_floor: bool = False):
     """Images (B, 3, S, S) -> (answer ids (B, G) [and the trace], forward passes) by
     rediff.generate. Image tokens are computed once, not per step. prefix_cache: see ModelLogits;
     threshold: rediff.generate's confidence threshold (then tokens_per_step only sets the unused
-    `steps`)."""
+    `steps`, or with threshold_floor each step's least)."""
     device = next(model.parameters()).device
     image_embeds = model.encode_images(images.to(device))                          # (B, N, D)
     prompt = torch.tensor(prompt_ids(tokenizer, model.n_image_tokens), device=device)
@@ -174,7 +175,7 @@ def caption_images(model, tokenizer, images, gen_length: int, tokens_per_step: i
                           temperature=temperature, refine=refine, mask_id=tokenizer.mask_id,
                           stop_id=tokenizer.eos_id, banned_ids=banned_ids(tokenizer), draft=drafts,
                           return_trace=return_trace, generator=generator, threshold=threshold,
-                          on_block=logits_fn.begin_block)
+                          on_block=logits_fn.begin_block, threshold_floor=threshold_floor)
     return out, logits_fn.forward_passes
 
 

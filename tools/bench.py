@@ -33,7 +33,7 @@ from data.pipeline import ShapesData, held_out_indices, image_to_tensor, prompt_
 from data.score import score_caption  # noqa: E402
 from data.tokenizer import WordTokenizer, tokenizer_from_dict  # noqa: E402
 from model import load_for  # noqa: E402
-from sample import ModelLogits, banned_ids, caption_images, decode_answer, steps_for  # noqa: E402
+from sample import banned_ids, caption_images, decode_answer, steps_for  # noqa: E402
 from train_stage1 import (PRESETS as TRAIN_PRESETS, TrainConfig, build_model,  # noqa: E402
                           freeze_vision, training_loss)
 
@@ -106,26 +106,20 @@ def plain_loop(model, tokenizer, images, gen_length: int, steps: int):
     return rediff.EndOfText(tokenizer.eos_id, x, P, tokenizer.mask_id).answer(x), steps
 
 
-@torch.no_grad()
 def floored_threshold(model, tokenizer, images, gen_length: int, tokens_per_step: int,
                       threshold: float, prefix_cache: bool = False, row_steps: list | None = None):
     """Target 3's threshold decoding (rediff.denoise_steps' threshold_floor): each step commits the
     fixed schedule's most confident masked positions and every other one whose confidence is at
     least `threshold` (Fast-dLLM). Frozen, one block, end-of-text stop, as caption_images. Returns
     (ids (B, G), the batch's forward passes); row_steps receives each row's steps (B,)."""
-    B, mask_id = images.shape[0], tokenizer.mask_id
-    x, P = masked_answers(model, tokenizer, B, gen_length)                              # (B, L)
-    logits_fn = ModelLogits(model, model.encode_images(images), P, prefix_cache)
-    stops = rediff.EndOfText(tokenizer.eos_id, x, P, mask_id)
-    predict = rediff.step_predictor(logits_fn, P, mask_id, banned_ids(tokenizer))
-    steps = torch.zeros(B, dtype=torch.long)                                            # (B,)
-    for step in rediff.denoise_steps(predict, x, P, 1, steps_for(gen_length, tokens_per_step),
-                                     mask_id, False, threshold, stops, logits_fn.begin_block,
-                                     threshold_floor=True):
-        steps += step.commit.any(dim=1)  # a row with a mask left commits at least one token
-    if row_steps is not None:
-        row_steps.append(steps)
-    return stops.answer(x), logits_fn.forward_passes
+    out, passes = caption_images(model, tokenizer, images, gen_length, tokens_per_step, False,
+                                 return_trace=row_steps is not None, prefix_cache=prefix_cache,
+                                 threshold=threshold, threshold_floor=True)
+    if row_steps is None:
+        return out, passes
+    ids, trace = out  # a row with a mask left commits at least one token a step
+    row_steps.append(sum(entry["new"].any(dim=1).long() for entry in trace))
+    return ids, passes
 
 
 def race(runs: dict, repeats: int) -> dict:
