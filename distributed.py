@@ -14,9 +14,9 @@ The rules the training scripts follow (README, "Multi-GPU training"):
   batch (shapes_aids.py's word-class loss) divides by the whole batch's count / world
   (Context.count). DDP and FSDP average gradients over ranks: each step's gradient is the
   one-process one, up to the order of float summation.
-- NAME.safetensors is one checkpoint file (model.save_checkpoint); NAME.dcp a DCP folder: one
+- NAME.safetensors is one checkpoint file (checkpoints.save_checkpoint); NAME.dcp a DCP folder: one
   safetensors shard per writing rank plus meta.json, readable by any number of processes;
-  model.load_checkpoint reads both.
+  checkpoints.load_checkpoint reads both.
 """
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from checkpoints import (DCP_FORMAT, META_FILE, load_dcp, load_dcp_state, read_dcp_meta,
+                         save_checkpoint)
 from cli import UsageError, check_writable, option, parse_config, run_main
-from model import (DCP_FORMAT, META_FILE, load_dcp, load_dcp_state, pick_device, read_dcp_meta,
-                   save_checkpoint)
+from model import pick_device
 
 MODES = ["auto", "none", "ddp", "fsdp"]
 
@@ -217,7 +218,8 @@ def is_dcp(path: str) -> bool:
 
 
 def save_file(path: str, model: nn.Module, meta: dict, ctx: Context) -> None:
-    """model.save_checkpoint (weights only) in any parallel mode: rank 0 writes the whole model."""
+    """checkpoints.save_checkpoint (weights only) in any parallel mode: rank 0 writes the whole
+    model."""
     whole = full_copy(model, ctx)
     if ctx.is_main:
         save_checkpoint(path, whole, meta)

@@ -38,8 +38,7 @@ import torch.nn.functional as F
 import distributed
 import rediff
 from data.loaders import open_image
-from model import LLaDA, LMConfig, pick_device
-from sample import ModelLogits, steps_for
+from model import LLaDA, LMConfig, ModelLogits, pick_device
 
 # --------------------------------------------------------------------------------------------------
 # Special ids of the LLaDA tokenizer (its published tokenizer.json); LLaDATokenizer checks them.
@@ -401,7 +400,7 @@ class LLaDAV(nn.Module):
         """ids (B, L), image placeholders = IMAGE_TOKEN_INDEX -> logits (B, L - logits_from, V); a
         row's k-th placeholder gets its k-th image token (of the one image_embeds row, if one).
         past_kv, keep_kv, logits_from: the sampler's prefix cache and partial logits, as model.VLM
-        takes them (sample.ModelLogits drives both); logits_from = the answer's start skips the LM
+        takes them (model.ModelLogits drives both); logits_from = the answer's start skips the LM
         head on ~3,800 image and prompt positions. images (one per row) instead of image_embeds:
         encoded here, so a training step is one call of the module (DDP and FSDP act around it)."""
         if images is not None:
@@ -497,6 +496,41 @@ class CheckpointMismatch(ValueError):
     missing, or the checkpoint's keys or shapes do not fit the model its config.json describes."""
 
 
+HF_FILES = ("config.json", "tokenizer.json")  # a Hugging Face folder's files beside its weights
+HF_INDEX, HF_SINGLE = "model.safetensors.index.json", "model.safetensors"
+
+
+def weight_shards(folder: str) -> list[str]:
+    """The folder's weight files: every shard its index lists, or its one model.safetensors; [] when
+    it has neither (ValueError: an index without a "weight_map")."""
+    index = os.path.join(folder, HF_INDEX)
+    if not os.path.isfile(index):
+        return [HF_SINGLE] if os.path.isfile(os.path.join(folder, HF_SINGLE)) else []
+    try:
+        with open(index, encoding="utf-8") as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{HF_INDEX} is not a valid index (no \"weight_map\" of key -> shard "
+                         f"file)") from None
+
+
+def check_hf_folder(folder: str, flag: str) -> None:
+    """A Hugging Face LLaDA-V / ReDiff folder is whole before anything is loaded: config.json,
+    tokenizer.json, and every weight shard its index lists (an interrupted download often lacks
+    one)."""
+    fix = "download the whole folder again (huggingface-cli download REPO --local-dir DIR)"
+    try:
+        shards = weight_shards(folder) or [f"{HF_INDEX} or {HF_SINGLE}"]
+    except ValueError as err:
+        raise SystemExit(f"{flag} {folder}: {err}; {fix}") from None
+    missing = [name for name in (*HF_FILES, *shards)
+               if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise SystemExit(f"{flag} {folder}: a Hugging Face LLaDA-V / ReDiff folder, but "
+                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing; "
+                         f"{fix}")
+
+
 def load_llada_v(model_dir: str, device="cpu",
                  dtype: torch.dtype | None = None) -> tuple[LLaDAV, LLaDATokenizer]:
     """A Hugging Face LLaDA-V / ReDiff (or original LLaDA) folder -> (model, eval mode; tokenizer).
@@ -511,15 +545,9 @@ def load_llada_v(model_dir: str, device="cpu",
     tokenizer = LLaDATokenizer(os.path.join(model_dir, "tokenizer.json"))
     with torch.device("meta"):
         model = LLaDAV(cfg)                                             # shapes only, no memory
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        shards = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{model_dir}: no model.safetensors.index.json or "
-                                f"model.safetensors; download the whole folder")
+    shards = weight_shards(model_dir)
+    if not shards:
+        raise FileNotFoundError(f"{model_dir}: no {HF_INDEX} or {HF_SINGLE}; download the folder")
     shapes = {}                                    # {checkpoint key: shape}, from the headers only
     for shard in shards:
         with safe_open(os.path.join(model_dir, shard), framework="pt") as f:
@@ -641,7 +669,7 @@ def generate_answer(model: LLaDAV, image_embeds: torch.Tensor, prompt: torch.Ten
                     **options):
     """rediff.generate with the official LLaDA-V sampler's rules: SAMPLER_BANNED_IDS (and the
     mask) at logit -inf, each row stopped at its first <|eot_id|>. prompt (B, P) with the image
-    placeholders, image_embeds (B or 1, N, D); prefix_cache: sample.ModelLogits'; options:
+    placeholders, image_embeds (B or 1, N, D); prefix_cache: model.ModelLogits'; options:
     rediff.generate's. Returns (rediff.generate's output, forward passes)."""
     logits_fn = ModelLogits(model, image_embeds, prompt.shape[1], prefix_cache)
     out = rediff.generate(logits_fn, prompt, gen_length, steps, refine=refine, mask_id=MASK_ID,
@@ -670,7 +698,8 @@ def caption(model_dir: str, image_path: str, tokens_per_step: int = 8, refine: b
     prompt = torch.tensor([prompt_ids(tokenizer, image_embeds.shape[1], question)],
                           device=device)                                          # (1, P)
     generator = torch.Generator(device=device).manual_seed(seed)
-    steps = steps_for(gen_length, tokens_per_step, gen_length // (block_length or gen_length))
+    blocks = gen_length // (block_length or gen_length)
+    steps = rediff.steps_for(gen_length, tokens_per_step, blocks)
     out, forward_passes = generate_answer(model, image_embeds, prompt, gen_length, steps, refine,
                                           block_length=block_length, generator=generator,
                                           return_trace=return_trace, **options)

@@ -32,10 +32,9 @@ from cli import UsageError, check_folder_out, option, show_config
 from data.captions import CaptionData, load_captions, take
 from data.loaders import DataError, load_llava_json, open_image
 from experts import Expert, occurrences
-from llada_v import (MASK_ID, answer_logits, anyres_images, export_hf, generate_answer,
-                     load_llada_v, read_state)
+from llada_v import (MASK_ID, answer_logits, anyres_images, check_hf_folder, export_hf,
+                     generate_answer, load_llada_v, read_state)
 from memory_plan import GIB, check_memory
-from sample import check_hf_folder
 
 MASTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -372,7 +371,7 @@ def rows_loss(model, data: CaptionData, batch, noisy: dict, rows: slice, cfg,
 class Stage1Run(FolderRun):
     """A Stage I run on a LLaDA-V / ReDiff folder, set up for train_stage1's loop (--steps 0: one
     pass over the captions), with --resume the state of OUT.dcp loaded. The loop calls batch,
-    backward, evaluate, save and finish (as it does train_stage1.ShapesRun's)."""
+    backward, evaluate, save and finish (as it does shapes_train.ShapesRun's)."""
     draw_device = "cpu"  # masks and corruptions are drawn on the CPU (any padding, any processes)
 
     def __init__(self, cfg, ctx):

@@ -9,6 +9,7 @@ vocabulary. A "sequence" is the prompt (image placeholders + question), then the
 from __future__ import annotations
 
 import itertools
+import math
 from typing import NamedTuple
 
 import torch
@@ -151,6 +152,15 @@ def refinement_loss(logits, refined, mistake_mask):
 
 # -------------------------------------------------------------------------------------------------
 # Samplers (LLaDA's reverse process; Section 3.4 for refinement)
+
+
+def steps_for(gen_length: int, tokens_per_step: int, num_blocks: int = 1) -> int:
+    """The documented rule: steps = ceil(gen_length / tokens_per_step), rounded up to a multiple of
+    the number of blocks. When tokens_per_step does not divide gen_length, the transfer schedule
+    spreads the remainder, so no step commits more than tokens_per_step tokens (64 tokens at 3 per
+    step: 22 steps, twenty of 3 and two of 2)."""
+    steps = math.ceil(gen_length / tokens_per_step)
+    return math.ceil(steps / num_blocks) * num_blocks
 
 
 def transfer_schedule(mask_count, steps: int):
@@ -424,7 +434,7 @@ def generate(logits_fn, prompt, gen_length: int, steps: int, block_length: int |
     for token at T = 0 with the options below off; refining (refine=True) it is ReDiff's sampler.
 
     logits_fn: any callable (B, L) ids -> (B, L, V) logits, or the logits of only the last L'
-    positions (B, L', V) with L' >= L - the current block's start (sample.ModelLogits skips the
+    positions (B, L', V) with L' >= L - the current block's start (model.ModelLogits skips the
     prompt). prompt: (B, P) ids. steps: over all blocks, a multiple of their number. Returns the
     answer ids (B, G), and with return_trace=True also one trace_entry per step.
 

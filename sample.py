@@ -10,7 +10,6 @@ captions a photo with a Hugging Face LLaDA-V / ReDiff folder.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -21,22 +20,15 @@ from html import escape
 import torch
 
 import rediff
+from checkpoints import load_for
 from cli import DCP_META, UsageError, check_writable, option, parse_config, run_main
 from data import shapes
 from data.loaders import open_image
 from data.pipeline import held_out_indices, image_to_tensor, prompt_ids
 from data.score import score_caption, score_captions
 from data.tokenizer import split_words, tokenizer_from_dict
-from model import load_for, pick_device
-
-
-def steps_for(gen_length: int, tokens_per_step: int, num_blocks: int = 1) -> int:
-    """The documented rule: steps = ceil(gen_length / tokens_per_step), rounded up to a multiple of
-    the number of blocks. When tokens_per_step does not divide gen_length, the transfer schedule
-    spreads the remainder, so no step commits more than tokens_per_step tokens (64 tokens at 3 per
-    step: 22 steps, twenty of 3 and two of 2)."""
-    steps = math.ceil(gen_length / tokens_per_step)
-    return math.ceil(steps / num_blocks) * num_blocks
+from llada_v import caption, check_hf_folder, load_llada_v
+from model import ModelLogits, pick_device
 
 
 def check_block_length(block_length: int, gen_length: int, what: str) -> None:
@@ -53,7 +45,7 @@ def schedule_text(gen_length: int, tokens_per_step: int, block_length: int = 0) 
     "1 step of 48 tokens (--tokens-per-step 100 is more than the 48-token answer)"."""
     block = block_length or gen_length
     num_blocks = gen_length // block
-    steps = steps_for(gen_length, tokens_per_step, num_blocks)
+    steps = rediff.steps_for(gen_length, tokens_per_step, num_blocks)
     per_block = steps // num_blocks
     most = math.ceil(block / per_block)  # rediff.transfer_schedule's largest share of a block
     up_to = "" if block % per_block == 0 else "up to "
@@ -81,77 +73,9 @@ def draft_ids(tokenizer, text: str, gen_length: int) -> list[int]:
     return ids[:gen_length] + [tokenizer.mask_id] * (gen_length - len(ids))
 
 
-HF_FILES = ("config.json", "tokenizer.json")  # a Hugging Face folder's files beside its weights
-HF_INDEX, HF_SINGLE = "model.safetensors.index.json", "model.safetensors"
-
-
-def check_hf_folder(folder: str, flag: str) -> None:
-    """A Hugging Face LLaDA-V / ReDiff folder is whole before anything is loaded: config.json,
-    tokenizer.json, and every weight shard its index lists (an interrupted download often lacks
-    one)."""
-    fix = "download the whole folder again (huggingface-cli download REPO --local-dir DIR)"
-    missing = [name for name in HF_FILES if not os.path.isfile(os.path.join(folder, name))]
-    index = os.path.join(folder, HF_INDEX)
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise SystemExit(f"{flag} {folder}: {HF_INDEX} is not a valid index (no \"weight_map\" "
-                             f"of key -> shard file); {fix}") from None
-        missing += [name for name in shards if not os.path.isfile(os.path.join(folder, name))]
-    elif not os.path.isfile(os.path.join(folder, HF_SINGLE)):
-        missing.append(f"{HF_INDEX} or {HF_SINGLE}")
-    if missing:
-        raise SystemExit(f"{flag} {folder}: a Hugging Face LLaDA-V / ReDiff folder, but "
-                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing; "
-                         f"{fix}")
-
-
 def banned_ids(tokenizer) -> list[int]:
     """Ids that must never appear in a caption (everything special except end of text)."""
     return [i for i in tokenizer.special_ids if i != tokenizer.eos_id]
-
-
-class ModelLogits:
-    """rediff.generate's logits_fn for a VLM whose image tokens were computed once per caption:
-    model.VLM, or llada_v.LLaDAV (the real LLaDA-V / ReDiff weights; its forward takes the same
-    call).
-
-    Only positions from the current block on get logits (the prompt's are never read), which is
-    exact. With prefix_cache=True (the idea of Fast-dLLM's block-wise approximate KV cache), the
-    first step of each block runs the whole sequence once and keeps the keys and values of every
-    position before the block (image, prompt, earlier blocks); the block's other steps run only the
-    positions from the block on, attending to that cache. The cache goes stale as the answer fills
-    in (bidirectional attention), so it is an approximation; a model trained with the Prefix-DLM
-    mask (VLMConfig.prefix_dlm_len) keeps the image and prompt blind to the answer: with one block
-    its cache is exact. It is also rebuilt whenever the prefix ids change (e.g. classifier-free
-    guidance's unconditional pass), so it is never used for another sequence."""
-
-    def __init__(self, model, image_embeds, prompt_len: int, prefix_cache: bool = False):
-        self.model, self.image_embeds = model, image_embeds                        # (B, N, D)
-        self.prefix_cache = prefix_cache
-        self.start = prompt_len  # the current block's first position; generate's on_block moves it
-        self.kv, self.kv_ids = None, None
-        self.forward_passes, self.cache_builds = 0, 0
-
-    def begin_block(self, start: int):
-        self.start, self.kv = start, None
-
-    def __call__(self, ids):
-        self.forward_passes += 1
-        image_embeds = self.image_embeds[: ids.shape[0]]
-        if not self.prefix_cache:
-            return self.model(ids, image_embeds, logits_from=self.start)        # (B, L - start, V)
-        prefix = ids[:, :self.start]                                                # (B, start)
-        if self.kv is None or not torch.equal(prefix, self.kv_ids):
-            # one full pass: this step's logits, and the prefix's keys and values for the next steps
-            logits, self.kv = self.model(ids, image_embeds, keep_kv=self.start,
-                                         logits_from=self.start)                # (B, L - start, V)
-            self.kv_ids = prefix.clone()
-            self.cache_builds += 1
-            return logits
-        return self.model(ids[:, self.start:], past_kv=self.kv)                  # (B, L - start, V)
 
 
 @torch.no_grad()
@@ -170,7 +94,7 @@ def caption_images(model, tokenizer, images, gen_length: int, tokens_per_step: i
     prompt = prompt.expand(images.shape[0], -1)                                     # (B, P)
     logits_fn = ModelLogits(model, image_embeds, prompt.shape[1], prefix_cache)
     num_blocks = gen_length // (block_length or gen_length)
-    steps = steps_for(gen_length, tokens_per_step, num_blocks)
+    steps = rediff.steps_for(gen_length, tokens_per_step, num_blocks)
     out = rediff.generate(logits_fn, prompt, gen_length, steps, block_length=block_length,
                           temperature=temperature, refine=refine, mask_id=tokenizer.mask_id,
                           stop_id=tokenizer.eos_id, banned_ids=banned_ids(tokenizer), draft=drafts,
@@ -367,7 +291,6 @@ def caption_real_weights(cfg: SampleConfig) -> str:
     """--ckpt is a Hugging Face LLaDA-V / ReDiff folder: load it with llada_v.py and caption
     --image (the refining sampler unless --no-refine) with the official LLaDA-V sampler's rules
     (banned ids, stop at <|eot_id|>)."""
-    from llada_v import caption, load_llada_v  # llada_v imports this file
     if not cfg.image:
         raise SystemExit(f"{cfg.ckpt} is a LLaDA-V / ReDiff folder: give the photo to caption "
                          f"with --image PATH")

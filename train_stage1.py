@@ -19,18 +19,13 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import distributed
 import llada_v_train
 import rediff
 import shapes_aids
-from cli import (UsageError, check_checkpoint_out, option, parse_config, run_main,
-                 show_config)
-from data import shapes
-from data.pipeline import ShapesData, prompt_ids
-from data.tokenizer import WordTokenizer, tokenizer_from_dict
-from model import (LMConfig, VLM, VisionConfig, VLMConfig, load_for, read_checkpoint,
-                   read_dcp_meta, save_checkpoint)
-from sample import caption_images, decode_answer
+import shapes_train
+from cli import UsageError, option, parse_config, run_main
 
 
 @dataclass
@@ -148,208 +143,6 @@ def training_loss(model, batch, cfg: TrainConfig, tokenizer, generator, shard=No
     return rediff.typed_losses(logits, labels[rows], types[rows], p[rows])
 
 
-@torch.no_grad()
-def validation_loss(model, val_data, tokenizer, device, n_batches: int = 4) -> float:
-    """Eq. 1 on fixed validation batches (same masks every time), comparable across objectives."""
-    model.eval()
-    eq1, losses = TrainConfig(objective="mask", mask_loss="eq1"), []
-    for k in range(n_batches):
-        generator = torch.Generator(device=device).manual_seed(k)
-        loss, _ = training_loss(model, val_data.batch(k, 64).to(device), eq1, tokenizer, generator)
-        losses.append(loss.item())
-    model.train()
-    return sum(losses) / len(losses)
-
-
-def freeze_vision(model) -> None:
-    """The vision side (tower, and with image_features "attributes" its classifier head) stays
-    fixed in both stages, like a pretrained encoder (the toy tower: shapes_aids.pretrain_vision)."""
-    for part in (model.vision_tower, getattr(model, "attribute_head", None)):
-        if part is not None:
-            part.requires_grad_(False)
-            part.eval()
-
-
-def build_model(cfg: TrainConfig, tokenizer):
-    """A fresh VLM of cfg's shape: LLaDA-V's architecture (vision tower, projector, LLaDA),
-    scaled down."""
-    lm = LMConfig(vocab_size=tokenizer.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
-                  n_heads=cfg.n_heads, mlp_hidden=int(cfg.d_model * 8 / 3) // 16 * 16)
-    vision = VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size,
-                          width=cfg.vision_width, layers=cfg.vision_layers,
-                          heads=max(1, cfg.vision_width // 32))
-    classes = shapes_aids.attribute_classes() if cfg.image_features == "attributes" else []
-    # the image and prompt positions, under the Prefix-DLM mask
-    prefix = len(prompt_ids(tokenizer, vision.grid ** 2)) if cfg.prefix_dlm else 0
-    return VLM(VLMConfig(lm=lm, vision=vision, image_token_id=tokenizer.image_id,
-                         image_features=cfg.image_features, attribute_classes=classes,
-                         prefix_dlm_len=prefix))
-
-
-RESUME_FREE = {"resume", "stop_at", "init_from", "out", "eval_every", "device", "compile",
-               "parallel", "activation_checkpointing"}  # may change on --resume
-
-
-def check_start(cfg: TrainConfig, model, meta: dict, source: str) -> None:
-    """Refuse what --init-from / --resume cannot honour, with the fix: a shape flag asked for (on
-    the command line or by a preset, i.e. not its default) that differs from the checkpoint, and
-    on --resume another --objective. Other settings that differ from the resumed run's are listed
-    (the continuation then differs from one run)."""
-    defaults, flag = TrainConfig(), lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    lm, vision = model.cfg.lm, model.cfg.vision  # the checkpoint decides the model's shape:
-    saved = dict(d_model=lm.d_model, n_layers=lm.n_layers, n_heads=lm.n_heads,
-                 image_size=vision.image_size, patch_size=vision.patch_size,
-                 vision_width=vision.width, vision_layers=vision.layers,
-                 image_features=model.cfg.image_features, answer_len=meta["answer_len"],
-                 prefix_dlm=model.cfg.prefix_dlm_len > 0)
-    conflicts = [f"{flag(name)} {getattr(cfg, name)} but the checkpoint has {value}"
-                 for name, value in saved.items()
-                 if getattr(cfg, name) not in (getattr(defaults, name), value)]
-    run = meta.get("train_config") or {}
-    if cfg.resume and run.get("objective", cfg.objective) != cfg.objective:
-        conflicts.append(f"--objective {cfg.objective} but the run was trained with --objective "
-                         f"{run['objective']}")
-    if conflicts:
-        how = ("repeat the run's own flags (e.g. --objective, --tiny), or start a new run from it "
-               "with --init-from" if cfg.resume else
-               "leave these flags out (or give the checkpoint's values): the model comes from it")
-        raise SystemExit(f"{'--resume' if cfg.resume else '--init-from'} {source}: "
-                         f"{'; '.join(conflicts)}. Fix: {how}")
-    if cfg.resume:
-        changed = [f"{flag(k)} {getattr(cfg, k)} (was {v})" for k, v in run.items()
-                   if k not in RESUME_FREE | set(saved) and hasattr(cfg, k)
-                   and getattr(cfg, k) != v]
-        if changed:
-            print(f"note: resuming {source} with other settings than the run's: "
-                  f"{', '.join(changed)}; the continuation will not match an uninterrupted run")
-
-
-def check_flags(cfg: TrainConfig) -> None:
-    """Refuse, before any work, an --out or model shape that the run cannot use (one line, with the
-    fix); with --init-from or --resume the checkpoint decides the shape."""
-    check_checkpoint_out(cfg.out, sharded=True)
-    if cfg.parallel == "fsdp" and not distributed.is_dcp(cfg.out):
-        raise SystemExit(f"--parallel fsdp writes sharded checkpoints: give --out a folder name, "
-                         f"e.g. {cfg.out.removesuffix('.safetensors')}.dcp (python distributed.py "
-                         f"makes one file of it)")
-    if cfg.resume or cfg.init_from:
-        return
-    if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
-        raise UsageError(f"--d-model {cfg.d_model} / --n-heads {cfg.n_heads}: each head needs an "
-                         f"even width (RoPE); choose --d-model a multiple of 2 x --n-heads")
-    if cfg.image_size % (3 * cfg.patch_size):
-        raise UsageError(f"--image-size {cfg.image_size}: must be a multiple of 3 x --patch-size "
-                         f"(the scene's 3 x 3 cells), e.g. {3 * cfg.patch_size}")
-    heads = max(1, cfg.vision_width // 32)  # build_model's vision heads
-    if cfg.vision_width % heads:
-        raise UsageError(f"--vision-width {cfg.vision_width}: must be a multiple of its {heads} "
-                         f"attention heads (width // 32), e.g. {cfg.vision_width // heads * heads}")
-
-
-
-class ShapesRun:
-    """A run on the shapes world, set up for train()'s loop: the model built, or loaded from
-    --init-from / --resume, the scenes rendered, a fresh tower pretrained (shapes_aids) and frozen,
-    the optimizer. The loop calls batch, backward, evaluate, save and finish (as it does
-    llada_v_train.Stage1Run's for a LLaDA-V folder)."""
-
-    def __init__(self, cfg: TrainConfig, ctx, label: str = ""):
-        print(show_config(cfg))
-        torch.manual_seed(cfg.seed)
-        device = self.draw_device = ctx.device  # masks and corruptions are drawn on the device
-        try:
-            world = shapes.WorldConfig(image_size=cfg.image_size, max_words=cfg.answer_len - 1)
-        except ValueError as err:
-            raise SystemExit(f"--answer-len {cfg.answer_len}: {err}") from None
-        self.start_step, self.history = 0, []
-        if cfg.resume or cfg.init_from:
-            source = cfg.out if cfg.resume else cfg.init_from
-            fix = ("point --out at a Stage I run, or drop --resume to start a new one "
-                   "(train_stage2.py --resume continues Stage II runs)" if cfg.resume else
-                   "pass a checkpoint written by train_stage1.py or train_stage2.py")
-            stages = ("stage1-mask", "stage1-revision") + (() if cfg.resume else ("stage2",))
-            model, meta = load_for(source, "--resume" if cfg.resume else "--init-from", stages,
-                                   ("tokenizer", "world", "answer_len", "step"), fix, device)
-            check_start(cfg, model, meta, source)
-            tokenizer = tokenizer_from_dict(meta["tokenizer"])
-            world = shapes.WorldConfig(**meta["world"])
-            cfg.answer_len = meta["answer_len"]
-            if cfg.resume:
-                self.start_step, self.history = meta["step"], meta.get("history", [])
-            print(f"loaded {source} (stage {meta['stage']}, step {meta['step']})")
-        else:
-            tokenizer = WordTokenizer.for_shapes_world()
-            model = build_model(cfg, tokenizer).to(device)
-            if cfg.objective == "revision":
-                print("note: Stage I from scratch; the from-scratch model learned to read the "
-                      "image only with --objective mask first (--tiny does both)")
-        vision, self.t0 = model.cfg.vision, time.perf_counter()
-        data, self.val_data = (ShapesData(tokenizer, world, split, n, model.n_image_tokens,
-                                          cfg.answer_len, cfg.seed, vision.mean, vision.std)
-                               for split, n in (("train", cfg.n_scenes), ("val", 256)))
-        print(f"rendered {len(data)} train + {len(self.val_data)} val scenes in "
-              f"{time.perf_counter() - self.t0:.1f} s; model {model.num_params() / 1e6:.2f} M "
-              f"parameters on {device}")
-        if not (cfg.resume or cfg.init_from) and cfg.vision_pretrain_steps > 0:
-            shapes_aids.pretrain_vision(model, data, cfg.vision_pretrain_steps, 128, device,
-                                        cfg.seed, label=label + ": " if label else "",
-                                        held_out=self.val_data, bar=cfg.vision_bar)
-        model.train()
-        freeze_vision(model)  # the tower (and its attribute head) stays frozen, in eval mode
-        train_model = distributed.wrap(model, ctx, cfg.param_dtype,
-                                       cfg.activation_checkpointing)  # DDP / FSDP2 / the model
-        self.params = [p for p in model.parameters() if p.requires_grad]  # after wrap: shards
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.95),
-                                           weight_decay=cfg.weight_decay)
-        if cfg.resume and os.path.isdir(cfg.out):  # resharded to this run's ranks
-            distributed.load_dcp_optimizer(cfg.out, model, self.optimizer)
-        elif cfg.resume:
-            load_for(cfg.out, "--resume", device=device, optimizer=self.optimizer)
-        self.step_model = torch.compile(train_model) if cfg.compile else train_model
-        self.cfg, self.ctx, self.model, self.tokenizer = cfg, ctx, model, tokenizer
-        self.world, self.data, self.state = world, data, cfg.out
-
-    def batch(self, step: int):
-        """The global batch of `step`, with Stage I's hallucination pairs."""
-        frac = self.cfg.hallucination_frac if self.cfg.objective == "revision" else 0.0
-        return self.data.batch(step, self.cfg.batch_size, frac).to(self.ctx.device)
-
-    def backward(self, batch, generator) -> tuple[torch.Tensor, dict]:
-        """training_loss on this rank's rows, and its gradients -> (loss, parts)."""
-        loss, parts = training_loss(self.step_model, batch, self.cfg, self.tokenizer, generator,
-                                    self.ctx)
-        loss.backward()
-        return loss.detach(), parts
-
-    def evaluate(self, step: int, loss: torch.Tensor, parts: dict) -> dict:
-        """Eq. 1 on the validation scenes and a sample caption -> the history entry of `step`."""
-        whole = distributed.full_copy(self.model, self.ctx)  # FSDP: a gathered replica
-        val = validation_loss(whole, self.val_data, self.tokenizer, self.ctx.device)
-        images = self.val_data.images([0]).to(self.ctx.device)              # (1, 3, S, S)
-        ids, _ = caption_images(whole, self.tokenizer, images, self.cfg.answer_len, 1)
-        self.model.train()
-        self.model.vision_tower.eval()
-        tqdm.write(f"step {step}: train loss {loss.item():.4f}, val loss (Eq. 1) {val:.4f}\n"
-                   f"  sample (val scene 0, 1 token/step): {decode_answer(self.tokenizer, ids[0])}")
-        return {"step": step, "train_loss": loss.item(), "val_loss": val}
-
-    def save(self, step: int) -> None:
-        """The checkpoint at --out: one file, or each rank's shard of a DCP folder."""
-        cfg = self.cfg
-        meta = {"stage": "stage1-" + cfg.objective, "step": step, "train_config": asdict(cfg),
-                "tokenizer": self.tokenizer.to_dict(), "world": asdict(self.world),
-                "answer_len": cfg.answer_len, "history": self.history}
-        if distributed.is_dcp(cfg.out):
-            distributed.save_dcp(cfg.out, self.model, self.optimizer, meta, self.ctx)
-        elif self.ctx.is_main:
-            save_checkpoint(cfg.out, self.model, meta, self.optimizer)
-
-    def finish(self, step: int) -> None:
-        """The end of the run: what it did, and every rank waits until the checkpoint is whole."""
-        print(f"done in {time.perf_counter() - self.t0:.0f} s; checkpoint {self.cfg.out}")
-        self.ctx.barrier()
-
-
 def set_learning_rate(optimizer, lr: float) -> None:
     """Each parameter group at lr x its lr_scale (a LLaDA-V tower's --vision-lr); torchao's
     optimizers keep the rate in a tensor, filled in place."""
@@ -361,13 +154,14 @@ def set_learning_rate(optimizer, lr: float) -> None:
 
 
 def train(cfg: TrainConfig, label: str = ""):
-    """One training run of cfg.objective (Eq. 1 or Eq. 2-3) on the shapes world (ShapesRun) or on a
-    LLaDA-V / ReDiff folder (llada_v_train.Stage1Run), from its start, --init-from or --resume,
-    with a checkpoint every --eval-every steps and at the end. label: names the progress bars (a
-    phase of the --tiny recipe). Returns the model."""
+    """One training run of cfg.objective (Eq. 1 or Eq. 2-3) on the shapes world
+    (shapes_train.ShapesRun) or on a LLaDA-V / ReDiff folder (llada_v_train.Stage1Run), from its
+    start, --init-from or --resume, with a checkpoint every --eval-every steps and at the end.
+    label: names the progress bars (a phase of the --tiny recipe). Returns the model."""
     ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of torchrun's
     real = llada_v_train.selected(cfg.init_from)
-    run = llada_v_train.Stage1Run(cfg, ctx) if real else ShapesRun(cfg, ctx, label)
+    run = (llada_v_train.Stage1Run(cfg, ctx) if real  # the world's run, given this file's loss:
+           else shapes_train.ShapesRun(cfg, ctx, training_loss, label))
     done = run.start_step
     bar = tqdm(range(done, cfg.steps), initial=done, total=cfg.steps,
                desc=label or cfg.objective, dynamic_ncols=True)
@@ -403,18 +197,6 @@ def train(cfg: TrainConfig, label: str = ""):
 # The --tiny recipe in one command: the base model, then Stage I from it
 
 
-def saved_run(path: str) -> tuple[dict | None, bool]:
-    """(description, whether the run reached its --steps) of the checkpoint at `path` (a file or
-    a DCP folder); (None, False) when there is none."""
-    if not os.path.exists(path):
-        return None, False
-    try:
-        meta = read_dcp_meta(path) if os.path.isdir(path) else read_checkpoint(path)[1]
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"{path}: {err}. Fix: move it away; --tiny writes there") from None
-    return meta, meta.get("step", 0) >= meta.get("train_config", {}).get("steps", math.inf)
-
-
 def train_tiny_recipe(cfg: TrainConfig, argv: list[str]):
     """`--tiny` without --init-from and --objective mask: the recipe's two phases, each exactly as
     its own command. The base model (Eq. 1's masks, Section 3.1: the phase the from-scratch toy
@@ -433,8 +215,8 @@ def train_tiny_recipe(cfg: TrainConfig, argv: list[str]):
                      for item in ("--" + key.replace("_", "-"), str(value))]
     stage1_args = [*stage1_preset, *argv, "--init-from", base]
     base_cfg = parse_config(TrainConfig, base_args, presets=PRESETS)
-    check_flags(base_cfg)
-    check_flags(parse_config(TrainConfig, stage1_args, presets=PRESETS))
+    shapes_train.check_flags(base_cfg)
+    shapes_train.check_flags(parse_config(TrainConfig, stage1_args, presets=PRESETS))
     ctx = distributed.setup(cfg.parallel, cfg.device)  # before any print: other ranks stay quiet
     trained = []  # (what, checkpoint, steps, seconds; None: reused)
 
@@ -444,18 +226,18 @@ def train_tiny_recipe(cfg: TrainConfig, argv: list[str]):
         start = time.perf_counter()
         phase_cfg = parse_config(TrainConfig, args, presets=PRESETS)
         model = train(phase_cfg, label)
-        saved, finished = saved_run(phase_cfg.out)
+        saved, finished = checkpoints.saved_run(phase_cfg.out)
         if not finished:
             return None  # stopped early (--stop-at): the phase said how to continue
         trained.append((what, phase_cfg.out, saved["step"], time.perf_counter() - start))
         return model
 
-    saved, finished = saved_run(base)
+    saved, finished = checkpoints.saved_run(base)
     if finished:
         run = saved.get("train_config") or {}  # the settings that change the numbers:
         changed = [f"--{k.replace('_', '-')} {run[k]} (now {v})"
                    for k, v in asdict(base_cfg).items()
-                   if k not in RESUME_FREE and k in run and run[k] != v]
+                   if k not in shapes_train.RESUME_FREE and k in run and run[k] != v]
         if changed:
             raise SystemExit(f"{base} is a base model trained with other settings "
                              f"({', '.join(changed)}). Fix: delete it to train it again, or start "
@@ -492,7 +274,7 @@ def main(argv=None):
     real = llada_v_train.choose(cfg, argv, llada_v_train.STAGE1_DEFAULTS)  # --init-from FOLDER
     if "--tiny" in argv and cfg.objective == "revision" and not cfg.init_from:
         return train_tiny_recipe(cfg, argv)
-    (llada_v_train.check_flags if real else check_flags)(cfg)
+    (llada_v_train if real else shapes_train).check_flags(cfg)
     return train(cfg)
 
 

@@ -24,37 +24,22 @@ already in --cache are never requested again.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import sys
-import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import distributed
 import llada_v_train
-import rediff
-from cli import (UsageError, check_checkpoint_out, check_writable,
-                 option, parse_config, run_main, show_config)
-from data import shapes
-from data.pipeline import ShapesData, image_to_tensor, prompt_ids
-from data.score import score_captions
-from data.tokenizer import tokenizer_from_dict
+import shapes_train
+from cli import UsageError, check_checkpoint_out, check_writable, option, parse_config, run_main
 from experts import (RIGHT, Item, check_endpoint, make_expert, merge_rank_caches, rank_cache_path,
                      validate_pairs)
-from model import load_for
-from sample import caption_images, decode_answer
-from train_stage1 import (TrainConfig, freeze_vision, set_learning_rate, training_loss,
-                          warmup_cosine)
+from train_stage1 import TrainConfig, set_learning_rate, training_loss, warmup_cosine
 
-DRAFT_OFFSET = 1_000_000  # drafts: train scenes from this index on; Stage I's banks start at 0
-MIX_STEP_OFFSET = 10_000_000  # the mix's batches: ShapesData.batch(offset + step), not Stage I's
-INIT_STAGES = ("stage1-revision", "stage1-mask", "stage2")
 
 
 @dataclass
@@ -193,7 +178,8 @@ def align(drafts: list[dict], reviews: list, tokenizer, counts: Counter) -> list
 def finetune(run, samples: list, cfg: Stage2Config, round_index: int, ctx) -> list[dict]:
     """Eq. 4 on the round's corrected drafts (plus the Stage I mix): the round's optimizer steps,
     its cosine schedule restarted (run.start_round: its steps and warm-up); run.backward runs this
-    rank's rows. Returns each step's losses, of the whole batch."""
+    rank's rows (rediff.refinement_loss on the model's own drafts: shapes_train.ShapesStage2's, or
+    llada_v_train.eq4_loss). Returns each step's losses, of the whole batch."""
     steps, warmup = run.start_round(samples, round_index)
     losses = []
     bar = tqdm(range(steps), desc=f"round {round_index + 1} fine-tune", dynamic_ncols=True)
@@ -213,213 +199,13 @@ def finetune(run, samples: list, cfg: Stage2Config, round_index: int, ctx) -> li
     return losses
 
 # -------------------------------------------------------------------------------------------------
-# Loading, statistics, main
-
-
-def load_start(cfg: Stage2Config, device):
-    """(model, meta, first round) from --init-from, or --out with --resume; else a clear message."""
-    if cfg.resume and not os.path.exists(cfg.out):
-        raise SystemExit(f"--resume: there is no run to resume at {cfg.out}; start one with "
-                         "--init-from")
-    if not (cfg.resume or cfg.init_from):
-        raise SystemExit("--init-from is required: a Stage I checkpoint (python train_stage1.py "
-                         "--tiny) or a base model (python train_stage1.py --objective mask)")
-    if not cfg.resume and os.path.abspath(cfg.init_from) == os.path.abspath(cfg.out):
-        raise SystemExit(f"--out {cfg.out} would overwrite --init-from; choose another --out")
-    path = cfg.out if cfg.resume else cfg.init_from
-    fix = (f"to start Stage II from it, pass --init-from {path} and another --out" if cfg.resume
-           else "train one with train_stage1.py (Stage I) first")
-    model, meta = load_for(path, "--resume" if cfg.resume else "--init-from",
-                           ("stage2",) if cfg.resume else INIT_STAGES,
-                           ("tokenizer", "world", "answer_len"), fix, device)
-    if meta["stage"] == "stage1-mask":  # a legitimate experiment (Stage II alone), not ReDiff
-        print(f"note: {path} is a mask-trained model (stage1-mask) without Stage I revision "
-              f"training: this run is Stage II alone. For ReDiff, train Stage I first: "
-              f"python train_stage1.py --init-from {path}")
-    first_round = meta.get("round", 0) if cfg.resume else 0
-    print(f"loaded {path} (stage {meta['stage']}, step {meta.get('step')}"
-          f"{', round ' + str(first_round) if cfg.resume else ''})")
-    return model, meta, first_round
-
-
-def stage1_config(meta: dict):
-    """The Stage I TrainConfig of the initial checkpoint, for the mix (Section 3.3: Stage II keeps
-    training on Stage I data too)."""
-    saved = meta.get("stage1_config") or (meta.get("train_config")
-                                          if meta["stage"].startswith("stage1") else None)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in (saved or {}).items() if k in known})
-
-
-def draft_quality(drafts: list[dict]) -> dict:
-    """Mean headline score (data/score.py) of the round's drafts per drafting speed."""
-    by_speed: dict[int, list] = {}
-    for d in drafts:
-        by_speed.setdefault(d["tokens_per_step"], []).append(d)
-    return {s: score_captions([d["text"] for d in ds], [d["scene"] for d in ds])["headline"]
-            for s, ds in sorted(by_speed.items())}
-
-
-def round_report(r: int, cfg: Stage2Config, drafts, quality, counts: Counter, samples,
-                 expert_name: str) -> list[str]:
-    """Section 3.3's round in numbers: drafts per speed, the expert's review, the alignment."""
-    tag = f"round {r + 1}/{cfg.rounds}"
-    per_speed = ", ".join(f"{s} tok/step: {sum(d['tokens_per_step'] == s for d in drafts)} drafts, "
-                          f"headline {q:.1f}" for s, q in quality.items())
-    rejects = {k[len("rejected_"):]: v for k, v in sorted(counts.items())
-               if k.startswith("rejected_")}
-    rejected = ", ".join(f"{k} {v}" for k, v in rejects.items()) or "none"
-    shown = ("right", "no_answer", "no_valid_pair", "corrected_tokens", "changed_tokens")
-    other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())
-                      if not k.startswith(("rejected_", "pairs_")) and k not in shown)
-    changed = counts["changed_tokens"] / max(1, counts["corrected_tokens"])
-    lines = [f"{tag} | drafts made {len(drafts)} ({per_speed})",
-             f"{tag} | expert {expert_name}: right {counts['right']}, no answer "
-             f"{counts['no_answer']}, pairs proposed {counts['pairs_proposed']}, kept "
-             f"{counts['pairs_kept']}, rejected {sum(rejects.values())} ({rejected})"
-             + (f" | {other}" if other else ""),
-             f"{tag} | alignment: {len(samples)} training samples ({counts['no_valid_pair']} "
-             f"drafts left with no valid pair), {sum(int(s['mistake'].sum()) for s in samples)} "
-             f"mistake tokens ({changed:.0%} of them changed by the expert)"]
-    if samples:
-        fixes = "; ".join(f"{p['org']!r} -> {p['target']!r}" for p in samples[0]["pairs"]
-                          if isinstance(p, dict))
-        lines += [f"  example draft ({samples[0]['tokens_per_step']} tok/step): "
-                  f"{samples[0]['text']}", f"  expert fixes: {fixes}"]
-    return lines
-
-
-class ShapesStage2:
-    """Stage II on the shapes world, set up for main()'s rounds (--init-from or --resume loaded,
-    the Stage I mix's scenes rendered, the tower frozen), and the pieces a round calls, as
-    llada_v_train.Stage2Run's for a LLaDA-V folder: the drafting source of make_drafts
-    (draft_items, caption, draft), in_context, the fine-tuning steps (start_round, backward) and
-    end_round (statistics, history, checkpoint)."""
-    image_of, expert = None, None  # the drafts hold their rendered images; --expert reviews
-
-    def __init__(self, cfg: Stage2Config, ctx):
-        print(show_config(cfg))
-        torch.manual_seed(cfg.seed)
-        self.cfg, self.ctx = cfg, ctx
-        self.model, self.meta, self.first_round = load_start(cfg, ctx.device)
-        self.tokenizer = tokenizer_from_dict(self.meta["tokenizer"])
-        self.world = shapes.WorldConfig(**self.meta["world"])
-        self.answer_len, self.s1 = self.meta["answer_len"], stage1_config(self.meta)
-        resumed = self.meta if cfg.resume else {}
-        self.history, self.step = resumed.get("history", []), resumed.get("step", 0)
-        self.state, self.mix_data = cfg.out if cfg.resume else cfg.init_from, None
-        if cfg.stage1_mix > 0:
-            vision = self.model.cfg.vision
-            self.mix_data = ShapesData(self.tokenizer, self.world, "train", cfg.n_scenes,
-                                       self.model.n_image_tokens, self.answer_len, cfg.seed,
-                                       vision.mean, vision.std)
-            print(f"Stage I mix: {cfg.stage1_mix:.0%} of each batch, objective "
-                  f"{self.s1.objective}, {cfg.n_scenes} scenes")
-        freeze_vision(self.model)  # frozen, as in Stage I
-        self.train_model = distributed.wrap(self.model, ctx, cfg.param_dtype,
-                                            cfg.activation_checkpointing)  # DDP / FSDP2 / model
-        self.t0 = time.perf_counter()
-
-    # drafting: make_drafts captions draft_items, those of one speed together (one prompt)
-    def drafting_model(self):
-        return distributed.full_copy(self.model, self.ctx).eval()  # FSDP: a gathered replica
-
-    def draft_items(self, round_index: int, n: int) -> list[dict]:
-        """Fresh training scenes: never in a Stage I bank, nor in another round."""
-        first = DRAFT_OFFSET + round_index * n
-        return [dict(shapes.sample("train", i, self.world), index=i)
-                for i in range(first, first + n)]
-
-    def tower_input(self, items: list[dict]) -> torch.Tensor:
-        """The items' rendered images, normalised for the vision tower, (n, 3, S, S)."""
-        vision = self.model.cfg.vision
-        return image_to_tensor([item["image"] for item in items], vision.mean, vision.std)
-
-    def caption(self, model, items: list[dict], speed: int) -> torch.Tensor:
-        return caption_images(model, self.tokenizer, self.tower_input(items), self.answer_len,
-                              speed, refine=True)[0]                               # (b, G)
-
-    def draft(self, item: dict, ids: torch.Tensor, speed: int) -> dict:
-        return {"scene_index": item["index"], "tokens_per_step": speed, "ids": ids,
-                "text": decode_answer(self.tokenizer, ids), "truth": item["caption"],
-                "scene": item["scene"], "image": item["image"]}
-
-    def in_context(self, reviews: list, drafts: list, counts: Counter) -> list:
-        return reviews  # a word-level tokenizer: validate_pairs checks everything
-
-    # fine-tuning with Eq. 4 (+ Stage I data)
-    def start_round(self, samples: list, round_index: int) -> tuple[int, int]:
-        """The round's training tensors and a fresh AdamW -> (steps, warm-up steps)."""
-        prompt = torch.tensor(prompt_ids(self.tokenizer, self.model.n_image_tokens))  # (P,)
-        E, P = len(samples), len(prompt)
-        stack = lambda key: torch.stack([s[key] for s in samples])  # noqa: E731       (E, G)
-        self.inputs = torch.cat([prompt.expand(E, -1), stack("ids")], dim=1)  # (E, L): drafts
-        self.labels = torch.cat([prompt.expand(E, -1), stack("refined")], dim=1)       # (E, L)
-        self.mistake = torch.cat([torch.zeros(E, P, dtype=torch.bool), stack("mistake")],
-                                 dim=1)                                                # (E, L)
-        self.images = self.tower_input(samples)                                   # (E, 3, S, S)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=(0.9, 0.95),
-                                           weight_decay=self.cfg.weight_decay)
-        self.model.train()
-        self.model.vision_tower.eval()
-        return self.cfg.steps, self.cfg.warmup
-
-    def backward(self, samples: list, round_index: int, i: int) -> tuple[torch.Tensor, dict]:
-        """Step i: Eq. 4 on this rank's share of the own-draft rows (drawn with replacement), the
-        Stage I loss on its share of the mix rows, each weighted by its share of the batch;
-        forward and backward -> (loss, parts)."""
-        cfg, ctx, device = self.cfg, self.ctx, self.ctx.device
-        n_mix = round(cfg.batch_size * cfg.stage1_mix) if self.mix_data is not None else 0
-        n_own = cfg.batch_size - n_mix
-        rng = np.random.default_rng([cfg.seed, round_index, i])
-        pick = torch.from_numpy(rng.integers(len(samples), size=n_own))             # (n_own,)
-        own = pick[ctx.rows(n_own)]                                                 # this rank's
-        logits = self.train_model(self.inputs[own].to(device),
-                                  images=self.images[own].to(device))              # (b, L, V)
-        loss_own = rediff.refinement_loss(logits, self.labels[own].to(device),
-                                          self.mistake[own].to(device))  # Eq. 4, per draft
-        loss, parts = loss_own, {"refine": loss_own}
-        if n_mix:
-            global_step = MIX_STEP_OFFSET + round_index * cfg.steps + i
-            frac = self.s1.hallucination_frac if self.s1.objective == "revision" else 0.0
-            batch = self.mix_data.batch(global_step, n_mix, frac).to(device)
-            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003
-                                                                   + global_step)
-            loss_mix, _ = training_loss(self.train_model, batch, self.s1, self.tokenizer,
-                                        generator, ctx)
-            loss = (n_own * loss_own + n_mix * loss_mix) / cfg.batch_size  # by share of the batch
-            parts["stage1"] = loss_mix
-        loss.backward()
-        return loss.detach(), {k: v.detach() for k, v in parts.items()}
-
-    def end_round(self, r: int, drafts, counts: Counter, samples, losses, expert_name: str):
-        """The round's statistics and history entry, and the checkpoint (weights only)."""
-        cfg, meta, quality = self.cfg, self.meta, draft_quality(drafts)
-        for line in round_report(r, cfg, drafts, quality, counts, samples, expert_name):
-            tqdm.write(line)
-        parts = {k: v for k, v in losses[-1].items() if k != "step"} if losses else {}
-        self.history.append({"round": r + 1, "step": self.step, "drafts": len(drafts),
-                             "samples": len(samples),
-                             "draft_headline": {str(k): v for k, v in quality.items()},
-                             "expert": dict(counts), **{f"{k}_loss": v for k, v in parts.items()}})
-        distributed.save_file(cfg.out, self.model, {  # weights only; rank 0 writes them
-            "stage": "stage2", "round": r + 1, "step": self.step, "train_config": asdict(cfg),
-            "stage1_config": asdict(self.s1),
-            "init_from": cfg.init_from or meta.get("init_from", ""),
-            "init_stage": meta.get("init_stage", meta["stage"]),  # stage1-mask: Stage II alone
-            "tokenizer": self.tokenizer.to_dict(), "world": asdict(self.world),
-            "answer_len": self.answer_len, "expert_stats": dict(counts),
-            "history": self.history}, self.ctx)
-        self.state = cfg.out
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in parts.items())
-        tqdm.write(f"round {r + 1}/{cfg.rounds} | step {self.step} | {shown or 'no loss'} | "
-                   f"checkpoint {cfg.out} | {time.perf_counter() - self.t0:.0f} s")
+# The rounds
 
 
 def main(argv=None):
     """Section 3.3's rounds: draft, expert review, alignment, fine-tuning (Eq. 4), checkpoint; on
-    the shapes world (ShapesStage2) or a LLaDA-V / ReDiff folder (llada_v_train.Stage2Run)."""
+    the shapes world (shapes_train.ShapesStage2) or a LLaDA-V / ReDiff folder
+    (llada_v_train.Stage2Run)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(Stage2Config, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
     real = llada_v_train.choose(cfg, argv, llada_v_train.STAGE2_DEFAULTS)  # --init-from FOLDER
@@ -435,7 +221,8 @@ def main(argv=None):
         check_writable(cfg.cache, "--cache")
         check_endpoint(cfg.expert_base_url, "--expert-base-url", cfg.cache)  # before any drafting
     ctx = distributed.setup(cfg.parallel, cfg.device)  # one process, or this rank of torchrun's
-    run = llada_v_train.Stage2Run(cfg, ctx) if real else ShapesStage2(cfg, ctx)
+    run = (llada_v_train.Stage2Run(cfg, ctx) if real  # the world's run; the Stage I mix's loss
+           else shapes_train.ShapesStage2(cfg, ctx, training_loss, TrainConfig))  # and config
     if run.first_round >= cfg.rounds:
         print(f"{cfg.out} has finished {run.first_round} rounds already (--rounds {cfg.rounds}): "
               f"nothing to do")

@@ -1,7 +1,8 @@
 """The line budgets stated in the README's file tree hold: each file, the paper's path, and all the
 Python outside tests/ and workshop/ (non-blank lines), so the code's size never drifts unnoticed;
 the paper's path keeps at least a quarter of its lines for comments and docstrings; and no line of
-that Python is over 100 characters."""
+that Python is over 100 characters; and its modules import each other without a cycle."""
+import ast
 import glob
 import io
 import os
@@ -90,3 +91,48 @@ def test_the_paper_path_is_a_quarter_comments():
 def test_comment_count_by_hand(tmp_path):
     (tmp_path / "x.py").write_text('"""doc\nmore"""\n\nx = 1  # note\ny = "no"\n# alone\n')
     assert comment_lines(str(tmp_path / "x.py")) == (4, 5)  # an absolute path: os.path.join keeps it
+
+
+def project_imports(path: str, modules: set) -> set:
+    """The project modules `path` imports anywhere in it (inside functions too)."""
+    tree = ast.parse(open(os.path.join(ROOT, path)).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names & modules
+
+
+def import_cycle(graph: dict) -> list:
+    """One cycle of the directed graph {module: imported modules}, or [] when it has none."""
+    state = {}  # module -> "open" while on the path, "done" after
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
+        state[node] = "done"
+        return []
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [node])):
+            return cycle
+    return []
+
+
+def test_import_cycle_by_hand():
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_the_modules_import_each_other_without_a_cycle():
+    """model.py never imports distributed.py, sample.py never llada_v.py and back, and so on: the
+    import graph of every module outside tests/ and workshop/ is a tree-like order."""
+    paths = {p[:-3].replace("/", ".").removesuffix(".__init__"): p for p in all_python()}
+    graph = {name: project_imports(path, set(paths)) - {name} for name, path in paths.items()}
+    assert "distributed" in graph["train_stage1"] and "model" in graph["distributed"]
+    assert not (cycle := import_cycle(graph)), f"import cycle: {' -> '.join(cycle)}"

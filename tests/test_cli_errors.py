@@ -291,7 +291,7 @@ def request_key(body: dict) -> str:
 def test_stage2_killed_during_fine_tuning_resumes_to_the_same_weights_paying_once(
         files, tmp_path, monkeypatch):
     import train_stage2
-    from model import read_checkpoint
+    from checkpoints import read_checkpoint
     from tests.test_stage2 import drafts_with_mistakes
     local_only(monkeypatch, SECRET)
     common = ["--init-from", files["s1"], "--rounds", "2", "--drafts-per-round", "4",

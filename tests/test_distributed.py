@@ -14,7 +14,7 @@ import distributed
 import rediff
 import shapes_aids
 from distributed import Context
-from model import load_checkpoint, read_checkpoint
+from checkpoints import load_checkpoint, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--steps", "4", "--batch-size", "8", "--n-scenes", "64",

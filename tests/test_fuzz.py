@@ -12,7 +12,7 @@ from data import shapes
 from data.pipeline import answer_ids
 from data.score import METRICS, score_caption
 from data.tokenizer import SPECIALS, WordTokenizer
-from sample import steps_for
+from rediff import steps_for
 
 # Small example counts keep the file near 10 s on 2 cores; every run explores new examples (and replays failures).
 FEW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import rediff
-from model import LLADA_8B, LLaDA, LMConfig, VisionConfig, VLM, VLMConfig, load_checkpoint, read_checkpoint, save_checkpoint
+import shapes_train
+from model import LLADA_8B, LLaDA, LMConfig, VisionConfig, VLM, VLMConfig
+from checkpoints import load_checkpoint, read_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +97,6 @@ def test_attribute_features_are_class_probabilities_and_cells(tmp_path):
     the cell's probability of holding an object; the
     attribute head is part of the checkpoint; train_stage1 trains it with the tower, then freezes both."""
     import shapes_aids
-    import train_stage1
     torch.manual_seed(0)
     cfg = VLMConfig(lm=LMConfig(vocab_size=20, d_model=32, n_layers=1, n_heads=4, mlp_hidden=64),
                     vision=VisionConfig(image_size=48, patch_size=16, width=32, layers=1, heads=2),
@@ -126,7 +127,7 @@ def test_attribute_features_are_class_probabilities_and_cells(tmp_path):
     before = model.attribute_head.weight.clone()
     shapes_aids.pretrain_vision(model, data, 2, 4, "cpu", 0)
     assert not torch.equal(before, model.attribute_head.weight), "vision pretraining trains the model's own head"
-    train_stage1.freeze_vision(model)
+    shapes_train.freeze_vision(model)
     assert not any(p.requires_grad for p in model.attribute_head.parameters())
     assert not any(p.requires_grad for p in model.vision_tower.parameters())
     assert all(p.requires_grad for p in model.mm_projector.parameters())

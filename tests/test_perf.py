@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import rediff
-from model import LMConfig, VisionConfig, VLM, VLMConfig
-from sample import ModelLogits, caption_images
+import shapes_train
+from model import LMConfig, ModelLogits, VisionConfig, VLM, VLMConfig
+from sample import caption_images
 
 V, MASK = 12, 11  # a toy vocabulary whose last id is the mask
 
@@ -215,18 +216,17 @@ def test_bench_quick_prints_the_table(capsys):
 def test_prefix_dlm_flag_sets_the_prefix_length_and_old_configs_load_without_it():
     from dataclasses import asdict
 
-    import train_stage1
     from data.pipeline import prompt_ids
     from data.tokenizer import WordTokenizer
     tok = WordTokenizer.for_shapes_world()
     cfg = bench_tiny_config(prefix_dlm=True)
-    model = train_stage1.build_model(cfg, tok)
+    model = shapes_train.build_model(cfg, tok)
     assert model.cfg.prefix_dlm_len == len(prompt_ids(tok, model.n_image_tokens)) == model.n_image_tokens + 4
     saved = asdict(model.cfg)
     assert VLMConfig.from_dict(saved).prefix_dlm_len == model.cfg.prefix_dlm_len
     saved.pop("prefix_dlm_len")                                         # a checkpoint from before the option
     assert VLMConfig.from_dict(saved).prefix_dlm_len == 0
-    assert train_stage1.build_model(bench_tiny_config(), tok).cfg.prefix_dlm_len == 0
+    assert shapes_train.build_model(bench_tiny_config(), tok).cfg.prefix_dlm_len == 0
 
 
 def bench_tiny_config(**changes):

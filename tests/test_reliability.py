@@ -12,10 +12,12 @@ import time
 import pytest
 import torch
 
+import shapes_train
 import train_stage1
 import train_stage2
 from data.tokenizer import WordTokenizer
-from model import LMConfig, VisionConfig, VLM, VLMConfig, load_checkpoint, read_checkpoint, save_checkpoint
+from model import LMConfig, VisionConfig, VLM, VLMConfig
+from checkpoints import load_checkpoint, read_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = WordTokenizer.for_shapes_world()
@@ -121,7 +123,7 @@ def test_shape_flags_that_contradict_the_checkpoint_are_refused(tmp_path, capsys
     # Agreeing flags pass; on --resume, other run settings are listed (the losses will then differ).
     model, meta = load_checkpoint(base)
     cfg = train_stage1.TrainConfig(d_model=32, objective="mask", resume=True, lr=1e-4)
-    train_stage1.check_start(cfg, model, {**meta, "train_config": {"objective": "mask", "lr": 2e-3}}, base)
+    shapes_train.check_start(cfg, model, {**meta, "train_config": {"objective": "mask", "lr": 2e-3}}, base)
     assert "--lr 0.0001 (was 0.002)" in capsys.readouterr().out
 
 
@@ -140,11 +142,11 @@ def test_stage2_names_the_kind_and_says_when_it_starts_from_a_mask_only_model(tm
         train_stage2.main(["--resume", "--out", stage1])
     base = write_ckpt(tmp_path / "base.safetensors", stage="stage1-mask")
     cfg = train_stage2.Stage2Config(init_from=base, out=str(tmp_path / "s2.safetensors"))
-    model, meta, first_round = train_stage2.load_start(cfg, "cpu")  # allowed: Stage II alone is an experiment
+    model, meta, first_round = shapes_train.load_start(cfg, "cpu")  # allowed: Stage II alone is an experiment
     assert meta["stage"] == "stage1-mask" and first_round == 0
     out = capsys.readouterr().out
     assert "mask-trained model (stage1-mask)" in out and "Stage II alone" in out
-    train_stage2.load_start(train_stage2.Stage2Config(init_from=stage1, out=cfg.out), "cpu")
+    shapes_train.load_start(train_stage2.Stage2Config(init_from=stage1, out=cfg.out), "cpu")
     assert "Stage II alone" not in capsys.readouterr().out
 
 # ---------------------------------------------------------------------------------------------------- kill -9
@@ -264,7 +266,7 @@ def test_kill_9_at_any_moment_keeps_a_loadable_checkpoint_and_resume_continues(t
 def test_ctrl_c_during_a_checkpoint_write_keeps_the_old_one_and_no_temporary_file(tmp_path):
     """Ctrl-C raises KeyboardInterrupt wherever the main thread is; in the middle of a write that is inside
     _atomic_write's write_fn: the previous checkpoint stays whole and the temporary file is removed."""
-    import model as model_module
+    import checkpoints
     path = write_ckpt(tmp_path / "run.safetensors", step=5)
 
     def interrupted(tmp):
@@ -272,7 +274,7 @@ def test_ctrl_c_during_a_checkpoint_write_keeps_the_old_one_and_no_temporary_fil
             f.write(b"half a checkpoint")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        model_module._atomic_write(path, interrupted)
+        checkpoints._atomic_write(path, interrupted)
     assert read_checkpoint(path)[1]["step"] == 5 and os.listdir(tmp_path) == ["run.safetensors"]
 
 

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_stage1  # noqa: E402
 import train_stage2  # noqa: E402
-from model import load_checkpoint  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
 from tests.test_stage2 import drafts_with_mistakes  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "short_runs.json")

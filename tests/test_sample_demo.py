@@ -10,7 +10,7 @@ import pytest
 import sample
 from cli import run_main
 from data.pipeline import held_out_indices
-from model import read_checkpoint
+from checkpoints import read_checkpoint
 
 FAST = ["--tokens-per-step", "8", "--n-mean", "4", "--device", "cpu"]
 

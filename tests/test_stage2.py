@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import rediff
 import train_stage2
 from data import shapes
 from data.score import score_caption
@@ -197,7 +198,7 @@ def test_align_builds_targets_and_drops_drafts_without_pairs():
     assert sample["refined"].tolist() == row(f"{RED} {BLUE}").tolist()
     # Eq. 4 sees only the mistake positions: uniform logits give log V there, whatever the other positions hold.
     logits = torch.zeros(1, G, TOKENIZER.vocab_size)
-    loss = train_stage2.rediff.refinement_loss(logits, sample["refined"][None], sample["mistake"][None])
+    loss = rediff.refinement_loss(logits, sample["refined"][None], sample["mistake"][None])
     assert loss.item() == pytest.approx(np.log(TOKENIZER.vocab_size), rel=1e-6)
 
 # ---------------------------------------------------------------------------------------------------- openai expert
@@ -323,7 +324,7 @@ def test_help_names_every_flag(capsys):
 
 
 def test_init_from_is_checked(tmp_path, capsys):
-    from model import save_checkpoint
+    from checkpoints import save_checkpoint
     with pytest.raises(SystemExit, match="--init-from is required"):
         train_stage2.main(["--out", str(tmp_path / "s2.safetensors")])
     with pytest.raises(SystemExit, match="does not exist"):
@@ -353,7 +354,7 @@ def drafts_with_mistakes(real_drafts):
 
 def test_tiny_stage2_end_to_end_with_resume(tmp_path, one_thread, fake_chat, monkeypatch, capsys):
     import train_stage1
-    from model import read_checkpoint
+    from checkpoints import read_checkpoint
     s1, s2 = str(tmp_path / "stage1.safetensors"), str(tmp_path / "stage2.safetensors")
     train_stage1.main(["--tiny", "--steps", "4", "--eval-every", "4", "--n-scenes", "64",
                        "--vision-pretrain-steps", "2", "--batch-size", "8", "--out", s1])

@@ -1,14 +1,13 @@
 """tests/test_tiny_recipe.py: `python train_stage1.py --tiny` trains the base model and then Stage I
 from it, with exactly the numbers of the two separate commands; a finished base is reused, and
 --resume continues whichever phase was interrupted."""
-import ast
 import os
 
 import pytest
 import torch
 
 import train_stage1
-from model import read_checkpoint
+from checkpoints import read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny step counts: flags given on the command line apply to both phases.
@@ -72,12 +71,3 @@ def test_finished_base_is_reused_and_resume_continues_the_interrupted_phase(tmp_
 def test_out_may_not_be_the_recipes_base(tmp_path):
     with pytest.raises(SystemExit, match="--tiny writes its base model there"):
         train_stage1.main(["--tiny", "--out", str(tmp_path / "base.safetensors")])
-
-
-def test_model_does_not_import_distributed():
-    """distributed.py depends on model.py, never the other way round."""
-    tree = ast.parse(open(os.path.join(ROOT, "model.py")).read())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "distributed" not in imported

@@ -27,15 +27,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 sys.path.insert(0, ROOT)
 
 import rediff  # noqa: E402
+from checkpoints import load_for  # noqa: E402
 from cli import check_writable, option, parse_config, run_main  # noqa: E402
 from data import shapes  # noqa: E402
 from data.pipeline import ShapesData, held_out_indices, image_to_tensor, prompt_ids  # noqa: E402
 from data.score import score_caption  # noqa: E402
 from data.tokenizer import WordTokenizer, tokenizer_from_dict  # noqa: E402
-from model import load_for  # noqa: E402
-from sample import banned_ids, caption_images, decode_answer, steps_for  # noqa: E402
-from train_stage1 import (PRESETS as TRAIN_PRESETS, TrainConfig, build_model,  # noqa: E402
-                          freeze_vision, training_loss)
+from sample import banned_ids, caption_images, decode_answer  # noqa: E402
+from shapes_train import build_model, freeze_vision  # noqa: E402
+from train_stage1 import PRESETS as TRAIN_PRESETS, TrainConfig, training_loss  # noqa: E402
 
 # The performance targets the verdicts read (docs/speed.md)
 RECIPE_SECONDS = 300        # 1: train_stage1.py --tiny (base and Stage I) on an idle 2-core machine
@@ -193,7 +193,7 @@ def bench_sampler(model, tokenizer, cfg: BenchConfig, world) -> list[dict]:
             runs = {("sampler", sampler): partial(caption_images, model, tokenizer, images, G, n,
                                                   refine) for refine, sampler in SAMPLERS.items()}
             runs["plain loop", "frozen"] = partial(plain_loop, model, tokenizer, images, G,
-                                                   steps_for(G, n))
+                                                   rediff.steps_for(G, n))
             rows += compare(runs, ("sampler", "frozen"), "the frozen sampler", cfg.repeats,
                             model="tiny", batch=B, tokens_per_step=n)
             rows[-1].update(speedup_of_sampler=1 / rows[-1]["speedup"],
@@ -206,7 +206,7 @@ def target_samplers(model, tokenizer, images, G: int, n: int, p: float, row_step
     (B, G), passes)}); all combined puts its steps per row into row_steps."""
     ours = partial(caption_images, model, tokenizer, images, G, n, False)
     floored = partial(floored_threshold, model, tokenizer, images, G, n, p)
-    return {"plain loop": partial(plain_loop, model, tokenizer, images, G, steps_for(G, n)),
+    return {"plain loop": partial(plain_loop, model, tokenizer, images, G, rediff.steps_for(G, n)),
             "+ our sampler": ours, "+ exact prefix cache": partial(ours, prefix_cache=True),
             f"+ threshold {p}": floored,
             "all combined": partial(floored, prefix_cache=True, row_steps=row_steps)}
@@ -267,7 +267,7 @@ def headline_check(model, tokenizer, world, cfg: BenchConfig) -> list[dict]:
                            model=f"{os.path.basename(cfg.ckpt)} ({model.n_image_tokens} img)",
                            tokens_per_step=n, sampler="frozen", score=f"{sum(values) / N:.1f}")
                        for label, values in scores.items())
-    plain["passes"] = f"{steps_for(G, n)}"
+    plain["passes"] = f"{rediff.steps_for(G, n)}"
     combined.update(passes=f"{passes / N:.2f}", headline_diff=mean, headline_se=se, scenes=N,
                     mean_passes=passes / N, caption_steps=caption_steps,
                     ratio=f"{mean:+.2f} +- {Z95 * se:.2f} headline (95 %) vs the plain loop; "

@@ -140,7 +140,8 @@ def main(argv=None):
     check_writable(cfg.json, "--json")
     from data import shapes
     from data.tokenizer import tokenizer_from_dict
-    from model import load_for, pick_device
+    from checkpoints import load_for
+    from model import pick_device
     from sample import check_block_length
     device = pick_device(cfg.device)
     indices = held_out_indices(cfg.n, cfg.seed)

@@ -32,9 +32,8 @@ import train_stage1  # noqa: E402
 from cli import option, parse_config, run_main  # noqa: E402
 from data.loaders import open_image  # noqa: E402
 from llada_v import (CAPTION_QUESTION, IMAGE_TOKEN_INDEX, MASK_ID, caption,  # noqa: E402
-                     chat_prompt, load_llada_v, prompt_ids)
+                     chat_prompt, check_hf_folder, load_llada_v, prompt_ids)
 from model import pick_device  # noqa: E402
-from sample import check_hf_folder  # noqa: E402
 
 SPEEDS = (1, 4, 8)  # tokens per step of the paper's tables
 

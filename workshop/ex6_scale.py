@@ -14,7 +14,7 @@ Paper
 
 Where the project implements it (read it afterwards)
     llada_v.py: load_llada_v, config_from_hf, anyres_layout, caption; model.py: LLaDA, LMConfig;
-    sample.py: steps_for; tests/test_llada_v.py: the tiny folder and the 8B parameter count;
+    rediff.py: steps_for; tests/test_llada_v.py: the tiny folder and the 8B parameter count;
     tools/bench.py: training_flops (the same FLOP conventions, for training).
 
 Your task
@@ -67,7 +67,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from llada_v import LLaDAV, anyres_layout, config_from_hf, load_llada_v  # noqa: E402
 from model import LMConfig  # noqa: E402
-from sample import steps_for  # noqa: E402
+from rediff import steps_for  # noqa: E402
 from workshop.todo import TODO, Todo  # noqa: E402
 
 BF16_BYTES = 2             # bytes per number in bfloat16, the checkpoint's dtype
