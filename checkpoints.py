@@ -13,6 +13,8 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from model import VLM, VLMConfig
 
@@ -66,7 +68,6 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 
 def save_checkpoint(path: str, model: VLM, meta: dict, optimizer=None):
     """Save weights, the optimizer if given, and `meta` (needs "tokenizer"; "stage", "step"...)."""
-    from safetensors.torch import save_file
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     description = {"format": CKPT_FORMAT, "model_config": asdict(model.cfg), **meta}
     if optimizer is not None:
@@ -78,8 +79,6 @@ def save_checkpoint(path: str, model: VLM, meta: dict, optimizer=None):
 
 def read_checkpoint(path: str) -> tuple[dict, dict]:
     """(tensors, description) of a checkpoint file; clear errors for a missing or foreign file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {path!r} is a folder: none of the sharded DCP folders with "
                          f"a meta.json (distributed.py), nor a LLaDA-V folder (config.json)")

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 from checkpoints import (DCP_FORMAT, META_FILE, load_dcp, load_dcp_state, read_dcp_meta,
                          save_checkpoint)
@@ -137,7 +139,6 @@ def setup(mode: str = "auto", device: str = "auto") -> Context:
 
 def quiet() -> None:
     """Ranks other than 0 print nothing (stdout to /dev/null, no tqdm bars); errors reach stderr."""
-    from tqdm import tqdm
     if getattr(sys.stdout, "name", "") != os.devnull:  # once per process
         sys.stdout = open(os.devnull, "w")
         tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
@@ -157,7 +158,6 @@ def checkpoint_blocks(blocks) -> None:
     """Activation checkpointing: each block keeps only its input in the forward pass and recomputes
     its inner activations in the backward (one more forward of compute; a block's activation memory
     falls from tens of (B, L, D) tensors to one). Parameter names are unchanged."""
-    from torch.utils.checkpoint import checkpoint
     for block in blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 

@@ -33,6 +33,7 @@ from difflib import SequenceMatcher
 from itertools import groupby
 from typing import Any
 
+from PIL import Image
 from tqdm import tqdm
 
 from data import shapes
@@ -304,7 +305,6 @@ def image_payload(image) -> tuple[bytes, str, str]:
     if isinstance(image, (bytes, bytearray)):
         mime = "image/jpeg" if image[:3] == b"\xff\xd8\xff" else "image/png"
         return bytes(image), mime, base64.b64encode(image).decode()
-    from PIL import Image
     image = image.convert("RGB")
     factor = -(-MIN_IMAGE_SIDE // min(image.size))  # ceil: 1 (a copy) for large images
     image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)

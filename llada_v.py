@@ -25,8 +25,8 @@ import json
 import math
 import os
 import re
-import time
 import shutil
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple
@@ -34,10 +34,14 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import distributed
 import rediff
 from data.loaders import open_image
+from data.pipeline import image_to_tensor
 from model import LLaDA, LMConfig, ModelLogits, pick_device
 
 # --------------------------------------------------------------------------------------------------
@@ -260,7 +264,6 @@ def anyres_layout(image_size: tuple[int, int], pinpoints, crop_size: int = 384, 
 def anyres_crops(image, pinpoints, crop_size: int = 384) -> list:
     """PIL image -> [base view squashed to crop_size^2] + the canvas crops, row by row; the image
     fits inside the canvas keeping its aspect ratio, centred on black."""
-    from PIL import Image
     (width, height), (tw, th) = image.size, select_best_resolution(image.size, pinpoints)
     scale_w, scale_h = tw / width, th / height       # LLaVA's float expressions: its rounding
     if scale_w < scale_h:
@@ -361,8 +364,6 @@ class LLaDAV(nn.Module):
     def image_views(self, image) -> torch.Tensor:
         """PIL image -> the tower's normalised views (n, 3, S, S), on the CPU (a data loader's):
         anyres crops, or ("pad") the image centred on a square of the mean colour."""
-        from PIL import Image
-        from data.pipeline import image_to_tensor
         vision = self.cfg.vision
         if self.cfg.image_aspect_ratio == "pad":
             side = max(image.size)
@@ -536,7 +537,6 @@ def load_llada_v(model_dir: str, device="cpu",
     """A Hugging Face LLaDA-V / ReDiff (or original LLaDA) folder -> (model, eval mode; tokenizer).
     dtype: default bfloat16 on CUDA (the checkpoint's own: no conversion copy), else float32.
     Every missing, unexpected or mis-shaped key is in one CheckpointMismatch before any read."""
-    from safetensors import safe_open
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config_path = os.path.join(model_dir, "config.json")
@@ -610,7 +610,6 @@ def export_hf(path: str, model: LLaDAV, ctx, source: str, dtype: torch.dtype, sh
     LLaMA-style keys (checkpoint_names; timm's fused qkv split into q, k, v), shards of at most
     shard_gb and their index, the source folder's small files (config.json, tokenizer.json, ...)
     and STATE_FILE (`state`). Every rank calls this; rank 0 writes PATH.tmp and swaps it in."""
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0's CPU
     weights = get_model_state_dict(model, options=full) if ctx.mode == "fsdp" \

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+from data.shapes import VOCAB
+
 SPECIALS = ["<pad>", "<mask>", "<eos>", "<unk>", "<image>"]  # numbered in this order by all
 PUNCTUATION = ",.!?;:"  # split off their words: "circle." -> "circle", "."
 _WORD_OR_MARK = re.compile(f"[{re.escape(PUNCTUATION)}]|[^\\s{re.escape(PUNCTUATION)}]+")
@@ -72,7 +74,6 @@ class WordTokenizer(Tokenizer):
     @classmethod
     def for_shapes_world(cls) -> WordTokenizer:
         """The shapes world's vocabulary and the prompt's words, in the order checkpoints use."""
-        from data.shapes import VOCAB
         return cls(sorted(set(VOCAB) | {"describe", "image"}))
 
     def encode(self, text: str, stats: dict | None = None) -> list[int]:
