@@ -6,7 +6,7 @@ works in one process, without torchrun.
     torchrun --nproc_per_node 8 train_stage1.py --parallel fsdp --out out/stage1.dcp ...
     python distributed.py --dcp out/stage1.dcp --out out/stage1.safetensors  # one file, to share
 
-The rules the training scripts follow (README, "Multi-GPU training"):
+The rules the training scripts follow (docs/parallel.md):
 - --batch-size is the GLOBAL batch: every rank builds all of it from (seed, step), draws all its
   masks and corruptions (one process's random draws), and runs the model on its own rows only.
 - The MEAN over ranks of each rank's loss is the whole batch's one-process loss: Eq. 1-4's
@@ -17,6 +17,8 @@ The rules the training scripts follow (README, "Multi-GPU training"):
 - NAME.safetensors is one checkpoint file (checkpoints.save_checkpoint); NAME.dcp a DCP folder: one
   safetensors shard per writing rank plus meta.json, readable by any number of processes;
   checkpoints.load_checkpoint reads both.
+- DDP's, FSDP's and DCP's own modules are imported inside the functions that use them: a run in
+  one process never loads them.
 """
 from __future__ import annotations
 

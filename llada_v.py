@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 import distributed
 import rediff
@@ -76,7 +77,6 @@ class LLaDATokenizer:
     eos_id, special_ids, encode, decode) for sample.py's helpers. The template writes the BOS."""
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer
         self.tok = Tokenizer.from_file(path)
         found = {text: self.tok.token_to_id(text) for text in SPECIAL_TOKENS}
         if found != SPECIAL_TOKENS:
@@ -305,7 +305,7 @@ class SiglipTower(nn.Module):
 
     def __init__(self, cfg: SiglipConfig):
         super().__init__()
-        from timm.models.vision_transformer import VisionTransformer
+        from timm.models.vision_transformer import VisionTransformer  # here: it loads slowly
         self.trunk = VisionTransformer(
             img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width,
             depth=cfg.used_layers, num_heads=cfg.heads,

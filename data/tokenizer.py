@@ -100,7 +100,7 @@ class ClipBpeTokenizer(Tokenizer):
     hyphen between two words stays attached ("top-left"), as the shapes world spells positions."""
 
     def __init__(self):
-        from open_clip.tokenizer import SimpleTokenizer
+        from open_clip.tokenizer import SimpleTokenizer  # here: open_clip loads slowly
         bpe = self.bpe = SimpleTokenizer()
         clip_markers = (bpe.sot_token_id, bpe.eot_token_id)
         # Text that spells a marker ("<end_of_text>") would make open_clip emit its id: split it.
